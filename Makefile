@@ -1,0 +1,30 @@
+# Quick start: `make demo` then `make test`. Both create their own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: demo test install install-dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) install --quiet -e .
+
+install-dev: $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt -e '.[train,test]'
+
+demo: install
+	$(BIN)/ftplan estimate llama2-7b
+	$(BIN)/ftplan estimate llama3-8b --method qlora --instance g5.xlarge
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/startup.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

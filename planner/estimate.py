@@ -1,0 +1,116 @@
+"""`estimate`: parameters, memory and fitting instances for one model under one or more methods."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from . import catalog
+from .architectures import ModelLayout, build_layout, is_analytic
+from .fit import InstanceFit, cheapest_fits, judge
+from .memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, MemoryBreakdown, estimate_memory
+from .modelspec import ModelSpec
+from .params import TargetResolution, count_params
+from .settings import Method, SetupChoices, TrainingSetup, resolve
+
+SCHEMA_VERSION = 1
+
+
+class ModelInfo(BaseModel):
+    """The model as estimated."""
+
+    name: str
+    hf_id: str | None
+    model_type: str
+    source: str
+    license: str | None
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    counting: str = Field(description="'analytic' or 'transformers meta device'")
+
+
+class MethodEstimate(BaseModel):
+    """Counts, memory and fitting instances for one method."""
+
+    method: Method
+    setup: TrainingSetup
+    total_params: int
+    trainable_params: int
+    trainable_fraction: float
+    targets: TargetResolution | None
+    memory: MemoryBreakdown
+    cheapest_instances: list[InstanceFit]
+    selected: InstanceFit | None = Field(None, description="the --gpu/--instance verdict, when one was given")
+
+
+class EstimateReport(BaseModel):
+    """What `ftplan estimate --json` prints."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelInfo
+    settings: SetupChoices
+    gpu: str | None
+    instance: str | None
+    assumptions: list[str]
+    estimates: list[MethodEstimate]
+
+
+def layout_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> tuple[ModelLayout, str]:
+    """The module layout and how it was obtained (analytic, or transformers on the meta device)."""
+    if is_analytic(spec.model_type):
+        return build_layout(spec), "analytic"
+    from .meta_count import layout_from_model  # needs torch: only for architectures without a builder
+
+    return layout_from_model(spec, trust_remote_code=trust_remote_code), "transformers meta device"
+
+
+def assumptions(setups: list[TrainingSetup]) -> list[str]:
+    """The defaults and modelling choices behind the numbers, in words."""
+    notes = [
+        f"{s.method}: precision {s.precision}, optimizer {s.optimizer}, gradient checkpointing "
+        f"{'on' if s.grad_ckpt else 'off'}, attention {s.attention}, micro-batch {s.batch_size} x {s.seq_len} tokens"
+        + (f", LoRA r={s.lora.r} alpha={s.lora.alpha} dropout={s.lora.dropout}" if s.lora else "")
+        + (f", {s.quant_type.upper()}{' double-quantized' if s.double_quant else ''} base, fp32 non-quantized "
+           "params (prepare_model_for_kbit_training)" if s.method == "qlora" else "")
+        for s in setups
+    ]
+    notes += [
+        "LoRA adapters are fp32 as PEFT creates them; the frozen base is bf16 (fp16 on GPUs without bf16)",
+        "fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries",
+        "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
+        f"required = peak allocated + {ALLOCATOR_SLACK:.0%} allocator slack + "
+        f"{CUDA_CONTEXT_BYTES // 2**20} MiB CUDA context + paged optimizer states",
+        "one GPU holds the whole model (no sharding); prices: on-demand, us-east-1",
+    ]
+    return notes
+
+
+def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
+             instance: str | None = None, trust_remote_code: bool = False) -> EstimateReport:
+    """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures)."""
+    selected_instance = catalog.get_instance(instance) if instance else None
+    gpu_info = catalog.get_gpu(gpu) if gpu else (catalog.gpu_of(selected_instance) if selected_instance else None)
+    layout, counting = layout_for(spec, trust_remote_code=trust_remote_code)
+    bf16 = gpu_info.supports_bf16 if gpu_info else True
+    estimates = []
+    setups = [resolve(m, choices, bf16_supported=bf16) for m in methods]
+    for setup in setups:
+        counts = count_params(layout, setup.method, setup.lora)
+        memory = estimate_memory(layout, setup, counts)
+        selected = None
+        if selected_instance:
+            selected = judge(selected_instance, memory.required_bytes, setup)
+        estimates.append(MethodEstimate(
+            method=setup.method, setup=setup, total_params=counts.total_params,
+            trainable_params=counts.trainable_params,
+            trainable_fraction=counts.trainable_params / counts.total_params,
+            targets=counts.targets, memory=memory, selected=selected,
+            cheapest_instances=cheapest_fits(memory.required_bytes, setup,
+                                             gpu=gpu_info.name if gpu_info else None),
+        ))
+    info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
+                     license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
+                     vocab_size=spec.dims.vocab, counting=counting)
+    return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
+                          instance=selected_instance.type if selected_instance else None,
+                          assumptions=assumptions(setups), estimates=estimates)
