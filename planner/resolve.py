@@ -60,18 +60,19 @@ def fetch_hub_config(repo_id: str, *, revision: str | None = None) -> dict:
         raise PlannerError("fetching configs needs huggingface_hub: pip install huggingface_hub") from None
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision)
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must come first.
     except GatedRepoError:
         raise PlannerError(f"{repo_id} is gated on the Hugging Face Hub: accept its licence on the model page "
                            "and log in (hf auth login), or pass a local config.json") from None
     except RepositoryNotFoundError:
         raise PlannerError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private: log in); "
                            f"{_catalog_hint(repo_id)}") from None
-    except EntryNotFoundError:
-        raise PlannerError(f"{repo_id} has no config.json on the Hub; pass a local config.json") from None
     except LocalEntryNotFoundError:
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise PlannerError(f"{repo_id} is not in the catalog, {reason} and no cached config.json exists; "
                            "connect to the network or pass a local config.json") from None
+    except EntryNotFoundError:
+        raise PlannerError(f"{repo_id} has no config.json on the Hub; pass a local config.json") from None
     except OSError as exc:
         raise PlannerError(f"{repo_id}: could not fetch config.json ({exc}); pass a local config.json") from None
     return read_config_file(Path(path))

@@ -1,0 +1,38 @@
+"""Shared fixtures: CLI runner helpers and tiny configs written to temporary files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `ftplan` as a user would: a fresh process, its real exit code and streams."""
+    import os
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "planner", *args], capture_output=True, text=True, env=full_env,
+                          timeout=300)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a config dict as config.json in a fresh directory and return the directory."""
+    def write(config: dict | str, name: str = "model") -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        text = config if isinstance(config, str) else json.dumps(config)
+        (directory / "config.json").write_text(text)
+        return directory
+    return write
+
+
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}

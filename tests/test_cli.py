@@ -1,0 +1,124 @@
+"""The CLI as a user meets it: output, --json schema, and one clear line for every bad input."""
+
+import json
+
+import pytest
+
+from .conftest import TINY_LLAMA, run_cli
+
+
+def test_estimate_all_methods_json_schema():
+    result = run_cli("estimate", "llama2-7b", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema_version"] == 1
+    assert data["model"]["name"] == "llama2-7b" and data["model"]["counting"] == "analytic"
+    assert [e["method"] for e in data["estimates"]] == ["full", "lora", "qlora"]
+    for e in data["estimates"]:
+        assert set(e) >= {"method", "total_params", "trainable_params", "memory", "setup", "cheapest_instances"}
+        mem = e["memory"]
+        assert isinstance(mem["peak_allocated_bytes"], int) and isinstance(mem["required_bytes"], int)
+        assert mem["required_bytes"] > mem["peak_allocated_bytes"]
+    assert data["estimates"][0]["total_params"] == 6_738_415_616
+
+
+def test_estimate_table_shows_assumptions_and_prices():
+    result = run_cli("estimate", "llama2-7b", "--method", "qlora")
+    assert result.returncode == 0, result.stderr
+    for text in ("6,738,415,616", "paged_adamw_32bit", "gradient checkpointing on", "2026-07-20", "g6.xlarge"):
+        assert text in result.stdout
+
+
+def test_hf_id_resolves_offline_from_catalog():
+    result = run_cli("estimate", "meta-llama/Llama-2-7b-hf", "--method", "lora", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["source"] == "catalog"
+
+
+def test_local_config_dir_and_file(write_config):
+    directory = write_config(TINY_LLAMA)
+    for arg in (str(directory), str(directory / "config.json")):
+        result = run_cli("estimate", arg, "--method", "full", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["estimates"][0]["total_params"] > 0
+
+
+def test_instance_verdict():
+    fits = run_cli("estimate", "llama2-7b", "--method", "qlora", "--instance", "g5.xlarge")
+    assert fits.returncode == 0 and "fits on g5.xlarge" in fits.stdout
+    short = run_cli("estimate", "llama2-7b", "--method", "full", "--instance", "g5.xlarge")
+    assert "does not fit on g5.xlarge" in short.stdout and "short by" in short.stdout
+
+
+def test_layers_keeps_widths():
+    data = json.loads(run_cli("estimate", "llama2-7b", "--layers", "2", "--method", "full", "--json").stdout)
+    assert data["model"]["layers"] == 2 and data["model"]["hidden_size"] == 4096
+
+
+def test_models_and_instances_lists():
+    models = run_cli("models", "qwen", "--json")
+    assert models.returncode == 0 and all("qwen" in m["name"] for m in json.loads(models.stdout))
+    inst = run_cli("instances", "--gpu", "H100", "--json")
+    rows = json.loads(inst.stdout)
+    assert {r["type"] for r in rows} == {"p5.4xlarge", "p5.48xlarge"}
+    assert all(p["date"] and p["source"] for r in rows for p in r["prices"])
+
+
+BAD_CONFIGS = {
+    "malformed JSON": ("{not json", "not valid JSON"),
+    "JSON list": ("[1, 2]", "JSON object"),
+    "missing model_type": (json.dumps({k: v for k, v in TINY_LLAMA.items() if k != "model_type"}), "model_type"),
+    "zero layers": (json.dumps({**TINY_LLAMA, "num_hidden_layers": 0}), "num_hidden_layers"),
+    "heads do not divide": (json.dumps({**TINY_LLAMA, "num_attention_heads": 5, "num_key_value_heads": 5}),
+                            "not divisible"),
+    "kv heads do not divide": (json.dumps({**TINY_LLAMA, "num_key_value_heads": 3}), "multiple"),
+    "string width": (json.dumps({**TINY_LLAMA, "hidden_size": "64"}), "hidden_size"),
+    "no vocab": (json.dumps({k: v for k, v in TINY_LLAMA.items() if k != "vocab_size"}), "vocab_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_one_line(case, write_config):
+    text, expected = BAD_CONFIGS[case]
+    result = run_cli("estimate", str(write_config(text)))
+    assert_one_line_error(result, expected)
+
+
+BAD_ARGS = {
+    "unknown model": (["estimate", "llama2-7x"], "Did you mean: llama2-7b"),
+    "missing file": (["estimate", "./nope/config.json"], "no such file"),
+    "dir without config": (["estimate", "."], "no config.json"),
+    "uncached hub id offline": (["estimate", "someorg/some-model-xyz"], "connect to the network"),
+    "bad target": (["estimate", "llama2-7b", "--lora-targets", "c_attn"], "q_proj"),
+    "empty targets": (["estimate", "llama2-7b", "--lora-targets", ","], "empty"),
+    "rank zero": (["estimate", "llama2-7b", "--lora-r", "0"], "positive"),
+    "negative rank": (["estimate", "llama2-7b", "--lora-r", "-4"], "positive"),
+    "batch zero": (["estimate", "llama2-7b", "--batch-size", "0"], "batch-size"),
+    "seq negative": (["estimate", "llama2-7b", "--seq-len", "-1"], "seq-len"),
+    "batch not a number": (["estimate", "llama2-7b", "--batch-size", "two"], "batch-size"),
+    "unknown precision": (["estimate", "llama2-7b", "--precision", "int3"], "precision"),
+    "unknown optimizer": (["estimate", "llama2-7b", "--optimizer", "lion"], "optimizer"),
+    "unknown method": (["estimate", "llama2-7b", "--method", "dora"], "method"),
+    "unknown gpu": (["estimate", "llama2-7b", "--gpu", "H1000"], "Did you mean: H100"),
+    "unknown instance": (["estimate", "llama2-7b", "--instance", "g5.xlarg"], "g5.xlarge"),
+    "gpu and instance": (["estimate", "llama2-7b", "--gpu", "H100", "--instance", "g5.xlarge"], "either"),
+    "dropout out of range": (["estimate", "llama2-7b", "--lora-dropout", "1.5"], "dropout"),
+    "layers zero": (["estimate", "llama2-7b", "--layers", "0"], "--layers"),
+    "unknown command": (["estimat", "llama2-7b"], "No such command"),
+    "instances unknown gpu": (["instances", "--gpu", "K80"], "unknown GPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_arguments_are_one_line(case):
+    args, expected = BAD_ARGS[case]
+    assert_one_line_error(run_cli(*args), expected)
+
+
+def assert_one_line_error(result, expected: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert expected.lower() in lines[0].lower(), lines[0]
+    assert result.stdout == ""

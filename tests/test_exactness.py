@@ -1,0 +1,39 @@
+"""Every catalog model: the analytic counts equal transformers + PEFT on the meta device, to the unit.
+
+Models are built under torch.device("meta") and re-tied (init_empty_weights loses the tie under
+transformers 5). PEFT's trainable count is the adapters alone; the base total excludes them.
+"""
+
+import pytest
+
+from planner import catalog
+from planner.architectures import build_layout
+from planner.params import count_params, lora_candidates
+from planner.resolve import from_catalog
+from planner.settings import LoraSettings
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from planner.meta_count import build_meta_model, count_lora_trainable, count_total  # noqa: E402
+
+MODELS = [m.name for m in catalog.models()]
+
+
+def target_sets(layout) -> list[tuple[list[str] | None, int]]:
+    """PEFT's default, all-linear, and an explicit pair of the model's own modules, at several ranks."""
+    explicit = [n for n in lora_candidates(layout) if n not in ("lm_head",) and
+                not any(g.leaf == n and g.kind in ("embedding", "head") for g in layout.modules)][:2]
+    return [(None, 8), (["all-linear"], 16), (explicit, 64)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_counts_equal_transformers_and_peft(name):
+    entry = catalog.find_model(name)
+    layout = build_layout(from_catalog(entry))
+    assert layout.total_params() == count_total(build_meta_model(entry.config))
+    for targets, r in target_sets(layout):
+        counts = count_params(layout, "lora", LoraSettings(r=r, targets=targets))
+        reference = count_lora_trainable(build_meta_model(entry.config), counts.targets.peft_value(), r)
+        assert counts.trainable_params == reference, (targets, r)

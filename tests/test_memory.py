@@ -1,0 +1,138 @@
+"""The memory model: hand-checked terms and the properties any sane estimate has."""
+
+import math
+
+import pytest
+
+from planner import catalog
+from planner.architectures import build_layout
+from planner.memory import estimate_memory, optimizer_bytes, quantized_bytes
+from planner.resolve import from_catalog
+from planner.settings import LoraSettings, SetupChoices, TrainingSetup, resolve
+
+
+def layout_of(name):
+    return build_layout(from_catalog(catalog.find_model(name)))
+
+
+def memory(name="llama2-7b", method="lora", **kw):
+    lora = kw.pop("lora", LoraSettings())
+    return estimate_memory(layout_of(name), resolve(method, SetupChoices(lora=lora, **kw)))
+
+
+def test_full_bf16_mixed_is_sixteen_bytes_per_parameter_before_activations():
+    m = memory(method="full")
+    total = layout_of("llama2-7b").total_params()
+    assert m.weights_bytes == 4 * total           # fp32 master weights
+    assert m.gradients_bytes == 4 * total         # fp32 gradients
+    assert m.optimizer_bytes == 8 * total         # AdamW exp_avg + exp_avg_sq in fp32
+
+
+def test_pure_bf16_halves_weights_grads_and_states():
+    total = layout_of("llama2-7b").total_params()
+    m = memory(method="full", precision="bf16")
+    assert (m.weights_bytes, m.gradients_bytes, m.optimizer_bytes) == (2 * total, 2 * total, 4 * total)
+
+
+def test_lora_base_bf16_adapters_fp32():
+    m = memory(method="lora", lora=LoraSettings(r=8))
+    assert m.weights_by_dtype == {"bf16": 2 * layout_of("llama2-7b").total_params()}
+    assert m.adapter_bytes == 4 * 32 * 2 * 8 * 8192
+    assert m.gradients_bytes == m.adapter_bytes
+
+
+def test_nf4_storage_by_hand():
+    n = 4096 * 4096
+    blocks = n // 64
+    # packed 4-bit + uint8 absmax + fp32 absmax of absmax per 256 blocks + nested code + offset + NF4 code
+    assert quantized_bytes(n, True) == n // 2 + blocks + math.ceil(blocks / 256) * 4 + 1024 + 4 + 64
+    assert quantized_bytes(n, False) == n // 2 + blocks * 4 + 64
+
+
+def test_qlora_weights_below_lora_for_llama():
+    assert memory(method="qlora").weights_bytes < memory(method="lora").weights_bytes / 2
+
+
+def test_qlora_keeps_embeddings_and_head_in_fp32():
+    m = memory(method="qlora")
+    fp32_expected = 4 * (2 * 32000 * 4096 + 65 * 4096)  # embed + head + 2 norms x 32 layers + final norm
+    assert m.weights_by_dtype["fp32"] == fp32_expected
+
+
+def test_falcon_qlora_is_not_quantized():
+    """transformers 5 quantizes only exact nn.Linear; FalconLinear stays bf16, upcast to fp32."""
+    m = memory("falcon-7b", method="qlora")
+    assert m.weights_by_dtype["nf4"] == 0
+
+
+def test_paged_optimizer_is_outside_peak_allocated_but_in_required():
+    m = memory(method="qlora")
+    assert m.optimizer_bytes == 0 and m.paged_optimizer_bytes > 0
+    assert m.required_bytes > m.peak_allocated_bytes + m.paged_optimizer_bytes
+
+
+def test_optimizer_state_sizes():
+    lora = resolve("lora", SetupChoices())
+    shapes = [(16, 4096), (4096, 16), (100,)]
+    numel = 16 * 4096 * 2 + 100
+    assert optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "adamw"})) == 8 * numel
+    assert optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "sgd"})) == 0
+    eight = optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "adamw_8bit"}))
+    assert eight == 2 * (2 * 65536 + 2 * 256 * 4) + 8 * 100   # tensors < 4096 keep fp32 states
+    factored = optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "adafactor"}))
+    assert factored == 4 * ((16 + 4096) * 2 + 100)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("field, small, large", [("batch_size", 1, 4), ("seq_len", 256, 2048)])
+def test_memory_grows_with_batch_and_sequence(method, field, small, large):
+    a = memory(method=method, **{field: small})
+    b = memory(method=method, **{field: large})
+    assert b.activations_bytes > a.activations_bytes
+    assert b.peak_allocated_bytes >= a.peak_allocated_bytes
+
+
+def test_memory_grows_with_rank():
+    assert memory(lora=LoraSettings(r=64)).peak_allocated_bytes > memory(lora=LoraSettings(r=8)).peak_allocated_bytes
+
+
+def test_checkpointing_cuts_activations():
+    off = memory(grad_ckpt=False)
+    on = memory(grad_ckpt=True)
+    assert on.activations_bytes < off.activations_bytes / 4
+
+
+def test_eager_attention_adds_the_score_matrices():
+    sdpa = memory(attention="sdpa", seq_len=4096)
+    eager = memory(attention="eager", seq_len=4096)
+    heads, s = 32, 4096
+    per_layer_scores = heads * s * s * (4 + 2)  # fp32 softmax output + its bf16 copy
+    assert eager.activation_terms["attn_scores"] == per_layer_scores
+    assert eager.activations_bytes > sdpa.activations_bytes
+
+
+def test_large_vocabulary_logits_dominate_qlora():
+    m = memory("llama3-8b", method="qlora", seq_len=4096)
+    tokens = 4096
+    assert m.head_terms["log_softmax"] == tokens * 128256 * 4
+    others = [v for k, v in m.head_terms.items() if k != "log_softmax"]
+    assert m.head_terms["log_softmax"] > max(others)
+    assert m.head_terms["log_softmax"] > m.activations_per_layer_bytes  # more than a whole decoder layer
+
+
+def test_no_bf16_gpu_switches_to_fp16():
+    setup = resolve("lora", SetupChoices(), bf16_supported=False)
+    assert setup.precision == "fp16-mixed"
+
+
+def test_all_figures_are_non_negative_integers():
+    for method in ("full", "lora", "qlora"):
+        m = memory(method=method)
+        for name, value in m.model_dump().items():
+            if isinstance(value, int):
+                assert value >= 0, name
+
+
+def test_setup_rejects_nonpositive_sizes():
+    with pytest.raises(ValueError, match="batch-size"):
+        TrainingSetup(method="lora", batch_size=0)
