@@ -26,19 +26,13 @@ class LoraSettings(BaseModel):
     dropout: float = Field(0.05, description="lora_dropout")
     targets: list[str] | None = Field(None, description="module names, ['all-linear'], or None for PEFT's default")
 
-    @field_validator("r")
+    @field_validator("r", "alpha")
     @classmethod
-    def _rank_positive(cls, r: int) -> int:
-        if r <= 0:
-            raise ValueError(f"lora r must be a positive integer, got {r}")
-        return r
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha_positive(cls, alpha: int) -> int:
-        if alpha <= 0:
-            raise ValueError(f"lora alpha must be positive, got {alpha}")
-        return alpha
+    def _positive(cls, value: int, info) -> int:  # noqa: ANN001 - pydantic's ValidationInfo
+        if value <= 0:
+            name = "r" if info.field_name == "r" else "alpha"
+            raise ValueError(f"lora {name} must be a positive integer, got {value}")
+        return value
 
     @field_validator("dropout")
     @classmethod
