@@ -41,6 +41,8 @@ class MethodEstimate(BaseModel):
     memory: MemoryBreakdown
     cheapest_instances: list[InstanceFit]
     selected: InstanceFit | None = Field(None, description="the --gpu/--instance verdict, when one was given")
+    unquantized_linear_params: int = Field(0, description="qlora: weights of linear layers bitsandbytes leaves "
+                                                          "unquantized (nn.Linear subclasses, fused MoE experts)")
 
 
 class EstimateReport(BaseModel):
@@ -62,6 +64,12 @@ def layout_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> tuple[Mod
     from .meta_count import layout_from_model  # needs torch: only for architectures without a builder
 
     return layout_from_model(spec, trust_remote_code=trust_remote_code), "transformers meta device"
+
+
+def unquantized_linear_params(layout: ModelLayout) -> int:
+    """Weights of matmul layers that bitsandbytes does not replace (it swaps exact nn.Linear/Conv1D only)."""
+    return sum(g.weight_numel * layout.instances(g) for g in layout.modules
+               if g.kind in ("linear_subclass", "experts", "router"))
 
 
 def assumptions(setups: list[TrainingSetup]) -> list[str]:
@@ -105,6 +113,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
             trainable_params=counts.trainable_params,
             trainable_fraction=counts.trainable_params / counts.total_params,
             targets=counts.targets, memory=memory, selected=selected,
+            unquantized_linear_params=unquantized_linear_params(layout) if setup.method == "qlora" else 0,
             cheapest_instances=cheapest_fits(memory.required_bytes, setup,
                                              gpu=gpu_info.name if gpu_info else None),
         ))

@@ -88,7 +88,8 @@ def instances_table(report: EstimateReport) -> Table:
     table = Table(title="cheapest AWS instances whose GPU holds the requirement (on-demand, us-east-1)",
                   title_justify="left")
     for col in ("method", "instance", "GPUs", "GPU memory", "headroom", "$/hour", "price date"):
-        table.add_column(col, justify="left" if col in ("method", "instance") else "right")
+        table.add_column(col, justify="left" if col in ("method", "instance") else "right",
+                         no_wrap=col in ("instance", "price date"), min_width=10 if col == "price date" else None)
     for e in report.estimates:
         if not e.cheapest_instances:
             table.add_row(e.method, Text("none fits on one GPU: shard it or pick a smaller method", style="red"),
@@ -115,16 +116,10 @@ def selected_lines(report: EstimateReport) -> list[Text]:
 
 
 def quantization_notes(report: EstimateReport) -> list[str]:
-    notes = []
-    for e in report.estimates:
-        if e.method != "qlora":
-            continue
-        quant = sum(v for k, v in e.memory.weights_by_dtype.items() if k in ("nf4", "fp4"))
-        if quant < e.memory.weights_bytes / 2:
-            notes.append("qlora: most weights stay unquantized for this architecture under transformers 5 "
-                         "(bitsandbytes replaces only exact nn.Linear/Conv1D layers; nn.Linear subclasses and "
-                         "fused MoE experts stay bf16 and are upcast to fp32)")
-    return notes
+    return [f"qlora: {count(e.unquantized_linear_params)} weights of linear layers stay unquantized under "
+            "transformers 5 (bitsandbytes replaces only exact nn.Linear/Conv1D layers; nn.Linear subclasses and "
+            "fused MoE experts stay bf16 and are upcast to fp32)"
+            for e in report.estimates if e.method == "qlora" and e.unquantized_linear_params]
 
 
 def print_estimate(report: EstimateReport, console: Console) -> None:

@@ -29,6 +29,13 @@ def test_estimate_table_shows_assumptions_and_prices():
         assert text in result.stdout
 
 
+def test_unquantized_layers_are_called_out_only_where_they_exist():
+    falcon = run_cli("estimate", "falcon-7b", "--method", "qlora")
+    assert "stay unquantized" in falcon.stdout
+    llama = run_cli("estimate", "llama3-8b", "--method", "qlora")
+    assert llama.returncode == 0 and "stay unquantized" not in llama.stdout
+
+
 def test_hf_id_resolves_offline_from_catalog():
     result = run_cli("estimate", "meta-llama/Llama-2-7b-hf", "--method", "lora", "--json")
     assert result.returncode == 0, result.stderr
