@@ -17,7 +17,8 @@ EXIT_BAD_INPUT = 2
 def _console():
     from rich.console import Console
 
-    return Console()
+    # No repr highlighting: it re-scans every cell with regexes and costs startup time.
+    return Console(highlight=False, emoji=False)
 
 
 def _validation_message(exc: ValidationError) -> str:
