@@ -17,7 +17,6 @@ from .architectures import QUANTIZED_KINDS, ModelLayout, ModuleGroup
 from .params import ParamCounts, adapted_groups, count_params
 from .settings import TrainingSetup
 
-GIB = 2**30
 NF4_BLOCK = 64                 # bitsandbytes 4-bit blocksize
 NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 absmax bytes
 OPTIM_8BIT_BLOCK = 256         # bitsandbytes blockwise 8-bit optimizer states
