@@ -30,10 +30,6 @@ class Dtypes(BaseModel):
     autocast: bool
     base_trainable: bool
 
-    @property
-    def norm_out(self) -> int:
-        return self.residual
-
 
 def step_dtypes(setup: TrainingSetup) -> Dtypes:
     """Dtypes of a step: the residual stream follows the embedding's storage dtype.
@@ -77,7 +73,7 @@ def _norm_saved(layout: ModelLayout, width: int, tokens: int, dt: Dtypes) -> int
 def _input_bytes(role: str, dt: Dtypes, layout: ModelLayout) -> int:
     """Dtype of the tensor a linear of this role reads."""
     if role in ("attn_in", "mlp_in", "final"):
-        return 4 if (dt.autocast and layout.features.norm == "layer") else dt.norm_out
+        return 4 if (dt.autocast and layout.features.norm == "layer") else dt.residual
     return dt.compute
 
 

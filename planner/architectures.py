@@ -33,6 +33,8 @@ LORA_KINDS = {"linear", "linear_subclass", "conv1d", "head", "embedding"}
 # (transformers 5 converted weights); they cannot be named in target_modules.
 ALL_LINEAR_KINDS = {"linear", "linear_subclass", "conv1d", "router", "experts"}
 QUANTIZED_KINDS = {"linear", "conv1d"}
+# matmul weights bitsandbytes leaves alone under transformers 5 (it swaps exact nn.Linear/Conv1D only)
+UNQUANTIZED_MATMUL_KINDS = ALL_LINEAR_KINDS - QUANTIZED_KINDS
 
 
 class ModuleGroup(BaseModel):

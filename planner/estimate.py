@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from . import catalog
 from .architectures import ModelLayout, build_layout, is_analytic
 from .fit import InstanceFit, cheapest_fits, judge
-from .memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, MemoryBreakdown, estimate_memory
+from .memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, MemoryBreakdown, estimate_memory, unquantized_matmul_params
 from .modelspec import ModelSpec
 from .params import TargetResolution, count_params
 from .settings import Method, SetupChoices, TrainingSetup, resolve
@@ -66,12 +66,6 @@ def layout_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> tuple[Mod
     return layout_from_model(spec, trust_remote_code=trust_remote_code), "transformers meta device"
 
 
-def unquantized_linear_params(layout: ModelLayout) -> int:
-    """Weights of matmul layers that bitsandbytes does not replace (it swaps exact nn.Linear/Conv1D only)."""
-    return sum(g.weight_numel * layout.instances(g) for g in layout.modules
-               if g.kind in ("linear_subclass", "experts", "router"))
-
-
 def assumptions(setups: list[TrainingSetup]) -> list[str]:
     """The defaults and modelling choices behind the numbers, in words."""
     notes = [
@@ -113,7 +107,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
             trainable_params=counts.trainable_params,
             trainable_fraction=counts.trainable_params / counts.total_params,
             targets=counts.targets, memory=memory, selected=selected,
-            unquantized_linear_params=unquantized_linear_params(layout) if setup.method == "qlora" else 0,
+            unquantized_linear_params=unquantized_matmul_params(layout) if setup.method == "qlora" else 0,
             cheapest_instances=cheapest_fits(memory.required_bytes, setup,
                                              gpu=gpu_info.name if gpu_info else None),
         ))

@@ -13,7 +13,7 @@ import math
 from pydantic import BaseModel, Field
 
 from . import activations as act
-from .architectures import QUANTIZED_KINDS, ModelLayout, ModuleGroup
+from .architectures import QUANTIZED_KINDS, UNQUANTIZED_MATMUL_KINDS, ModelLayout, ModuleGroup
 from .params import ParamCounts, adapted_groups, count_params
 from .settings import TrainingSetup
 
@@ -79,6 +79,11 @@ def weight_bytes(layout: ModelLayout, setup: TrainingSetup) -> dict[str, int]:
         else:
             fp32 += n * g.params() * 4
     return {setup.quant_type: quant, "fp32": fp32}
+
+
+def unquantized_matmul_params(layout: ModelLayout) -> int:
+    """QLoRA: weights of matmul layers that stay unquantized (nn.Linear subclasses, fused MoE experts)."""
+    return sum(g.weight_numel * layout.instances(g) for g in layout.modules if g.kind in UNQUANTIZED_MATMUL_KINDS)
 
 
 def trainable_tensors(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup]) -> list[tuple[int, ...]]:
@@ -165,17 +170,18 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     static = sum(weights.values()) + adapter + states
     # The backward pass frees activations layer by layer while gradients accumulate, so the
     # peak is at one end: just after the loss (all activations) or at the optimizer step (all grads).
-    start = activations + max(loss, layer_backward + recompute)
-    end = gradients + layer_backward
-    phase, dynamic = ("backward start (activations + loss buffers)", start) if start >= end else \
-        ("end of backward (all gradients)", end)
-    peak = static + dynamic
+    start_transient = max(loss, layer_backward + recompute)
+    if activations + start_transient >= gradients + layer_backward:
+        phase, held, transient = "backward start (activations + loss buffers)", activations, start_transient
+    else:
+        phase, held, transient = "end of backward (all gradients)", gradients, layer_backward
+    peak = static + held + transient
     slack = int(peak * ALLOCATOR_SLACK)
     return MemoryBreakdown(
         weights_bytes=sum(weights.values()), weights_by_dtype=weights, adapter_bytes=adapter,
         gradients_bytes=gradients, optimizer_bytes=states, paged_optimizer_bytes=paged,
         activations_bytes=activations, activations_per_layer_bytes=layer.total, activation_terms=layer.terms,
-        head_terms=head, transient_bytes=dynamic - (activations if dynamic == start else gradients),
+        head_terms=head, transient_bytes=transient,
         peak_phase=phase, peak_allocated_bytes=peak, cuda_context_bytes=CUDA_CONTEXT_BYTES,
         allocator_slack_bytes=slack, required_bytes=peak + slack + CUDA_CONTEXT_BYTES + paged,
     )

@@ -141,8 +141,7 @@ def with_layers(spec: ModelSpec, layers: int) -> ModelSpec:
     config = dict(spec.config)
     key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), "num_hidden_layers")
     config[key] = layers
-    for window_key in ("max_window_layers",):
-        if window_key in config:
-            config[window_key] = min(config[window_key], layers)
+    if "max_window_layers" in config:  # Qwen: sliding-window layers cannot exceed the layer count
+        config["max_window_layers"] = min(config["max_window_layers"], layers)
     return spec_from_config(config, name=f"{spec.name} ({layers} layers)", source=spec.source,
                             hf_id=spec.hf_id, license=spec.license)

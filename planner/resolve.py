@@ -41,7 +41,14 @@ def read_config_file(path: Path) -> dict:
 
 
 def _looks_like_path(arg: str) -> bool:
-    return arg.endswith(".json") or arg.startswith((".", "/", "~")) or os.sep in arg and Path(arg).exists()
+    return arg.endswith(".json") or arg.startswith((".", "/", "~"))
+
+
+def _name_for(path: Path) -> str:
+    """'my-model' for my-model/config.json or for the directory my-model; the stem for other files."""
+    if path.is_file() and path.stem != "config":
+        return path.stem
+    return (path if path.is_dir() else path.parent).resolve().name or str(path)
 
 
 def _looks_like_hub_id(arg: str) -> bool:
@@ -60,14 +67,13 @@ def fetch_hub_config(repo_id: str, *, revision: str | None = None) -> dict:
         raise PlannerError("fetching configs needs huggingface_hub: pip install huggingface_hub") from None
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision)
-    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must come first.
     except GatedRepoError:
         raise PlannerError(f"{repo_id} is gated on the Hugging Face Hub: accept its licence on the model page "
                            "and log in (hf auth login), or pass a local config.json") from None
     except RepositoryNotFoundError:
         raise PlannerError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private: log in); "
                            f"{_catalog_hint(repo_id)}") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # subclasses EntryNotFoundError, so it must come first
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise PlannerError(f"{repo_id} is not in the catalog, {reason} and no cached config.json exists; "
                            "connect to the network or pass a local config.json") from None
@@ -94,9 +100,8 @@ def resolve_model(arg: str) -> ModelSpec:
     path = Path(arg).expanduser()
     if path.exists() or _looks_like_path(arg):
         config = read_config_file(path)
-        return spec_from_config(config, name=path.stem if path.is_file() and path.stem != "config" else
-                                (path if path.is_dir() else path.parent).name or str(path),
-                                source=f"config.json at {path}", hf_id=config.get("_name_or_path") or None)
+        return spec_from_config(config, name=_name_for(path), source=f"config.json at {path}",
+                                hf_id=config.get("_name_or_path") or None)
     if _looks_like_hub_id(arg):
         return spec_from_config(fetch_hub_config(arg), name=arg, source="Hugging Face Hub config.json", hf_id=arg)
     raise PlannerError(f"unknown model '{arg}'.{catalog.model_suggestions(arg)} Pass a catalog name "

@@ -18,6 +18,12 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 ATTENTIONS: tuple[str, ...] = Attention.__args__  # type: ignore[attr-defined]
 
 
+def _require_positive(value: int, label: str) -> int:
+    if value <= 0:
+        raise ValueError(f"{label} must be a positive integer, got {value}")
+    return value
+
+
 class LoraSettings(BaseModel):
     """LoRA adapter settings; `targets` None means PEFT's default for the architecture."""
 
@@ -29,10 +35,7 @@ class LoraSettings(BaseModel):
     @field_validator("r", "alpha")
     @classmethod
     def _positive(cls, value: int, info) -> int:  # noqa: ANN001 - pydantic's ValidationInfo
-        if value <= 0:
-            name = "r" if info.field_name == "r" else "alpha"
-            raise ValueError(f"lora {name} must be a positive integer, got {value}")
-        return value
+        return _require_positive(value, f"lora {info.field_name}")
 
     @field_validator("dropout")
     @classmethod
@@ -59,9 +62,7 @@ class TrainingSetup(BaseModel):
     @field_validator("batch_size", "seq_len")
     @classmethod
     def _positive(cls, value: int, info) -> int:  # noqa: ANN001 - pydantic's ValidationInfo
-        if value <= 0:
-            raise ValueError(f"{info.field_name.replace('_', '-')} must be a positive integer, got {value}")
-        return value
+        return _require_positive(value, info.field_name.replace("_", "-"))
 
     @model_validator(mode="after")
     def _lora_only_for_adapters(self) -> "TrainingSetup":
