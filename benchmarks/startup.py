@@ -44,6 +44,39 @@ def heavy_imports() -> tuple[list[str], list[tuple[str, int]]]:
     return heavy, top
 
 
+PHASES = """
+import io, time
+t0 = time.perf_counter()
+import click, pydantic, rich.console, rich.table
+class Warm(pydantic.BaseModel):  # pydantic imports its machinery lazily, on the first model class
+    x: int
+t1 = time.perf_counter()
+from planner import estimate, render, resolve, settings
+t2 = time.perf_counter()
+report = estimate.estimate(resolve.resolve_model("llama2-7b"), ["qlora"], settings.SetupChoices())
+t3 = time.perf_counter()
+render.print_estimate(report, rich.console.Console(file=io.StringIO(), width=100, highlight=False))
+t4 = time.perf_counter()
+print(*(round(1000 * x) for x in (t1 - t0, t2 - t1, t3 - t2, t4 - t3)))
+"""
+
+
+def phases(runs: int) -> list[int]:
+    """Median ms, in fresh processes, of: third-party imports, ftplan's imports, estimate, render."""
+    samples = [[int(x) for x in subprocess.run([sys.executable, "-c", PHASES], capture_output=True, text=True,
+                                               check=True).stdout.split()] for _ in range(runs)]
+    return [int(statistics.median(column)) for column in zip(*samples)]
+
+
+def interpreter_start(runs: int) -> int:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
@@ -55,6 +88,11 @@ def main() -> None:
           f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms (target: median <= 200 ms)")
     print(f"heavy imports on the estimate path: {', '.join(heavy) if heavy else 'none'}")
     print("slowest top-level imports (cumulative): " + ", ".join(f"{n} {us / 1000:.0f} ms" for n, us in top))
+    libs, own, work, render = phases(args.runs)
+    print(f"where the time goes (medians): interpreter start {interpreter_start(args.runs)} ms, "
+          f"click+pydantic+rich imports (with pydantic's first model class) {libs} ms, "
+          f"ftplan imports and model classes {own} ms, "
+          f"estimate {work} ms, rendering {render} ms")
 
 
 if __name__ == "__main__":

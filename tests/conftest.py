@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,6 @@ import pytest
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `ftplan` as a user would: a fresh process, its real exit code and streams."""
-    import os
-
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "planner", *args], capture_output=True, text=True, env=full_env,
                           timeout=300)
