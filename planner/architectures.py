@@ -23,6 +23,7 @@ ModuleKind = Literal[
     "norm",              # RMSNorm / LayerNorm weights and biases
     "router",            # MoE router (not an nn.Linear in transformers 5)
     "experts",           # fused MoE expert weights (3-D parameters)
+    "other",             # any other parameter (fallback layouts): counted, never adapted or quantized
 ]
 
 # Which kinds of input feed a linear layer; layers sharing a role share one input tensor.

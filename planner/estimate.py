@@ -87,6 +87,10 @@ def assumptions(setups: list[TrainingSetup]) -> list[str]:
     return notes
 
 
+FALLBACK_NOTE = ("counted by building the model with transformers on the meta device (exact); the activation "
+                 "terms assume a Llama-style decoder for this architecture and are approximate")
+
+
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
              instance: str | None = None, trust_remote_code: bool = False) -> EstimateReport:
     """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures)."""
@@ -116,4 +120,5 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                      vocab_size=spec.dims.vocab, counting=counting)
     return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
                           instance=selected_instance.type if selected_instance else None,
-                          assumptions=assumptions(setups), estimates=estimates)
+                          assumptions=assumptions(setups) + ([FALLBACK_NOTE] if counting != "analytic" else []),
+                          estimates=estimates)

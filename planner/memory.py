@@ -93,7 +93,7 @@ def trainable_tensors(layout: ModelLayout, setup: TrainingSetup, adapted: list[M
         for g in layout.modules:
             for _ in range(layout.instances(g)):
                 if not g.shared_weight:
-                    if g.kind == "norm":
+                    if g.kind == "norm" or g.weight_numel == g.out_features:  # vectors
                         shapes.append((g.weight_numel,))
                     elif g.kind == "experts":
                         experts = layout.dims.experts

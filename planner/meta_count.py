@@ -90,12 +90,11 @@ def layout_from_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Mo
         folded = ".".join("N" if p.isdigit() else p for p in parts)
         per_layer = folded != name
         if kind is None:
-            kind = "norm" if numel < 4 * max(spec.dims.hidden, 1) else "experts"
+            kind = "norm" if "norm" in type(module).__name__.lower() else "other"
         weight = getattr(module, "weight", None)
-        shape = tuple(weight.shape) if weight is not None else (numel, 1)
-        n_in, n_out = (shape[1], shape[0]) if kind in ("linear", "linear_subclass", "head") else (shape[0], shape[-1])
-        if kind == "conv1d":
-            n_in, n_out = shape[0], shape[1]
+        shape = tuple(weight.shape) if weight is not None else (numel,)
+        # nn.Linear stores (out, in); Conv1D and embeddings store (in or rows, out)
+        n_out, n_in = (shape[0], shape[-1]) if kind in ("linear", "linear_subclass", "head") else (shape[-1], shape[0])
         group = ModuleGroup(path=folded, kind=kind, in_features=n_in, out_features=n_out,
                             weight_numel=numel if kind != "head" else n_in * n_out, bias=bias, per_layer=per_layer,
                             shared_weight=kind == "head" and tied_head)

@@ -8,7 +8,7 @@ import pytest
 
 from planner import catalog
 from planner.architectures import build_layout
-from planner.params import count_params, lora_candidates
+from planner.params import count_params
 from planner.resolve import from_catalog
 from planner.settings import LoraSettings
 
@@ -22,8 +22,7 @@ MODELS = [m.name for m in catalog.models()]
 
 def target_sets(layout) -> list[tuple[list[str] | None, int]]:
     """PEFT's default, all-linear, and an explicit pair of the model's own modules, at several ranks."""
-    explicit = [n for n in lora_candidates(layout) if n not in ("lm_head",) and
-                not any(g.leaf == n and g.kind in ("embedding", "head") for g in layout.modules)][:2]
+    explicit = [g.leaf for g in layout.modules if g.kind in ("linear", "linear_subclass", "conv1d")][:2]
     return [(None, 8), (["all-linear"], 16), (explicit, 64)]
 
 
