@@ -92,8 +92,11 @@ FALLBACK_NOTE = ("counted by building the model with transformers on the meta de
 
 
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
-             instance: str | None = None, trust_remote_code: bool = False) -> EstimateReport:
-    """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures)."""
+             instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda") -> EstimateReport:
+    """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures).
+
+    `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure --device cpu`.
+    """
     selected_instance = catalog.get_instance(instance) if instance else None
     gpu_info = catalog.get_gpu(gpu) if gpu else (catalog.gpu_of(selected_instance) if selected_instance else None)
     layout, counting = layout_for(spec, trust_remote_code=trust_remote_code)
@@ -102,7 +105,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     setups = [resolve(m, choices, bf16_supported=bf16) for m in methods]
     for setup in setups:
         counts = count_params(layout, setup.method, setup.lora)
-        memory = estimate_memory(layout, setup, counts)
+        memory = estimate_memory(layout, setup, counts, device)
         selected = None
         if selected_instance:
             selected = judge(selected_instance, memory.required_bytes, setup)

@@ -23,6 +23,7 @@ OPTIM_8BIT_BLOCK = 256         # bitsandbytes blockwise 8-bit optimizer states
 OPTIM_8BIT_MIN_NUMEL = 4096    # smaller tensors keep 32-bit states (bnb min_8bit_size)
 CUDA_CONTEXT_BYTES = 512 * 2**20   # CUDA context + cuBLAS workspace, outside the allocator (assumed)
 ALLOCATOR_SLACK = 0.05             # caching-allocator fragmentation over the allocated peak (assumed)
+END_OF_BACKWARD = "end of backward (all gradients)"
 
 
 class MemoryBreakdown(BaseModel):
@@ -138,8 +139,13 @@ def optimizer_bytes(shapes: list[tuple[int, ...]], setup: TrainingSetup) -> int:
     return total
 
 
-def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None) -> MemoryBreakdown:
-    """Itemised per-GPU memory of one training step of `layout` under `setup`."""
+def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None,
+                    device: act.Device = "cuda") -> MemoryBreakdown:
+    """Itemised per-GPU memory of one training step of `layout` under `setup`.
+
+    `device="cpu"` models the CPU's kernels instead (dropout keeps its noise, not a bool mask),
+    which is what `ftplan measure --device cpu` compares with.
+    """
     counts = counts or count_params(layout, setup.method, setup.lora)
     adapted = adapted_groups(layout, counts.targets) if counts.targets else []
     weights = weight_bytes(layout, setup)
@@ -151,14 +157,18 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     paged = states if setup.optimizer.startswith("paged_") else 0
     states -= paged
 
-    layer = act.layer_activations(layout, setup, adapted)
-    head = act.head_activations(layout, setup, adapted)
+    layer = act.layer_activations(layout, setup, adapted, device)
+    head = act.head_activations(layout, setup, adapted, device)
     layers = layout.dims.layers
     if setup.grad_ckpt:
+        # Only layer inputs are kept; autocast's cache still holds the bf16 weight copies until
+        # the forward ends, and one layer is recomputed at a time in backward.
         kept = layers * act.checkpointed_layer(layout, setup)
+        forward_only = layers * layer.terms.get("weight_copies", 0) if setup.method == "full" else 0
         recompute = layer.total
     else:
-        kept, recompute = layers * layer.total, 0
+        kept = layers * layer.total - act.first_layer_savings(layout, setup, adapted, device)
+        forward_only, recompute = 0, 0
     activations = kept + sum(head.values())
 
     dequant = 0
@@ -166,15 +176,19 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
         quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
         dequant = max((g.weight_numel * 2 for g in quant), default=0)
     layer_backward = act.backward_layer_transient(layout, setup) + dequant
-    loss = act.loss_transient(layout, setup)
+    loss_forward, loss_backward = act.loss_transients(layout, setup)
     static = sum(weights.values()) + adapter + states
-    # The backward pass frees activations layer by layer while gradients accumulate, so the
-    # peak is at one end: just after the loss (all activations) or at the optimizer step (all grads).
-    start_transient = max(loss, layer_backward + recompute)
-    if activations + start_transient >= gradients + layer_backward:
-        phase, held, transient = "backward start (activations + loss buffers)", activations, start_transient
-    else:
-        phase, held, transient = "end of backward (all gradients)", gradients, layer_backward
+    # Candidates for the peak, each as (what is held, what is transient on top). The backward pass
+    # frees activations layer by layer while gradients accumulate, so within it the peak is at
+    # one end: just after the loss (all activations) or at the optimizer step (all gradients).
+    phases = {
+        "end of forward (activations + logits)": (activations, forward_only + loss_forward),
+        "backward start (activations + loss gradients)": (activations, loss_backward),
+        "backward through the last layer": (activations - head["log_softmax"], layer_backward + recompute),
+        END_OF_BACKWARD: (gradients, layer_backward),
+    }
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    held, transient = phases[phase]
     peak = static + held + transient
     slack = int(peak * ALLOCATOR_SLACK)
     return MemoryBreakdown(

@@ -8,6 +8,7 @@ from rich.text import Text
 
 from . import catalog
 from .estimate import EstimateReport, MethodEstimate
+from .memory import END_OF_BACKWARD
 
 GIB = 2**30
 BAR_WIDTH = 40
@@ -16,6 +17,9 @@ SEGMENTS = (("weights", "blue"), ("adapters", "cyan"), ("gradients", "magenta"),
 
 
 def gib(n: int | float) -> str:
+    """Sizes in GiB, or MiB below 1 GiB so small models do not read 0.00."""
+    if abs(n) < GIB:
+        return f"{n / 2**20:,.1f} MiB"
     return f"{n / GIB:,.2f} GiB"
 
 
@@ -31,8 +35,10 @@ def _segments(e: MethodEstimate) -> list[tuple[str, int, str]]:
     m = e.memory
     values = {"weights": m.weights_bytes, "adapters": m.adapter_bytes, "gradients": m.gradients_bytes,
               "optimizer": m.optimizer_bytes, "activations": m.activations_bytes, "transient": m.transient_bytes}
-    if m.peak_phase.startswith("end"):
+    if m.peak_phase == END_OF_BACKWARD:
         values["activations"] = 0  # at the end of backward the activations are freed
+    else:
+        values["gradients"] = 0  # before backward has run there are no gradients
     return [(name, values[name], colour) for name, colour in SEGMENTS]
 
 
@@ -138,6 +144,32 @@ def print_estimate(report: EstimateReport, console: Console) -> None:
     prices = {f.price_source for e in report.estimates for f in e.cheapest_instances if f.price_source}
     for source in sorted(prices):
         console.print(f"[dim]Prices: {source}[/]")
+
+
+def measure_table(report) -> Table:
+    """Estimated against measured, term by term where both sides have the term."""
+    est, got = report.estimated, report.measured
+    table = Table(title=f"{report.model.name} {report.setup.method} on {report.device}: estimate vs measured "
+                        f"({report.steps} step(s) after warm-up)", title_justify="left")
+    for col in ("", "estimated", "measured"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("weights (+ quantization state, buffers)", gib(est.weights_bytes + est.adapter_bytes),
+                  gib(got.weights_bytes))
+    table.add_row("optimizer states", gib(est.optimizer_bytes + est.paged_optimizer_bytes), gib(got.optimizer_bytes))
+    table.add_row("gradients (end of backward)", gib(est.gradients_bytes), gib(got.gradients_bytes))
+    table.add_row("activations (end of forward)", gib(est.activations_bytes), gib(got.activations_bytes))
+    table.add_row(Text("peak allocated", style="bold"), gib(report.estimated_compared_bytes),
+                  gib(got.peak_allocated_bytes))
+    table.add_row("error", f"{report.error_percent:+.1f}%", "")
+    table.add_row("step time / throughput", "", f"{got.step_seconds:.2f} s, {got.tokens_per_second:,.0f} tokens/s")
+    return table
+
+
+def print_measure(report, console: Console) -> None:
+    console.print(measure_table(report))
+    if report.device == "cpu" and report.estimated.paged_optimizer_bytes:
+        console.print("[dim]- paged optimizer states are counted in the peak on the CPU (no paged memory there)[/]")
+    console.print("[dim]- activations measured include the loss; estimated excludes the loss's transient buffers[/]")
 
 
 def models_table(rows: list[catalog.CatalogModel]) -> Table:
