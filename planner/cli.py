@@ -115,6 +115,37 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(METHODS), default="qlora", show_default=True)
+@setting_options
+@click.option("--layers", type=int, default=None, help="keep every width but build N layers (fits wide models in RAM)")
+@click.option("--steps", type=int, default=1, show_default=True, help="measured steps after one warm-up step")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of a table")
+def measure(model: str, method: str, layers: int | None, steps: int, device: str, as_json: bool, **settings) -> None:
+    """Train MODEL for a few steps on random tokens and compare peak memory with the estimate.
+
+    The model is built from its config with random weights (nothing is downloaded) by the same
+    code the Hugging Face trainer backend uses. Needs the training extra.
+    """
+    from .measure import measure as run_measure
+    from .modelspec import with_layers
+    from .resolve import resolve_model
+
+    choices = choices_from(settings)
+    spec = resolve_model(model)
+    if layers is not None:
+        spec = with_layers(spec, layers)
+    report = run_measure(spec, method, choices, steps=steps, device=device)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        from .render import print_measure
+
+        print_measure(report, _console())
+
+
+@cli.command()
 @click.argument("query", required=False)
 @click.option("--json", "as_json", is_flag=True)
 def models(query: str | None, as_json: bool) -> None:

@@ -1,0 +1,146 @@
+"""`ftplan measure`: run real training steps on random tokens and compare memory with the estimate.
+
+The model is built by planner.modelbuild, the same code the Hugging Face backend uses. On CUDA
+the peak is `torch.cuda.max_memory_allocated()` after a warm-up step; on the CPU it is the
+high-water mark of live tensor storage (planner.memtrack), which counts the same thing.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, Field
+
+from .estimate import ModelInfo, estimate
+from .memory import MemoryBreakdown
+from .modelspec import ModelSpec
+from .settings import Method, SetupChoices, TrainingSetup
+
+
+class MeasuredMemory(BaseModel):
+    """What the steps allocated, in bytes, and how fast they ran."""
+
+    peak_allocated_bytes: int
+    resident_bytes: int = Field(description="held between steps: weights, buffers, quantization state, "
+                                            "optimizer states")
+    weights_bytes: int = Field(description="parameters, buffers and quantization state")
+    optimizer_bytes: int
+    gradients_bytes: int = Field(description="gradients alive at the end of backward")
+    activations_bytes: int = Field(description="allocated at the end of forward beyond the resident bytes")
+    step_seconds: float
+    tokens_per_second: float
+    loss: float
+
+
+class MeasureReport(BaseModel):
+    """What `ftplan measure --json` prints."""
+
+    model: ModelInfo
+    setup: TrainingSetup
+    device: str
+    steps: int
+    estimated: MemoryBreakdown
+    estimated_compared_bytes: int = Field(description="the estimate compared with the measured peak: "
+                                                      "peak_allocated_bytes, plus paged optimizer states on "
+                                                      "the CPU (which has no paged memory)")
+    measured: MeasuredMemory
+    error_percent: float = Field(description="(estimated - measured) / measured x 100")
+
+
+def _nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _run_cpu(model, optimizer, batch, setup, steps: int) -> MeasuredMemory:
+    from .memtrack import LiveBytes, resident_tensors, tensors_of
+    from .modelbuild import train_step
+
+    tracker = LiveBytes()
+    for tensor in resident_tensors(model, optimizer):
+        tracker.track(tensor)
+    weights = _nbytes(t for t in resident_tensors(model, _NoOptimizer()))
+    optimizer_bytes = _nbytes(tensors_of(optimizer.state))
+    resident = tracker.current
+    tracker.reset_peak()
+    marks = {}
+    start = time.perf_counter()
+    with tracker:
+        for _ in range(steps):
+            loss = train_step(model, optimizer, batch, setup, "cpu",
+                              on_forward_end=lambda: marks.__setitem__("forward", tracker.current),
+                              on_backward_end=lambda: marks.__setitem__("grads", _grad_bytes(model)))
+    elapsed = (time.perf_counter() - start) / steps
+    return MeasuredMemory(peak_allocated_bytes=tracker.peak, resident_bytes=resident, weights_bytes=weights,
+                          optimizer_bytes=optimizer_bytes, gradients_bytes=marks["grads"],
+                          activations_bytes=marks["forward"] - resident, step_seconds=elapsed,
+                          tokens_per_second=setup.tokens / elapsed, loss=loss)
+
+
+def _run_cuda(model, optimizer, batch, setup, steps: int) -> MeasuredMemory:
+    import torch
+
+    from .memtrack import resident_tensors, tensors_of
+    from .modelbuild import train_step
+
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    weights = _nbytes(t for t in resident_tensors(model, _NoOptimizer()))
+    optimizer_bytes = _nbytes(t for t in tensors_of(optimizer.state) if t.is_cuda)
+    torch.cuda.reset_peak_memory_stats()
+    marks = {}
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(model, optimizer, batch, setup, "cuda",
+                          on_forward_end=lambda: marks.__setitem__("forward", torch.cuda.memory_allocated()),
+                          on_backward_end=lambda: marks.__setitem__("grads", _grad_bytes(model)))
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    return MeasuredMemory(peak_allocated_bytes=torch.cuda.max_memory_allocated(), resident_bytes=resident,
+                          weights_bytes=weights, optimizer_bytes=optimizer_bytes, gradients_bytes=marks["grads"],
+                          activations_bytes=marks["forward"] - resident, step_seconds=elapsed,
+                          tokens_per_second=setup.tokens / elapsed, loss=loss)
+
+
+class _NoOptimizer:
+    state: dict = {}
+
+
+def _grad_bytes(model) -> int:
+    return _nbytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: int = 1, device: str = "cpu",
+            seed: int = 0) -> MeasureReport:
+    """Build `spec` for `method`, run one warm-up and `steps` measured steps, compare with the estimate."""
+    import torch
+
+    from .errors import PlannerError
+    from .modelbuild import build_model, build_optimizer, random_batch, train_step
+
+    if steps <= 0:
+        raise PlannerError(f"--steps must be positive, got {steps}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PlannerError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    gpu_bf16 = device != "cuda" or torch.cuda.is_bf16_supported()
+    report = estimate(spec, [method], choices, device=device)
+    setup = report.estimates[0].setup
+    if not gpu_bf16 and setup.precision.startswith("bf16"):
+        raise PlannerError("this GPU has no bf16: pass --precision fp16-mixed")
+    torch.manual_seed(seed)
+    model = build_model(spec, setup, device=device)
+    optimizer = build_optimizer(model, setup)
+    batch = random_batch(spec.dims.vocab, setup, device)
+    train_step(model, optimizer, batch, setup, device)  # warm-up: optimizer states exist from here on
+    runner = _run_cuda if device == "cuda" else _run_cpu
+    measured = runner(model, optimizer, batch, setup, steps)
+    memory = report.estimates[0].memory
+    compared = memory.peak_allocated_bytes + (memory.paged_optimizer_bytes if device == "cpu" else 0)
+    return MeasureReport(model=report.model, setup=setup, device=device, steps=steps, estimated=memory,
+                         estimated_compared_bytes=compared, measured=measured,
+                         error_percent=100 * (compared - measured.peak_allocated_bytes) / measured.peak_allocated_bytes)
