@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test install install-dev bench accuracy clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+accuracy: install-dev
+	$(BIN)/python benchmarks/accuracy.py

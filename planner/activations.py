@@ -234,11 +234,13 @@ def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup) -> int:
     return setup.tokens * layout.dims.hidden * step_dtypes(setup).residual
 
 
-def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup) -> int:
-    """Gradient buffers alive while backward runs through one MLP (the widest part of a layer)."""
+def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = ()) -> int:
+    """Gradient buffers alive while backward runs through one MLP (the widest part of a layer),
+    plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype."""
     d, dt = layout.dims, step_dtypes(setup)
     width = d.intermediate * max(1, d.experts_per_token)
-    return setup.tokens * (2 * width * dt.compute + d.hidden * 4)
+    lora_input = max((g.in_features for g in adapted if g.per_layer), default=0)
+    return setup.tokens * (2 * width * dt.compute + d.hidden * 4 + lora_input * 4)
 
 
 def head_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],

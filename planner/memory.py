@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from . import activations as act
 from .architectures import QUANTIZED_KINDS, UNQUANTIZED_MATMUL_KINDS, ModelLayout, ModuleGroup
-from .params import ParamCounts, adapted_groups, count_params
+from .params import ParamCounts, adapted_groups, count_params, lora_params
 from .settings import TrainingSetup
 
 NF4_BLOCK = 64                 # bitsandbytes 4-bit blocksize
@@ -139,6 +139,18 @@ def optimizer_bytes(shapes: list[tuple[int, ...]], setup: TrainingSetup) -> int:
     return total
 
 
+def _grads_not_yet_at_first_layer(layout: ModelLayout, counts: ParamCounts, adapted: list[ModuleGroup], lora,
+                                   grad_size: int) -> int:
+    """Gradient bytes that do not exist yet while backward runs through the first layer:
+    that layer's own, and (full fine-tuning) an untied embedding's."""
+    if counts.adapter_params:
+        return sum(lora_params(g, lora.r) for g in adapted if g.per_layer) * grad_size
+    layer = sum(g.params() for g in layout.modules if g.per_layer)
+    embedding = sum(g.params() for g in layout.modules if g.kind == "embedding") if not layout.dims.tied_embeddings \
+        else 0
+    return (layer + embedding) * grad_size
+
+
 def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None,
                     device: act.Device = "cuda") -> MemoryBreakdown:
     """Itemised per-GPU memory of one training step of `layout` under `setup`.
@@ -175,7 +187,9 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     if setup.method == "qlora":
         quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
         dequant = max((g.weight_numel * 2 for g in quant), default=0)
-    layer_backward = act.backward_layer_transient(layout, setup) + dequant
+    layer_backward = act.backward_layer_transient(layout, setup, adapted) + dequant
+    first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
+    grads_at_first_layer = gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora, grad_size)
     loss_forward, loss_backward = act.loss_transients(layout, setup)
     static = sum(weights.values()) + adapter + states
     # Candidates for the peak, each as (what is held, what is transient on top). The backward pass
@@ -185,6 +199,8 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
         "end of forward (activations + logits)": (activations, forward_only + loss_forward),
         "backward start (activations + loss gradients)": (activations, loss_backward),
         "backward through the last layer": (activations - head["log_softmax"], layer_backward + recompute),
+        # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
+        "backward through the first layer": (grads_at_first_layer + first_layer_held, layer_backward + recompute),
         END_OF_BACKWARD: (gradients, layer_backward),
     }
     phase = max(phases, key=lambda k: sum(phases[k]))
