@@ -7,6 +7,7 @@ high-water mark of live tensor storage (planner.memtrack), which counts the same
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from pydantic import BaseModel, Field
@@ -57,58 +58,69 @@ def _nbytes(tensors) -> int:
     return total
 
 
-def _run_cpu(model, optimizer, batch, setup, steps: int) -> MeasuredMemory:
-    from .memtrack import LiveBytes, resident_tensors, tensors_of
-    from .modelbuild import train_step
+class _CpuMeter:
+    """Live tensor bytes on the CPU, counted by planner.memtrack while the steps run."""
 
-    tracker = LiveBytes()
-    for tensor in resident_tensors(model, optimizer):
-        tracker.track(tensor)
-    weights = _nbytes(t for t in resident_tensors(model, _NoOptimizer()))
-    optimizer_bytes = _nbytes(tensors_of(optimizer.state))
-    resident = tracker.current
-    tracker.reset_peak()
-    marks = {}
-    start = time.perf_counter()
-    with tracker:
-        for _ in range(steps):
-            loss = train_step(model, optimizer, batch, setup, "cpu",
-                              on_forward_end=lambda: marks.__setitem__("forward", tracker.current),
-                              on_backward_end=lambda: marks.__setitem__("grads", _grad_bytes(model)))
-    elapsed = (time.perf_counter() - start) / steps
-    return MeasuredMemory(peak_allocated_bytes=tracker.peak, resident_bytes=resident, weights_bytes=weights,
-                          optimizer_bytes=optimizer_bytes, gradients_bytes=marks["grads"],
-                          activations_bytes=marks["forward"] - resident, step_seconds=elapsed,
-                          tokens_per_second=setup.tokens / elapsed, loss=loss)
+    def __init__(self, model, optimizer) -> None:
+        from .memtrack import LiveBytes, resident_tensors
+
+        self.tracker = LiveBytes()
+        for tensor in resident_tensors(model, optimizer):
+            self.tracker.track(tensor)
+        self.tracker.reset_peak()
+
+    def current(self) -> int:
+        return self.tracker.current
+
+    def peak(self) -> int:
+        return self.tracker.peak
+
+    def session(self):
+        return self.tracker
 
 
-def _run_cuda(model, optimizer, batch, setup, steps: int) -> MeasuredMemory:
-    import torch
+class _CudaMeter:
+    """The CUDA caching allocator's own counters."""
 
+    def __init__(self, model, optimizer) -> None:
+        import torch
+
+        self.cuda = torch.cuda
+        self.cuda.synchronize()
+        self.cuda.reset_peak_memory_stats()
+
+    def current(self) -> int:
+        return self.cuda.memory_allocated()
+
+    def peak(self) -> int:
+        self.cuda.synchronize()
+        return self.cuda.max_memory_allocated()
+
+    def session(self):
+        return contextlib.nullcontext()
+
+
+def _run(model, optimizer, batch, setup: TrainingSetup, steps: int, device: str) -> MeasuredMemory:
     from .memtrack import resident_tensors, tensors_of
     from .modelbuild import train_step
 
-    torch.cuda.synchronize()
-    resident = torch.cuda.memory_allocated()
-    weights = _nbytes(t for t in resident_tensors(model, _NoOptimizer()))
-    optimizer_bytes = _nbytes(t for t in tensors_of(optimizer.state) if t.is_cuda)
-    torch.cuda.reset_peak_memory_stats()
-    marks = {}
+    meter = (_CudaMeter if device == "cuda" else _CpuMeter)(model, optimizer)
+    resident = meter.current()
+    weights = _nbytes(resident_tensors(model))
+    optimizer_bytes = _nbytes(tensors_of(optimizer.state))
+    marks: dict[str, int] = {}
     start = time.perf_counter()
-    for _ in range(steps):
-        loss = train_step(model, optimizer, batch, setup, "cuda",
-                          on_forward_end=lambda: marks.__setitem__("forward", torch.cuda.memory_allocated()),
-                          on_backward_end=lambda: marks.__setitem__("grads", _grad_bytes(model)))
-    torch.cuda.synchronize()
+    with meter.session():
+        for _ in range(steps):
+            loss = train_step(model, optimizer, batch, setup, device,
+                              on_forward_end=lambda: marks.__setitem__("forward", meter.current()),
+                              on_backward_end=lambda: marks.__setitem__("grads", _grad_bytes(model)))
+    peak = meter.peak()
     elapsed = (time.perf_counter() - start) / steps
-    return MeasuredMemory(peak_allocated_bytes=torch.cuda.max_memory_allocated(), resident_bytes=resident,
-                          weights_bytes=weights, optimizer_bytes=optimizer_bytes, gradients_bytes=marks["grads"],
+    return MeasuredMemory(peak_allocated_bytes=peak, resident_bytes=resident, weights_bytes=weights,
+                          optimizer_bytes=optimizer_bytes, gradients_bytes=marks["grads"],
                           activations_bytes=marks["forward"] - resident, step_seconds=elapsed,
                           tokens_per_second=setup.tokens / elapsed, loss=loss)
-
-
-class _NoOptimizer:
-    state: dict = {}
 
 
 def _grad_bytes(model) -> int:
@@ -137,8 +149,7 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     optimizer = build_optimizer(model, setup)
     batch = random_batch(spec.dims.vocab, setup, device)
     train_step(model, optimizer, batch, setup, device)  # warm-up: optimizer states exist from here on
-    runner = _run_cuda if device == "cuda" else _run_cpu
-    measured = runner(model, optimizer, batch, setup, steps)
+    measured = _run(model, optimizer, batch, setup, steps, device)
     memory = report.estimates[0].memory
     compared = memory.peak_allocated_bytes + (memory.paged_optimizer_bytes if device == "cpu" else 0)
     return MeasureReport(model=report.model, setup=setup, device=device, steps=steps, estimated=memory,

@@ -71,13 +71,14 @@ def tensors_of(obj, depth: int = 0):
         yield from tensors_of(vars(obj), depth + 1)
 
 
-def resident_tensors(model, optimizer):
+def resident_tensors(model, optimizer=None):
     """Everything a training step keeps between steps: parameters, buffers, quantization state,
-    gradients if any, and optimizer states."""
+    gradients if any, and (given the optimizer) its states."""
     for p in model.parameters():
         yield p
         if p.grad is not None:
             yield p.grad
         yield from tensors_of(getattr(p, "quant_state", None))
     yield from model.buffers()
-    yield from tensors_of(optimizer.state)
+    if optimizer is not None:
+        yield from tensors_of(optimizer.state)
