@@ -81,3 +81,21 @@ def test_measure_bad_input_is_one_line(args, expected, write_config):
     result = run_cli("measure", str(write_config(TINY)), *args)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
+
+
+def test_build_model_loads_local_safetensors(tmp_path):
+    """The shared builder loads real weights from a local directory (safetensors only)."""
+    from transformers import AutoModelForCausalLM
+
+    from planner.modelbuild import build_model, hf_config
+    from planner.settings import SetupChoices, resolve
+
+    spec = spec_from_config(TINY, name="tiny", source="test")
+    setup = resolve("lora", SetupChoices())
+    saved = AutoModelForCausalLM.from_config(hf_config(spec, setup))
+    saved.save_pretrained(tmp_path, safe_serialization=True)
+    assert not list(tmp_path.glob("*.bin"))
+    model = build_model(spec, setup, pretrained=str(tmp_path))
+    loaded = dict(model.base_model.model.named_parameters())["model.embed_tokens.weight"]
+    assert torch.equal(loaded.float(), saved.model.embed_tokens.weight.to(loaded.dtype).float())
+    assert loaded.dtype == torch.bfloat16 and not loaded.requires_grad
