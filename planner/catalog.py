@@ -98,6 +98,24 @@ def peft_default_targets() -> dict[str, list[str]]:
 
 
 @cache
+def throughput() -> dict[str, Any]:
+    """Utilisation defaults, dequantization and communication assumptions (catalogs/throughput.json)."""
+    return _load("throughput.json")
+
+
+@cache
+def pricing() -> dict[str, Any]:
+    """Spot discount, SageMaker rates and billing rules (catalogs/pricing.json)."""
+    return _load("pricing.json")
+
+
+@cache
+def quality() -> dict[str, Any]:
+    """Published evidence on each method's quality per task (catalogs/quality.json)."""
+    return _load("quality.json")
+
+
+@cache
 def _model_index() -> dict[str, CatalogModel]:
     index: dict[str, CatalogModel] = {}
     for m in models():

@@ -1,0 +1,48 @@
+"""Writing files so that a crash mid-write leaves the old file (or none) intact."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import PlannerError
+
+
+def user_dir() -> Path:
+    """Where ftplan keeps user-level state (calibration, price caches): $FTPLAN_HOME or ~/.config/ftplan."""
+    home = os.environ.get("FTPLAN_HOME")
+    if home:
+        return Path(home)
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "ftplan"
+
+
+def atomic_write_text(path: Path, text: str, *, overwrite: bool = True) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    With `overwrite=False` an existing `path` is an error and nothing is written.
+    """
+    if path.is_dir():
+        raise PlannerError(f"{path} is a directory; give a file name")
+    if not overwrite and path.exists():
+        raise PlannerError(f"{path} already exists; choose another path with -o or pass --force to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise PlannerError(f"cannot write {path}: {exc.strerror}; choose a writable location") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if not overwrite and path.exists():  # appeared while we wrote
+            raise PlannerError(f"{path} already exists; choose another path with -o or pass --force to replace it")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PlannerError(f"cannot write {path}: {exc.strerror}; choose a writable location") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

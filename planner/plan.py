@@ -1,0 +1,177 @@
+"""The accepted plan: a versioned file that says what to train, where, and what it should cost.
+
+Written by `ftplan recommend` when the user accepts, read by `ftplan plan show` and `ftplan run`.
+Hand edits are welcome but validated: unknown keys, wrong types and another schema version are
+refused with the key named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+from .cost import HourlyPrice, Market, Platform
+from .errors import PlannerError
+from .files import atomic_write_text
+from .modelspec import ModelSpec
+from .settings import Method, TrainingSetup
+
+PLAN_SCHEMA_VERSION = 1
+DEFAULT_PLAN = Path("ftplan-plan.yaml")
+BACKEND_NAME = r"^[a-z0-9][a-z0-9_.-]*$"  # a registered name, never a Python path
+
+# Hugging Face recipe hyperparameters per method (QLoRA paper: lr 2e-4, max_grad_norm 0.3).
+LEARNING_RATES = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+MAX_GRAD_NORM = {"full": 1.0, "lora": 1.0, "qlora": 0.3}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlanModel(_Strict):
+    name: str
+    hf_id: str | None
+    model_type: str
+    source: str
+    config_sha256: str = Field(description="sha256 of the config.json fields (sorted JSON) the plan was made for")
+
+
+class PlanTraining(_Strict):
+    method: Method
+    setup: TrainingSetup = Field(description="micro-batch, sequence length, precision, optimizer, checkpointing, "
+                                             "attention, LoRA and quantization settings")
+    targets: str | list[str] | None = Field(description="LoraConfig.target_modules (None: full fine-tuning)")
+    global_batch: int = Field(gt=0)
+    grad_accum: int = Field(gt=0)
+    epochs: float = Field(gt=0)
+    optimizer_steps: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(gt=0)
+    seed: int = 42
+    packing: bool
+    data_source: str
+    data_tokens: int = Field(ge=0)
+
+
+class PlanHardware(_Strict):
+    instance_type: str
+    instance_count: int = Field(gt=0)
+    gpus_per_instance: int = Field(gt=0)
+    gpu: str
+    platform: Platform
+    region: str
+    market: Market
+
+
+class PlanEstimates(_Strict):
+    required_bytes_per_gpu: int
+    gpu_memory_bytes: int
+    hours: float
+    train_hours: float
+    cost_usd: float
+    price: HourlyPrice
+    tokens_per_second: float
+    utilization: float
+    utilization_source: str
+    assumptions: list[str]
+
+
+class Plan(_Strict):
+    """An accepted plan (schema_version 1)."""
+
+    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    ftplan_version: str = __version__
+    created_at: str
+    task: str
+    priority: str
+    backend: str = Field("hf", pattern=BACKEND_NAME)
+    model: PlanModel
+    training: PlanTraining
+    hardware: PlanHardware
+    estimates: PlanEstimates
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable hash of a model config: sha256 of its JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_from(spec: ModelSpec, rec, *, backend: str = "hf", seed: int = 42) -> Plan:
+    """The plan for the recommended candidate of `rec` (a recommend.Recommendation)."""
+    c, req = rec.recommended, rec.request
+    return Plan(
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), task=req.task, priority=req.priority,
+        backend=backend,
+        model=PlanModel(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
+                        config_sha256=config_hash(spec.config)),
+        training=PlanTraining(
+            method=c.method, setup=c.setup, targets=c.target_modules, global_batch=req.global_batch, grad_accum=c.grad_accum,
+            epochs=req.epochs, optimizer_steps=c.optimizer_steps, learning_rate=LEARNING_RATES[c.method],
+            max_grad_norm=MAX_GRAD_NORM[c.method], seed=seed, packing=rec.data.packing, data_source=rec.data.source,
+            data_tokens=rec.data.tokens),
+        hardware=PlanHardware(instance_type=c.instance_type, instance_count=c.instance_count,
+                              gpus_per_instance=c.gpus_total // c.instance_count, gpu=c.gpu, platform=req.platform,
+                              region=req.region, market=req.market),
+        estimates=PlanEstimates(required_bytes_per_gpu=c.required_bytes, gpu_memory_bytes=c.gpu_memory_bytes,
+                                hours=c.hours, train_hours=c.train_hours, cost_usd=c.cost_usd, price=c.price,
+                                tokens_per_second=c.tokens_per_second, utilization=c.utilization,
+                                utilization_source=c.utilization_source, assumptions=rec.assumptions),
+    )
+
+
+def to_yaml(plan: Plan) -> str:
+    import yaml
+
+    header = f"# ftplan plan (schema {PLAN_SCHEMA_VERSION}); show it with: ftplan plan show; run it with: ftplan run\n"
+    return header + yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def save(plan: Plan, path: Path, *, overwrite: bool = False) -> None:
+    """Write `plan` atomically; an existing file is replaced only with `overwrite`."""
+    atomic_write_text(path, to_yaml(plan), overwrite=overwrite)
+
+
+def load(path: Path) -> Plan:
+    """Read and validate a plan file; PlannerError naming the file and the offending key otherwise."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlannerError(f"plan file {path} does not exist; write one with: ftplan recommend MODEL --tokens N") \
+            from None
+    except IsADirectoryError:
+        raise PlannerError(f"plan file {path} is a directory; pass the .yaml file") from None
+    except UnicodeDecodeError:
+        raise PlannerError(f"plan file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PlannerError(f"cannot read plan file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise PlannerError(f"plan file {path}{where}: not valid YAML; fix it or write a new plan with ftplan "
+                           "recommend") from None
+    if not isinstance(data, dict):
+        raise PlannerError(f"plan file {path} does not hold a plan (expected a mapping of keys)")
+    version = data.get("schema_version")
+    if version != PLAN_SCHEMA_VERSION:
+        raise PlannerError(f"plan file {path} has schema_version {version!r}; this ftplan ({__version__}) reads "
+                           f"version {PLAN_SCHEMA_VERSION}: write a new plan with ftplan recommend")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise PlannerError(f"plan file {path}: {key}: {first['msg'].removeprefix('Value error, ')}; fix the key or "
+                           "write a new plan with ftplan recommend") from None
