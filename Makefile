@@ -19,12 +19,15 @@ install-dev: $(BIN)/python
 demo: install
 	$(BIN)/ftplan estimate llama2-7b
 	$(BIN)/ftplan estimate llama3-8b --method qlora --instance g5.xlarge
+	$(BIN)/ftplan recommend llama2-7b --tokens 20M --budget 50 --yes --force -o build/demo-plan.yaml
+	$(BIN)/ftplan plan show build/demo-plan.yaml
 
 test: install-dev
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/recommend.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

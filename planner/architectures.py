@@ -307,3 +307,12 @@ def _dropouts(config: dict) -> dict[str, float]:
 
     return {"attention": first("attention_dropout", "attn_pdrop"),
             "hidden": first("resid_pdrop", "hidden_dropout", "dropout")}
+
+
+def layout_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> tuple[ModelLayout, str]:
+    """The module layout and how it was obtained (analytic, or transformers on the meta device)."""
+    if is_analytic(spec.model_type):
+        return build_layout(spec), "analytic"
+    from .meta_count import layout_from_model  # needs torch: only for architectures without a builder
+
+    return layout_from_model(spec, trust_remote_code=trust_remote_code), "transformers meta device"

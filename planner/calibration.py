@@ -33,6 +33,12 @@ class CalibrationFile(BaseModel):
     schema_version: int = 1
     entries: list[Calibration] = []
 
+    def find(self, gpu: str, model: str, method: str) -> Calibration | None:
+        """The latest calibration for exactly this GPU, model and method."""
+        key = (gpu.lower(), model.lower(), method)
+        matches = [c for c in self.entries if (c.gpu.lower(), c.model.lower(), c.method) == key]
+        return matches[-1] if matches else None
+
 
 def calibration_path() -> Path:
     return user_dir() / "calibration.json"
@@ -52,9 +58,7 @@ def load(path: Path | None = None) -> CalibrationFile:
 
 def lookup(gpu: str, model: str, method: str, path: Path | None = None) -> Calibration | None:
     """The latest calibration for exactly this GPU, model and method."""
-    matches = [c for c in load(path).entries
-               if (c.gpu.lower(), c.model.lower(), c.method) == (gpu.lower(), model.lower(), method)]
-    return matches[-1] if matches else None
+    return load(path).find(gpu, model, method)
 
 
 def record(entry: Calibration, path: Path | None = None) -> Path:
@@ -69,3 +73,20 @@ def record(entry: Calibration, path: Path | None = None) -> Path:
 
 def today() -> str:
     return date.today().isoformat()
+
+
+def gpu_for_device(device_name: str, memory_bytes: int):
+    """The catalogued GPU a CUDA device name ('NVIDIA A100-SXM4-80GB', 'NVIDIA H200') stands for, or None."""
+    from . import catalog
+
+    name = device_name.upper()
+    matches = [g for g in catalog.gpus().values() if g.name.split("-")[0].upper() in name]
+    if not matches:
+        return None
+    # A100-40GB vs A100-80GB, V100-16GB vs -32GB: the closest memory size decides.
+    return min(matches, key=lambda g: abs(g.memory_bytes - memory_bytes))
+
+
+def utilization_from(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> float:
+    """Measured utilisation of the counted FLOPs: achieved FLOP/s over the dense peak."""
+    return flops_per_token * tokens_per_second / peak_flops

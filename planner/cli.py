@@ -150,7 +150,7 @@ def measure(model: str, method: str, layers: int | None, steps: int, device: str
     spec = resolve_model(model)
     if layers is not None:
         spec = with_layers(spec, layers)
-    report = run_measure(spec, method, choices, steps=steps, device=device)
+    report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None)
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
@@ -262,8 +262,7 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
     Give the data as --tokens N or --dataset FILE.
     """
     from . import dataset as data_mod
-    from . import plan as plan_mod
-    from .estimate import layout_for
+    from .architectures import layout_for
     from .recommend import SearchRequest, search
     from .resolve import resolve_model
 
@@ -298,10 +297,15 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
         micro_batch=micro)
     layout, _ = layout_for(spec)
     rec = search(spec, layout, data, request, choices, fixed)
-    plan = plan_mod.plan_from(spec, rec, backend=backend)
+
+    def accept() -> None:
+        from . import plan as plan_mod  # only now: its schema classes cost startup time
+
+        plan_mod.save(plan_mod.plan_from(spec, rec, backend=backend), output, overwrite=force)
+
     if as_json:
         if yes:
-            plan_mod.save(plan, output, overwrite=force)
+            accept()
         click.echo(rec.model_dump_json(indent=2))
         return
     from .render_plan import print_recommendation
@@ -316,7 +320,7 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
         if not accepted:
             console.print("Not accepted; nothing written.")
             return
-    plan_mod.save(plan, output, overwrite=force)
+    accept()
     console.print(f"Plan written to {output}. Show it with: ftplan plan show {output}; run it with: ftplan run {output}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from . import catalog
-from .architectures import ModelLayout, build_layout, is_analytic
+from .architectures import layout_for
 from .fit import InstanceFit, cheapest_fits, judge
 from .memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, MemoryBreakdown, estimate_memory, unquantized_matmul_params
 from .modelspec import ModelSpec
@@ -55,15 +55,6 @@ class EstimateReport(BaseModel):
     instance: str | None
     assumptions: list[str]
     estimates: list[MethodEstimate]
-
-
-def layout_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> tuple[ModelLayout, str]:
-    """The module layout and how it was obtained (analytic, or transformers on the meta device)."""
-    if is_analytic(spec.model_type):
-        return build_layout(spec), "analytic"
-    from .meta_count import layout_from_model  # needs torch: only for architectures without a builder
-
-    return layout_from_model(spec, trust_remote_code=trust_remote_code), "transformers meta device"
 
 
 def assumptions(setups: list[TrainingSetup]) -> list[str]:

@@ -46,6 +46,9 @@ class MeasureReport(BaseModel):
                                                       "the CPU (which has no paged memory)")
     measured: MeasuredMemory
     error_percent: float = Field(description="(estimated - measured) / measured x 100")
+    gpu: str | None = Field(None, description="the catalogued GPU measured on (cuda only)")
+    utilization: float | None = Field(None, description="measured utilisation of the FLOPs ftplan counts (cuda)")
+    calibration_file: str | None = Field(None, description="where the utilisation was recorded, if it was")
 
 
 def _nbytes(tensors) -> int:
@@ -128,8 +131,12 @@ def _grad_bytes(model) -> int:
 
 
 def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: int = 1, device: str = "cpu",
-            seed: int = 0) -> MeasureReport:
-    """Build `spec` for `method`, run one warm-up and `steps` measured steps, compare with the estimate."""
+            seed: int = 0, calibrate: bool = False) -> MeasureReport:
+    """Build `spec` for `method`, run one warm-up and `steps` measured steps, compare with the estimate.
+
+    On CUDA the measured throughput gives the utilisation of the counted FLOPs; with `calibrate`
+    it is recorded in the calibration file, where recommend's time estimates pick it up.
+    """
     import torch
 
     from .errors import PlannerError
@@ -152,6 +159,34 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     measured = _run(model, optimizer, batch, setup, steps, device)
     memory = report.estimates[0].memory
     compared = memory.peak_allocated_bytes + (memory.paged_optimizer_bytes if device == "cpu" else 0)
-    return MeasureReport(model=report.model, setup=setup, device=device, steps=steps, estimated=memory,
-                         estimated_compared_bytes=compared, measured=measured,
-                         error_percent=100 * (compared - measured.peak_allocated_bytes) / measured.peak_allocated_bytes)
+    result = MeasureReport(model=report.model, setup=setup, device=device, steps=steps, estimated=memory,
+                           estimated_compared_bytes=compared, measured=measured,
+                           error_percent=100 * (compared - measured.peak_allocated_bytes) / measured.peak_allocated_bytes)
+    if device == "cuda":
+        _add_utilization(result, spec, setup, calibrate)
+    return result
+
+
+def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetup, calibrate: bool) -> None:
+    import torch
+
+    from . import calibration
+    from .compute import flops_per_token, peak_flops
+    from .architectures import layout_for
+    from .params import count_params
+
+    props = torch.cuda.get_device_properties(0)
+    gpu = calibration.gpu_for_device(props.name, props.total_memory)
+    if gpu is None:
+        return
+    layout, _ = layout_for(spec)
+    flops = flops_per_token(layout, setup, count_params(layout, setup.method, setup.lora), setup.seq_len).total
+    result.gpu = gpu.name
+    result.utilization = calibration.utilization_from(flops, result.measured.tokens_per_second, peak_flops(gpu, setup))
+    if calibrate and 0 < result.utilization <= 1:
+        path = calibration.record(calibration.Calibration(
+            gpu=gpu.name, model=spec.name, method=setup.method, utilization=result.utilization,
+            tokens_per_second=result.measured.tokens_per_second,
+            peak_memory_bytes=result.measured.peak_allocated_bytes, source="ftplan measure",
+            date=calibration.today()))
+        result.calibration_file = str(path)

@@ -185,6 +185,7 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     over_deadline: list[Candidate] = []
     evaluated = 0
     time_cache: dict[tuple, object] = {}
+    calibrations = calibration.load()
     for inst in instances:
         gpu = catalog.gpu_of(inst)
         price = hourly_price(inst, request.region, request.platform, request.market, request.spot_discount)
@@ -201,7 +202,7 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
             if not fitting:
                 reject("does not fit this GPU")
                 continue
-            calib = calibration.lookup(gpu.name, spec.name, setup.method)
+            calib = calibrations.find(gpu.name, spec.name, setup.method)
             util = (calib.utilization, f"calibrated by {calib.source} on {calib.date}") if calib else None
             for count in INSTANCE_COUNTS:
                 world = count * inst.gpu_count
@@ -227,7 +228,8 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
                 train = optimizer_steps * step_seconds
                 total = train + overhead
                 tier = quality[setup.method]
-                cand = Candidate(
+                # model_construct: every field comes from validated objects, and this loop is the hot path
+                cand = Candidate.model_construct(
                     method=setup.method, setup=setup.model_copy(update={"batch_size": micro}), targets=st.targets,
                     target_modules=st.target_modules, instance_type=inst.type, instance_count=count, gpu=gpu.name, gpus_total=world, grad_accum=accum,
                     required_bytes=st.required[micro], gpu_memory_bytes=gpu.memory_bytes, hours=total / 3600,

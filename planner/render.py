@@ -170,6 +170,10 @@ def print_measure(report, console: Console) -> None:
     if report.device == "cpu" and report.estimated.paged_optimizer_bytes:
         console.print("[dim]- paged optimizer states are counted in the peak on the CPU (no paged memory there)[/]")
     console.print("[dim]- activations measured include the loss; estimated excludes the loss's transient buffers[/]")
+    if report.utilization is not None:
+        console.print(f"utilisation on {report.gpu}: {report.utilization:.0%} of the dense peak"
+                      + (f"; recorded in {report.calibration_file} for recommend" if report.calibration_file else
+                         " (not recorded: --layers measures a cut-down model)"))
 
 
 def models_table(rows: list[catalog.CatalogModel]) -> Table:

@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `ftplan` as a user would: a fresh process, its real exit code and streams."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "planner", *args], capture_output=True, text=True, env=full_env,
-                          timeout=300)
+                          timeout=timeout, cwd=cwd, input=input if input is not None else "")
+
+
+@pytest.fixture(autouse=True)
+def private_ftplan_home(tmp_path_factory, monkeypatch):
+    """Calibration and caches go to a fresh directory, never the user's ~/.config/ftplan."""
+    monkeypatch.setenv("FTPLAN_HOME", str(tmp_path_factory.mktemp("ftplan-home")))
 
 
 @pytest.fixture

@@ -1,0 +1,102 @@
+"""The recommender: what it returns fits, meets the constraints, and is the best by its own ranking."""
+
+import math
+
+import pytest
+
+from planner import calibration, catalog
+from planner.compute import step_time
+from planner.dataset import from_token_count
+from planner.errors import PlannerError
+from planner.estimate import layout_for
+from planner.memory import estimate_memory
+from planner.params import count_params
+from planner.recommend import SearchRequest, search
+from planner.resolve import from_catalog
+from planner.settings import LoraSettings, SetupChoices
+
+SPEC = from_catalog(catalog.find_model("llama2-7b"))
+LAYOUT = layout_for(SPEC)[0]
+DATA = from_token_count(20_000_000, 2048)
+
+
+def run(data=DATA, choices=None, fixed=frozenset(), **request):
+    return search(SPEC, LAYOUT, data, SearchRequest(**request), choices or SetupChoices(), set(fixed))
+
+
+def test_cost_priority_returns_the_cheapest_fitting_plan_over_every_instance():
+    types = ["g5.xlarge", "g6.xlarge", "g6e.xlarge", "g5.12xlarge", "p4d.24xlarge", "p5.4xlarge"]
+    best = run(priority="cost", instances=types).recommended
+    # searched one instance type at a time, none is cheaper than the joint answer
+    singles = [run(priority="cost", instances=[t]).recommended for t in types]
+    assert best.cost_usd == pytest.approx(min(c.cost_usd for c in singles))
+    assert all(best.cost_usd <= c.cost_usd for c in run(priority="cost", instances=types).candidates)
+
+
+def test_every_candidate_fits_by_the_estimators_own_numbers():
+    rec = run()
+    for c in rec.candidates + rec.frontier:
+        again = estimate_memory(LAYOUT, c.setup, count_params(LAYOUT, c.method, c.setup.lora))
+        assert again.required_bytes == c.required_bytes <= c.gpu_memory_bytes
+        assert c.setup.batch_size * c.gpus_total * c.grad_accum == rec.request.global_batch
+
+
+def test_budget_and_deadline_are_never_exceeded():
+    rec = run(budget_usd=4.0, deadline_hours=1.0)
+    assert all(c.cost_usd <= 4.0 and c.hours <= 1.0 for c in rec.candidates + rec.frontier)
+
+
+def test_a_budget_nothing_meets_names_the_closest_plan():
+    with pytest.raises(PlannerError, match=r"nothing fits the \$0.50 budget: the cheapest plan costs \$\d"):
+        run(budget_usd=0.5)
+    with pytest.raises(PlannerError, match=r"nothing finishes within 0.1 h: the fastest plan takes"):
+        run(deadline_hours=0.1)
+
+
+def test_nothing_fits_says_by_how_much():
+    spec = from_catalog(catalog.find_model("llama2-70b"))
+    with pytest.raises(PlannerError, match=r"nothing fits: the smallest requirement is \d+\.\d GiB per GPU"):
+        search(spec, layout_for(spec)[0], DATA, SearchRequest(methods=["full"], instances=["g5.xlarge"]),
+               SetupChoices())
+
+
+def test_quality_priority_prefers_full_fine_tuning_for_continued_pretraining():
+    rec = run(priority="quality", task="continued-pretraining")
+    assert rec.recommended.method == "full" and rec.recommended.quality_tier == 0
+    assert any("lora" in line and "tier 2" in line for line in rec.why_not)
+    assert run(priority="quality", task="instruction").recommended.targets == "all-linear"
+
+
+def test_time_and_cost_of_one_fixed_plan_by_hand():
+    choices = SetupChoices(batch_size=1, optimizer="adamw", grad_ckpt=False,
+                           lora=LoraSettings(targets=["q_proj", "v_proj"]))
+    data = from_token_count(16 * 2048 * 10, 2048)                    # exactly 10 optimizer steps of 16
+    rec = run(data=data, choices=choices, fixed={"optimizer", "grad_ckpt", "targets"}, methods=["lora"],
+              instances=["g6e.xlarge"], micro_batch=1, max_gpus=1, priority="cost")
+    c = rec.recommended
+    gpu = catalog.get_gpu("L40S")
+    t = step_time(LAYOUT, c.setup, count_params(LAYOUT, "lora", c.setup.lora), gpu, micro_batch=1,
+                  tokens_per_sequence=2048)
+    seconds = 10 * 16 * t.seconds + 600
+    assert (c.instance_count, c.grad_accum, c.optimizer_steps) == (1, 16, 10)
+    assert c.hours == pytest.approx(seconds / 3600)
+    assert c.cost_usd == pytest.approx(math.ceil(seconds) / 3600 * 1.861)
+
+
+def test_a_calibration_replaces_the_default_utilisation():
+    args = dict(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost")
+    before = run(**args).recommended
+    calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.66,
+                                               source="ftplan measure", date="2026-11-28"))
+    after = run(**args).recommended
+    assert after.utilization == 0.66 and after.utilization_source.startswith("calibrated by ftplan measure")
+    assert after.train_hours == pytest.approx(before.train_hours * before.utilization / 0.66)
+
+
+def test_spot_and_sagemaker_change_the_price_not_the_plan_shape():
+    args = dict(methods=["qlora"], instances=["g5.2xlarge"], max_gpus=1)
+    base = run(**args).recommended
+    assert run(market="spot", **args).recommended.cost_usd == pytest.approx(base.cost_usd * 0.4, rel=1e-3)
+    sm = run(platform="sagemaker", **args).recommended
+    assert sm.price.usd_per_hour == 1.515 and sm.hours == pytest.approx(base.hours)
+    assert any("spot" in a for a in run(market="spot", **args).assumptions)
