@@ -53,7 +53,8 @@ CUDA_MATRIX: list[tuple[str, int, str, list[str]]] = [
     ("llama3.2-1b", 16, "full", ["--seq-len", "2048"]),
     ("qwen2.5-3b", 36, "full", ["--precision", "bf16", "--seq-len", "1024"]),
     ("llama2-7b", 32, "lora", ["--seq-len", "2048"]),
-    ("llama3-8b", 32, "lora", ["--lora-targets", "all-linear", "--grad-ckpt", "--batch-size", "4", "--seq-len", "1024"]),
+    ("llama3-8b", 32, "lora", ["--lora-targets", "all-linear", "--grad-ckpt", "--batch-size", "4",
+                               "--seq-len", "1024"]),
     ("llama3-8b", 32, "qlora", ["--seq-len", "2048"]),
     ("mistral-7b", 32, "qlora", ["--lora-targets", "all-linear", "--batch-size", "2", "--seq-len", "2048"]),
 ]

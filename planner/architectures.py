@@ -171,7 +171,8 @@ def _phi(spec: ModelSpec) -> ModelLayout:
              _norm(f"{p}.input_layernorm", h, True),
              _norm("model.final_layernorm", h, True, per_layer=False), _head(d, bias=True)]
     return ModelLayout(model_type="phi", dims=d, modules=mods, features=ArchFeatures(
-        norm="layer", norms_per_layer=1, gated_mlp=False, parallel_attn=True, qk_norm=bool(spec.config.get("qk_layernorm"))))
+        norm="layer", norms_per_layer=1, gated_mlp=False, parallel_attn=True,
+        qk_norm=bool(spec.config.get("qk_layernorm"))))
 
 
 def _falcon(spec: ModelSpec) -> ModelLayout:

@@ -73,23 +73,57 @@ class Instance(BaseModel):
         return next((p for p in self.prices if (p.region, p.platform, p.market) == (region, platform, market)), None)
 
 
+# Entries added by plugins (register_catalog_entries); the bundled catalog is never modified.
+_ADDED: dict[str, list[Any]] = {"model": [], "gpu": [], "instance": []}
+
+
+def add_entry(kind: str, entry: Any) -> None:
+    """Add a plugin's model, GPU or instance; PlannerError if the name is taken or a reference is unknown."""
+    if kind == "model":
+        taken = find_model(entry.name) or find_model(entry.hf_id)
+        if taken:
+            raise PlannerError(f"model '{entry.name}' is already catalogued")
+    elif kind == "gpu":
+        if entry.name.lower() in gpus():
+            raise PlannerError(f"GPU '{entry.name}' is already catalogued")
+    elif entry.type in instances():
+        raise PlannerError(f"instance type '{entry.type}' is already catalogued")
+    elif entry.gpu.lower() not in gpus():
+        raise PlannerError(f"instance type '{entry.type}' names unknown GPU '{entry.gpu}'; register the GPU first")
+    _ADDED[kind].append(entry)
+    _clear_caches()
+
+
+def clear_added_entries() -> None:
+    for entries in _ADDED.values():
+        entries.clear()
+    _clear_caches()
+
+
+def _clear_caches() -> None:
+    for f in (models, gpus, instances, _model_index):
+        f.cache_clear()
+
+
 def _load(name: str) -> dict[str, Any]:
     return json.loads(resources.files("catalogs").joinpath(name).read_text(encoding="utf-8"))
 
 
 @cache
 def models() -> tuple[CatalogModel, ...]:
-    return tuple(CatalogModel(**m) for m in _load("models.json")["models"])
+    return tuple(CatalogModel(**m) for m in _load("models.json")["models"]) + tuple(_ADDED["model"])
 
 
 @cache
 def gpus() -> dict[str, Gpu]:
-    return {g["name"].lower(): Gpu(**g) for g in _load("gpus.json")["gpus"]}
+    bundled = {g["name"].lower(): Gpu(**g) for g in _load("gpus.json")["gpus"]}
+    return bundled | {g.name.lower(): g for g in _ADDED["gpu"]}
 
 
 @cache
 def instances() -> dict[str, Instance]:
-    return {i["type"]: Instance(**i) for i in _load("aws_instances.json")["instances"]}
+    bundled = {i["type"]: Instance(**i) for i in _load("aws_instances.json")["instances"]}
+    return bundled | {i.type: i for i in _ADDED["instance"]}
 
 
 @cache

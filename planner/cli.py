@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import sys
-from pathlib import Path
 
 import click
 from pydantic import ValidationError
@@ -77,12 +75,34 @@ def setting_options(*, search: bool = False):
     return decorate
 
 
+def load_plugin_catalog() -> None:
+    """Merge plugins' catalog entries (models, GPUs, instances); loads plugins once."""
+    from .plugins import registry
+
+    registry()
+
+
+def with_plugin_catalog(lookup):
+    """Run `lookup`; if a name is not in the bundled catalog, load the plugins' entries and try again.
+    Keeps plugin loading (an entry-point scan) off the estimate path unless it is needed."""
+    try:
+        return lookup()
+    except PlannerError:
+        from .plugins import registry  # imports pluggy: only on a miss
+
+        if registry.cache_info().currsize:
+            raise
+        registry()
+        return lookup()
+
+
 def choices_from(kw: dict) -> SetupChoices:
     """The SetupChoices named by the shared setting options (removed from `kw`)."""
     lora = LoraSettings(r=kw.pop("lora_r"), alpha=kw.pop("lora_alpha"), dropout=kw.pop("lora_dropout"),
                         targets=_targets(kw.pop("lora_targets")))
     batch = kw.pop("batch_size")
-    return SetupChoices(batch_size=batch if batch is not None else 1, seq_len=kw.pop("seq_len"), precision=kw.pop("precision"),
+    return SetupChoices(batch_size=batch if batch is not None else 1, seq_len=kw.pop("seq_len"),
+                        precision=kw.pop("precision"),
                         optimizer=kw.pop("optimizer"), grad_ckpt=kw.pop("grad_ckpt"), attention=kw.pop("attn"),
                         lora=lora, quant_type=kw.pop("quant"), double_quant=kw.pop("double_quant"))
 
@@ -115,11 +135,12 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
     if gpu and instance:
         raise PlannerError("pass either --gpu or --instance, not both")
     choices = choices_from(settings)
-    spec = resolve_model(model)
+    spec = with_plugin_catalog(lambda: resolve_model(model))
     if layers is not None:
         spec = with_layers(spec, layers)
     methods = list(METHODS) if method == "all" else [method]
-    report = run_estimate(spec, methods, choices, gpu=gpu, instance=instance, trust_remote_code=trust_remote_code)
+    report = with_plugin_catalog(lambda: run_estimate(spec, methods, choices, gpu=gpu, instance=instance,
+                                                      trust_remote_code=trust_remote_code))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
@@ -166,6 +187,7 @@ def models(query: str | None, as_json: bool) -> None:
     """List catalogued models; QUERY filters by name, HF id or model type."""
     from . import catalog
 
+    load_plugin_catalog()
     rows = [m for m in catalog.models() if not query or query.lower() in
             f"{m.name} {m.hf_id} {m.config['model_type']} {' '.join(m.aliases)}".lower()]
     if as_json:
@@ -184,6 +206,7 @@ def instances(gpu: str | None, min_gpu_memory: float | None, as_json: bool) -> N
     """List catalogued AWS instance types with their GPUs and prices (with price date and source)."""
     from . import catalog
 
+    load_plugin_catalog()
     if gpu:
         catalog.get_gpu(gpu)
     rows = [i for i in catalog.instances().values()
@@ -197,152 +220,7 @@ def instances(gpu: str | None, min_gpu_memory: float | None, as_json: bool) -> N
     _console().print(instances_list(rows))
 
 
-class TokenCount(click.ParamType):
-    """A token count: 20000000, 20M, 1.5B or 500k."""
-
-    name = "tokens"
-    SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
-
-    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().replace("_", "").replace(",", "")
-        scale = self.SUFFIXES.get(text[-1:], 1)
-        try:
-            number = float(text[:-1] if scale > 1 else text)
-        except ValueError:
-            self.fail(f"'{value}' is not a token count; write e.g. 20000000, 20M or 1.5B", param, ctx)
-        if not math.isfinite(number) or number <= 0 or number * scale > 10**15:
-            self.fail(f"'{value}' must be a positive token count below 10^15", param, ctx)
-        return int(number * scale)
-
-
-def _list(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-@cli.command()
-@click.argument("model")
-@click.option("--tokens", type=TokenCount(), default=None, help="tokens per epoch, e.g. 20M (packed sequences)")
-@click.option("--dataset", type=click.Path(path_type=Path), default=None,
-              help="JSONL with text, prompt/completion or messages: tokens are counted from it")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="tokenizer.json (or its directory) for counting --dataset [default: the model's, if local]")
-@click.option("--packing/--no-packing", default=None, help="pack examples into full sequences "
-              "[default: on for --tokens, off for --dataset]")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--global-batch", type=int, default=16, show_default=True, help="sequences per optimizer step")
-@click.option("--budget", type=float, default=None, help="maximum cost in USD")
-@click.option("--deadline", type=float, default=None, help="maximum billed hours")
-@click.option("--priority", type=click.Choice(["cost", "balanced", "quality"]), default="balanced", show_default=True)
-@click.option("--task", type=click.Choice(["instruction", "domain-adaptation", "continued-pretraining"]),
-              default="instruction", show_default=True, help="weighs the published quality evidence per method")
-@click.option("--region", default="us-east-1", show_default=True)
-@click.option("--spot", is_flag=True, help="spot prices (interruptible; checkpoint often)")
-@click.option("--spot-discount", type=float, default=None, help="spot discount to assume, 0-1 [default: catalog]")
-@click.option("--platform", type=click.Choice(["ec2", "sagemaker"]), default="ec2", show_default=True)
-@click.option("--max-gpus", type=int, default=8, show_default=True, help="most GPUs in total")
-@click.option("--methods", default="full,lora,qlora", show_default=True, help="methods to consider")
-@click.option("--instances", "instance_list", default=None, help="comma-separated instance types to consider")
-@setting_options(search=True)
-@click.option("--backend", default="hf", show_default=True, help="trainer backend the plan names")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ftplan-plan.yaml"), show_default=True,
-              help="plan file written on acceptance")
-@click.option("--yes", "-y", is_flag=True, help="accept the recommended plan without asking")
-@click.option("--force", is_flag=True, help="replace an existing plan file")
-@click.option("--top", type=click.IntRange(1, 50), default=8, show_default=True, help="candidates shown")
-@click.option("--json", "as_json", is_flag=True, help="print the documented JSON object (writes only with --yes)")
-def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: Path | None, packing: bool | None,
-              epochs: float, global_batch: int, budget: float | None, deadline: float | None, priority: str,
-              task: str, region: str, spot: bool, spot_discount: float | None, platform: str, max_gpus: int,
-              methods: str, instance_list: str | None, backend: str, output: Path, yes: bool, force: bool,
-              top: int, as_json: bool, **settings) -> None:
-    """Search methods x instances x settings and recommend one plan; accepting writes the plan file.
-
-    Give the data as --tokens N or --dataset FILE.
-    """
-    from . import dataset as data_mod
-    from .architectures import layout_for
-    from .recommend import SearchRequest, search
-    from .resolve import resolve_model
-
-    if (tokens is None) == (dataset is None):
-        raise PlannerError("give the training data as either --tokens N or --dataset FILE.jsonl")
-    if output.exists() and not force and (yes or not as_json):
-        raise PlannerError(f"{output} already exists; choose another path with -o or pass --force to replace it")
-    fixed = {k for k, flag in (("optimizer", "optimizer"), ("grad_ckpt", "grad_ckpt"), ("targets", "lora_targets"))
-             if settings.get(flag) is not None}
-    micro = settings.get("batch_size")
-    choices = choices_from(settings)
-    spec = resolve_model(model)
-    if tokens is not None:
-        data = data_mod.from_token_count(tokens, choices.seq_len)
-        if packing is False:
-            raise PlannerError("--tokens counts packed sequences; use --dataset to plan without packing")
-    else:
-        local = Path(model) if Path(model).exists() else None
-        tok = data_mod.find_tokenizer(tokenizer, local, local.parent if local and local.is_file() else None)
-        if tokenizer is not None and tok is None:
-            raise PlannerError(f"no tokenizer.json at {tokenizer}; pass the file or the directory holding it")
-        data = data_mod.from_dataset(dataset, choices.seq_len, packing=bool(packing), tokenizer=tok)
-    method_list = _list(methods) or []
-    unknown = [m for m in method_list if m not in METHODS]
-    if unknown or not method_list:
-        raise PlannerError(f"--methods: unknown method(s) {', '.join(unknown) or '(none)'}; use a comma-separated "
-                           f"subset of {', '.join(METHODS)}")
-    request = SearchRequest(
-        epochs=epochs, global_batch=global_batch, budget_usd=budget, deadline_hours=deadline, priority=priority,
-        task=task, region=region, platform=platform, market="spot" if spot else "on-demand",
-        spot_discount=spot_discount, max_gpus=max_gpus, methods=method_list, instances=_list(instance_list),
-        micro_batch=micro)
-    layout, _ = layout_for(spec)
-    rec = search(spec, layout, data, request, choices, fixed)
-
-    def accept() -> None:
-        from . import plan as plan_mod  # only now: its schema classes cost startup time
-
-        plan_mod.save(plan_mod.plan_from(spec, rec, backend=backend), output, overwrite=force)
-
-    if as_json:
-        if yes:
-            accept()
-        click.echo(rec.model_dump_json(indent=2))
-        return
-    from .render_plan import print_recommendation
-
-    console = _console()
-    print_recommendation(rec, console, limit=top)
-    if not yes:
-        try:
-            accepted = click.confirm(f"Accept this plan and write {output}?", default=False)
-        except click.exceptions.Abort:
-            raise PlannerError("no answer to the prompt; pass --yes to accept without asking") from None
-        if not accepted:
-            console.print("Not accepted; nothing written.")
-            return
-    accept()
-    console.print(f"Plan written to {output}. Show it with: ftplan plan show {output}; run it with: ftplan run {output}")
-
-
-@cli.group()
-def plan() -> None:
-    """Inspect accepted plan files."""
-
-
-@plan.command("show")
-@click.argument("path", type=click.Path(path_type=Path), default=Path("ftplan-plan.yaml"))
-@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan_show(path: Path, as_json: bool) -> None:
-    """Print the plan in PATH [default: ftplan-plan.yaml]."""
-    from .plan import load
-
-    loaded = load(path)
-    if as_json:
-        click.echo(loaded.model_dump_json(indent=2))
-        return
-    from .render_plan import print_plan
-
-    print_plan(loaded, str(path), _console())
+from . import cli_plan  # noqa: E402,F401  (recommend, plan, run and plugins on the group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,8 @@ def gpu_supports(gpu: catalog.Gpu, setup: TrainingSetup) -> str:
     return ""
 
 
-def judge(instance: catalog.Instance, required_bytes: int, setup: TrainingSetup, region: str = "us-east-1") -> InstanceFit:
+def judge(instance: catalog.Instance, required_bytes: int, setup: TrainingSetup,
+          region: str = "us-east-1") -> InstanceFit:
     """How `instance`'s GPUs compare with `required_bytes` per GPU."""
     gpu = catalog.gpu_of(instance)
     price = instance.price(region)

@@ -161,7 +161,8 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     compared = memory.peak_allocated_bytes + (memory.paged_optimizer_bytes if device == "cpu" else 0)
     result = MeasureReport(model=report.model, setup=setup, device=device, steps=steps, estimated=memory,
                            estimated_compared_bytes=compared, measured=measured,
-                           error_percent=100 * (compared - measured.peak_allocated_bytes) / measured.peak_allocated_bytes)
+                           error_percent=100 * (compared - measured.peak_allocated_bytes)
+                           / measured.peak_allocated_bytes)
     if device == "cuda":
         _add_utilization(result, spec, setup, calibrate)
     return result

@@ -24,6 +24,11 @@ LEARNING_RATE = 2e-4
 
 
 def _require_training_extra() -> None:
+    import logging
+
+    # bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernel package is
+    # missing; it falls back to its own kernel, so the warning is noise for ftplan's users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     for name in ("torch", "transformers", "peft"):
         if importlib.util.find_spec(name) is None:
             raise PlannerError(f"this needs the training extra ({name} is missing): pip install 'ftplan[train]'")
@@ -80,27 +85,34 @@ def hf_config(spec: ModelSpec, setup: TrainingSetup):
     return config
 
 
+def _load_quantized(source: str, setup: TrainingSetup, device: str, trust_remote_code: bool):
+    """Weights from a directory or Hub id (safetensors only), quantized by bitsandbytes as they load."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=setup.quant_type,
+                               bnb_4bit_use_double_quant=setup.double_quant,
+                               bnb_4bit_compute_dtype=compute_dtype(setup))
+    return AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=weight_dtype(setup),
+                                                device_map=device, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code,
+                                                attn_implementation=ATTN_IMPLEMENTATION[setup.attention])
+
+
 def _quantized_from_config(config, setup: TrainingSetup, device: str, trust_remote_code: bool):
     """Random-initialised weights, saved as safetensors and reloaded through bitsandbytes, which
     is how a real checkpoint reaches 4 bit (from_config cannot quantize)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a save/load round trip, not a download: no bars
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=setup.quant_type,
-                               bnb_4bit_use_double_quant=setup.double_quant,
-                               bnb_4bit_compute_dtype=compute_dtype(setup))
     with tempfile.TemporaryDirectory(prefix="ftplan-qlora-") as tmp:
         with torch.device(device):  # random init on the GPU when there is one: far faster for 7B models
             model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(setup),
                                                      trust_remote_code=trust_remote_code)
         model.save_pretrained(tmp, safe_serialization=True)
         del model
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=weight_dtype(setup),
-                                                    device_map=device, use_safetensors=True,
-                                                    trust_remote_code=trust_remote_code,
-                                                    attn_implementation=ATTN_IMPLEMENTATION[setup.attention])
+        return _load_quantized(tmp, setup, device, trust_remote_code)
 
 
 def apply_lora(model, targets: TargetResolution, setup: TrainingSetup):
@@ -119,8 +131,8 @@ def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", p
 
     full: weights in their storage dtype, all trainable; lora: frozen half-precision base plus
     PEFT adapters; qlora: bitsandbytes 4-bit base, `prepare_model_for_kbit_training`, adapters.
-    `pretrained` loads real weights from a local directory (safetensors only); otherwise the
-    weights are random, which is all memory and speed measurements need.
+    `pretrained` loads real weights from a local directory or a Hugging Face id (safetensors only,
+    never pickle); otherwise the weights are random, which is all memory and speed measurements need.
     """
     _require_training_extra()
     import torch
@@ -132,8 +144,9 @@ def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", p
         from peft import prepare_model_for_kbit_training
 
         if pretrained:
-            raise PlannerError("loading pretrained 4-bit weights is done by the trainer backend, not measure")
-        model = _quantized_from_config(config, setup, device, trust_remote_code)
+            model = _load_quantized(pretrained, setup, device, trust_remote_code)
+        else:
+            model = _quantized_from_config(config, setup, device, trust_remote_code)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_ckpt,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     else:

@@ -58,6 +58,7 @@ class ModelSpec(BaseModel):
     license: str | None = None
     config: dict[str, Any]
     dims: Dims
+    local_dir: str | None = Field(None, description="directory of a local config.json (weights may sit beside it)")
 
 
 def _first(config: dict[str, Any], *keys: str) -> Any:
@@ -69,7 +70,8 @@ def _first(config: dict[str, Any], *keys: str) -> Any:
 
 def _positive_int(value: Any, key: str, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PlannerError(f"{name}: config field '{key}' must be a positive integer, got {value!r}; fix the config.json")
+        raise PlannerError(f"{name}: config field '{key}' must be a positive integer, got {value!r}; "
+                           "fix the config.json")
     if value <= 0:
         raise PlannerError(f"{name}: config field '{key}' must be positive, got {value}; fix the config.json")
     return value

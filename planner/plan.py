@@ -11,7 +11,7 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -40,7 +40,9 @@ class PlanModel(_Strict):
     hf_id: str | None
     model_type: str
     source: str
-    config_sha256: str = Field(description="sha256 of the config.json fields (sorted JSON) the plan was made for")
+    local_dir: str | None = Field(None, description="directory of the local config.json (and weights), if any")
+    config_sha256: str = Field(description="sha256 of the architecture the plan was made for (model_type and "
+                                           "the dimensions ftplan reads from config.json)")
 
 
 class PlanTraining(_Strict):
@@ -74,6 +76,7 @@ class PlanHardware(_Strict):
 
 class PlanEstimates(_Strict):
     required_bytes_per_gpu: int
+    peak_allocated_bytes: int = Field(description="what torch.cuda.max_memory_allocated() should read")
     gpu_memory_bytes: int
     hours: float
     train_hours: float
@@ -100,28 +103,38 @@ class Plan(_Strict):
     estimates: PlanEstimates
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """A stable hash of a model config: sha256 of its JSON with sorted keys."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def weights_source(plan: Plan, model_path: str | None = None) -> str | None:
+    """Where a run takes the weights from: --model-path, else the plan's local directory, else its HF id."""
+    return model_path or plan.model.local_dir or plan.model.hf_id
 
 
-def plan_from(spec: ModelSpec, rec, *, backend: str = "hf", seed: int = 42) -> Plan:
+def config_hash(spec: ModelSpec) -> str:
+    """A stable hash of what a plan depends on in a model's config: its type and dimensions.
+    Keys that do not change the architecture (dtype, _name_or_path, transformers_version) do not count."""
+    shape = {"model_type": spec.model_type, **spec.dims.model_dump()}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_from(spec: ModelSpec, rec, *, backend: str = "hf", seed: int = 42,
+              learning_rate: float | None = None) -> Plan:
     """The plan for the recommended candidate of `rec` (a recommend.Recommendation)."""
     c, req = rec.recommended, rec.request
     return Plan(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), task=req.task, priority=req.priority,
         backend=backend,
         model=PlanModel(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
-                        config_sha256=config_hash(spec.config)),
+                        local_dir=spec.local_dir, config_sha256=config_hash(spec)),
         training=PlanTraining(
-            method=c.method, setup=c.setup, targets=c.target_modules, global_batch=req.global_batch, grad_accum=c.grad_accum,
-            epochs=req.epochs, optimizer_steps=c.optimizer_steps, learning_rate=LEARNING_RATES[c.method],
+            method=c.method, setup=c.setup, targets=c.target_modules, global_batch=req.global_batch,
+            grad_accum=c.grad_accum, epochs=req.epochs, optimizer_steps=c.optimizer_steps,
+            learning_rate=learning_rate or LEARNING_RATES[c.method],
             max_grad_norm=MAX_GRAD_NORM[c.method], seed=seed, packing=rec.data.packing, data_source=rec.data.source,
             data_tokens=rec.data.tokens),
         hardware=PlanHardware(instance_type=c.instance_type, instance_count=c.instance_count,
                               gpus_per_instance=c.gpus_total // c.instance_count, gpu=c.gpu, platform=req.platform,
                               region=req.region, market=req.market),
-        estimates=PlanEstimates(required_bytes_per_gpu=c.required_bytes, gpu_memory_bytes=c.gpu_memory_bytes,
+        estimates=PlanEstimates(required_bytes_per_gpu=c.required_bytes, peak_allocated_bytes=c.peak_allocated_bytes,
+                                gpu_memory_bytes=c.gpu_memory_bytes,
                                 hours=c.hours, train_hours=c.train_hours, cost_usd=c.cost_usd, price=c.price,
                                 tokens_per_second=c.tokens_per_second, utilization=c.utilization,
                                 utilization_source=c.utilization_source, assumptions=rec.assumptions),

@@ -65,6 +65,7 @@ class Candidate(BaseModel):
     gpus_total: int
     grad_accum: int
     required_bytes: int = Field(description="per GPU")
+    peak_allocated_bytes: int = Field(description="per GPU, what torch.cuda.max_memory_allocated() should read")
     gpu_memory_bytes: int
     hours: float = Field(description="billed wall-clock hours, setup included")
     train_hours: float
@@ -108,6 +109,7 @@ class _Setting:
     targets: str
     target_modules: str | list[str] | None
     required: dict[int, int]  # micro-batch -> required bytes per GPU
+    peak: dict[int, int]      # micro-batch -> peak allocated bytes per GPU
 
 
 def _setting_grid(choices: SetupChoices, methods: list[Method], fixed: set[str]) -> list[TrainingSetup]:
@@ -158,21 +160,22 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     for setup in _setting_grid(choices, request.methods, fixed):
         key = (setup.method, tuple(setup.lora.targets or ()) if setup.lora else None)
         counts = count_cache.get(key) or count_cache.setdefault(key, count_params(layout, setup.method, setup.lora))
-        required = {}
+        required, peak = {}, {}
         for micro in _micro_batches(request):
-            need = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}), counts).required_bytes
+            memory = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}), counts)
+            need = memory.required_bytes
             if need > largest:  # larger micro-batches only need more
                 if micro == _micro_batches(request)[0] and (closest_fit is None or need < closest_fit[0]):
                     closest_fit = (need, f"{setup.method} ({_describe(setup)})")
                 reject("does not fit any GPU searched")
                 break
-            required[micro] = need
+            required[micro], peak[micro] = need, memory.peak_allocated_bytes
         if required:
             targets = "" if counts.targets is None else (
                 "all-linear" if counts.targets.all_linear else
                 "peft-default" if counts.targets.source == "peft-default" else ",".join(counts.targets.names))
             modules = counts.targets.peft_value() if counts.targets else None
-            settings.append(_Setting(setup, counts, targets, modules, required))
+            settings.append(_Setting(setup, counts, targets, modules, required, peak))
 
     quality = catalog.quality()["tasks"][request.task]
     weigh = catalog.quality()["weighing"]
@@ -231,8 +234,9 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
                 # model_construct: every field comes from validated objects, and this loop is the hot path
                 cand = Candidate.model_construct(
                     method=setup.method, setup=setup.model_copy(update={"batch_size": micro}), targets=st.targets,
-                    target_modules=st.target_modules, instance_type=inst.type, instance_count=count, gpu=gpu.name, gpus_total=world, grad_accum=accum,
-                    required_bytes=st.required[micro], gpu_memory_bytes=gpu.memory_bytes, hours=total / 3600,
+                    target_modules=st.target_modules, instance_type=inst.type, instance_count=count,
+                    gpu=gpu.name, gpus_total=world, grad_accum=accum, required_bytes=st.required[micro],
+                    peak_allocated_bytes=st.peak[micro], gpu_memory_bytes=gpu.memory_bytes, hours=total / 3600,
                     train_hours=train / 3600, cost_usd=cost_usd(total, price, count), price=price,
                     tokens_per_second=world * timing.tokens / step_seconds * accum, utilization=timing.utilization,
                     utilization_source=timing.utilization_source, optimizer_steps=optimizer_steps,
@@ -310,7 +314,8 @@ def reasons(best: Candidate, ranked: list[Candidate], request: SearchRequest) ->
                f"{best.gpus_total} {best.gpu} GPU(s) ({best.required_bytes / GIB:.1f} of "
                f"{best.gpu_memory_bytes / GIB:.1f} GiB)")
     if request.budget_usd is not None:
-        out.append(f"${best.cost_usd:,.2f} is {best.cost_usd / request.budget_usd:.0%} of the ${request.budget_usd:,.2f} budget")
+        out.append(f"${best.cost_usd:,.2f} is {best.cost_usd / request.budget_usd:.0%} of the "
+                   f"${request.budget_usd:,.2f} budget")
     if request.deadline_hours is not None:
         out.append(f"{best.hours:.1f} h is within the {request.deadline_hours:g} h deadline")
     out.append(f"quality for {request.task}: {best.quality_evidence}")
@@ -375,7 +380,7 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
         f"{rules['dequantization']['bandwidth_efficiency']:.0%} of peak bandwidth)",
         "several GPUs: data parallel, every GPU holds the whole model; gradients all-reduced once per optimizer "
         "step, not overlapped with compute; NVLink/NVSwitch inside an instance, the instance network between "
-        f"instances (half of it without EFA)",
+        "instances (half of it without EFA)",
         f"billed time adds {rules['overhead']['setup_seconds'] // 60:.0f} minutes of setup "
         "(boot, model download and load); per-second billing",
         f"global batch {request.global_batch} sequences per optimizer step (micro-batch x GPUs x accumulation)",

@@ -36,7 +36,8 @@ def candidates_table(rec: Recommendation, limit: int) -> Table:
                          ("GiB/GPU", "right"), ("time", "right"), ("cost", "right"), ("tier", "right")):
         table.add_column(col, justify=justify, no_wrap=col != "settings")
     for i, c in enumerate(rec.candidates[:limit], start=1):
-        table.add_row(str(i), f"{c.method} {c.instance_count}x {c.instance_type}", f"{c.setup.batch_size}x{c.grad_accum}",
+        table.add_row(str(i), f"{c.method} {c.instance_count}x {c.instance_type}",
+                      f"{c.setup.batch_size}x{c.grad_accum}",
                       _settings(c), f"{c.required_bytes / 2**30:.1f}/{c.gpu_memory_bytes / 2**30:.0f}",
                       hours(c.hours), f"${c.cost_usd:,.2f}", str(c.quality_tier),
                       style="bold green" if i == 1 else "")

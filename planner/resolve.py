@@ -41,7 +41,9 @@ def read_config_file(path: Path) -> dict:
 
 
 def _looks_like_path(arg: str) -> bool:
-    return arg.endswith(".json") or arg.startswith((".", "/", "~"))
+    """A .json file, an explicit path, or org/name where 'org' is a local directory (a typo'd path,
+    not a Hub id to try over the network)."""
+    return arg.endswith(".json") or arg.startswith((".", "/", "~")) or Path(arg).parent.is_dir() and "/" in arg
 
 
 def _name_for(path: Path) -> str:
@@ -100,8 +102,10 @@ def resolve_model(arg: str) -> ModelSpec:
     path = Path(arg).expanduser()
     if path.exists() or _looks_like_path(arg):
         config = read_config_file(path)
-        return spec_from_config(config, name=_name_for(path), source=f"config.json at {path}",
+        spec = spec_from_config(config, name=_name_for(path), source=f"config.json at {path}",
                                 hf_id=config.get("_name_or_path") or None)
+        spec.local_dir = str((path if path.is_dir() else path.parent).resolve())
+        return spec
     if _looks_like_hub_id(arg):
         return spec_from_config(fetch_hub_config(arg), name=arg, source="Hugging Face Hub config.json", hf_id=arg)
     raise PlannerError(f"unknown model '{arg}'.{catalog.model_suggestions(arg)} Pass a catalog name "

@@ -1,4 +1,2 @@
-"""Bundled trainer backends for `ftplan run`, registered through the same hooks third parties use.
-
-Empty until the trainer-plugin work lands; see the README's architecture section.
-"""
+"""Bundled ftplan plugins. Each registers through the same hooks (planner/hookspecs.py) a third
+party uses; planner/plugins.py lists them in BUNDLED."""

@@ -5,16 +5,28 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 
 
-def test_estimate_imports_nothing_heavy():
+@pytest.mark.parametrize("args", [["estimate", "llama3-8b", "--json"],
+                                  ["recommend", "llama3-8b", "--tokens", "1M", "--json"], ["plugins", "--json"]])
+def test_planning_commands_import_nothing_heavy(args):
     code = ("import sys\nfrom planner.cli import main\n"
-            "try:\n    main(['estimate', 'llama3-8b', '--json'])\nexcept SystemExit:\n    pass\n"
+            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_estimate_does_not_load_plugins():
+    code = ("import sys\nfrom planner.cli import main\n"
+            "try:\n    main(['estimate', 'llama3-8b', '--json'])\nexcept SystemExit:\n    pass\n"
+            "print('pluggy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
 
 
 def test_wheel_contains_catalogs(tmp_path):
@@ -22,9 +34,10 @@ def test_wheel_contains_catalogs(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True)
     wheel = next(tmp_path.glob("ftplan-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for data in ("models.json", "gpus.json", "aws_instances.json", "peft_default_targets.json"):
+    for data in ("models.json", "gpus.json", "aws_instances.json", "peft_default_targets.json", "throughput.json",
+                 "pricing.json", "quality.json"):
         assert f"catalogs/{data}" in names
-    assert "planner/cli.py" in names
+    assert "planner/cli.py" in names and "plugins/hf/loop.py" in names and "planner/hookspecs.py" in names
 
 
 def test_catalog_has_every_reference_model_with_sources():

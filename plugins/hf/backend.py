@@ -1,0 +1,91 @@
+"""The bundled Hugging Face trainer backend: transformers + PEFT + bitsandbytes + accelerate, here."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from planner.backend import BackendOptions, Problem, ProgressCallback, RunRequest, RunResult, TrainerBackend
+from planner.errors import PlannerError
+from planner.plan import Plan, weights_source
+
+TRAIN_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
+
+
+def _local_problems(path: Path) -> list[Problem]:
+    problems = []
+    if not (path / "config.json").is_file():
+        problems.append(Problem(message=f"{path} has no config.json", fix="point --model-path at a model directory"))
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        problems.append(Problem(
+            message=f"{path} has no *.safetensors weights" + (f" (only pickle files: {', '.join(pickles)}; ftplan "
+                                                                "never loads pickle)" if pickles else ""),
+            fix="save the model with save_pretrained(safe_serialization=True) or convert it to safetensors"))
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        problems.append(Problem(message=f"{path} has no tokenizer", fix="save the tokenizer into the model directory"))
+    return problems
+
+
+class HuggingFaceBackend(TrainerBackend):
+    """Trains on this machine with the Hugging Face stack; one process (multi-GPU launch comes later)."""
+
+    name = "hf"
+    description = "transformers + PEFT + bitsandbytes + accelerate on this machine (CPU or one CUDA GPU)"
+    methods = ("full", "lora", "qlora")
+    platforms = ("ec2",)
+    options_model = BackendOptions
+
+    def check(self, plan: Plan, request: RunRequest, options: BackendOptions) -> list[Problem]:
+        problems = self.supports(plan)
+        setup = plan.training.setup
+        missing = [p for p in TRAIN_PACKAGES if importlib.util.find_spec(p) is None]
+        if (setup.method == "qlora" or "8bit" in setup.optimizer or "paged" in setup.optimizer) \
+                and importlib.util.find_spec("bitsandbytes") is None:
+            missing.append("bitsandbytes")
+        if missing:
+            problems.append(Problem(message=f"missing packages: {', '.join(missing)}",
+                                    fix="pip install 'ftplan[train]'"))
+            return problems
+        import torch
+
+        if request.device == "cuda" and not torch.cuda.is_available():
+            problems.append(Problem(message="--device cuda but torch sees no CUDA GPU",
+                                    fix="install a CUDA build of torch, or pass --device cpu"))
+        on_gpu = request.device != "cpu" and torch.cuda.is_available()
+        if on_gpu and setup.precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            problems.append(Problem(message="the plan trains in bf16 and this GPU has none",
+                                    fix="re-plan for this GPU (ftplan recommend --instances ...) or edit "
+                                        "training.setup.precision to fp16-mixed"))
+        if setup.attention == "flash" and (not on_gpu or importlib.util.find_spec("flash_attn") is None):
+            problems.append(Problem(message="the plan uses FlashAttention-2, which needs a CUDA GPU and flash-attn",
+                                    fix="pip install flash-attn on a GPU machine, or edit training.setup.attention "
+                                        "to sdpa"))
+        source = weights_source(plan, request.model_path)
+        if source is None:
+            problems.append(Problem(message="the plan names no weights (no local directory, no Hugging Face id)",
+                                    fix="pass --model-path DIR or a Hugging Face id"))
+        elif Path(source).expanduser().exists():
+            problems += _local_problems(Path(source).expanduser())
+        return problems
+
+    def run(self, plan: Plan, request: RunRequest, options: BackendOptions, progress: ProgressCallback) -> RunResult:
+        from transformers import AutoTokenizer
+
+        from planner.resolve import resolve_model
+
+        from .loop import train
+
+        source = weights_source(plan, request.model_path)
+        path = Path(source).expanduser()
+        spec = resolve_model(str(path) if path.exists() else source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else source,
+                                                      trust_remote_code=request.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise PlannerError(f"cannot load the tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # the usual recipe for causal LMs without a pad token
+        if tokenizer.pad_token_id is None:
+            raise PlannerError(f"the tokenizer at {source} has neither a pad nor an eos token; add one")
+        return train(plan, spec, str(path) if path.exists() else source, tokenizer, request, progress)

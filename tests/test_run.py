@@ -1,0 +1,232 @@
+"""`ftplan recommend --yes` then `ftplan run` on a tiny local Llama, for full, LoRA and QLoRA:
+the loss falls, outputs reload, resume continues exactly, and the run refuses what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from planner.backend import RunRequest  # noqa: E402
+from planner.errors import PlannerError  # noqa: E402
+from planner.plan import load  # noqa: E402
+from planner.run import execute, prepare  # noqa: E402
+from examples import tiny_model as tinymodel  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
+
+PLAN_ARGS = ("--seq-len", "64", "--global-batch", "4", "--instances", "g5.xlarge", "--max-gpus", "1",
+             "--lr", "3e-3", "--priority", "cost", "--yes")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny model with its tokenizer, and training data, made once for the module."""
+    root = tmp_path_factory.mktemp("run")
+    tinymodel.make_model(root / "tiny")
+    tinymodel.text_data(root / "train.jsonl", n=64)
+    tinymodel.text_data(root / "eval.jsonl", n=8, seed=9)
+    return root
+
+
+def make_plan(workdir: Path, method: str, name: str | None = None, *extra: str) -> Path:
+    plan = workdir / f"{name or method}.yaml"
+    result = run_cli("recommend", "./tiny", "--dataset", "train.jsonl", "--methods", method, "-o", plan.name,
+                     "--force", *PLAN_ARGS, *extra, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return plan
+
+
+def losses(output: Path) -> dict[int, float]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return {e["step"]: e["loss"] for e in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_recommend_then_run_trains_and_the_loss_falls(workdir, method):
+    plan = make_plan(workdir, method, None, "--epochs", "2")
+    out = workdir / f"out-{method}"
+    result = run_cli("run", plan.name, "--data", "train.jsonl", "--eval-data", "eval.jsonl", "--output", out.name,
+                     cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    curve = list(losses(out).values())
+    assert len(curve) == load(plan).training.optimizer_steps == 32
+    assert sum(curve[-4:]) / 4 < 0.95 * sum(curve[:4]) / 4   # at least 5% lower, far beyond step noise
+    written = {p.name for p in out.iterdir()}
+    assert {"metrics.jsonl", "tokenizer", "plan.yaml", "summary.json", "model" if method == "full" else "adapter"} \
+        <= written
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["result"]["eval_loss"] is not None and summary["result"]["device"] == "cpu"
+    if method != "full":
+        assert (out / "adapter" / "adapter_model.safetensors").exists()
+        assert not list(out.glob("adapter/*.bin"))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(workdir, method, monkeypatch):
+    import torch
+    from peft import PeftModel
+
+    from transformers import AutoModelForCausalLM
+
+    from planner.modelbuild import _load_quantized, weight_dtype
+    from plugins.hf import loop
+
+    plan_path = make_plan(workdir, method, f"{method}-logits")
+    batch = loop.data.collate([([1, 5, 9, 13, 17, 21, 25, 29], [1] * 8)], pad_id=3)
+    seen = {}
+    original = loop._save_final
+
+    def capture(model, tokenizer, output_dir, full):
+        model.eval()
+        with torch.no_grad():
+            seen["logits"] = model(**batch).logits.float()
+        return original(model, tokenizer, output_dir, full)
+
+    monkeypatch.setattr(loop, "_save_final", capture)
+    request = RunRequest(data=workdir / "train.jsonl", output_dir=workdir / f"logits-{method}", max_steps=6)
+    plan, backend, options = prepare(plan_path, request, backend_name=None, raw_options={}, force=False)
+    execute(plan, backend, options, request, lambda event: None)
+
+    # reload as a user would: the base from its safetensors (4-bit for QLoRA, prepared as for training), then PEFT
+    setup = plan.training.setup
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(_load_quantized(str(workdir / "tiny"), setup, "cpu", False),
+                                               use_gradient_checkpointing=False)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(str(workdir / "tiny"), dtype=weight_dtype(setup),
+                                                    use_safetensors=True)
+    reloaded = PeftModel.from_pretrained(base, str(request.output_dir / "adapter"))
+    reloaded.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as the training forward ran
+        logits = reloaded(**batch).logits.float()
+    assert torch.allclose(logits, seen["logits"], atol=1e-4, rtol=0), (logits - seen["logits"]).abs().max()
+    assert not torch.allclose(seen["logits"], torch.zeros_like(logits))
+
+
+def _start_run(workdir: Path, plan: Path, out: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "planner", "run", plan.name, "--data", "train.jsonl", "--output",
+                             out, "--save-every", "2", "--json", *extra], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(workdir: Path, out: str, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = workdir / out / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.stderr.read()}")
+        time.sleep(0.02)
+    pytest.fail("run did not reach the step in time")
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_resumes_with_the_same_losses(workdir, how):
+    plan = make_plan(workdir, "lora", f"resume-{how.name}", "--epochs", "3")
+    reference = run_cli("run", plan.name, "--data", "train.jsonl", "--output", f"ref-{how.name}", "--json",
+                        cwd=workdir)
+    assert reference.returncode == 0, reference.stderr
+    expected = losses(workdir / f"ref-{how.name}")
+    out = f"cut-{how.name}"
+    proc = _start_run(workdir, plan, out)
+    _wait_for_step(workdir, out, 5, proc)
+    proc.send_signal(how)
+    proc.wait(timeout=120)
+    if how == signal.SIGKILL:
+        assert proc.returncode == -9
+    else:
+        assert proc.returncode == 130 and "--resume" in proc.stderr.read()
+    done = sorted(p.name for p in (workdir / out).glob("checkpoint-*"))
+    assert done and not list((workdir / out).glob(".checkpoint-*.tmp.*"))
+    cut_at = int(done[-1].split("-")[1])
+    assert cut_at < len(expected)
+    resumed = run_cli("run", plan.name, "--data", "train.jsonl", "--output", out, "--resume", "--json", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["result"]["resumed_from_step"] == cut_at
+    got = losses(workdir / out)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_a_finished_run_is_not_overwritten_without_force(workdir):
+    plan = make_plan(workdir, "lora", "overwrite")
+    out = workdir / "out-overwrite"
+    assert run_cli("run", plan.name, "--data", "train.jsonl", "--output", out.name, "--max-steps", "2",
+                   cwd=workdir).returncode == 0
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = run_cli("run", plan.name, "--data", "train.jsonl", "--output", out.name, cwd=workdir)
+    assert again.returncode == 2 and "not empty; pass --force" in again.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    (out / "notes.txt").write_text("mine")
+    forced = run_cli("run", plan.name, "--data", "train.jsonl", "--output", out.name, "--force", cwd=workdir)
+    assert forced.returncode == 2 and "ftplan did not write (notes.txt)" in forced.stderr
+
+
+def test_chat_and_prompt_completion_data(workdir):
+    from transformers import AutoTokenizer
+
+    from plugins.hf import data
+
+    tok = AutoTokenizer.from_pretrained(str(workdir / "tiny"))
+    ids, labels = data.encode({"prompt": "the cat sat", "completion": " on the mat"}, tok, 64, "x")
+    prompt_len = len(tok("the cat sat")["input_ids"])
+    assert labels[:prompt_len] == [data.IGNORE] * prompt_len and labels[prompt_len:] == ids[prompt_len:]
+    assert ids[-1] == tok.eos_token_id
+    chat_ids, chat_labels = data.encode({"messages": [{"role": "user", "content": "one two"},
+                                                      {"role": "assistant", "content": "three"}]}, tok, 64, "x")
+    assert tok.decode(chat_ids).count("</s>") == 2 and chat_labels == chat_ids
+    for maker in (tinymodel.prompt_data, tinymodel.chat_data):
+        path = maker(workdir / f"{maker.__name__}.jsonl")
+        plan = make_plan(workdir, "lora", f"fmt-{maker.__name__}")
+        result = run_cli("run", plan.name, "--data", path.name, "--output", f"out-{maker.__name__}",
+                         "--max-steps", "3", cwd=workdir)
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_saved_datasets_directory_is_training_data(workdir):
+    datasets = pytest.importorskip("datasets")
+    from plugins.hf.data import read_records
+
+    rows = [{"text": s} for s in tinymodel.sentences(10)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(workdir / "hfdata"))
+    assert read_records(workdir / "hfdata") == rows
+    with pytest.raises(PlannerError, match="not a saved Hugging Face dataset"):
+        read_records(workdir)
+
+
+def test_run_refuses_a_different_architecture_and_pickle_weights(workdir, tmp_path):
+    import torch
+
+    plan = make_plan(workdir, "lora", "arch")
+    other = tmp_path / "other"
+    tinymodel.make_model(other)
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_size"] = 32
+    (other / "config.json").write_text(json.dumps(config))
+    wrong = run_cli("run", str(plan), "--data", str(workdir / "train.jsonl"), "--model-path", str(other),
+                    "--output", str(tmp_path / "o1"))
+    assert wrong.returncode == 2 and "not the architecture the plan was made for" in wrong.stderr
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (pickled / f).write_bytes((workdir / "tiny" / f).read_bytes())
+    torch.save({}, pickled / "pytorch_model.bin")
+    refused = run_cli("run", str(plan), "--data", str(workdir / "train.jsonl"), "--model-path", str(pickled),
+                      "--output", str(tmp_path / "o2"))
+    assert refused.returncode == 2 and "never loads pickle" in refused.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
