@@ -151,6 +151,7 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     largest = max(catalog.gpu_of(i).memory_bytes for i in instances)
     rejections: dict[str, int] = {}
     closest_fit: tuple[int, str] | None = None
+    smallest_need: dict[str, int] = {}  # method -> least bytes per GPU any of its settings needs
 
     def reject(reason: str) -> None:
         rejections[reason] = rejections.get(reason, 0) + 1
@@ -164,6 +165,7 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
         for micro in _micro_batches(request):
             memory = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}), counts)
             need = memory.required_bytes
+            smallest_need[setup.method] = min(need, smallest_need.get(setup.method, need))
             if need > largest:  # larger micro-batches only need more
                 if micro == _micro_batches(request)[0] and (closest_fit is None or need < closest_fit[0]):
                     closest_fit = (need, f"{setup.method} ({_describe(setup)})")
@@ -256,7 +258,8 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     return Recommendation(
         model=spec.name, data=data, request=request, recommended=best, candidates=ranked[:10],
         frontier=frontier(feasible), reasons=reasons(best, ranked, request), rejections=rejections,
-        why_not=why_not(best, ranked, request, settings), evaluated=evaluated,
+        why_not=why_not(best, ranked, request, smallest_need, largest, over_budget + over_deadline),
+        evaluated=evaluated,
         assumptions=assumptions(request, data, ranked[0]),
     )
 
@@ -322,22 +325,35 @@ def reasons(best: Candidate, ranked: list[Candidate], request: SearchRequest) ->
     return out
 
 
-def why_not(best: Candidate, ranked: list[Candidate], request: SearchRequest, settings: list[_Setting]) -> list[str]:
-    """For each method other than the recommended one: its best plan and how it compares, or why it has none."""
+def why_not(best: Candidate, ranked: list[Candidate], request: SearchRequest, smallest_need: dict[str, int],
+            largest: int, over_limits: list[Candidate]) -> list[str]:
+    """For each method other than the recommended one: its best plan and how it compares, or why it has
+    none - short of memory by how much, or over the budget or deadline by how much."""
     out = []
     for method in request.methods:
         if method == best.method:
             continue
         own = [c for c in ranked if c.method == method]
+        missed = [c for c in over_limits if c.method == method]
         if own:
             c = own[0]
             out.append(f"{method}: best is {c.instance_count} x {c.instance_type} at ${c.cost_usd:,.2f} and "
                        f"{c.hours:.1f} h ({_relative(c.cost_usd, best.cost_usd)} cost, "
                        f"{_relative(c.hours, best.hours)} time, quality tier {c.quality_tier} vs {best.quality_tier})")
-        elif not any(s.setup.method == method for s in settings):
-            out.append(f"{method}: does not fit on any GPU searched, even at micro-batch 1 with checkpointing")
+        elif missed:
+            cheapest = min(missed, key=lambda c: c.cost_usd)
+            fastest = min(missed, key=lambda c: c.hours)
+            limits = []
+            if request.budget_usd is not None:
+                limits.append(f"cheapest ${cheapest.cost_usd:,.2f} vs the ${request.budget_usd:,.2f} budget")
+            if request.deadline_hours is not None:
+                limits.append(f"fastest {fastest.hours:.1f} h vs the {request.deadline_hours:g} h deadline")
+            out.append(f"{method}: every plan that fits misses the limits ({'; '.join(limits)})")
+        elif method in smallest_need:
+            out.append(f"{method}: needs at least {smallest_need[method] / GIB:.1f} GiB per GPU; the largest GPU "
+                       f"searched has {largest / GIB:.1f} GiB ({(smallest_need[method] - largest) / GIB:.1f} GiB short)")
         else:
-            out.append(f"{method}: every plan that fits is over the budget or the deadline")
+            out.append(f"{method}: no instance searched supports its settings")
     return out
 
 

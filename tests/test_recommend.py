@@ -100,3 +100,12 @@ def test_spot_and_sagemaker_change_the_price_not_the_plan_shape():
     sm = run(platform="sagemaker", **args).recommended
     assert sm.price.usd_per_hour == 1.515 and sm.hours == pytest.approx(base.hours)
     assert any("spot" in a for a in run(market="spot", **args).assumptions)
+
+
+def test_why_not_says_by_how_much_a_method_misses():
+    rec = run(instances=["g5.xlarge"], methods=["full", "qlora"])
+    line = next(x for x in rec.why_not if x.startswith("full"))
+    assert "needs at least" in line and "GiB short" in line and "largest GPU searched has 22.4 GiB" in line
+    cheap = run(budget_usd=3.0, methods=["full", "qlora", "lora"], instances=["p5.4xlarge", "g6e.xlarge"])
+    full = next(x for x in cheap.why_not if x.startswith("full"))
+    assert "misses the limits (cheapest $" in full and "vs the $3.00 budget" in full
