@@ -12,6 +12,12 @@ from .errors import PlannerError
 from .modelspec import ModelSpec
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def build_meta_model(config: dict[str, Any], *, trust_remote_code: bool = False):
     """Instantiate the causal LM of `config` on the meta device, with tied weights re-tied.
 
@@ -29,7 +35,9 @@ def build_meta_model(config: dict[str, Any], *, trust_remote_code: bool = False)
     try:
         hf_config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as exc:
-        raise PlannerError(f"transformers does not know model_type '{model_type}': {exc}") from exc
+        raise PlannerError(f"transformers {transformers_version()} does not know model_type '{model_type}' and "
+                           "ftplan has no analytic layout for it; check the config.json, or upgrade transformers "
+                           "if the architecture is new") from exc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     model.tie_weights()

@@ -77,12 +77,26 @@ def _positive_int(value: Any, key: str, name: str) -> int:
     return value
 
 
+# Far beyond any released model (Llama-3.1-405B: 126 layers, hidden 16384, vocab 128k): a config past
+# these is a typo or an attack, and would make the per-layer arithmetic crawl.
+LIMITS = {"hidden_size": 131072, "num_hidden_layers": 2048, "num_attention_heads": 4096, "vocab_size": 16_777_216,
+          "intermediate_size": 1_048_576, "head_dim": 16384, "num_key_value_heads": 4096, "num_local_experts": 4096}
+
+
+def _within_limit(value: int, key: str, name: str) -> int:
+    limit = LIMITS.get(key)
+    if limit is not None and value > limit:
+        raise PlannerError(f"{name}: config field '{key}' = {value:,} is beyond any real model (ftplan accepts up to "
+                           f"{limit:,}); fix the config.json")
+    return value
+
+
 def _required(config: dict[str, Any], name: str, *keys: str) -> int:
     value = _first(config, *keys)
     if value is None:
         raise PlannerError(f"{name}: config.json has no '{keys[0]}' (nor {', '.join(keys[1:]) or 'an alias'}); "
                            "pass a complete config.json")
-    return _positive_int(value, keys[0], name)
+    return _within_limit(_positive_int(value, keys[0], name), keys[0], name)
 
 
 def _kv_heads(config: dict[str, Any], model_type: str, heads: int) -> int:
@@ -99,7 +113,8 @@ def dims_from_config(config: dict[str, Any], name: str) -> Dims:
     layers = _required(config, name, "num_hidden_layers", "n_layer", "num_layers")
     heads = _required(config, name, "num_attention_heads", "n_head", "num_heads")
     vocab = _required(config, name, "vocab_size")
-    kv_heads = _positive_int(_kv_heads(config, model_type, heads), "num_key_value_heads", name)
+    kv_heads = _within_limit(_positive_int(_kv_heads(config, model_type, heads), "num_key_value_heads", name),
+                             "num_key_value_heads", name)
     if heads % kv_heads:
         raise PlannerError(f"{name}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
                            f"({kv_heads}); fix the config.json")
@@ -109,13 +124,16 @@ def dims_from_config(config: dict[str, Any], name: str) -> Dims:
             raise PlannerError(f"{name}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) "
                                "and the config sets no head_dim; fix the config.json")
         head_dim = hidden // heads
-    head_dim = _positive_int(head_dim, "head_dim", name)
+    head_dim = _within_limit(_positive_int(head_dim, "head_dim", name), "head_dim", name)
     intermediate = _first(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
-    intermediate = 4 * hidden if intermediate is None else _positive_int(intermediate, "intermediate_size", name)
+    intermediate = 4 * hidden if intermediate is None else _within_limit(
+        _positive_int(intermediate, "intermediate_size", name), "intermediate_size", name)
     tied = config.get("tie_word_embeddings")
     if tied is None:
         tied = TIE_DEFAULTS.get(model_type, False)
     experts = config.get("num_local_experts") or 0
+    if experts:
+        experts = _within_limit(_positive_int(experts, "num_local_experts", name), "num_local_experts", name)
     return Dims(
         hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=intermediate, vocab=vocab, tied_embeddings=bool(tied),
