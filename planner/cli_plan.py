@@ -86,8 +86,14 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
 
     if (tokens is None) == (dataset is None):
         raise PlannerError("give the training data as either --tokens N or --dataset FILE.jsonl")
+    if output.is_dir():
+        raise PlannerError(f"-o {output} is a directory; give a file name such as {output / 'ftplan-plan.yaml'}")
     if output.exists() and not force and (yes or not as_json):
         raise PlannerError(f"{output} already exists; choose another path with -o or pass --force to replace it")
+    if yes or not as_json:
+        from .files import check_writable
+
+        check_writable(output.parent, f"-o {output}")
     fixed = {k for k, flag in (("optimizer", "optimizer"), ("grad_ckpt", "grad_ckpt"), ("targets", "lora_targets"))
              if settings.get(flag) is not None}
     micro = settings.get("batch_size")

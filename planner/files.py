@@ -18,6 +18,23 @@ def user_dir() -> Path:
     return Path(base) / "ftplan"
 
 
+def check_writable(directory: Path, label: str) -> None:
+    """PlannerError unless `directory` exists or could be created, and files can be written there.
+
+    Probes with a temporary directory, removed at once (os.access says yes to root even on
+    read-only file systems); nothing is left behind.
+    """
+    base = directory.absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise PlannerError(f"{label}: {base} is a file, so {directory} cannot be a directory; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ftplan-probe-", dir=base))
+    except OSError as exc:
+        raise PlannerError(f"{label}: cannot write in {base} ({exc.strerror}); choose a writable location") from None
+
+
 def atomic_write_text(path: Path, text: str, *, overwrite: bool = True) -> None:
     """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`.
 

@@ -174,7 +174,7 @@ def registry() -> Registry:
 def _load_into(reg: Registry, name: str, load, version: str | None, source: str) -> None:
     try:
         obj = load()
-    except Exception as exc:  # ImportError, SyntaxError, anything a broken package raises
+    except (Exception, SystemExit) as exc:  # ImportError, SyntaxError, a sys.exit() at import...
         reg.plugins[name] = PluginInfo(name=name, version=version, source=source,
                                        errors=[f"failed to import: {type(exc).__name__}: {exc}"])
         return

@@ -12,7 +12,7 @@ from . import calibration as calib
 from . import plugins
 from .backend import BackendOptions, ProgressCallback, RunRequest, RunResult
 from .errors import PlannerError
-from .files import atomic_write_text
+from .files import atomic_write_text, check_writable
 from .plan import Plan, config_hash, load, to_yaml, weights_source
 
 # What a run writes; --force clears exactly these, never anything else in the directory.
@@ -38,9 +38,10 @@ def _managed(output: Path) -> list[Path]:
 
 
 def check_output_dir(output: Path, *, resume: bool, force: bool) -> None:
-    """A new run needs an empty (or absent) directory; --resume needs one with a checkpoint."""
+    """A new run needs an empty (or absent) directory we can write; --resume needs one with a checkpoint."""
     if output.exists() and not output.is_dir():
         raise PlannerError(f"--output {output} is a file; give a directory")
+    check_writable(output, f"--output {output}")
     if resume:
         if not output.is_dir() or not any(p.name.startswith("checkpoint-") for p in output.iterdir()):
             raise PlannerError(f"--resume: {output} has no checkpoint; run without --resume to start")
@@ -72,15 +73,27 @@ def check_model(plan: Plan, source: str | None) -> None:
                            f"({plan.model.name}, {plan.model.model_type}); re-plan with: ftplan recommend {source}")
 
 
+def check_data(path: Path) -> None:
+    """Validate training data before anything is written: every JSONL line, or a datasets directory."""
+    from .dataset import read_examples
+
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise PlannerError(f"{path} is a directory but not a saved Hugging Face dataset (no dataset_info.json); "
+                               "pass a .jsonl file or a save_to_disk directory")
+        return
+    read_examples(path)
+
+
 def prepare(plan_path: Path, request: RunRequest, *, backend_name: str | None, raw_options: dict,
             force: bool) -> tuple[Plan, object, BackendOptions]:
     """Load and validate everything before a single file is written."""
     plan = load(plan_path)
     backend = plugins.get_backend(backend_name or plan.backend)
     options = backend.parse_options(raw_options)
-    for label, path in (("--data", request.data), ("--eval-data", request.eval_data)):
-        if path is not None and not path.exists():
-            raise PlannerError(f"{label} {path} does not exist; check the path")
+    for path in (request.data, request.eval_data):
+        if path is not None:
+            check_data(path)
     check_output_dir(request.output_dir, resume=request.resume, force=force)
     problems = backend.check(plan, request, options)
     if problems:
