@@ -9,7 +9,7 @@ from .architectures import layout_for
 from .fit import InstanceFit, cheapest_fits, judge
 from .memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, MemoryBreakdown, estimate_memory, unquantized_matmul_params
 from .modelspec import ModelSpec
-from .params import TargetResolution, count_params
+from .params import TargetResolution, count_params, over_ranked
 from .settings import Method, SetupChoices, TrainingSetup, resolve
 
 SCHEMA_VERSION = 1
@@ -93,10 +93,14 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     layout, counting = layout_for(spec, trust_remote_code=trust_remote_code)
     bf16 = gpu_info.supports_bf16 if gpu_info else True
     estimates = []
+    warnings: list[str] = []
     setups = [resolve(m, choices, bf16_supported=bf16) for m in methods]
     for setup in setups:
         counts = count_params(layout, setup.method, setup.lora)
         memory = estimate_memory(layout, setup, counts, device)
+        if counts.targets and (big := over_ranked(layout, counts.targets, setup.lora.r)):
+            warnings.append(f"{setup.method}: rank r={setup.lora.r} is not low-rank for {len(big)} adapted module "
+                            f"type(s) (e.g. {big[0]}): their adapters hold at least as many parameters as the layers")
         selected = None
         if selected_instance:
             selected = judge(selected_instance, memory.required_bytes, setup)
@@ -114,5 +118,6 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                      vocab_size=spec.dims.vocab, counting=counting)
     return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
                           instance=selected_instance.type if selected_instance else None,
-                          assumptions=assumptions(setups) + ([FALLBACK_NOTE] if counting != "analytic" else []),
+                          assumptions=assumptions(setups) + ([FALLBACK_NOTE] if counting != "analytic" else [])
+                          + warnings,
                           estimates=estimates)

@@ -117,3 +117,10 @@ def count_params(layout: ModelLayout, method: Method, lora: LoraSettings | None 
     adapters = sum(lora_params(g, lora.r) * layout.instances(g) for g in groups)
     return ParamCounts(method=method, total_params=total, trainable_params=adapters, adapter_params=adapters,
                        adapted_modules=sum(layout.instances(g) for g in groups), targets=targets)
+
+
+def over_ranked(layout: ModelLayout, targets: TargetResolution, r: int) -> list[str]:
+    """Adapted modules whose adapter (r x (in + out)) is at least as big as the layer (in x out):
+    past that rank LoRA is not low-rank and trains more than full fine-tuning of the layer would."""
+    return [g.path for g in adapted_groups(layout, targets)
+            if g.kind != "embedding" and lora_params(g, r) >= g.in_features * g.out_features]

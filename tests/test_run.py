@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -142,8 +143,10 @@ def test_interrupted_run_resumes_with_the_same_losses(workdir, how):
     assert reference.returncode == 0, reference.stderr
     expected = losses(workdir / f"ref-{how.name}")
     out = f"cut-{how.name}"
+    cut = random.randint(2, 9)  # any point must do; the step is printed when the test fails
+    print(f"interrupting with {how.name} after step {cut}")
     proc = _start_run(workdir, plan, out)
-    _wait_for_step(workdir, out, 5, proc)
+    _wait_for_step(workdir, out, cut, proc)
     proc.send_signal(how)
     proc.wait(timeout=120)
     if how == signal.SIGKILL:
