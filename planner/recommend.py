@@ -350,8 +350,9 @@ def why_not(best: Candidate, ranked: list[Candidate], request: SearchRequest, sm
                 limits.append(f"fastest {fastest.hours:.1f} h vs the {request.deadline_hours:g} h deadline")
             out.append(f"{method}: every plan that fits misses the limits ({'; '.join(limits)})")
         elif method in smallest_need:
+            short = (smallest_need[method] - largest) / GIB
             out.append(f"{method}: needs at least {smallest_need[method] / GIB:.1f} GiB per GPU; the largest GPU "
-                       f"searched has {largest / GIB:.1f} GiB ({(smallest_need[method] - largest) / GIB:.1f} GiB short)")
+                       f"searched has {largest / GIB:.1f} GiB ({short:.1f} GiB short)")
         else:
             out.append(f"{method}: no instance searched supports its settings")
     return out
