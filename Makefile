@@ -14,7 +14,7 @@ install: $(BIN)/python
 	$(PIP) install --quiet -e .
 
 install-dev: $(BIN)/python
-	$(PIP) install --quiet -c constraints.txt -e '.[train,test]'
+	$(PIP) install --quiet -c constraints.txt -e '.[train,aws,test]'
 
 demo: install
 	$(BIN)/ftplan estimate llama2-7b

@@ -100,6 +100,11 @@ def clear_added_entries() -> None:
     _clear_caches()
 
 
+def clear_caches() -> None:
+    """Forget loaded catalogs (after a price refresh or plugin changes)."""
+    _clear_caches()
+
+
 def _clear_caches() -> None:
     for f in (models, gpus, instances, _model_index):
         f.cache_clear()
@@ -123,7 +128,19 @@ def gpus() -> dict[str, Gpu]:
 @cache
 def instances() -> dict[str, Instance]:
     bundled = {i["type"]: Instance(**i) for i in _load("aws_instances.json")["instances"]}
-    return bundled | {i.type: i for i in _ADDED["instance"]}
+    merged = bundled | {i.type: i for i in _ADDED["instance"]}
+    for cached in _refreshed_prices():  # `ftplan prices refresh` results come first: Instance.price finds them
+        inst = merged.get(cached.instance_type)
+        if inst is not None:
+            price = Price(**cached.model_dump(exclude={"instance_type"}))
+            inst.prices = [price, *inst.prices]
+    return merged
+
+
+def _refreshed_prices():
+    from .aws_prices import load_cache  # pydantic only; boto3 is imported when refreshing, not here
+
+    return load_cache().prices
 
 
 @cache

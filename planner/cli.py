@@ -220,7 +220,7 @@ def instances(gpu: str | None, min_gpu_memory: float | None, as_json: bool) -> N
     _console().print(instances_list(rows))
 
 
-from . import cli_plan  # noqa: E402,F401  (recommend, plan, run and plugins on the group)
+from . import cli_plan, cli_prices  # noqa: E402,F401  (they register their commands on the group)
 
 
 def main(argv: list[str] | None = None) -> None:

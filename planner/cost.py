@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from . import catalog
+from .aws_prices import stale_warning
 from .errors import PlannerError
 
 Platform = Literal["ec2", "sagemaker"]
@@ -25,6 +26,7 @@ class HourlyPrice(BaseModel):
     date: str
     source: str
     derived: str = Field("", description="how it was derived from a catalogued price, if it was")
+    warning: str = Field("", description="set when the price is more than 90 days old")
 
 
 def regions() -> set[str]:
@@ -40,7 +42,17 @@ def check_region(region: str) -> None:
 
 def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform: Platform = "ec2",
                  market: Market = "on-demand", spot_discount: float | None = None) -> HourlyPrice | None:
-    """The instance's hourly rate; None when no price is known for that region."""
+    """The instance's hourly rate; None when no price is known for that region.
+
+    Refreshed prices (ftplan prices refresh) come first; spot uses refreshed spot prices when there
+    are any, else the on-demand rate less a discount (catalogued, or `spot_discount`).
+    """
+    if market == "spot" and platform == "ec2":
+        spot = instance.price(region, "ec2", "spot")
+        if spot is not None and spot_discount is None:
+            return HourlyPrice(instance_type=instance.type, usd_per_hour=spot.usd_per_hour, region=region,
+                               platform=platform, market=market, date=spot.date, source=spot.source,
+                               warning=stale_warning(spot.date))
     base = instance.price(region, platform, "on-demand")
     derived = ""
     if platform == "sagemaker" and base is None:
@@ -61,7 +73,7 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
         usd *= 1 - discount
         derived = "; ".join(filter(None, [derived, f"on-demand rate less an assumed {discount:.0%} spot discount"]))
     return HourlyPrice(instance_type=instance.type, usd_per_hour=usd, region=region, platform=platform, market=market,
-                       date=base.date, source=base.source, derived=derived)
+                       date=base.date, source=base.source, derived=derived, warning=stale_warning(base.date))
 
 
 def billed_seconds(seconds: float, platform: Platform) -> float:

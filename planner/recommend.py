@@ -405,4 +405,6 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
     ]
     if request.market == "spot":
         notes.append(f"spot: {catalog.pricing()['spot']['caveat']}")
+    if best.price.warning:
+        notes.append(best.price.warning)
     return notes

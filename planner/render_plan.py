@@ -113,6 +113,8 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
     p = c.price
     console.print(f"[dim]Price: ${p.usd_per_hour:,.4f}/h {p.platform} {p.market} {p.region}, {p.source}, dated "
                   f"{p.date}{'; ' + p.derived if p.derived else ''}[/]")
+    if p.warning:
+        console.print(f"[yellow]Warning: {p.warning}[/]")
 
 
 def print_plan(plan: Plan, path: str, console: Console) -> None:
