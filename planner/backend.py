@@ -45,6 +45,7 @@ class RunRequest(BaseModel):
     resume: bool = False
     trust_remote_code: bool = False
     device: str = "auto"
+    dry_run: bool = Field(False, description="describe what would be started, start nothing")
 
 
 class ProgressEvent(BaseModel):
@@ -118,6 +119,11 @@ class TrainerBackend(ABC):
     def check(self, plan: Plan, request: RunRequest, options: BackendOptions) -> list[Problem]:
         """Everything that stops this backend from running `plan` here and now; [] when it can.
         Implementations should start from `self.supports(plan)`."""
+
+    def dry_run(self, plan: Plan, request: RunRequest, options: BackendOptions) -> dict:
+        """The exact request(s) `run` would send, as a JSON-able dict; nothing is sent or written.
+        Backends without a remote side need not implement it."""
+        raise NotImplementedError
 
     @abstractmethod
     def run(self, plan: Plan, request: RunRequest, options: BackendOptions, progress: ProgressCallback) -> RunResult:

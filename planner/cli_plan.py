@@ -200,10 +200,13 @@ def _options(pairs: tuple[str, ...]) -> dict:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE", help="backend-specific option")
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own Python code (off by default)")
+@click.option("--role", default=None, help="IAM role ARN for cloud backends (sagemaker)")
+@click.option("--dry-run", is_flag=True, help="print the exact request a cloud backend would send; send nothing")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the progress display")
 def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None, output: Path,
         model_path: str | None, max_steps: int | None, save_every: int, resume: bool, force: bool, device: str,
-        raw_options: tuple[str, ...], trust_remote_code: bool, as_json: bool) -> None:
+        raw_options: tuple[str, ...], trust_remote_code: bool, role: str | None, dry_run: bool,
+        as_json: bool) -> None:
     """Carry out an accepted PLAN [default: ftplan-plan.yaml] with a trainer backend.
 
     Checks the plan against the backend first; writes the adapter (or model), tokenizer, plan.yaml,
@@ -214,9 +217,21 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
 
     request = RunRequest(data=data, eval_data=eval_data, output_dir=output, model_path=model_path,
                          max_steps=max_steps, save_every=save_every, resume=resume,
-                         trust_remote_code=trust_remote_code, device=device)
-    plan, chosen, options = prepare(plan_file, request, backend_name=backend, raw_options=_options(raw_options),
+                         trust_remote_code=trust_remote_code, device=device, dry_run=dry_run)
+    options_given = _options(raw_options)
+    if role:
+        options_given["role"] = role
+    plan, chosen, options = prepare(plan_file, request, backend_name=backend, raw_options=options_given,
                                     force=force)
+    if dry_run:
+        try:
+            described = chosen.dry_run(plan, request, options)
+        except NotImplementedError:
+            raise PlannerError(f"backend '{chosen.name}' has no dry run (it runs here); drop --dry-run") from None
+        import json as json_mod
+
+        click.echo(json_mod.dumps(described, indent=2))
+        return
     if as_json:
         summary = execute(plan, chosen, options, request, lambda event: None)
     else:

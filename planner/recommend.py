@@ -191,7 +191,11 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     evaluated = 0
     time_cache: dict[tuple, object] = {}
     calibrations = calibration.load()
+    sagemaker_types = set(catalog.pricing()["sagemaker"]["training_instance_types"])
     for inst in instances:
+        if request.platform == "sagemaker" and inst.type not in sagemaker_types:
+            reject("not offered by SageMaker for training")
+            continue
         gpu = catalog.gpu_of(inst)
         price = hourly_price(inst, request.region, request.platform, request.market, request.spot_discount)
         if price is None:

@@ -38,6 +38,7 @@ def test_wheel_contains_catalogs(tmp_path):
                  "pricing.json", "quality.json"):
         assert f"catalogs/{data}" in names
     assert "planner/cli.py" in names and "plugins/hf/loop.py" in names and "planner/hookspecs.py" in names
+    assert "plugins/sagemaker/entry.py" in names
 
 
 def test_catalog_has_every_reference_model_with_sources():

@@ -56,10 +56,10 @@ def test_bundled_backend_comes_through_the_public_hook(registry):
 
 
 def test_a_registered_fake_backend_is_listed_then_gone(fake):
-    assert set(fake.backends()) == {"hf", "lora-only"}
+    assert set(fake.backends()) == {"hf", "sagemaker", "lora-only"}
     assert fake.plugins["fake"].backends == ["lora-only"]
     fake.unregister("fake")
-    assert set(fake.backends()) == {"hf"}
+    assert set(fake.backends()) == {"hf", "sagemaker"}
 
 
 def test_check_refuses_a_method_the_backend_does_not_train(fake, tmp_path):
@@ -73,7 +73,7 @@ def test_check_refuses_a_method_the_backend_does_not_train(fake, tmp_path):
     with pytest.raises(PlannerError, match=r"backend 'lora-only' does not train full \(it supports lora\).*"
                                            r"fix: re-plan with ftplan recommend --methods lora"):
         prepare(plan_file, request, backend_name="lora-only", raw_options={}, force=False)
-    with pytest.raises(PlannerError, match="no trainer backend named 'nope' .*available: hf, lora-only"):
+    with pytest.raises(PlannerError, match="no trainer backend named 'nope' .*available: hf, lora-only, sagemaker"):
         prepare(plan_file, request, backend_name="nope", raw_options={}, force=False)
     with pytest.raises(Exception, match="extra"):
         LoraOnly().parse_options({"surprise": 1})
@@ -108,7 +108,7 @@ def test_broken_plugins_are_reported_by_name_and_the_rest_keep_working(fake):
     for name, plugin in (("raises", Raises()), ("garbage", Garbage()), ("dup", Duplicate())):
         fake.register(plugin, name)
     assert fake.register(UnknownHook(), "unknown") is False
-    assert set(fake.backends()) == {"hf", "lora-only"}
+    assert set(fake.backends()) == {"hf", "sagemaker", "lora-only"}
     broken = fake.broken()
     assert "RuntimeError: boom" in broken["raises"][0]
     assert "not a TrainerBackend" in broken["garbage"][0]
@@ -180,6 +180,7 @@ def test_entry_point_plugins_load_and_broken_ones_are_named(tmp_path):
     assert rows["hf"]["errors"] == []
     table = run_cli("plugins", env={**env, "COLUMNS": "250"})
     assert "bad" in table.stdout and "failed to import" in table.stdout
+    assert rows["sagemaker"]["backends"][0]["platforms"] == ["sagemaker"]
     only_good = json.loads(run_cli("plugins", "--json", env={**env, "FTPLAN_PLUGINS": "good"}).stdout)
     assert [r["name"] for r in only_good] == ["good"]
     none = json.loads(run_cli("plugins", "--json", env={**env, "FTPLAN_PLUGINS": ""}).stdout)

@@ -33,7 +33,7 @@ class HuggingFaceBackend(TrainerBackend):
     name = "hf"
     description = "transformers + PEFT + bitsandbytes + accelerate on this machine (CPU or one CUDA GPU)"
     methods = ("full", "lora", "qlora")
-    platforms = ("ec2",)
+    platforms = ("ec2", "sagemaker")  # sagemaker: inside a training job, started by the sagemaker backend
     options_model = BackendOptions
 
     def check(self, plan: Plan, request: RunRequest, options: BackendOptions) -> list[Problem]:
