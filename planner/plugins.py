@@ -21,7 +21,8 @@ from .errors import PlannerError
 
 ENTRY_POINT_GROUP = "ftplan"
 ENV_PLUGINS = "FTPLAN_PLUGINS"
-BUNDLED = {"hf": "plugins.hf", "sagemaker": "plugins.sagemaker"}  # name -> module; registered through the same hooks as third parties
+# name -> module; bundled plugins register through the same hooks as third parties
+BUNDLED = {"hf": "plugins.hf", "sagemaker": "plugins.sagemaker"}
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 

@@ -106,6 +106,10 @@ def test_secrets_in_the_environment_never_reach_output_files_or_plans(tmp_path):
                 "--methods", "lora", "--max-gpus", "1", "--yes", env=env, cwd=tmp_path),
         run_cli("run", "--data", "train.jsonl", "--max-steps", "2", env=env, cwd=tmp_path),
         run_cli("plan", "show", env=env, cwd=tmp_path),
+        run_cli("recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "32", "--platform", "sagemaker",
+                "--backend", "sagemaker", "--max-gpus", "1", "--yes", "-o", "sm.yaml", env=env, cwd=tmp_path),
+        run_cli("run", "sm.yaml", "--data", "train.jsonl", "--dry-run", "--role", "arn:aws:iam::1:role/r",
+                "--option", "bucket=b", env=env, cwd=tmp_path),
     ]
     for r in results:
         assert r.returncode == 0, r.stderr
