@@ -94,7 +94,8 @@ def prepare(plan_path: Path, request: RunRequest, *, backend_name: str | None, r
     for path in (request.data, request.eval_data):
         if path is not None:
             check_data(path)
-    check_output_dir(request.output_dir, resume=request.resume, force=force)
+    if not request.dry_run:  # a dry run writes nothing, so where it would write does not matter yet
+        check_output_dir(request.output_dir, resume=request.resume, force=force)
     problems = backend.check(plan, request, options)
     if problems:
         raise PlannerError(f"backend '{backend.name}' cannot run {plan_path}: " + "; ".join(map(str, problems)))
