@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from . import __version__
 from .errors import PlannerError
 from .settings import ATTENTIONS, METHODS, OPTIMIZERS, PRECISIONS, LoraSettings, SetupChoices
+from .sharding import OFFLOADS, SHARDINGS
 
 EXIT_BAD_INPUT = 2
 
@@ -120,10 +121,17 @@ def cli() -> None:
 @click.option("--gpu", default=None, help="judge this GPU (e.g. A100-80GB); lists instances with it")
 @click.option("--instance", default=None, help="judge this AWS instance type (e.g. g5.2xlarge)")
 @click.option("--layers", type=int, default=None, help="keep every width but use N layers (as measure does)")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs in total (data parallel)")
+@click.option("--nodes", type=int, default=1, show_default=True, help="instances the GPUs are spread over")
+@click.option("--sharding", type=click.Choice(SHARDINGS), default=None,
+              help="how state is split over the GPUs [default: none for 1 GPU, ddp for more]")
+@click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
+              help="move optimizer states (ZeRO) or parameters (ZeRO-3, FSDP) to host RAM")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code (fallback counting only)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
-def estimate(model: str, method: str, gpu: str | None, instance: str | None, layers: int | None,
-             trust_remote_code: bool, as_json: bool, **settings) -> None:
+def estimate(model: str, method: str, gpu: str | None, instance: str | None, layers: int | None, gpus: int,
+             nodes: int, sharding: str | None, offload: str, trust_remote_code: bool, as_json: bool,
+             **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
 
     MODEL is a catalog name (ftplan models), a Hugging Face id, or a path to a config.json.
@@ -140,7 +148,8 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
         spec = with_layers(spec, layers)
     methods = list(METHODS) if method == "all" else [method]
     report = with_plugin_catalog(lambda: run_estimate(spec, methods, choices, gpu=gpu, instance=instance,
-                                                      trust_remote_code=trust_remote_code))
+                                                      trust_remote_code=trust_remote_code, gpus=gpus, nodes=nodes,
+                                                      sharding=sharding, offload=offload))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:

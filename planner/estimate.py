@@ -6,12 +6,13 @@ from pydantic import BaseModel, Field
 
 from . import catalog
 from .aws_prices import stale_warning
-from .architectures import layout_for
+from .architectures import ModelLayout, layout_for
 from .fit import InstanceFit, cheapest_fits, judge
 from .memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, MemoryBreakdown, estimate_memory, unquantized_matmul_params
 from .modelspec import ModelSpec
 from .params import TargetResolution, count_params, over_ranked
 from .settings import Method, SetupChoices, TrainingSetup, resolve
+from .sharding import Offload, Sharding, ShardedMemory, shard, smallest_gpu_count, validate
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +45,11 @@ class MethodEstimate(BaseModel):
     selected: InstanceFit | None = Field(None, description="the --gpu/--instance verdict, when one was given")
     unquantized_linear_params: int = Field(0, description="qlora: weights of linear layers bitsandbytes leaves "
                                                           "unquantized (nn.Linear subclasses, fused MoE experts)")
+    sharded: ShardedMemory | None = Field(None, description="per-GPU memory over --gpus with --sharding "
+                                                            "(null for one GPU)")
+    smallest_gpu_counts: dict[str, int | None] = Field(
+        default_factory=dict, description="instance type -> fewest GPUs that fit with parameter sharding (zero3 "
+                                          "unless --sharding names a scheme), null when none up to 512")
 
 
 class EstimateReport(BaseModel):
@@ -79,16 +85,29 @@ def assumptions(setups: list[TrainingSetup]) -> list[str]:
     return notes
 
 
+def _smallest_counts(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown,
+                     sharding: Sharding | None) -> dict[str, int | None]:
+    """Per instance type, the fewest GPUs that hold the step with parameter sharding."""
+    scheme = sharding if sharding in ("zero3", "fsdp", "fsdp-hybrid") else "zero3"
+    out = {}
+    for inst in catalog.instances().values():
+        gpu = catalog.gpu_of(inst)
+        out[inst.type] = smallest_gpu_count(layout, setup, memory, gpu.memory_bytes, inst.gpu_count, scheme)
+    return out
+
+
 FALLBACK_NOTE = ("counted by building the model with transformers on the meta device (exact); the activation "
                  "terms assume a Llama-style decoder for this architecture and are approximate")
 
 
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
-             instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda") -> EstimateReport:
+             instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
+             nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none") -> EstimateReport:
     """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures).
 
     `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure --device cpu`.
     """
+    validate(gpus, nodes, sharding or ("ddp" if gpus > 1 else "none"), offload)
     selected_instance = catalog.get_instance(instance) if instance else None
     gpu_info = catalog.get_gpu(gpu) if gpu else (catalog.gpu_of(selected_instance) if selected_instance else None)
     layout, counting = layout_for(spec, trust_remote_code=trust_remote_code)
@@ -99,20 +118,26 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     for setup in setups:
         counts = count_params(layout, setup.method, setup.lora)
         memory = estimate_memory(layout, setup, counts, device)
+        sharded = None
+        if gpus > 1 or sharding not in (None, "none") or offload != "none":
+            sharded = shard(layout, setup, memory, gpus=gpus, nodes=nodes, offload=offload,
+                            sharding=sharding or ("ddp" if gpus > 1 else "none"))
+        need = sharded.required_bytes if sharded else memory.required_bytes
         if counts.targets and (big := over_ranked(layout, counts.targets, setup.lora.r)):
             warnings.append(f"{setup.method}: rank r={setup.lora.r} is not low-rank for {len(big)} adapted module "
                             f"type(s) (e.g. {big[0]}): their adapters hold at least as many parameters as the layers")
         selected = None
         if selected_instance:
-            selected = judge(selected_instance, memory.required_bytes, setup)
+            selected = judge(selected_instance, need, setup)
         estimates.append(MethodEstimate(
             method=setup.method, setup=setup, total_params=counts.total_params,
             trainable_params=counts.trainable_params,
             trainable_fraction=counts.trainable_params / counts.total_params,
             targets=counts.targets, memory=memory, selected=selected,
             unquantized_linear_params=unquantized_matmul_params(layout) if setup.method == "qlora" else 0,
-            cheapest_instances=cheapest_fits(memory.required_bytes, setup,
-                                             gpu=gpu_info.name if gpu_info else None),
+            cheapest_instances=cheapest_fits(need, setup, gpu=gpu_info.name if gpu_info else None,
+                                             min_gpus=gpus // nodes),
+            sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
         ))
     shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
     warnings += sorted({w for d, _ in shown if d and (w := stale_warning(d))})

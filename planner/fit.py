@@ -49,9 +49,9 @@ def judge(instance: catalog.Instance, required_bytes: int, setup: TrainingSetup,
 
 
 def cheapest_fits(required_bytes: int, setup: TrainingSetup, *, gpu: str | None = None, limit: int = 3,
-                  region: str = "us-east-1") -> list[InstanceFit]:
-    """The cheapest priced instances whose every GPU holds `required_bytes`, cheapest first."""
+                  region: str = "us-east-1", min_gpus: int = 1) -> list[InstanceFit]:
+    """The cheapest priced instances with at least `min_gpus` GPUs, each holding `required_bytes`."""
     fits = [judge(i, required_bytes, setup, region) for i in catalog.instances().values()
-            if gpu is None or i.gpu.lower() == gpu.lower()]
+            if (gpu is None or i.gpu.lower() == gpu.lower()) and i.gpu_count >= min_gpus]
     priced = [f for f in fits if f.fits and f.usd_per_hour is not None]
     return sorted(priced, key=lambda f: (f.usd_per_hour, f.instance_type))[:limit]

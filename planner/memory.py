@@ -42,6 +42,10 @@ class MemoryBreakdown(BaseModel):
     transient_bytes: int = Field(description="short-lived buffers at the peak (loss gradients, recomputation, "
                                              "dequantized weights)")
     peak_phase: str
+    held_gradient_bytes: int = Field(0, description="gradient bytes alive at the peak (what sharding divides)")
+    phase_bytes: dict[str, tuple[int, int]] = Field(
+        default_factory=dict, description="per candidate peak phase: (gradient bytes held, other bytes held "
+                                          "and transient), on top of weights and optimizer states")
     peak_allocated_bytes: int
     cuda_context_bytes: int
     allocator_slack_bytes: int
@@ -205,6 +209,9 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     }
     phase = max(phases, key=lambda k: sum(phases[k]))
     held, transient = phases[phase]
+    grads_held = {END_OF_BACKWARD: gradients, "backward through the first layer": grads_at_first_layer}
+    phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
+    held_gradients = grads_held.get(phase, 0)
     peak = static + held + transient
     slack = int(peak * ALLOCATOR_SLACK)
     return MemoryBreakdown(
@@ -212,6 +219,7 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
         gradients_bytes=gradients, optimizer_bytes=states, paged_optimizer_bytes=paged,
         activations_bytes=activations, activations_per_layer_bytes=layer.total, activation_terms=layer.terms,
         head_terms=head, transient_bytes=transient,
-        peak_phase=phase, peak_allocated_bytes=peak, cuda_context_bytes=CUDA_CONTEXT_BYTES,
+        peak_phase=phase, held_gradient_bytes=held_gradients, phase_bytes=phase_bytes, peak_allocated_bytes=peak,
+        cuda_context_bytes=CUDA_CONTEXT_BYTES,
         allocator_slack_bytes=slack, required_bytes=peak + slack + CUDA_CONTEXT_BYTES + paged,
     )

@@ -128,6 +128,43 @@ def quantization_notes(report: EstimateReport) -> list[str]:
             for e in report.estimates if e.method == "qlora" and e.unquantized_linear_params]
 
 
+def sharded_table(report: EstimateReport) -> Table | None:
+    """Per-GPU memory over several GPUs, when asked for."""
+    rows = [e for e in report.estimates if e.sharded]
+    if not rows:
+        return None
+    first = rows[0].sharded
+    table = Table(title=f"Per GPU over {first.gpus} GPUs on {first.nodes} node(s), {first.sharding}"
+                        + (f", offload {first.offload}" if first.offload != "none" else ""), title_justify="left")
+    table.add_column("")
+    for e in rows:
+        table.add_column(e.method, justify="right")
+    for label, key in (("weights (shard)", "weights_bytes"), ("gathered parameters", "gathered_bytes"),
+                       ("gradients at the peak", "gradients_bytes"), ("optimizer states", "optimizer_bytes"),
+                       ("communication buffers", "comm_buffer_bytes"), ("activations + transients", "other_bytes"),
+                       ("peak allocated", "peak_allocated_bytes"), ("required per GPU", "required_bytes"),
+                       ("host RAM per node: offloaded", "host_offload_bytes_per_node"),
+                       ("host RAM per node: loading", "host_loading_bytes_per_node"),
+                       ("checkpoint on disk per save", "checkpoint_bytes")):
+        table.add_row(label, *(gib(getattr(e.sharded, key)) for e in rows))
+    table.add_row("peak phase", *(e.sharded.peak_phase.split(" (")[0] for e in rows))
+    return table
+
+
+def smallest_counts_line(report: EstimateReport) -> list[str]:
+    out = []
+    for e in report.estimates:
+        counts = {}
+        for inst, n in e.smallest_gpu_counts.items():
+            gpu = catalog.get_instance(inst).gpu
+            if n is not None and (gpu not in counts or n < counts[gpu][0]):
+                counts[gpu] = (n, inst)
+        if counts:
+            out.append(f"{e.method}: fewest GPUs with ZeRO-3/FSDP sharding: " + ", ".join(
+                f"{n} x {gpu} ({inst})" for gpu, (n, inst) in sorted(counts.items(), key=lambda kv: kv[1][0])[:6]))
+    return out
+
+
 def print_estimate(report: EstimateReport, console: Console) -> None:
     m = report.model
     console.print(f"[bold]{m.name}[/] ({m.hf_id or 'no HF id'}), {m.model_type}, {m.layers} layers, "
@@ -138,6 +175,10 @@ def print_estimate(report: EstimateReport, console: Console) -> None:
     for line in selected_lines(report):
         console.print(line)
     console.print(instances_table(report))
+    if (table := sharded_table(report)) is not None:
+        console.print(table)
+    for line in smallest_counts_line(report):
+        console.print(line)
     console.print("[dim]Assumptions:[/]")
     for note in report.assumptions + quantization_notes(report):
         console.print(f"[dim]- {note}[/]")

@@ -130,6 +130,12 @@ CASES = [
     ("estimate-layers-zero", ["estimate", M, "--layers", "0"], "--layers must be positive"),
     ("estimate-unknown-flag", ["estimate", M, "--frobnicate"], "No such option '--frobnicate'"),
     ("estimate-no-model", ["estimate"], "Missing argument 'MODEL'"),
+    ("estimate-gpus-zero", ["estimate", M, "--gpus", "0"], "must be positive"),
+    ("estimate-gpus-nodes", ["estimate", M, "--gpus", "3", "--nodes", "2"], "not a multiple of --nodes"),
+    ("estimate-sharding-none", ["estimate", M, "--gpus", "2", "--sharding", "none"], "use ddp"),
+    ("estimate-offload-ddp", ["estimate", M, "--gpus", "2", "--sharding", "ddp", "--offload", "params"],
+     "needs parameter sharding"),
+    ("estimate-sharding-unknown", ["estimate", M, "--sharding", "zero4"], "'zero4' is not one of"),
     # estimate: config files
     ("config-malformed", ["estimate", "configs/malformed.json"], "not valid JSON (line 1"),
     ("config-array", ["estimate", "configs/array.json"], "must hold a JSON object"),

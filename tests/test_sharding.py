@@ -1,0 +1,131 @@
+"""Sharding arithmetic (DDP, ZeRO 1-3, FSDP, offload) against hand-computed cases, and the property
+that more GPUs never need more per-GPU memory for the sharded parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner import catalog
+from planner.architectures import build_layout
+from planner.errors import PlannerError
+from planner.memory import estimate_memory
+from planner.resolve import from_catalog
+from planner.settings import SetupChoices, resolve
+from planner.sharding import shard, smallest_gpu_count
+from tests.conftest import run_cli
+
+LAYOUT = build_layout(from_catalog(catalog.find_model("llama2-7b")))
+TOTAL = LAYOUT.total_params()
+
+
+def breakdown(method="full", **kw):
+    setup = resolve(method, SetupChoices(**kw))
+    return setup, estimate_memory(LAYOUT, setup)
+
+
+def test_ddp_replicates_everything():
+    setup, m = breakdown()
+    s = shard(LAYOUT, setup, m, gpus=8, sharding="ddp")
+    assert (s.weights_bytes, s.optimizer_bytes) == (4 * TOTAL, 8 * TOTAL)
+    assert s.comm_buffer_bytes == 2 * 25 * 2**20 and s.gathered_bytes == 0
+    assert s.peak_allocated_bytes == m.peak_allocated_bytes + s.comm_buffer_bytes
+
+
+def test_zero_stages_divide_states_then_gradients_then_weights():
+    setup, m = breakdown(grad_ckpt=True)
+    one = shard(LAYOUT, setup, m, gpus=8, sharding="zero1")
+    two = shard(LAYOUT, setup, m, gpus=8, sharding="zero2")
+    three = shard(LAYOUT, setup, m, gpus=8, sharding="zero3")
+    assert one.optimizer_bytes == two.optimizer_bytes == three.optimizer_bytes == 8 * TOTAL // 8
+    assert one.weights_bytes == two.weights_bytes == 4 * TOTAL and three.weights_bytes == 4 * TOTAL // 8
+    grads_end = m.phase_bytes["end of backward (all gradients)"][0]
+    assert grads_end == 4 * TOTAL
+    assert two.gradients_bytes <= grads_end // 8 + 1 and one.gradients_bytes <= grads_end
+    # gathered: the larger of one decoder layer and the embeddings+head, plus one more layer, in fp32 storage
+    layer = sum(g.params() for g in LAYOUT.modules if g.per_layer)
+    root = TOTAL - 32 * layer
+    assert three.gathered_bytes == int(max(layer, root) * 4 + layer * 4)
+    hidden = 4096
+    assert three.comm_buffer_bytes == hidden * hidden * 2 + int(0.9 * hidden * hidden) * 2
+    for s in (one, two, three):
+        assert s.peak_allocated_bytes == (s.weights_bytes + s.gathered_bytes + s.gradients_bytes + s.optimizer_bytes
+                                          + s.comm_buffer_bytes + s.other_bytes)
+
+
+def test_hybrid_shards_within_a_node_only():
+    setup, m = breakdown(grad_ckpt=True)
+    hybrid = shard(LAYOUT, setup, m, gpus=16, nodes=2, sharding="fsdp-hybrid")
+    full = shard(LAYOUT, setup, m, gpus=16, nodes=2, sharding="fsdp")
+    assert hybrid.shard_group == 8 and full.shard_group == 16
+    assert hybrid.weights_bytes == 4 * TOTAL // 8 and full.weights_bytes == 4 * TOTAL // 16
+
+
+def test_offload_moves_bytes_to_host_ram_per_node():
+    setup, m = breakdown(grad_ckpt=True)
+    base = shard(LAYOUT, setup, m, gpus=8, sharding="zero3")
+    opt = shard(LAYOUT, setup, m, gpus=8, sharding="zero3", offload="optimizer")
+    params = shard(LAYOUT, setup, m, gpus=8, sharding="zero3", offload="params")
+    assert opt.optimizer_bytes == 0 and opt.host_offload_bytes_per_node == 8 * base.optimizer_bytes
+    assert params.weights_bytes == params.optimizer_bytes == 0
+    assert params.host_offload_bytes_per_node == 8 * (base.weights_bytes + base.optimizer_bytes)
+
+
+def test_fsdp_drops_autocast_weight_copies():
+    setup, m = breakdown(grad_ckpt=True)
+    copies = m.activation_terms["weight_copies"] * 32
+    fsdp = shard(LAYOUT, setup, m, gpus=8, sharding="fsdp")
+    end_of_forward = m.phase_bytes["end of forward (activations + logits)"][1]
+    assert copies > 0 and fsdp.other_bytes <= max(end_of_forward - copies, m.phase_bytes[fsdp.peak_phase][1])
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(gpus=0), "must be positive"), (dict(gpus=3, nodes=2), "not a multiple of --nodes"),
+    (dict(gpus=2, sharding="none"), "with several GPUs use ddp"),
+    (dict(gpus=2, sharding="ddp", offload="params"), "needs parameter sharding"),
+    (dict(gpus=2, sharding="fsdp", offload="optimizer"), "DeepSpeed ZeRO's"),
+])
+def test_impossible_layouts_are_refused(kw, message):
+    setup, m = breakdown()
+    with pytest.raises(PlannerError, match=message):
+        shard(LAYOUT, setup, m, **{"sharding": "ddp", **kw})
+
+
+@settings(max_examples=40, deadline=None)
+@given(method=st.sampled_from(["full", "lora", "qlora"]), scheme=st.sampled_from(["ddp", "zero1", "zero2", "zero3",
+                                                                                   "fsdp"]),
+       small=st.sampled_from([2, 4, 8]), factor=st.sampled_from([2, 4, 8]), ckpt=st.booleans())
+def test_more_gpus_never_need_more_per_gpu_memory(method, scheme, small, factor, ckpt):
+    setup, m = breakdown(method, grad_ckpt=ckpt)
+    a = shard(LAYOUT, setup, m, gpus=small, sharding=scheme)
+    b = shard(LAYOUT, setup, m, gpus=small * factor, sharding=scheme)
+    for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "peak_allocated_bytes"):
+        assert getattr(b, key) <= getattr(a, key), key
+
+
+def test_smallest_gpu_count_per_instance_type():
+    setup, m = breakdown("qlora")
+    assert smallest_gpu_count(LAYOUT, setup, m, catalog.get_gpu("A10G").memory_bytes, 1, "zero3") == 1
+    setup, m = breakdown("full", grad_ckpt=True)
+    n = smallest_gpu_count(LAYOUT, setup, m, catalog.get_gpu("A10G").memory_bytes, 4, "zero3")
+    assert n in (4, 8, 16) and shard(LAYOUT, setup, m, gpus=n, nodes=max(1, n // 4),
+                                     sharding="zero3").required_bytes <= catalog.get_gpu("A10G").memory_bytes
+
+
+def test_estimate_cli_for_a_70b_full_fine_tune_on_16_gpus():
+    result = run_cli("estimate", "llama2-70b", "--method", "full", "--gpus", "16", "--nodes", "2", "--sharding",
+                     "fsdp", "--grad-ckpt", "--json")
+    assert result.returncode == 0, result.stderr
+    e = json.loads(result.stdout)["estimates"][0]
+    total = e["total_params"]
+    s = e["sharded"]
+    assert s["weights_bytes"] == 4 * total // 16 and s["optimizer_bytes"] == 8 * total // 16
+    assert s["host_loading_bytes_per_node"] == 4 * total          # FSDP: rank 0 of a node loads, fp32
+    assert s["checkpoint_bytes"] == 4 * total + 8 * total          # weights as trained + AdamW states
+    assert e["smallest_gpu_counts"]["p5.48xlarge"] == 16
+    table = run_cli("estimate", "llama2-70b", "--method", "full", "--gpus", "16", "--nodes", "2", "--sharding",
+                    "fsdp", "--grad-ckpt")
+    assert "Per GPU over 16 GPUs on 2 node(s), fsdp" in table.stdout
