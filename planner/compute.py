@@ -142,3 +142,20 @@ def allreduce_seconds(gradient_bytes: int, instance: catalog.Instance, count: in
         bw = network_gbytes_per_s(instance.network) * (1.0 if instance.efa else comm["inter_node_without_efa_factor"])
         seconds += 2 * (count - 1) / count * gradient_bytes / (bw * 1e9 * comm["bus_efficiency"])
     return seconds
+
+
+def gather_seconds(total_bytes: float, instance: catalog.Instance, count: int) -> float:
+    """All-gathering `total_bytes` of sharded parameters onto every GPU: each GPU receives (N-1)/N of
+    them, over the slowest link in the job (the instance network when there are several instances)."""
+    comm = catalog.throughput()["communication"]
+    gpus = instance.gpu_count * count
+    if gpus == 1:
+        return 0.0
+    if count > 1:
+        per_gpu = network_gbytes_per_s(instance.network) * (1.0 if instance.efa else comm["inter_node_without_efa_factor"])
+        per_gpu /= instance.gpu_count  # the instance's network is shared by its GPUs
+    else:
+        linked = any(k in instance.interconnect for k in ("NVLink", "NVSwitch"))
+        per_gpu = comm["intra_node_gbytes_per_s"].get(instance.gpu.split("-")[0] if linked else "PCIe",
+                                                      comm["intra_node_gbytes_per_s"]["PCIe"])
+    return (gpus - 1) / gpus * total_bytes / (per_gpu * 1e9 * comm["bus_efficiency"])

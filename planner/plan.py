@@ -68,6 +68,7 @@ class PlanHardware(_Strict):
     instance_type: str
     instance_count: int = Field(gt=0)
     gpus_per_instance: int = Field(gt=0)
+    sharding: Literal["none", "ddp", "fsdp"] = Field("none", description="how the GPUs share the model")
     gpu: str
     platform: Platform
     region: str
@@ -131,7 +132,8 @@ def plan_from(spec: ModelSpec, rec, *, backend: str = "hf", seed: int = 42,
             max_grad_norm=MAX_GRAD_NORM[c.method], seed=seed, packing=rec.data.packing, data_source=rec.data.source,
             data_tokens=rec.data.tokens),
         hardware=PlanHardware(instance_type=c.instance_type, instance_count=c.instance_count,
-                              gpus_per_instance=c.gpus_total // c.instance_count, gpu=c.gpu, platform=req.platform,
+                              gpus_per_instance=c.gpus_total // c.instance_count, sharding=c.sharding, gpu=c.gpu,
+                              platform=req.platform,
                               region=req.region, market=req.market),
         estimates=PlanEstimates(required_bytes_per_gpu=c.required_bytes, peak_allocated_bytes=c.peak_allocated_bytes,
                                 gpu_memory_bytes=c.gpu_memory_bytes,

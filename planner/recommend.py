@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from . import calibration, catalog
-from .compute import allreduce_seconds, step_time
+from .compute import allreduce_seconds, gather_seconds, step_time
 from .cost import HourlyPrice, Market, Platform, check_region, cost_usd, hourly_price
 from .dataset import TokenBudget
 from .errors import PlannerError
@@ -23,6 +23,7 @@ from .memory import estimate_memory
 from .modelspec import ModelSpec
 from .params import count_params
 from .settings import Method, SetupChoices, TrainingSetup, resolve
+from .sharding import shard
 
 Priority = Literal["cost", "balanced", "quality"]
 Task = Literal["instruction", "domain-adaptation", "continued-pretraining"]
@@ -63,6 +64,8 @@ class Candidate(BaseModel):
     instance_count: int
     gpu: str
     gpus_total: int
+    sharding: str = Field("none", description="none (one GPU), ddp (a replica per GPU) or fsdp (parameters "
+                                              "sharded over all GPUs)")
     grad_accum: int
     required_bytes: int = Field(description="per GPU")
     peak_allocated_bytes: int = Field(description="per GPU, what torch.cuda.max_memory_allocated() should read")
@@ -108,8 +111,9 @@ class _Setting:
     counts: object
     targets: str
     target_modules: str | list[str] | None
-    required: dict[int, int]  # micro-batch -> required bytes per GPU
+    required: dict[int, int]  # micro-batch -> required bytes per GPU (one GPU holds everything)
     peak: dict[int, int]      # micro-batch -> peak allocated bytes per GPU
+    memory: dict[int, object]  # micro-batch -> MemoryBreakdown (sharded over several GPUs when needed)
 
 
 def _setting_grid(choices: SetupChoices, methods: list[Method], fixed: set[str]) -> list[TrainingSetup]:
@@ -158,26 +162,29 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
 
     settings: list[_Setting] = []
     count_cache: dict[tuple, object] = {}
+    max_world = 2 ** int(math.log2(request.max_gpus))  # worlds are powers of two (global batches usually are)
     for setup in _setting_grid(choices, request.methods, fixed):
         key = (setup.method, tuple(setup.lora.targets or ()) if setup.lora else None)
         counts = count_cache.get(key) or count_cache.setdefault(key, count_params(layout, setup.method, setup.lora))
-        required, peak = {}, {}
+        required, peak, breakdowns = {}, {}, {}
         for micro in _micro_batches(request):
             memory = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}), counts)
             need = memory.required_bytes
+            if need > largest and max_world > 1:  # the least it can need: sharded over every GPU allowed
+                need = min(need, shard(layout, setup, memory, gpus=max_world, sharding="fsdp").required_bytes)
             smallest_need[setup.method] = min(need, smallest_need.get(setup.method, need))
             if need > largest:  # larger micro-batches only need more
                 if micro == _micro_batches(request)[0] and (closest_fit is None or need < closest_fit[0]):
                     closest_fit = (need, f"{setup.method} ({_describe(setup)})")
                 reject("does not fit any GPU searched")
                 break
-            required[micro], peak[micro] = need, memory.peak_allocated_bytes
+            required[micro], peak[micro], breakdowns[micro] = memory.required_bytes, memory.peak_allocated_bytes, memory
         if required:
             targets = "" if counts.targets is None else (
                 "all-linear" if counts.targets.all_linear else
                 "peft-default" if counts.targets.source == "peft-default" else ",".join(counts.targets.names))
             modules = counts.targets.peft_value() if counts.targets else None
-            settings.append(_Setting(setup, counts, targets, modules, required, peak))
+            settings.append(_Setting(setup, counts, targets, modules, required, peak, breakdowns))
 
     quality = catalog.quality()["tasks"][request.task]
     weigh = catalog.quality()["weighing"]
@@ -190,6 +197,9 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     over_deadline: list[Candidate] = []
     evaluated = 0
     time_cache: dict[tuple, object] = {}
+    shard_cache: dict[tuple, object] = {}
+    setup_cache: dict[tuple, TrainingSetup] = {}
+    total_params = layout.total_params()
     calibrations = calibration.load()
     sagemaker_types = set(catalog.pricing()["sagemaker"]["training_instance_types"])
     for inst in instances:
@@ -207,42 +217,65 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
             if reason := gpu_supports(gpu, setup):
                 reject(reason.split(" (")[0])
                 continue
-            fitting = [m for m, need in st.required.items() if need <= gpu.memory_bytes]
-            if not fitting:
-                reject("does not fit this GPU")
-                continue
+            replica = [m for m, need in st.required.items() if need <= gpu.memory_bytes]
             calib = calibrations.find(gpu.name, spec.name, setup.method)
             util = (calib.utilization, f"calibrated by {calib.source} on {calib.date}") if calib else None
             for count in INSTANCE_COUNTS:
                 world = count * inst.gpu_count
                 if world > request.max_gpus:
                     break
-                micros = [m for m in fitting if request.global_batch % (m * world) == 0]
+                # a whole replica per GPU when it fits (data parallel); otherwise shard parameters (FSDP)
+                scheme = ("none" if world == 1 else "ddp") if replica else ("fsdp" if world > 1 else None)
+                if scheme is None:
+                    reject("does not fit this GPU")
+                    continue
+                needs = {m: (st.required[m], st.peak[m]) for m in replica} if replica else {}
+                if scheme == "fsdp":  # the largest micro-batch that fits sharded (larger ones need more)
+                    for m in sorted(st.memory, reverse=True):
+                        if request.global_batch % (m * world):
+                            continue
+                        key = (id(st), m, world, count)
+                        sharded = shard_cache.get(key) or shard_cache.setdefault(
+                            key, shard(layout, setup, st.memory[m], gpus=world, nodes=count, sharding="fsdp"))
+                        if sharded.required_bytes <= gpu.memory_bytes:
+                            needs[m] = (sharded.required_bytes, sharded.peak_allocated_bytes)
+                            break
+                if not needs:
+                    reject("does not fit this GPU, even sharded")
+                    continue
+                micros = [m for m in needs if request.global_batch % (m * world) == 0]
                 if not micros:
                     reject("global batch not divisible across the GPUs")
                     continue
                 micro = max(micros)
                 evaluated += 1
                 accum = request.global_batch // (micro * world)
+                skey = (id(st), micro, setup.precision)
+                micro_setup = setup_cache.get(skey) or setup_cache.setdefault(
+                    skey, setup.model_copy(update={"batch_size": micro}))
                 tkey = (id(st), micro, gpu.name, setup.precision)
                 timing = time_cache.get(tkey)
                 if timing is None:
                     per_seq = data.processed_tokens(micro) / sequences
-                    timing = time_cache[tkey] = step_time(layout, setup.model_copy(update={"batch_size": micro}),
-                                                          st.counts, gpu, micro_batch=micro,
+                    timing = time_cache[tkey] = step_time(layout, micro_setup, st.counts, gpu, micro_batch=micro,
                                                           tokens_per_sequence=per_seq, utilization=util)
                 grad_bytes = st.counts.trainable_params * (4 if setup.method != "full" or setup.precision in (
                     "bf16-mixed", "fp16-mixed", "fp32") else 2)
-                step_seconds = accum * timing.seconds + (allreduce_seconds(grad_bytes, inst, count) if world > 1 else 0)
+                comm = allreduce_seconds(grad_bytes, inst, count) if world > 1 else 0.0
+                if scheme == "fsdp":  # every micro-batch gathers the weights (twice, thrice with recompute)
+                    passes = 3 if setup.grad_ckpt else 2
+                    comm += accum * gather_seconds(passes * total_params * 2, inst, count)
+                step_seconds = accum * timing.seconds + comm
                 train = optimizer_steps * step_seconds
                 total = train + overhead
                 tier = quality[setup.method]
+                required, peak_bytes = needs[micro]
                 # model_construct: every field comes from validated objects, and this loop is the hot path
                 cand = Candidate.model_construct(
-                    method=setup.method, setup=setup.model_copy(update={"batch_size": micro}), targets=st.targets,
+                    method=setup.method, setup=micro_setup, targets=st.targets,
                     target_modules=st.target_modules, instance_type=inst.type, instance_count=count,
-                    gpu=gpu.name, gpus_total=world, grad_accum=accum, required_bytes=st.required[micro],
-                    peak_allocated_bytes=st.peak[micro], gpu_memory_bytes=gpu.memory_bytes, hours=total / 3600,
+                    gpu=gpu.name, gpus_total=world, sharding=scheme, grad_accum=accum, required_bytes=required,
+                    peak_allocated_bytes=peak_bytes, gpu_memory_bytes=gpu.memory_bytes, hours=total / 3600,
                     train_hours=train / 3600, cost_usd=cost_usd(total, price, count), price=price,
                     tokens_per_second=world * timing.tokens / step_seconds * accum, utilization=timing.utilization,
                     utilization_source=timing.utilization_source, optimizer_steps=optimizer_steps,
@@ -399,9 +432,11 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
         "QLoRA adds the memory-bound dequantization of every 4-bit weight in each pass "
         f"({rules['dequantization']['bytes_per_weight']} bytes per weight at "
         f"{rules['dequantization']['bandwidth_efficiency']:.0%} of peak bandwidth)",
-        "several GPUs: data parallel, every GPU holds the whole model; gradients all-reduced once per optimizer "
-        "step, not overlapped with compute; NVLink/NVSwitch inside an instance, the instance network between "
-        "instances (half of it without EFA)",
+        "several GPUs: data parallel with a whole replica per GPU (DDP) when it fits, else FSDP with parameters, "
+        "gradients and optimizer states sharded over all GPUs (weights gathered in bf16 every forward, backward "
+        "and recomputation); gradients all-reduced once per optimizer step; communication not overlapped with "
+        "compute; NVLink/NVSwitch or PCIe inside an instance, the instance network between instances (half of it "
+        "without EFA)",
         f"billed time adds {rules['overhead']['setup_seconds'] // 60:.0f} minutes of setup "
         "(boot, model download and load); per-second billing",
         f"global batch {request.global_batch} sequences per optimizer step (micro-batch x GPUs x accumulation)",

@@ -20,6 +20,7 @@ from planner.params import count_params, over_ranked
 from planner.recommend import SearchRequest, search
 from planner.resolve import from_catalog
 from planner.settings import LoraSettings, SetupChoices, resolve
+from planner.sharding import shard
 
 MODELS = ["llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gemma2-2b", "phi3-mini", "gpt2",
           "falcon-7b", "opt-350m", "pythia-1b", "bloom-560m"]
@@ -70,7 +71,8 @@ def test_figures_are_never_negative_or_non_finite(layout, method, c):
         if isinstance(value, (int, float)):
             assert value >= 0 and math.isfinite(value), name
         elif isinstance(value, dict):
-            assert all(v >= 0 and math.isfinite(v) for v in value.values()), name
+            flat = [x for v in value.values() for x in (v if isinstance(v, (tuple, list)) else (v,))]
+            assert all(x >= 0 and math.isfinite(x) for x in flat), name
     assert m.required_bytes >= m.peak_allocated_bytes >= m.weights_bytes
 
 
@@ -161,6 +163,8 @@ def test_the_recommender_never_returns_what_its_estimator_rejects(tokens, budget
         return
     for c in [rec.recommended, *rec.candidates, *rec.frontier]:
         again = estimate_memory(layout, c.setup, count_params(layout, c.method, c.setup.lora))
+        if c.sharding == "fsdp":
+            again = shard(layout, c.setup, again, gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
         assert again.required_bytes <= c.gpu_memory_bytes
         assert budget is None or c.cost_usd <= budget
         assert deadline is None or c.hours <= deadline

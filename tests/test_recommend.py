@@ -14,6 +14,7 @@ from planner.params import count_params
 from planner.recommend import SearchRequest, search
 from planner.resolve import from_catalog
 from planner.settings import LoraSettings, SetupChoices
+from planner.sharding import shard
 
 SPEC = from_catalog(catalog.find_model("llama2-7b"))
 LAYOUT = layout_for(SPEC)[0]
@@ -37,6 +38,8 @@ def test_every_candidate_fits_by_the_estimators_own_numbers():
     rec = run()
     for c in rec.candidates + rec.frontier:
         again = estimate_memory(LAYOUT, c.setup, count_params(LAYOUT, c.method, c.setup.lora))
+        if c.sharding == "fsdp":
+            again = shard(LAYOUT, c.setup, again, gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
         assert again.required_bytes == c.required_bytes <= c.gpu_memory_bytes
         assert c.setup.batch_size * c.gpus_total * c.grad_accum == rec.request.global_batch
 
@@ -103,9 +106,22 @@ def test_spot_and_sagemaker_change_the_price_not_the_plan_shape():
 
 
 def test_why_not_says_by_how_much_a_method_misses():
-    rec = run(instances=["g5.xlarge"], methods=["full", "qlora"])
+    rec = run(instances=["g5.xlarge"], methods=["full", "qlora"], max_gpus=1)
     line = next(x for x in rec.why_not if x.startswith("full"))
     assert "needs at least" in line and "GiB short" in line and "largest GPU searched has 22.4 GiB" in line
     cheap = run(budget_usd=3.0, methods=["full", "qlora", "lora"], instances=["p5.4xlarge", "g6e.xlarge"])
     full = next(x for x in cheap.why_not if x.startswith("full"))
     assert "misses the limits (cheapest $" in full and "vs the $3.00 budget" in full
+
+
+def test_a_model_too_big_for_one_gpu_is_sharded_over_several():
+    spec = from_catalog(catalog.find_model("llama2-70b"))
+    layout = layout_for(spec)[0]
+    rec = search(spec, layout, from_token_count(100_000_000, 2048), SearchRequest(methods=["full"], max_gpus=64,
+                                                                                  priority="cost"), SetupChoices())
+    c = rec.recommended
+    assert c.sharding == "fsdp" and c.gpus_total >= 8
+    again = shard(layout, c.setup, estimate_memory(layout, c.setup, count_params(layout, "full")),
+                  gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
+    assert again.required_bytes == c.required_bytes <= c.gpu_memory_bytes
+    assert any("FSDP" in a for a in rec.assumptions)
