@@ -152,8 +152,8 @@ def gather_seconds(total_bytes: float, instance: catalog.Instance, count: int) -
     if gpus == 1:
         return 0.0
     if count > 1:
-        per_gpu = network_gbytes_per_s(instance.network) * (1.0 if instance.efa else comm["inter_node_without_efa_factor"])
-        per_gpu /= instance.gpu_count  # the instance's network is shared by its GPUs
+        efa = 1.0 if instance.efa else comm["inter_node_without_efa_factor"]
+        per_gpu = network_gbytes_per_s(instance.network) * efa / instance.gpu_count  # shared by its GPUs
     else:
         linked = any(k in instance.interconnect for k in ("NVLink", "NVSwitch"))
         per_gpu = comm["intra_node_gbytes_per_s"].get(instance.gpu.split("-")[0] if linked else "PCIe",
