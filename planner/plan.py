@@ -21,6 +21,7 @@ from .errors import PlannerError
 from .files import atomic_write_text
 from .modelspec import ModelSpec
 from .settings import Method, TrainingSetup
+from .sharding import Sharding
 
 PLAN_SCHEMA_VERSION = 1
 DEFAULT_PLAN = Path("ftplan-plan.yaml")
@@ -68,7 +69,8 @@ class PlanHardware(_Strict):
     instance_type: str
     instance_count: int = Field(gt=0)
     gpus_per_instance: int = Field(gt=0)
-    sharding: Literal["none", "ddp", "fsdp"] = Field("none", description="how the GPUs share the model")
+    sharding: Sharding = Field("none", description="how the GPUs share the model (recommend picks none, ddp or "
+                                                   "fsdp; zero1-3 run on DeepSpeed when edited in)")
     gpu: str
     platform: Platform
     region: str

@@ -16,7 +16,8 @@ from .files import atomic_write_text, check_writable
 from .plan import Plan, config_hash, load, to_yaml, weights_source
 
 # What a run writes; --force clears exactly these, never anything else in the directory.
-MANAGED = ("adapter", "model", "tokenizer", "metrics.jsonl", "summary.json", "plan.yaml")
+MANAGED = ("adapter", "model", "tokenizer", "metrics.jsonl", "summary.json", "plan.yaml", "accelerate_config.yaml",
+           "launch.sh", ".request.json", ".result.json")
 
 
 class RunSummary(BaseModel):

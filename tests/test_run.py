@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -233,3 +234,37 @@ def test_run_refuses_a_different_architecture_and_pickle_weights(workdir, tmp_pa
                       "--output", str(tmp_path / "o2"))
     assert refused.returncode == 2 and "never loads pickle" in refused.stderr
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_two_processes_on_the_cpu_train_with_ddp_and_write_one_set_of_outputs(workdir):
+    plan = make_plan(workdir, "lora", "ddp", "--batch-size", "1", "--epochs", "2")
+    out = workdir / "out-ddp"
+    result = run_cli("run", plan.name, "--data", "train.jsonl", "--output", out.name, "--option", "processes=2",
+                     "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert any("2 processes (MULTI_CPU)" in n for n in summary["result"]["notes"])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == list(range(1, len(steps) + 1))           # one line per step: only process 0 logs
+    curve = [json.loads(line)["loss"] for line in lines]
+    assert sum(curve[-4:]) / 4 < 0.97 * sum(curve[:4]) / 4
+    config = yaml.safe_load((out / "accelerate_config.yaml").read_text())
+    assert config["distributed_type"] == "MULTI_CPU" and config["num_processes"] == 2
+    assert "torch.distributed.run" in (out / "launch.sh").read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(out.glob(".re*.json"))
+
+
+def test_generated_accelerate_configs_follow_the_plans_sharding(workdir):
+    from plugins.hf.launch import accelerate_config
+
+    plan = load(make_plan(workdir, "lora", "cfg"))
+    for sharding, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP")):
+        p = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"sharding": sharding,
+                                                                                 "instance_count": 2})})
+        config = accelerate_config(p, processes=16, machines=2, machine_rank=1, main_ip="10.0.0.1", main_port=29500,
+                                   cpu=False)
+        assert config["distributed_type"] == kind and config["num_machines"] == 2 and config["machine_rank"] == 1
+        assert config["main_process_ip"] == "10.0.0.1" and config["num_processes"] == 16
+    assert config["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"

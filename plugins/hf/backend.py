@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from pydantic import Field
+
 from planner.backend import BackendOptions, Problem, ProgressCallback, RunRequest, RunResult, TrainerBackend
 from planner.errors import PlannerError
 from planner.plan import Plan, weights_source
@@ -27,16 +29,48 @@ def _local_problems(path: Path) -> list[Problem]:
     return problems
 
 
+class HuggingFaceOptions(BackendOptions):
+    """`ftplan run --option KEY=VALUE` for the hf backend."""
+
+    processes: int | None = Field(None, gt=0, description="training processes on this machine [default: the "
+                                                           "plan's GPUs per instance when this machine has them, "
+                                                           "else 1]")
+    machine_rank: int = Field(0, ge=0, description="this node's rank in a multi-node plan")
+    main_process_ip: str | None = Field(None, description="rank 0's address, required for multi-node plans")
+
+
+def load_for_training(plan: Plan, request: RunRequest):
+    """The ModelSpec, weights source and tokenizer (pad token set) a run trains with."""
+    from transformers import AutoTokenizer
+
+    from planner.resolve import resolve_model
+
+    source = weights_source(plan, request.model_path)
+    path = Path(source).expanduser()
+    where = str(path) if path.exists() else source
+    spec = resolve_model(where)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=request.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PlannerError(f"cannot load the tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # the usual recipe for causal LMs without a pad token
+    if tokenizer.pad_token_id is None:
+        raise PlannerError(f"the tokenizer at {source} has neither a pad nor an eos token; add one")
+    return spec, where, tokenizer
+
+
 class HuggingFaceBackend(TrainerBackend):
-    """Trains on this machine with the Hugging Face stack; one process (multi-GPU launch comes later)."""
+    """Trains on this machine with the Hugging Face stack: one process, or several through accelerate
+    (DDP, FSDP or DeepSpeed, as the plan's sharding says)."""
 
     name = "hf"
     description = "transformers + PEFT + bitsandbytes + accelerate on this machine (CPU or one CUDA GPU)"
     methods = ("full", "lora", "qlora")
     platforms = ("ec2", "sagemaker")  # sagemaker: inside a training job, started by the sagemaker backend
-    options_model = BackendOptions
+    options_model = HuggingFaceOptions
 
-    def check(self, plan: Plan, request: RunRequest, options: BackendOptions) -> list[Problem]:
+    def check(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
         problems = self.supports(plan)
         setup = plan.training.setup
         missing = [p for p in TRAIN_PACKAGES if importlib.util.find_spec(p) is None]
@@ -67,25 +101,33 @@ class HuggingFaceBackend(TrainerBackend):
                                     fix="pass --model-path DIR or a Hugging Face id"))
         elif Path(source).expanduser().exists():
             problems += _local_problems(Path(source).expanduser())
+        if plan.hardware.instance_count > 1 and (options.processes or 0) > 1 and not options.main_process_ip:
+            problems.append(Problem(message=f"the plan spans {plan.hardware.instance_count} instances",
+                                    fix="pass --option main_process_ip=RANK0_ADDRESS and --option machine_rank=N "
+                                        "on every node"))
         return problems
 
-    def run(self, plan: Plan, request: RunRequest, options: BackendOptions, progress: ProgressCallback) -> RunResult:
-        from transformers import AutoTokenizer
+    def processes(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> tuple[int, bool]:
+        """How many processes to start here, and whether on the CPU."""
+        import torch
 
-        from planner.resolve import resolve_model
+        cpu = request.device == "cpu" or (request.device == "auto" and not torch.cuda.is_available())
+        if options.processes:
+            return options.processes, cpu
+        if cpu:
+            return 1, True
+        return max(1, min(plan.hardware.gpus_per_instance, torch.cuda.device_count())), False
 
+    def run(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions,
+            progress: ProgressCallback) -> RunResult:
+        processes, cpu = self.processes(plan, request, options)
+        if processes > 1 or plan.hardware.instance_count > 1 and options.main_process_ip:
+            from .launch import launch
+
+            return launch(plan, request, processes=processes, cpu=cpu, progress=progress,
+                          machines=plan.hardware.instance_count if options.main_process_ip else 1,
+                          machine_rank=options.machine_rank, main_ip=options.main_process_ip or "127.0.0.1")
         from .loop import train
 
-        source = weights_source(plan, request.model_path)
-        path = Path(source).expanduser()
-        spec = resolve_model(str(path) if path.exists() else source)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else source,
-                                                      trust_remote_code=request.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise PlannerError(f"cannot load the tokenizer from {source}: {str(exc).splitlines()[0]}") from None
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token  # the usual recipe for causal LMs without a pad token
-        if tokenizer.pad_token_id is None:
-            raise PlannerError(f"the tokenizer at {source} has neither a pad nor an eos token; add one")
-        return train(plan, spec, str(path) if path.exists() else source, tokenizer, request, progress)
+        spec, source, tokenizer = load_for_training(plan, request)
+        return train(plan, spec, source, tokenizer, request, progress)

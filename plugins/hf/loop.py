@@ -133,12 +133,16 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
     t = plan.training
     setup = t.setup
     out = request.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_partial(out)
     cpu = request.device == "cpu" or (request.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=_mixed_precision(plan), cpu=cpu)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(out)
+    accelerator.wait_for_everyone()
     device = accelerator.device
     set_seed(t.seed)
+    processes, rank = accelerator.num_processes, accelerator.process_index
 
     records = data.read_records(request.data)
     examples = data.tokenize(records, tokenizer, setup.seq_len, str(request.data))
@@ -150,12 +154,18 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
                                       str(request.eval_data))
 
     world = plan.hardware.instance_count * plan.hardware.gpus_per_instance
-    accum = t.grad_accum * world  # one process: the same global batch by accumulating world x longer
-    notes = [] if world == 1 else [f"the plan spreads the global batch over {world} GPUs; this run used one "
-                                   f"process with {accum} accumulation steps (same global batch)"]
+    if (t.grad_accum * world) % processes:
+        raise PlannerError(f"{processes} processes cannot split the plan's global batch ({t.global_batch} = "
+                           f"{setup.batch_size} x {t.grad_accum} x {world} GPUs); use a process count dividing "
+                           f"{t.grad_accum * world}")
+    # the same global batch on fewer processes than the plan's GPUs: accumulate longer
+    accum = t.grad_accum * world // processes
+    notes = [] if world == processes else [f"the plan spreads the global batch over {world} GPUs; this run used "
+                                           f"{processes} process(es) with {accum} accumulation steps (same global "
+                                           "batch)"]
     micro = setup.batch_size
     stream = Stream(examples, micro, t.seed, tokenizer.pad_token_id)
-    steps_per_epoch = max(1, math.ceil(stream.per_epoch / accum))
+    steps_per_epoch = max(1, math.ceil(stream.per_epoch / (accum * processes)))
     total = request.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
 
     model = build_model(spec, setup, device=str(device), pretrained=source,
@@ -166,7 +176,7 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
         group["initial_lr"] = t.learning_rate
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total),
                               num_training_steps=total)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)  # DDP (or FSDP) across processes
     scaler = getattr(accelerator, "scaler", None)
     full = t.method == "full"
     unwrapped = accelerator.unwrap_model(model)
@@ -181,8 +191,9 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
         state = checkpoint.load(done[-1], model=unwrapped, full=full, optimizer=optimizer, scheduler=scheduler,
                                 scaler=scaler, device=device)
         start_step = resumed_from = state["step"]
-        _truncate_metrics(metrics_path, start_step)
-    elif metrics_path.exists():
+        if main:
+            _truncate_metrics(metrics_path, start_step)
+    elif metrics_path.exists() and main:
         metrics_path.unlink()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,18 +203,26 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
     loss_value, eval_loss, interrupted, step = None, None, False, start_step
     with stop_requests() as stop:
         for step in range(start_step + 1, total + 1):
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
+            step_tokens = torch.zeros((), device=device)
             for k in range(accum):
-                batch = {key: v.to(device) for key, v in stream.batch((step - 1) * accum + k).items()}
+                # every process takes its own micro-batches: position (step, k) x processes + rank
+                position = ((step - 1) * accum + k) * processes + rank
+                batch = {key: v.to(device) for key, v in stream.batch(position).items()}
                 with accelerator.autocast():
                     loss = model(**batch).loss / accum
                 accelerator.backward(loss)
-                step_loss += float(loss.detach())
-                state["tokens"] += int(batch["input_ids"].numel())
+                step_loss += loss.detach().float()
+                step_tokens += batch["input_ids"].numel()
             accelerator.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if processes > 1:
+                step_loss = accelerator.reduce(step_loss, "mean")
+                step_tokens = accelerator.reduce(step_tokens, "sum")
+            step_loss = float(step_loss)
+            state["tokens"] += int(step_tokens)
             loss_value = step_loss
             state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else step_loss
             elapsed = time.perf_counter() - began
@@ -211,7 +230,7 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
             last = step == total
             if eval_examples is not None and last:
                 eval_loss = _eval_loss(model, eval_examples, micro, tokenizer.pad_token_id, accelerator)
-            if step % request.log_every == 0 or last:
+            if main and (step % request.log_every == 0 or last):
                 rate = state["tokens"] / elapsed if elapsed else 0.0
                 event = ProgressEvent(
                     step=step, total_steps=total, epoch=step / steps_per_epoch, loss=step_loss,
@@ -220,20 +239,31 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
                     peak_memory_bytes=torch.cuda.max_memory_allocated() if not cpu else None, eval_loss=eval_loss)
                 _append_metrics(metrics_path, event)
                 progress(event)
+            if processes > 1:  # every process must stop at the same step, or the collectives hang
+                flag = torch.tensor(1.0 if stop["stop"] else 0.0, device=device)
+                if float(accelerator.reduce(flag, "sum")) > 0 and not stop["stop"]:
+                    stop["stop"] = "a signal to another process"
             if stop["stop"] or (step % request.save_every == 0 and not last):
-                checkpoint.save(out, step, model=unwrapped, full=full, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, state=state)
+                accelerator.wait_for_everyone()
+                if main:  # replicas are identical under DDP: one process writes
+                    checkpoint.save(out, step, model=unwrapped, full=full, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, state=state)
+                accelerator.wait_for_everyone()
             if stop["stop"]:
                 interrupted = True
                 notes.append(f"stopped by {stop['stop']} after step {step}; checkpoint saved")
                 break
     artifacts = ["metrics.jsonl"]
-    if not interrupted:
+    accelerator.wait_for_everyone()
+    if not interrupted and main:
         artifacts += _save_final(unwrapped, tokenizer, out, full)
         for old in checkpoint.complete(out)[:-1]:
             import shutil
 
             shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if processes > 1:
+        notes.append(f"{processes} processes ({accelerator.distributed_type.value}); process 0 wrote the outputs")
     artifacts += [p.name for p in checkpoint.complete(out)]
     elapsed = time.perf_counter() - began
     return RunResult(

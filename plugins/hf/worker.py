@@ -1,0 +1,36 @@
+"""One training process of a multi-process run (started by plugins/hf/launch.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--request", type=Path, required=True)
+    args = parser.parse_args(argv)
+    from planner.backend import RunRequest
+    from planner.plan import load
+
+    from .backend import load_for_training
+    from .launch import RESULT
+    from .loop import train
+
+    plan = load(args.plan)
+    request = RunRequest.model_validate_json(args.request.read_text())
+    spec, source, tokenizer = load_for_training(plan, request)
+    result = train(plan, spec, source, tokenizer, request, lambda event: None)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = request.output_dir / (RESULT + ".tmp")
+        tmp.write_text(result.model_dump_json())
+        os.replace(tmp, request.output_dir / RESULT)
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
