@@ -85,13 +85,18 @@ def hf_config(spec: ModelSpec, setup: TrainingSetup):
     return config
 
 
-def _load_quantized(source: str, setup: TrainingSetup, device: str, trust_remote_code: bool):
-    """Weights from a directory or Hub id (safetensors only), quantized by bitsandbytes as they load."""
+def _load_quantized(source: str, setup: TrainingSetup, device: str, trust_remote_code: bool, sharded: bool = False):
+    """Weights from a directory or Hub id (safetensors only), quantized by bitsandbytes as they load.
+
+    `sharded`: FSDP shards only tensors of one float dtype, so the packed 4-bit weights are stored
+    in the compute dtype (bnb_4bit_quant_storage), the QLoRA + FSDP recipe; the bytes are the same.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=setup.quant_type,
                                bnb_4bit_use_double_quant=setup.double_quant,
-                               bnb_4bit_compute_dtype=compute_dtype(setup))
+                               bnb_4bit_compute_dtype=compute_dtype(setup),
+                               **({"bnb_4bit_quant_storage": compute_dtype(setup)} if sharded else {}))
     return AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=weight_dtype(setup),
                                                 device_map=device, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code,
@@ -126,7 +131,7 @@ def apply_lora(model, targets: TargetResolution, setup: TrainingSetup):
 
 
 def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", pretrained: str | None = None,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, sharded: bool = False):
     """The model of `spec` ready to train under `setup` on `device`.
 
     full: weights in their storage dtype, all trainable; lora: frozen half-precision base plus
@@ -144,7 +149,7 @@ def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", p
         from peft import prepare_model_for_kbit_training
 
         if pretrained:
-            model = _load_quantized(pretrained, setup, device, trust_remote_code)
+            model = _load_quantized(pretrained, setup, device, trust_remote_code, sharded)
         else:
             model = _quantized_from_config(config, setup, device, trust_remote_code)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_ckpt,

@@ -248,6 +248,11 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
                     reject("global batch not divisible across the GPUs")
                     continue
                 micro = max(micros)
+                # host RAM to load the checkpoint: every process (a replica each), or once per node with FSDP
+                loading = st.memory[micro].weights_bytes * (1 if scheme == "fsdp" else inst.gpu_count)
+                if loading > inst.memory_gib * GIB:
+                    reject("not enough host RAM to load the checkpoint")
+                    continue
                 evaluated += 1
                 accum = request.global_batch // (micro * world)
                 skey = (id(st), micro, setup.precision)
@@ -289,7 +294,8 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
                 else:
                     feasible.append(cand)
     if not feasible:
-        raise PlannerError(_nothing_qualifies(request, closest_fit, largest, over_budget, over_deadline))
+        raise PlannerError(_nothing_qualifies(request, None if settings else closest_fit, largest, over_budget,
+                                              over_deadline, rejections))
     ranked = rank(_best_per_slot(feasible), request.priority, weigh)
     best = ranked[0]
     return Recommendation(
@@ -400,7 +406,7 @@ def _relative(value: float, ref: float) -> str:
 
 
 def _nothing_qualifies(request: SearchRequest, closest_fit, largest: int, over_budget: list[Candidate],
-                       over_deadline: list[Candidate]) -> str:
+                       over_deadline: list[Candidate], rejections: dict[str, int]) -> str:
     if over_budget or over_deadline:
         parts = []
         if over_budget:
@@ -418,7 +424,8 @@ def _nothing_qualifies(request: SearchRequest, closest_fit, largest: int, over_b
         need, what = closest_fit
         return (f"nothing fits: the smallest requirement is {need / GIB:.1f} GiB per GPU ({what}) and the largest GPU "
                 f"searched has {largest / GIB:.1f} GiB; try --methods qlora, a shorter --seq-len or more --instances")
-    return "no instance searched has a price or supports the settings; widen --instances or change --region"
+    reasons = ", ".join(f"{reason} ({n})" for reason, n in sorted(rejections.items(), key=lambda kv: -kv[1])[:3])
+    return f"no plan qualifies: {reasons or 'no instance searched'}; widen --instances, --max-gpus or --region"
 
 
 def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> list[str]:
@@ -432,6 +439,7 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
         "QLoRA adds the memory-bound dequantization of every 4-bit weight in each pass "
         f"({rules['dequantization']['bytes_per_weight']} bytes per weight at "
         f"{rules['dequantization']['bandwidth_efficiency']:.0%} of peak bandwidth)",
+        "host RAM must hold the checkpoint as loaded: once per process, or once per node with FSDP",
         "several GPUs: data parallel with a whole replica per GPU (DDP) when it fits, else FSDP with parameters, "
         "gradients and optimizer states sharded over all GPUs (weights gathered in bf16 every forward, backward "
         "and recomputation); gradients all-reduced once per optimizer step; communication not overlapped with "

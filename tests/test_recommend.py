@@ -125,3 +125,11 @@ def test_a_model_too_big_for_one_gpu_is_sharded_over_several():
                   gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
     assert again.required_bytes == c.required_bytes <= c.gpu_memory_bytes
     assert any("FSDP" in a for a in rec.assumptions)
+
+
+def test_host_ram_must_hold_the_checkpoint_while_loading():
+    # 13B in fp32 master weights is 52 GB; a g6e.xlarge has 32 GiB of RAM, though 16 of its L40S hold the shards
+    spec = from_catalog(catalog.find_model("llama2-13b"))
+    with pytest.raises(PlannerError, match="not enough host RAM to load the checkpoint"):
+        search(spec, layout_for(spec)[0], DATA, SearchRequest(methods=["full"], instances=["g6e.xlarge"],
+                                                              max_gpus=16), SetupChoices())

@@ -168,8 +168,8 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
     steps_per_epoch = max(1, math.ceil(stream.per_epoch / (accum * processes)))
     total = request.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
 
-    model = build_model(spec, setup, device=str(device), pretrained=source,
-                        trust_remote_code=request.trust_remote_code)
+    model = build_model(spec, setup, device=str(device), pretrained=source, trust_remote_code=request.trust_remote_code,
+                        sharded=processes > 1 and plan.hardware.sharding in ("fsdp", "fsdp-hybrid", "zero3"))
     optimizer = build_optimizer(model, setup)
     for group in optimizer.param_groups:
         group["lr"] = t.learning_rate
