@@ -89,11 +89,18 @@ def _smallest_counts(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBr
                      sharding: Sharding | None) -> dict[str, int | None]:
     """Per instance type, the fewest GPUs that hold the step with parameter sharding."""
     scheme = sharding if sharding in ("zero3", "fsdp", "fsdp-hybrid") else "zero3"
-    out = {}
-    for inst in catalog.instances().values():
-        gpu = catalog.gpu_of(inst)
-        out[inst.type] = smallest_gpu_count(layout, setup, memory, gpu.memory_bytes, inst.gpu_count, scheme)
-    return out
+    cache: dict[tuple[int, int], int] = {}  # (gpus, gpus per instance) -> required bytes per GPU
+
+    def required(n: int, per_instance: int) -> int:
+        key = (n, per_instance)
+        if key not in cache:
+            cache[key] = shard(layout, setup, memory, gpus=n, nodes=max(1, n // per_instance),
+                               sharding="none" if n == 1 else scheme).required_bytes
+        return cache[key]
+
+    return {inst.type: smallest_gpu_count(catalog.gpu_of(inst).memory_bytes, inst.gpu_count,
+                                          lambda n, p=inst.gpu_count: required(n, p))
+            for inst in catalog.instances().values()}
 
 
 FALLBACK_NOTE = ("counted by building the model with transformers on the meta device (exact); the activation "

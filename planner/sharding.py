@@ -142,17 +142,13 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                          checkpoint_bytes=checkpoint, notes=notes)
 
 
-def smallest_gpu_count(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, gpu_memory_bytes: int,
-                       gpus_per_instance: int, sharding: Sharding, *, max_gpus: int = 512) -> int | None:
-    """The fewest GPUs (whole instances beyond one) whose per-GPU requirement fits, or None up to max_gpus."""
+def smallest_gpu_count(gpu_memory_bytes: int, gpus_per_instance: int, required_for, *,
+                       max_gpus: int = 512) -> int | None:
+    """The fewest GPUs (whole instances beyond one) whose per-GPU requirement, `required_for(n)`,
+    fits in `gpu_memory_bytes`; None when nothing up to max_gpus does."""
     counts = [n for n in (1, 2, 4, 8) if n <= gpus_per_instance]
     n = gpus_per_instance
     while n * 2 <= max_gpus:
         n *= 2
         counts.append(n)
-    for n in counts:
-        scheme = "none" if n == 1 else sharding
-        nodes = max(1, n // gpus_per_instance)
-        if shard(layout, setup, memory, gpus=n, nodes=nodes, sharding=scheme).required_bytes <= gpu_memory_bytes:
-            return n
-    return None
+    return next((n for n in counts if required_for(n) <= gpu_memory_bytes), None)

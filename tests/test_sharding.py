@@ -107,12 +107,18 @@ def test_more_gpus_never_need_more_per_gpu_memory(method, scheme, small, factor,
 
 
 def test_smallest_gpu_count_per_instance_type():
+    a10g = catalog.get_gpu("A10G").memory_bytes
+
+    def required(setup, m, per_instance):
+        return lambda n: shard(LAYOUT, setup, m, gpus=n, nodes=max(1, n // per_instance),
+                               sharding="none" if n == 1 else "zero3").required_bytes
+
     setup, m = breakdown("qlora")
-    assert smallest_gpu_count(LAYOUT, setup, m, catalog.get_gpu("A10G").memory_bytes, 1, "zero3") == 1
+    assert smallest_gpu_count(a10g, 1, required(setup, m, 1)) == 1
     setup, m = breakdown("full", grad_ckpt=True)
-    n = smallest_gpu_count(LAYOUT, setup, m, catalog.get_gpu("A10G").memory_bytes, 4, "zero3")
-    assert n in (4, 8, 16) and shard(LAYOUT, setup, m, gpus=n, nodes=max(1, n // 4),
-                                     sharding="zero3").required_bytes <= catalog.get_gpu("A10G").memory_bytes
+    n = smallest_gpu_count(a10g, 4, required(setup, m, 4))
+    assert n in (4, 8, 16) and required(setup, m, 4)(n) <= a10g < required(setup, m, 4)(n // 2)
+    assert smallest_gpu_count(1, 8, required(setup, m, 8)) is None
 
 
 def test_estimate_cli_for_a_70b_full_fine_tune_on_16_gpus():
