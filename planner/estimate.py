@@ -80,7 +80,8 @@ def assumptions(setups: list[TrainingSetup]) -> list[str]:
         "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
         f"required = peak allocated + {ALLOCATOR_SLACK:.0%} allocator slack + "
         f"{CUDA_CONTEXT_BYTES // 2**20} MiB CUDA context + paged optimizer states",
-        "one GPU holds the whole model (no sharding); prices: on-demand, us-east-1",
+        "memory: one GPU holds the whole model unless --gpus/--sharding say otherwise; prices: on-demand, "
+        "us-east-1",
     ]
     return notes
 
@@ -146,6 +147,8 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                                              min_gpus=gpus // nodes),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
         ))
+    for note in {n for e in estimates if e.sharded for n in e.sharded.notes}:
+        warnings.append(f"sharded: {note}")
     shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
     warnings += sorted({w for d, _ in shown if d and (w := stale_warning(d))})
     info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
