@@ -15,11 +15,11 @@ import statistics
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from . import catalog
 from .errors import PlannerError
-from .files import atomic_write_text, user_dir
+from .files import atomic_write_text, read_user_file, user_dir
 
 PRICING_ENDPOINT_REGION = "us-east-1"  # the Price List API answers in us-east-1, eu-central-1, ap-south-1
 ON_DEMAND_TERM = "JRTCKXETXF"
@@ -59,15 +59,9 @@ def cache_path() -> Path:
 
 
 def load_cache(path: Path | None = None) -> PriceCache:
-    """The refreshed prices, or an empty cache; a corrupt cache is ignored with a clear error."""
-    path = path or cache_path()
-    if not path.exists():
-        return PriceCache()
-    try:
-        return PriceCache.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, ValidationError):
-        raise PlannerError(f"price cache {path} is unreadable; delete it or run ftplan prices refresh again") \
-            from None
+    """The refreshed prices, or an empty cache; a corrupt cache is named with the fix."""
+    return read_user_file(path or cache_path(), PriceCache, "price cache",
+                          "delete it or run ftplan prices refresh again")
 
 
 def save_cache(new: list[CachedPrice], path: Path | None = None) -> Path:

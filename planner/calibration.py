@@ -6,14 +6,12 @@ time estimates of `recommend` use it and say so.
 
 from __future__ import annotations
 
-import json
 from datetime import date
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from .errors import PlannerError
-from .files import atomic_write_text, user_dir
+from .files import atomic_write_text, read_user_file, user_dir
 
 
 class Calibration(BaseModel):
@@ -46,14 +44,8 @@ def calibration_path() -> Path:
 
 def load(path: Path | None = None) -> CalibrationFile:
     """The calibration file, or an empty one when there is none."""
-    path = path or calibration_path()
-    if not path.exists():
-        return CalibrationFile()
-    try:
-        return CalibrationFile.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, ValidationError) as exc:
-        raise PlannerError(f"calibration file {path} is unreadable ({type(exc).__name__}); "
-                           "delete it or fix it, estimates then use the catalogued defaults") from None
+    return read_user_file(path or calibration_path(), CalibrationFile, "calibration file",
+                          "delete it or fix it, estimates then use the catalogued defaults")
 
 
 def lookup(gpu: str, model: str, method: str, path: Path | None = None) -> Calibration | None:

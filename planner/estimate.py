@@ -147,7 +147,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                                              min_gpus=gpus // nodes),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
         ))
-    for note in {n for e in estimates if e.sharded for n in e.sharded.notes}:
+    for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
         warnings.append(f"sharded: {note}")
     shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
     warnings += sorted({w for d, _ in shown if d and (w := stale_warning(d))})

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from .errors import PlannerError
 
@@ -16,6 +20,20 @@ def user_dir() -> Path:
         return Path(home)
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base) / "ftplan"
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def read_user_file(path: Path, model: type[Model], what: str, fix: str) -> Model:
+    """A user-level JSON file (calibration, price cache) as `model`; an empty one when it is missing,
+    PlannerError naming the file and the fix when it is unreadable."""
+    if not path.exists():
+        return model()
+    try:
+        return model.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, ValidationError):
+        raise PlannerError(f"{what} {path} is unreadable; {fix}") from None
 
 
 def check_writable(directory: Path, label: str) -> None:
