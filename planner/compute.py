@@ -128,34 +128,39 @@ def network_gbytes_per_s(network: str) -> float:
     return (int(m.group(1) or 1) * float(m.group(2))) / 8
 
 
+def intra_node_gbytes_per_s(instance: catalog.Instance) -> float:
+    """Bus bandwidth per GPU between the GPUs of one instance: NVLink/NVSwitch when it has them, else PCIe."""
+    comm = catalog.throughput()["communication"]
+    speeds = comm["intra_node_gbytes_per_s"]
+    linked = any(k in instance.interconnect for k in ("NVLink", "NVSwitch"))
+    return speeds.get(instance.gpu.split("-")[0] if linked else "PCIe", speeds["PCIe"]) * comm["bus_efficiency"]
+
+
+def inter_node_gbytes_per_s(instance: catalog.Instance) -> float:
+    """Bus bandwidth of one instance's network to the others (half of it without EFA)."""
+    comm = catalog.throughput()["communication"]
+    efa = 1.0 if instance.efa else comm["inter_node_without_efa_factor"]
+    return network_gbytes_per_s(instance.network) * efa * comm["bus_efficiency"]
+
+
 def allreduce_seconds(gradient_bytes: int, instance: catalog.Instance, count: int) -> float:
     """Ring all-reduce of the gradients once per optimizer step, inside and across instances."""
-    comm = catalog.throughput()["communication"]
     gpus = instance.gpu_count
     seconds = 0.0
     if gpus > 1:
-        linked = any(k in instance.interconnect for k in ("NVLink", "NVSwitch"))
-        gpu_key = instance.gpu.split("-")[0]
-        bw = comm["intra_node_gbytes_per_s"].get(gpu_key if linked else "PCIe", comm["intra_node_gbytes_per_s"]["PCIe"])
-        seconds += 2 * (gpus - 1) / gpus * gradient_bytes / (bw * 1e9 * comm["bus_efficiency"])
+        seconds += 2 * (gpus - 1) / gpus * gradient_bytes / (intra_node_gbytes_per_s(instance) * 1e9)
     if count > 1:
-        bw = network_gbytes_per_s(instance.network) * (1.0 if instance.efa else comm["inter_node_without_efa_factor"])
-        seconds += 2 * (count - 1) / count * gradient_bytes / (bw * 1e9 * comm["bus_efficiency"])
+        seconds += 2 * (count - 1) / count * gradient_bytes / (inter_node_gbytes_per_s(instance) * 1e9)
     return seconds
 
 
 def gather_seconds(total_bytes: float, instance: catalog.Instance, count: int) -> float:
     """All-gathering `total_bytes` of sharded parameters onto every GPU: each GPU receives (N-1)/N of
-    them, over the slowest link in the job (the instance network when there are several instances)."""
-    comm = catalog.throughput()["communication"]
+    them, over the slowest link in the job (the instance network, shared by its GPUs, when there are
+    several instances)."""
     gpus = instance.gpu_count * count
     if gpus == 1:
         return 0.0
-    if count > 1:
-        efa = 1.0 if instance.efa else comm["inter_node_without_efa_factor"]
-        per_gpu = network_gbytes_per_s(instance.network) * efa / instance.gpu_count  # shared by its GPUs
-    else:
-        linked = any(k in instance.interconnect for k in ("NVLink", "NVSwitch"))
-        per_gpu = comm["intra_node_gbytes_per_s"].get(instance.gpu.split("-")[0] if linked else "PCIe",
-                                                      comm["intra_node_gbytes_per_s"]["PCIe"])
-    return (gpus - 1) / gpus * total_bytes / (per_gpu * 1e9 * comm["bus_efficiency"])
+    per_gpu = inter_node_gbytes_per_s(instance) / instance.gpu_count if count > 1 else \
+        intra_node_gbytes_per_s(instance)
+    return (gpus - 1) / gpus * total_bytes / (per_gpu * 1e9)

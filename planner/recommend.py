@@ -19,7 +19,7 @@ from .cost import HourlyPrice, Market, Platform, check_region, cost_usd, hourly_
 from .dataset import TokenBudget
 from .errors import PlannerError
 from .fit import gpu_supports
-from .memory import estimate_memory
+from .memory import MemoryBreakdown, estimate_memory
 from .modelspec import ModelSpec
 from .params import count_params
 from .settings import Method, SetupChoices, TrainingSetup, resolve
@@ -105,15 +105,13 @@ class Recommendation(BaseModel):
 
 @dataclass
 class _Setting:
-    """One searched training setting, with its per-GPU requirement by micro-batch."""
+    """One searched training setting, with its single-GPU memory by micro-batch."""
 
     setup: TrainingSetup
     counts: object
     targets: str
     target_modules: str | list[str] | None
-    required: dict[int, int]  # micro-batch -> required bytes per GPU (one GPU holds everything)
-    peak: dict[int, int]      # micro-batch -> peak allocated bytes per GPU
-    memory: dict[int, object]  # micro-batch -> MemoryBreakdown (sharded over several GPUs when needed)
+    memory: dict[int, MemoryBreakdown]  # micro-batch -> one GPU holding everything (sharded later if needed)
 
 
 def _setting_grid(choices: SetupChoices, methods: list[Method], fixed: set[str]) -> list[TrainingSetup]:
@@ -154,37 +152,11 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     instances = _instances(request)
     largest = max(catalog.gpu_of(i).memory_bytes for i in instances)
     rejections: dict[str, int] = {}
-    closest_fit: tuple[int, str] | None = None
-    smallest_need: dict[str, int] = {}  # method -> least bytes per GPU any of its settings needs
 
     def reject(reason: str) -> None:
         rejections[reason] = rejections.get(reason, 0) + 1
 
-    settings: list[_Setting] = []
-    count_cache: dict[tuple, object] = {}
-    max_world = 2 ** int(math.log2(request.max_gpus))  # worlds are powers of two (global batches usually are)
-    for setup in _setting_grid(choices, request.methods, fixed):
-        key = (setup.method, tuple(setup.lora.targets or ()) if setup.lora else None)
-        counts = count_cache.get(key) or count_cache.setdefault(key, count_params(layout, setup.method, setup.lora))
-        required, peak, breakdowns = {}, {}, {}
-        for micro in _micro_batches(request):
-            memory = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}), counts)
-            need = memory.required_bytes
-            if need > largest and max_world > 1:  # the least it can need: sharded over every GPU allowed
-                need = min(need, shard(layout, setup, memory, gpus=max_world, sharding="fsdp").required_bytes)
-            smallest_need[setup.method] = min(need, smallest_need.get(setup.method, need))
-            if need > largest:  # larger micro-batches only need more
-                if micro == _micro_batches(request)[0] and (closest_fit is None or need < closest_fit[0]):
-                    closest_fit = (need, f"{setup.method} ({_describe(setup)})")
-                reject("does not fit any GPU searched")
-                break
-            required[micro], peak[micro], breakdowns[micro] = memory.required_bytes, memory.peak_allocated_bytes, memory
-        if required:
-            targets = "" if counts.targets is None else (
-                "all-linear" if counts.targets.all_linear else
-                "peft-default" if counts.targets.source == "peft-default" else ",".join(counts.targets.names))
-            modules = counts.targets.peft_value() if counts.targets else None
-            settings.append(_Setting(setup, counts, targets, modules, required, peak, breakdowns))
+    settings, closest_fit, smallest_need = _memory_pass(layout, request, choices, fixed, largest, reject)
 
     quality = catalog.quality()["tasks"][request.task]
     weigh = catalog.quality()["weighing"]
@@ -217,31 +189,17 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
             if reason := gpu_supports(gpu, setup):
                 reject(reason.split(" (")[0])
                 continue
-            replica = [m for m, need in st.required.items() if need <= gpu.memory_bytes]
+            replica = _replicas(st, gpu.memory_bytes)
             calib = calibrations.find(gpu.name, spec.name, setup.method)
             util = (calib.utilization, f"calibrated by {calib.source} on {calib.date}") if calib else None
             for count in INSTANCE_COUNTS:
                 world = count * inst.gpu_count
                 if world > request.max_gpus:
                     break
-                # a whole replica per GPU when it fits (data parallel); otherwise shard parameters (FSDP)
-                scheme = ("none" if world == 1 else "ddp") if replica else ("fsdp" if world > 1 else None)
-                if scheme is None:
-                    reject("does not fit this GPU")
-                    continue
-                needs = {m: (st.required[m], st.peak[m]) for m in replica} if replica else {}
-                if scheme == "fsdp":  # the largest micro-batch that fits sharded (larger ones need more)
-                    for m in sorted(st.memory, reverse=True):
-                        if request.global_batch % (m * world):
-                            continue
-                        key = (id(st), m, world, count)
-                        sharded = shard_cache.get(key) or shard_cache.setdefault(
-                            key, shard(layout, setup, st.memory[m], gpus=world, nodes=count, sharding="fsdp"))
-                        if sharded.required_bytes <= gpu.memory_bytes:
-                            needs[m] = (sharded.required_bytes, sharded.peak_allocated_bytes)
-                            break
+                scheme, needs = _fit(st, replica, layout, setup, gpu.memory_bytes, world, count,
+                                     request.global_batch, shard_cache)
                 if not needs:
-                    reject("does not fit this GPU, even sharded")
+                    reject("does not fit this GPU" if scheme is None else "does not fit this GPU, even sharded")
                     continue
                 micros = [m for m in needs if request.global_batch % (m * world) == 0]
                 if not micros:
@@ -264,9 +222,7 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
                     per_seq = data.processed_tokens(micro) / sequences
                     timing = time_cache[tkey] = step_time(layout, micro_setup, st.counts, gpu, micro_batch=micro,
                                                           tokens_per_sequence=per_seq, utilization=util)
-                grad_bytes = st.counts.trainable_params * (4 if setup.method != "full" or setup.precision in (
-                    "bf16-mixed", "fp16-mixed", "fp32") else 2)
-                comm = allreduce_seconds(grad_bytes, inst, count) if world > 1 else 0.0
+                comm = allreduce_seconds(st.memory[micro].gradients_bytes, inst, count) if world > 1 else 0.0
                 if scheme == "fsdp":  # every micro-batch gathers the weights (twice, thrice with recompute)
                     passes = 3 if setup.grad_ckpt else 2
                     comm += accum * gather_seconds(passes * total_params * 2, inst, count)
@@ -305,6 +261,66 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
         evaluated=evaluated,
         assumptions=assumptions(request, data, ranked[0]),
     )
+
+
+def _memory_pass(layout, request: SearchRequest, choices: SetupChoices, fixed: set[str], largest: int, reject):
+    """Single-GPU memory of every searched setting by micro-batch, pruned by what no GPU could hold even
+    sharded over every GPU allowed. Also returns the closest miss and each method's least requirement."""
+    settings: list[_Setting] = []
+    closest_fit: tuple[int, str] | None = None
+    smallest_need: dict[str, int] = {}  # method -> least bytes per GPU any of its settings needs
+    count_cache: dict[tuple, object] = {}
+    max_world = 2 ** int(math.log2(request.max_gpus))  # worlds are powers of two (global batches usually are)
+    micros = _micro_batches(request)
+    for setup in _setting_grid(choices, request.methods, fixed):
+        key = (setup.method, tuple(setup.lora.targets or ()) if setup.lora else None)
+        counts = count_cache.get(key) or count_cache.setdefault(key, count_params(layout, setup.method, setup.lora))
+        breakdowns = {}
+        for micro in micros:
+            memory = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}), counts)
+            need = memory.required_bytes
+            if need > largest and max_world > 1:  # the least it can need: sharded over every GPU allowed
+                need = min(need, shard(layout, setup, memory, gpus=max_world, sharding="fsdp").required_bytes)
+            smallest_need[setup.method] = min(need, smallest_need.get(setup.method, need))
+            if need > largest:  # larger micro-batches only need more
+                if micro == micros[0] and (closest_fit is None or need < closest_fit[0]):
+                    closest_fit = (need, f"{setup.method} ({_describe(setup)})")
+                reject("does not fit any GPU searched")
+                break
+            breakdowns[micro] = memory
+        if breakdowns:
+            targets = "" if counts.targets is None else (
+                "all-linear" if counts.targets.all_linear else
+                "peft-default" if counts.targets.source == "peft-default" else ",".join(counts.targets.names))
+            modules = counts.targets.peft_value() if counts.targets else None
+            settings.append(_Setting(setup, counts, targets, modules, breakdowns))
+    return settings, closest_fit, smallest_need
+
+
+def _replicas(st: _Setting, gpu_bytes: int) -> dict[int, tuple[int, int]]:
+    """Micro-batches whose whole replica fits one GPU, with (required, peak) bytes."""
+    return {m: (mem.required_bytes, mem.peak_allocated_bytes) for m, mem in st.memory.items()
+            if mem.required_bytes <= gpu_bytes}
+
+
+def _fit(st: _Setting, replica: dict[int, tuple[int, int]], layout, setup: TrainingSetup, gpu_bytes: int,
+         world: int, count: int, global_batch: int, shard_cache: dict) -> tuple[str | None, dict[int, tuple[int, int]]]:
+    """How `st` runs on `world` GPUs of `gpu_bytes` each: a whole replica per GPU (none/ddp) when one fits
+    (`replica`, from _replicas), else FSDP over all of them; and the micro-batches that fit, with
+    (required, peak) bytes per GPU."""
+    if replica:
+        return ("none" if world == 1 else "ddp"), replica
+    if world == 1:
+        return None, {}
+    for m in sorted(st.memory, reverse=True):  # the largest micro-batch that fits sharded; larger ones need more
+        if global_batch % (m * world):
+            continue
+        key = (id(st), m, world, count)
+        sharded = shard_cache.get(key) or shard_cache.setdefault(
+            key, shard(layout, setup, st.memory[m], gpus=world, nodes=count, sharding="fsdp"))
+        if sharded.required_bytes <= gpu_bytes:
+            return "fsdp", {m: (sharded.required_bytes, sharded.peak_allocated_bytes)}
+    return "fsdp", {}
 
 
 def _describe(setup: TrainingSetup) -> str:
