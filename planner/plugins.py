@@ -75,9 +75,22 @@ class Registry:
         self._backends = None
 
     # -- what plugins contribute --------------------------------------------------------------
+    def _info(self, plugin: str) -> PluginInfo:
+        return self.plugins.setdefault(plugin, PluginInfo(name=plugin, version=None, source="in process"))
+
     def _error(self, plugin: str, message: str) -> None:
-        self.plugins.setdefault(plugin, PluginInfo(name=plugin, version=None, source="in process")).errors.append(
-            message)
+        self._info(plugin).errors.append(message)
+
+    def _call_each(self, hook_name: str, arguments) -> None:
+        """Call every implementation of a hook on its own, in registration order (the first to claim a
+        name keeps it), with `arguments(owner)`; one raising is recorded and the rest still run."""
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            owner = impl.plugin_name
+            self._info(owner)
+            try:
+                impl.function(**arguments(owner))
+            except Exception as exc:  # a plugin's bug must not take ftplan down
+                self._error(owner, f"{hook_name} raised {type(exc).__name__}: {exc}")
 
     def backends(self) -> dict[str, Any]:
         """Registered trainer backends by name (collected once per set of plugins)."""
@@ -86,37 +99,30 @@ class Registry:
         from .backend import TrainerBackend
 
         found: dict[str, Any] = {}
-        owner = ""
 
-        def register(backend: Any) -> None:
-            name = getattr(backend, "name", None)
-            if not isinstance(backend, TrainerBackend):
-                self._error(owner, f"registered {type(backend).__name__!s}, not a TrainerBackend instance")
-            elif not isinstance(name, str) or not NAME.match(name):
-                self._error(owner, f"backend name {name!r} is not a lower-case identifier")
-            elif name in found:
-                self._error(owner, f"backend '{name}' is already registered by another plugin; ignored")
-            else:
-                found[name] = backend
-                self.plugins[owner].backends.append(name)
+        def register_for(owner: str):
+            def register(backend: Any) -> None:
+                name = getattr(backend, "name", None)
+                if not isinstance(backend, TrainerBackend):
+                    self._error(owner, f"registered {type(backend).__name__!s}, not a TrainerBackend instance")
+                elif not isinstance(name, str) or not NAME.match(name):
+                    self._error(owner, f"backend name {name!r} is not a lower-case identifier")
+                elif name in found:
+                    self._error(owner, f"backend '{name}' is already registered by another plugin; ignored")
+                else:
+                    found[name] = backend
+                    self.plugins[owner].backends.append(name)
+            return register
 
-        hook = self.pm.hook.register_backends
-        for impl in hook.get_hookimpls():  # registration order: the first to claim a name keeps it
-            owner = impl.plugin_name
-            self.plugins.setdefault(owner, PluginInfo(name=owner, version=None, source="in process"))
-            try:
-                impl.function(register=register)
-            except Exception as exc:
-                self._error(owner, f"register_backends raised {type(exc).__name__}: {exc}")
+        self._call_each("register_backends", lambda owner: {"register": register_for(owner)})
         self._backends = found
         return found
 
     def catalog_entries(self) -> None:
         """Add the plugins' models, GPUs and instance types to the catalog (bundled names win)."""
-        owner = ""
         kinds = {"model": catalog.CatalogModel, "gpu": catalog.Gpu, "instance": catalog.Instance}
 
-        def collector(kind: str):
+        def collector(owner: str, kind: str):
             def register(entry: Any) -> None:
                 try:
                     value = kinds[kind].model_validate(entry if isinstance(entry, dict) else entry.model_dump())
@@ -126,15 +132,8 @@ class Registry:
                     self._error(owner, f"catalog {kind} rejected: {str(exc).splitlines()[0]}")
             return register
 
-        hook = self.pm.hook.register_catalog_entries
-        for impl in hook.get_hookimpls():  # registration order: the first to claim a name keeps it
-            owner = impl.plugin_name
-            self.plugins.setdefault(owner, PluginInfo(name=owner, version=None, source="in process"))
-            try:
-                impl.function(register_model=collector("model"), register_gpu=collector("gpu"),
-                              register_instance=collector("instance"))
-            except Exception as exc:
-                self._error(owner, f"register_catalog_entries raised {type(exc).__name__}: {exc}")
+        self._call_each("register_catalog_entries", lambda owner: {
+            f"register_{kind}": collector(owner, kind) for kind in kinds})
 
     def broken(self) -> dict[str, list[str]]:
         return {name: info.errors for name, info in self.plugins.items() if info.errors}
