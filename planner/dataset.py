@@ -95,8 +95,9 @@ def example_text(record: object, where: str) -> str:
                        f"{', '.join(sorted(record)) or 'none'}); use one of those formats")
 
 
-def read_examples(path: Path) -> list[str]:
-    """Every example's text from a JSONL file; PlannerError naming the line for anything malformed."""
+def read_records(path: Path) -> list[dict]:
+    """Every record of a JSONL file, each checked to hold a training format; PlannerError naming the
+    line for anything malformed."""
     if path.is_dir():
         raise PlannerError(f"dataset {path} is a directory; pass a .jsonl file")
     try:
@@ -110,7 +111,7 @@ def read_examples(path: Path) -> list[str]:
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise PlannerError(f"dataset {path}, line {line}: not UTF-8 text; re-encode the file as UTF-8") from None
-    examples = []
+    records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -119,10 +120,31 @@ def read_examples(path: Path) -> list[str]:
         except json.JSONDecodeError as exc:
             raise PlannerError(f"dataset {path}, line {number}: invalid JSON ({exc.msg}); "
                                "each line must be one JSON object") from None
-        examples.append(example_text(record, f"dataset {path}, line {number}"))
-    if not examples:
+        example_text(record, f"dataset {path}, line {number}")  # raises for a record with no known format
+        records.append(record)
+    if not records:
         raise PlannerError(f"dataset {path} is empty; it needs one JSON object per line")
-    return examples
+    return records
+
+
+def read_examples(path: Path) -> list[str]:
+    """Every example's text from a JSONL file."""
+    return [example_text(r, str(path)) for r in read_records(path)]
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by Hugging Face datasets' save_to_disk."""
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def check_training_data(path: Path) -> None:
+    """Validate training data before anything is written: every JSONL line, or a saved datasets directory."""
+    if path.is_dir():
+        if not is_saved_dataset(path):
+            raise PlannerError(f"{path} is a directory but not a saved Hugging Face dataset (no dataset_info.json); "
+                               "pass a .jsonl file or a save_to_disk directory")
+        return
+    read_records(path)
 
 
 def find_tokenizer(*candidates: Path | None) -> Path | None:

@@ -74,27 +74,17 @@ def check_model(plan: Plan, source: str | None) -> None:
                            f"({plan.model.name}, {plan.model.model_type}); re-plan with: ftplan recommend {source}")
 
 
-def check_data(path: Path) -> None:
-    """Validate training data before anything is written: every JSONL line, or a datasets directory."""
-    from .dataset import read_examples
-
-    if path.is_dir():
-        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-            raise PlannerError(f"{path} is a directory but not a saved Hugging Face dataset (no dataset_info.json); "
-                               "pass a .jsonl file or a save_to_disk directory")
-        return
-    read_examples(path)
-
-
 def prepare(plan_path: Path, request: RunRequest, *, backend_name: str | None, raw_options: dict,
             force: bool) -> tuple[Plan, object, BackendOptions]:
     """Load and validate everything before a single file is written."""
     plan = load(plan_path)
     backend = plugins.get_backend(backend_name or plan.backend)
     options = backend.parse_options(raw_options)
+    from .dataset import check_training_data
+
     for path in (request.data, request.eval_data):
         if path is not None:
-            check_data(path)
+            check_training_data(path)
     if not request.dry_run:  # a dry run writes nothing, so where it would write does not matter yet
         check_output_dir(request.output_dir, resume=request.resume, force=force)
     problems = backend.check(plan, request, options)

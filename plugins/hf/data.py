@@ -7,11 +7,11 @@ conversation). Examples are truncated to the plan's sequence length.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from planner.dataset import read_examples
+from planner.dataset import check_training_data
+from planner.dataset import read_records as read_jsonl
 from planner.errors import PlannerError
 
 IGNORE = -100  # label value the loss skips
@@ -19,10 +19,8 @@ IGNORE = -100  # label value the loss skips
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Records from a JSONL file or a Hugging Face `datasets` directory (saved with save_to_disk)."""
+    check_training_data(path)
     if path.is_dir():
-        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-            raise PlannerError(f"{path} is a directory but not a saved Hugging Face dataset "
-                               "(no dataset_info.json); pass a .jsonl file or a save_to_disk directory")
         try:
             import datasets
         except ImportError:
@@ -37,8 +35,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if not records:
             raise PlannerError(f"dataset {path} is empty")
         return records
-    read_examples(path)  # validates every line with a line-numbered message
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def encode(record: dict[str, Any], tokenizer, seq_len: int, where: str) -> tuple[list[int], list[int]]:

@@ -22,7 +22,9 @@ COPIED = ("adapter", "model", "tokenizer", "metrics.jsonl", "summary.json", "pla
 
 def data_file(channel: Path) -> Path:
     """The training data inside a channel: a saved dataset directory, or its single JSONL file."""
-    if (channel / "dataset_info.json").exists() or (channel / "dataset_dict.json").exists():
+    from planner.dataset import is_saved_dataset  # importable: main() put the source dir on sys.path
+
+    if is_saved_dataset(channel):
         return channel
     files = sorted(channel.glob("*.jsonl"))
     if len(files) != 1:
