@@ -169,3 +169,19 @@ def test_the_recommender_never_returns_what_its_estimator_rejects(tokens, budget
         assert budget is None or c.cost_usd <= budget
         assert deadline is None or c.hours <= deadline
         assert c.gpus_total <= max_gpus and c.method in method_set
+
+
+def test_exactly_four_catalog_models_store_more_weight_bytes_in_qlora_than_in_lora():
+    """The README's claim, reproduced over the whole catalog."""
+    from planner.architectures import is_analytic
+
+    heavier = set()
+    for entry in catalog.models():
+        spec = from_catalog(entry)
+        if not is_analytic(spec.model_type):
+            continue
+        layout = build_layout(spec)
+        qlora, lora = memory(layout, "qlora", SetupChoices()), memory(layout, "lora", SetupChoices())
+        if qlora.weights_bytes >= lora.weights_bytes:
+            heavier.add(entry.name)
+    assert heavier == {"falcon-7b", "falcon-40b", "mixtral-8x7b", "bloom-560m"}

@@ -77,9 +77,15 @@ def test_offload_moves_bytes_to_host_ram_per_node():
 def test_fsdp_drops_autocast_weight_copies():
     setup, m = breakdown(grad_ckpt=True)
     copies = m.activation_terms["weight_copies"] * 32
+    assert copies > 0
     fsdp = shard(LAYOUT, setup, m, gpus=8, sharding="fsdp")
-    end_of_forward = m.phase_bytes["end of forward (activations + logits)"][1]
-    assert copies > 0 and fsdp.other_bytes <= max(end_of_forward - copies, m.phase_bytes[fsdp.peak_phase][1])
+    keeps = ("end of backward (all gradients)", "backward through the first layer")  # activations already freed
+    expected = max(g // 8 + (other if phase in keeps else max(0, other - copies))
+                   for phase, (g, other) in m.phase_bytes.items())
+    assert fsdp.gradients_bytes + fsdp.other_bytes == expected
+    zero2 = shard(LAYOUT, setup, m, gpus=8, sharding="zero2")  # keeps the copies
+    assert zero2.gradients_bytes + zero2.other_bytes == max(g // 8 + other for g, other in m.phase_bytes.values())
+    assert expected < zero2.gradients_bytes + zero2.other_bytes
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -20,15 +20,11 @@ from planner.backend import ProgressCallback, ProgressEvent, RunRequest, RunResu
 from planner.errors import PlannerError
 from planner.plan import Plan
 
+from .loop import mixed_precision
+
 CONFIG = "accelerate_config.yaml"
 COMMAND = "launch.sh"
 RESULT = ".result.json"
-
-
-def mixed_precision(plan: Plan) -> str:
-    from .loop import _mixed_precision
-
-    return _mixed_precision(plan)
 
 
 def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank: int, main_ip: str,

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -61,7 +62,8 @@ class Stream:
         return data.collate([self.examples[i] for i in self._order[index]], self.pad_id)
 
 
-def _mixed_precision(plan: Plan) -> str:
+def mixed_precision(plan: Plan) -> str:
+    """accelerate's mixed_precision for the plan: the Trainer's autocast, or none."""
     setup = plan.training.setup
     if not uses_autocast(setup):
         return "no"
@@ -100,8 +102,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _save_final(model, tokenizer, output_dir: Path, full: bool) -> list[str]:
     """The adapter (or full model) and tokenizer, each written to a temporary name then renamed."""
-    import shutil
-
     name = "model" if full else "adapter"
     written = []
     for target, save in ((name, lambda d: model.save_pretrained(d, safe_serialization=True)),
@@ -134,7 +134,7 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
     setup = t.setup
     out = request.output_dir
     cpu = request.device == "cpu" or (request.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=_mixed_precision(plan), cpu=cpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision(plan), cpu=cpu)
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -258,8 +258,6 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
     if not interrupted and main:
         artifacts += _save_final(unwrapped, tokenizer, out, full)
         for old in checkpoint.complete(out)[:-1]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     if processes > 1:

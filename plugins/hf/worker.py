@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     request = RunRequest.model_validate_json(args.request.read_text())
     spec, source, tokenizer = load_for_training(plan, request)
     result = train(plan, spec, source, tokenizer, request, lambda event: None)
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = request.output_dir / (RESULT + ".tmp")
         tmp.write_text(result.model_dump_json())
