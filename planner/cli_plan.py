@@ -105,8 +105,7 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
         if packing is False:
             raise PlannerError("--tokens counts packed sequences; use --dataset to plan without packing")
     else:
-        local = Path(model) if Path(model).exists() else None
-        tok = data_mod.find_tokenizer(tokenizer, local, local.parent if local and local.is_file() else None)
+        tok = data_mod.find_tokenizer(tokenizer, Path(spec.local_dir) if spec.local_dir else None)
         if tokenizer is not None and tok is None:
             raise PlannerError(f"no tokenizer.json at {tokenizer}; pass the file or the directory holding it")
         data = data_mod.from_dataset(dataset, choices.seq_len, packing=bool(packing), tokenizer=tok)

@@ -54,7 +54,7 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
                                platform=platform, market=market, date=spot.date, source=spot.source,
                                warning=stale_warning(spot.date))
     base = instance.price(region, platform, "on-demand")
-    derived = ""
+    derived, uplift = "", 1.0
     if platform == "sagemaker" and base is None:
         rules = catalog.pricing()["sagemaker"]
         known = {k["type"]: k["usd_per_hour"] for k in rules["known"]}
@@ -63,11 +63,11 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
             base = catalog.Price(usd_per_hour=known[instance.type], region=region, platform="sagemaker",
                                  market="on-demand", date=rules["known_date"], source=rules["known_source"])
         elif ec2 is not None:
-            base = ec2
+            base, uplift = ec2, rules["uplift_over_ec2"]
             derived = f"EC2 rate x {rules['uplift_over_ec2']} SageMaker uplift ({rules['source']})"
     if base is None:
         return None
-    usd = base.usd_per_hour * (catalog.pricing()["sagemaker"]["uplift_over_ec2"] if derived else 1.0)
+    usd = base.usd_per_hour * uplift
     if market == "spot":
         discount = catalog.pricing()["spot"]["default_discount"] if spot_discount is None else spot_discount
         usd *= 1 - discount
