@@ -131,9 +131,9 @@ def instances() -> dict[str, Instance]:
     merged = bundled | {i.type: i for i in _ADDED["instance"]}
     for cached in _refreshed_prices():  # `ftplan prices refresh` results come first: Instance.price finds them
         inst = merged.get(cached.instance_type)
-        if inst is not None:
+        if inst is not None:  # a copy: plugin-added instances are shared and outlive this cache
             price = Price(**cached.model_dump(exclude={"instance_type"}))
-            inst.prices = [price, *inst.prices]
+            merged[inst.type] = inst.model_copy(update={"prices": [price, *inst.prices]})
     return merged
 
 
