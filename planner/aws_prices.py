@@ -23,7 +23,6 @@ from .files import atomic_write_text, read_user_file, user_dir
 
 PRICING_ENDPOINT_REGION = "us-east-1"  # the Price List API answers in us-east-1, eu-central-1, ap-south-1
 ON_DEMAND_TERM = "JRTCKXETXF"
-STALE_DAYS = 90
 
 
 class CachedPrice(BaseModel):
@@ -244,18 +243,3 @@ def refresh_spot(regions: list[str], instance_types: list[str] | None = None, *,
     except (BotoCoreError, ClientError) as exc:
         raise aws_error(exc) from None
     return report
-
-
-def age_days(price_date: str, today: date | None = None) -> int | None:
-    try:
-        return ((today or date.today()) - date.fromisoformat(price_date)).days
-    except ValueError:
-        return None
-
-
-def stale_warning(price_date: str, today: date | None = None) -> str:
-    """A warning for prices older than 90 days, '' otherwise."""
-    days = age_days(price_date, today)
-    if days is not None and days > STALE_DAYS:
-        return f"price dated {price_date} is {days} days old; refresh with: ftplan prices refresh"
-    return ""

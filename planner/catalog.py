@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from datetime import date
 import json
 from functools import cache
 from importlib import resources
@@ -138,9 +139,27 @@ def instances() -> dict[str, Instance]:
 
 
 def _refreshed_prices():
+    from .files import user_dir
+
+    if not (user_dir() / "prices.json").exists():  # the usual case: skip the cache module's import
+        return []
     from .aws_prices import load_cache  # pydantic only; boto3 is imported when refreshing, not here
 
     return load_cache().prices
+
+
+STALE_DAYS = 90
+
+
+def stale_warning(price_date: str, today: date | None = None) -> str:
+    """A warning for a price older than 90 days, '' otherwise (or for a date that is not ISO)."""
+    try:
+        days = ((today or date.today()) - date.fromisoformat(price_date)).days
+    except ValueError:
+        return ""
+    if days > STALE_DAYS:
+        return f"price dated {price_date} is {days} days old; refresh with: ftplan prices refresh"
+    return ""
 
 
 @cache

@@ -59,9 +59,8 @@ def refresh(regions: tuple[str, ...], platform: str, spot: bool, instance_list: 
 def show(as_json: bool) -> None:
     """Every known price with its origin: refreshed (and when) or the bundled snapshot."""
     from . import catalog
-    from .aws_prices import stale_warning
 
-    rows = [{"instance_type": i.type, **p.model_dump(), "warning": stale_warning(p.date)}
+    rows = [{"instance_type": i.type, **p.model_dump(), "warning": catalog.stale_warning(p.date)}
             for i in catalog.instances().values() for p in i.prices]
     if as_json:
         import json

@@ -8,7 +8,6 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from . import catalog
-from .aws_prices import stale_warning
 from .errors import PlannerError
 
 Platform = Literal["ec2", "sagemaker"]
@@ -52,7 +51,7 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
         if spot is not None and spot_discount is None:
             return HourlyPrice(instance_type=instance.type, usd_per_hour=spot.usd_per_hour, region=region,
                                platform=platform, market=market, date=spot.date, source=spot.source,
-                               warning=stale_warning(spot.date))
+                               warning=catalog.stale_warning(spot.date))
     base = instance.price(region, platform, "on-demand")
     derived, uplift = "", 1.0
     if platform == "sagemaker" and base is None:
@@ -73,7 +72,7 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
         usd *= 1 - discount
         derived = "; ".join(filter(None, [derived, f"on-demand rate less an assumed {discount:.0%} spot discount"]))
     return HourlyPrice(instance_type=instance.type, usd_per_hour=usd, region=region, platform=platform, market=market,
-                       date=base.date, source=base.source, derived=derived, warning=stale_warning(base.date))
+                       date=base.date, source=base.source, derived=derived, warning=catalog.stale_warning(base.date))
 
 
 def billed_seconds(seconds: float, platform: Platform) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from . import catalog
-from .aws_prices import stale_warning
 from .architectures import ModelLayout, layout_for
 from .fit import InstanceFit, cheapest_fits, judge
 from .memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, MemoryBreakdown, estimate_memory, unquantized_matmul_params
@@ -150,7 +149,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
         warnings.append(f"sharded: {note}")
     shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
-    warnings += sorted({w for d, _ in shown if d and (w := stale_warning(d))})
+    warnings += sorted({w for d, _ in shown if d and (w := catalog.stale_warning(d))})
     info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
                      license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
                      vocab_size=spec.dims.vocab, counting=counting)
