@@ -28,7 +28,11 @@ t1 = time.perf_counter()
 rec = recommend.search(spec, layout, dataset.from_token_count(20_000_000, 2048), recommend.SearchRequest(),
                        settings.SetupChoices())
 t2 = time.perf_counter()
-print(round(1000 * (t1 - t0)), round(1000 * (t2 - t1)), rec.evaluated, sum(rec.rejections.values()))
+from planner import plugins
+plugins.registry()
+t3 = time.perf_counter()
+print(round(1000 * (t1 - t0)), round(1000 * (t2 - t1)), round(1000 * (t3 - t2)), rec.evaluated,
+      sum(rec.rejections.values()))
 """
 
 
@@ -45,12 +49,13 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     samples = [[int(x) for x in subprocess.run([sys.executable, "-c", IN_PROCESS], capture_output=True, text=True,
                                                check=True, env=env).stdout.split()] for _ in range(args.runs)]
-    imports, search, evaluated, dropped = (int(statistics.median(c)) for c in zip(*samples))
+    imports, search, loading, evaluated, dropped = (int(statistics.median(c)) for c in zip(*samples))
     print(f"command: ftplan {' '.join(COMMAND[3:])}")
     print(f"runs: {len(times)}, median {statistics.median(times) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms, "
           f"max {max(times) * 1000:.0f} ms (target: median < 300 ms)")
     print(f"in-process medians: imports + model resolution {imports} ms, search {search} ms "
-          f"({evaluated} plans timed and priced, {dropped} settings x instances dropped, most by memory)")
+          f"({evaluated} plans timed and priced, {dropped} settings x instances dropped, most by memory), "
+          f"plugin loading (entry-point scan) {loading} ms")
 
 
 if __name__ == "__main__":
