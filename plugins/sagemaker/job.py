@@ -152,8 +152,7 @@ def follow(sagemaker, logs, name: str, progress: Callable[[ProgressEvent], None]
         job = sagemaker.describe_training_job(TrainingJobName=name)
         status = (job["TrainingJobStatus"], job.get("SecondaryStatus"))
         if status != seen_status:
-            message = job.get("SecondaryStatusTransitions", [{}])[-1].get("StatusMessage", "") if job.get(
-                "SecondaryStatusTransitions") else ""
+            message = (job.get("SecondaryStatusTransitions") or [{}])[-1].get("StatusMessage", "")
             say(f"{name}: {status[0]} / {status[1]}" + (f" - {message}" if message else ""))
             seen_status = status
         _read_logs(logs, name, log_state, progress)
