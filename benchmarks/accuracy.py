@@ -65,7 +65,7 @@ def settings_text(flags: list[str]) -> str:
 
 
 def run_case(model: str, layers: int, method: str, flags: list[str], device: str) -> dict:
-    command = [sys.executable, "-m", "planner", "measure", model, "--layers", str(layers), "--method", method,
+    command = [sys.executable, "-m", "ftplan", "measure", model, "--layers", str(layers), "--method", method,
                "--device", device, "--json", *flags]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -16,19 +16,23 @@ import sys
 import tempfile
 import time
 
-COMMAND = [sys.executable, "-m", "planner", "recommend", "llama2-7b", "--tokens", "20000000", "--json"]
+COMMAND = [sys.executable, "-m", "ftplan", "recommend", "llama2-7b", "--tokens", "20000000", "--json"]
 
 IN_PROCESS = """
 import time
 t0 = time.perf_counter()
-from planner import dataset, estimate, recommend, resolve, settings
+from ftplan.data import dataset
+from ftplan.estimate import report as estimate
+from ftplan.recommend import search as recommend
+from ftplan.model import resolve
+from ftplan.estimate import settings
 spec = resolve.resolve_model("llama2-7b")
 layout = estimate.layout_for(spec)[0]
 t1 = time.perf_counter()
 rec = recommend.search(spec, layout, dataset.from_token_count(20_000_000, 2048), recommend.SearchRequest(),
                        settings.SetupChoices())
 t2 = time.perf_counter()
-from planner import plugins
+from ftplan.run import registry as plugins
 plugins.registry()
 t3 = time.perf_counter()
 print(round(1000 * (t1 - t0)), round(1000 * (t2 - t1)), round(1000 * (t3 - t2)), rec.evaluated,

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-COMMAND = [sys.executable, "-m", "planner", "estimate", "llama2-7b", "--method", "qlora"]
+COMMAND = [sys.executable, "-m", "ftplan", "estimate", "llama2-7b", "--method", "qlora"]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 
 
@@ -51,7 +51,10 @@ import click, pydantic, rich.console, rich.table
 class Warm(pydantic.BaseModel):  # pydantic imports its machinery lazily, on the first model class
     x: int
 t1 = time.perf_counter()
-from planner import estimate, render, resolve, settings
+from ftplan.estimate import report as estimate
+from ftplan.render import estimate as render
+from ftplan.model import resolve
+from ftplan.estimate import settings
 t2 = time.perf_counter()
 report = estimate.estimate(resolve.resolve_model("llama2-7b"), ["qlora"], settings.SetupChoices())
 t3 = time.perf_counter()

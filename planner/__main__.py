@@ -1,5 +1,5 @@
-"""`python -m planner` runs the ftplan CLI."""
+"""`python -m ftplan` runs the ftplan CLI."""
 
-from .cli import main
+from ftplan.cli.main import main
 
 main()

@@ -13,15 +13,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+from ftplan import __version__
+from ftplan.data.files import atomic_write_text
+from ftplan.errors import PlannerError
+from ftplan.estimate.cost import HourlyPrice, Market, Platform
+from ftplan.estimate.settings import Method, TrainingSetup
+from ftplan.estimate.sharding import Sharding
+from ftplan.model.spec import ModelSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from . import __version__
-from .cost import HourlyPrice, Market, Platform
-from .errors import PlannerError
-from .files import atomic_write_text
-from .modelspec import ModelSpec
-from .settings import Method, TrainingSetup
-from .sharding import Sharding
 
 PLAN_SCHEMA_VERSION = 1
 DEFAULT_PLAN = Path("ftplan-plan.yaml")

@@ -15,7 +15,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input:
             timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `ftplan` as a user would: a fresh process, its real exit code and streams."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "planner", *args], capture_output=True, text=True, env=full_env,
+    return subprocess.run([sys.executable, "-m", "ftplan", *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=cwd, input=input if input is not None else "")
 
 

@@ -10,10 +10,13 @@ import pytest
 
 boto3 = pytest.importorskip("boto3")
 from botocore.stub import ANY, Stubber  # noqa: E402
+from ftplan.data import (
+    aws_prices,
+    catalog,  # noqa: E402
+)
+from ftplan.errors import PlannerError  # noqa: E402
+from ftplan.estimate.cost import hourly_price  # noqa: E402
 
-from planner import aws_prices, catalog  # noqa: E402
-from planner.cost import hourly_price  # noqa: E402
-from planner.errors import PlannerError  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 

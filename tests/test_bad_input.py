@@ -1,7 +1,7 @@
 """The bad-input matrix: every command, fed something wrong, answers with one line on stderr that
 says what is wrong and how to fix it, exits non-zero, shows no traceback, and writes nothing.
 
-Runs in process (planner.cli.main) so the ~90 cases stay fast; tests/test_cli.py and friends cover
+Runs in process (ftplan.cli.main) so the ~90 cases stay fast; tests/test_cli.py and friends cover
 the same contract through real subprocesses.
 """
 
@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from planner import plugins
-from planner.cli import main
+from ftplan.cli.main import main
+from ftplan.run import registry as plugins
 
 pytest.importorskip("torch")
 
 
 def call(args: list[str]) -> int:
-    """planner.cli.main's exit code (it returns normally on success)."""
+    """ftplan.cli.main's exit code (it returns normally on success)."""
     try:
         main(args)
     except SystemExit as exc:
@@ -289,7 +288,7 @@ def test_the_matrix_is_big_enough():
 
 
 def test_debug_shows_the_traceback(workspace, monkeypatch):
-    from planner.errors import PlannerError
+    from ftplan.errors import PlannerError
 
     monkeypatch.chdir(workspace)
     with pytest.raises(PlannerError):

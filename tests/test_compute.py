@@ -3,14 +3,19 @@
 import math
 
 import pytest
-
-from planner import catalog
-from planner.architectures import build_layout
-from planner.compute import allreduce_seconds, dequant_seconds, flops_per_token, network_gbytes_per_s, step_time
-from planner.modelspec import spec_from_config
-from planner.params import count_params
-from planner.resolve import from_catalog
-from planner.settings import LoraSettings, SetupChoices, resolve
+from ftplan.data import catalog
+from ftplan.estimate.compute import (
+    allreduce_seconds,
+    dequant_seconds,
+    flops_per_token,
+    network_gbytes_per_s,
+    step_time,
+)
+from ftplan.estimate.params import count_params
+from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
+from ftplan.model.architectures import build_layout
+from ftplan.model.resolve import from_catalog
+from ftplan.model.spec import spec_from_config
 
 # Llama, hidden 64, MLP 128, 2 layers, 4 heads of 16 with 4 KV heads, vocab 100, untied.
 H, I, L, V, S = 64, 128, 2, 100, 32

@@ -1,10 +1,9 @@
 """Prices and billing: hand-computed dollars, spot and SageMaker derivations, calibration."""
 
 import pytest
-
-from planner import calibration, catalog
-from planner.cost import billed_seconds, check_region, cost_usd, hourly_price
-from planner.errors import PlannerError
+from ftplan.data import calibration, catalog
+from ftplan.errors import PlannerError
+from ftplan.estimate.cost import billed_seconds, check_region, cost_usd, hourly_price
 
 
 def test_on_demand_price_carries_its_date_and_source():

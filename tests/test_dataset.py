@@ -3,9 +3,13 @@
 import json
 
 import pytest
-
-from planner.dataset import find_tokenizer, from_dataset, from_token_count, padded_tokens
-from planner.errors import PlannerError
+from ftplan.data.dataset import (
+    find_tokenizer,
+    from_dataset,
+    from_token_count,
+    padded_tokens,
+)
+from ftplan.errors import PlannerError
 
 
 def write_jsonl(path, rows):

@@ -5,17 +5,16 @@ transformers 5). PEFT's trainable count is the adapters alone; the base total ex
 """
 
 import pytest
-
-from planner import catalog
-from planner.architectures import build_layout
-from planner.params import count_params
-from planner.resolve import from_catalog
-from planner.settings import LoraSettings
+from ftplan.data import catalog
+from ftplan.estimate.params import count_params
+from ftplan.estimate.settings import LoraSettings
+from ftplan.model.architectures import build_layout
+from ftplan.model.resolve import from_catalog
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from planner.meta_count import build_meta_model, count_lora_trainable, count_total  # noqa: E402
+from ftplan.model.meta_count import build_meta_model, count_lora_trainable, count_total  # noqa: E402
 
 MODELS = [m.name for m in catalog.models()]
 

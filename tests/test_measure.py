@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from planner.measure import measure  # noqa: E402
-from planner.memtrack import LiveBytes  # noqa: E402
-from planner.modelspec import spec_from_config  # noqa: E402
-from planner.settings import LoraSettings, SetupChoices  # noqa: E402
+from ftplan.estimate.settings import LoraSettings, SetupChoices  # noqa: E402
+from ftplan.measure.memtrack import LiveBytes  # noqa: E402
+from ftplan.measure.runner import measure  # noqa: E402
+from ftplan.model.spec import spec_from_config  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
 
@@ -85,10 +85,9 @@ def test_measure_bad_input_is_one_line(args, expected, write_config):
 
 def test_build_model_loads_local_safetensors(tmp_path):
     """The shared builder loads real weights from a local directory (safetensors only)."""
+    from ftplan.estimate.settings import SetupChoices, resolve
+    from ftplan.train.build import build_model, hf_config
     from transformers import AutoModelForCausalLM
-
-    from planner.modelbuild import build_model, hf_config
-    from planner.settings import SetupChoices, resolve
 
     spec = spec_from_config(TINY, name="tiny", source="test")
     setup = resolve("lora", SetupChoices())

@@ -3,12 +3,11 @@
 import math
 
 import pytest
-
-from planner import catalog
-from planner.architectures import build_layout
-from planner.memory import estimate_memory, optimizer_bytes, quantized_bytes
-from planner.resolve import from_catalog
-from planner.settings import LoraSettings, SetupChoices, TrainingSetup, resolve
+from ftplan.data import catalog
+from ftplan.estimate.memory import estimate_memory, optimizer_bytes, quantized_bytes
+from ftplan.estimate.settings import LoraSettings, SetupChoices, TrainingSetup, resolve
+from ftplan.model.architectures import build_layout
+from ftplan.model.resolve import from_catalog
 
 
 def layout_of(name):

@@ -1,14 +1,13 @@
 """Parameter counts against hand-computed figures and PEFT's target semantics."""
 
 import pytest
-
-from planner import catalog
-from planner.architectures import build_layout
-from planner.errors import PlannerError
-from planner.modelspec import spec_from_config
-from planner.params import count_params, lora_params, resolve_targets
-from planner.resolve import from_catalog
-from planner.settings import LoraSettings
+from ftplan.data import catalog
+from ftplan.errors import PlannerError
+from ftplan.estimate.params import count_params, lora_params, resolve_targets
+from ftplan.estimate.settings import LoraSettings
+from ftplan.model.architectures import build_layout
+from ftplan.model.resolve import from_catalog
+from ftplan.model.spec import spec_from_config
 
 from .conftest import TINY_LLAMA
 

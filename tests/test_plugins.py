@@ -7,11 +7,12 @@ import json
 import textwrap
 
 import pytest
+from ftplan.data import catalog
+from ftplan.errors import PlannerError
+from ftplan.run import registry as plugins
+from ftplan.run.backend import RunRequest, RunResult, TrainerBackend
+from ftplan.run.hookspecs import hookimpl
 
-from planner import catalog, plugins
-from planner.backend import RunRequest, RunResult, TrainerBackend
-from planner.errors import PlannerError
-from planner.hookspecs import hookimpl
 from tests.conftest import run_cli
 
 
@@ -68,7 +69,7 @@ def test_check_refuses_a_method_the_backend_does_not_train(fake, tmp_path):
                    "--priority", "cost").returncode == 0
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     request = RunRequest(data=tmp_path / "d.jsonl", output_dir=tmp_path / "out")
-    from planner.run import prepare
+    from ftplan.run.execute import prepare
 
     with pytest.raises(PlannerError, match=r"backend 'lora-only' does not train full \(it supports lora\).*"
                                            r"fix: re-plan with ftplan recommend --methods lora"):
@@ -153,8 +154,8 @@ def write_dist(site, name: str, module_source: str, entry: str) -> None:
 
 def test_entry_point_plugins_load_and_broken_ones_are_named(tmp_path):
     write_dist(tmp_path, "good_plugin", """
-        from planner.backend import TrainerBackend
-        from planner.hookspecs import hookimpl
+        from ftplan.run.backend import TrainerBackend
+        from ftplan.run.hookspecs import hookimpl
 
         class Echo(TrainerBackend):
             name = "echo"
@@ -189,8 +190,8 @@ def test_entry_point_plugins_load_and_broken_ones_are_named(tmp_path):
 
 def test_catalog_plugin_through_an_entry_point_reaches_every_command(tmp_path):
     write_dist(tmp_path, "onprem_plugin", """
-        from planner import catalog
-        from planner.hookspecs import hookimpl
+        from ftplan.data import catalog
+        from ftplan.run.hookspecs import hookimpl
 
         @hookimpl
         def register_catalog_entries(register_model, register_gpu, register_instance):

@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import math
 
+from ftplan.data import catalog
+from ftplan.data.dataset import from_token_count
+from ftplan.errors import PlannerError
+from ftplan.estimate.memory import (
+    estimate_memory,
+    quantized_bytes,
+    unquantized_matmul_params,
+)
+from ftplan.estimate.params import count_params, over_ranked
+from ftplan.estimate.report import estimate
+from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
+from ftplan.estimate.sharding import shard
+from ftplan.model.architectures import QUANTIZED_KINDS, build_layout
+from ftplan.model.resolve import from_catalog
+from ftplan.model.spec import spec_from_config
+from ftplan.recommend.search import SearchRequest, search
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from planner import catalog
-from planner.architectures import build_layout
-from planner.dataset import from_token_count
-from planner.errors import PlannerError
-from planner.architectures import QUANTIZED_KINDS
-from planner.estimate import estimate
-from planner.memory import estimate_memory, quantized_bytes, unquantized_matmul_params
-from planner.modelspec import spec_from_config
-from planner.params import count_params, over_ranked
-from planner.recommend import SearchRequest, search
-from planner.resolve import from_catalog
-from planner.settings import LoraSettings, SetupChoices, resolve
-from planner.sharding import shard
 
 MODELS = ["llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gemma2-2b", "phi3-mini", "gpt2",
           "falcon-7b", "opt-350m", "pythia-1b", "bloom-560m"]
@@ -173,7 +175,7 @@ def test_the_recommender_never_returns_what_its_estimator_rejects(tokens, budget
 
 def test_exactly_four_catalog_models_store_more_weight_bytes_in_qlora_than_in_lora():
     """The README's claim, reproduced over the whole catalog."""
-    from planner.architectures import is_analytic
+    from ftplan.model.architectures import is_analytic
 
     heavier = set()
     for entry in catalog.models():

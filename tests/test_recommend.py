@@ -3,18 +3,17 @@
 import math
 
 import pytest
-
-from planner import calibration, catalog
-from planner.compute import step_time
-from planner.dataset import from_token_count
-from planner.errors import PlannerError
-from planner.estimate import layout_for
-from planner.memory import estimate_memory
-from planner.params import count_params
-from planner.recommend import SearchRequest, search
-from planner.resolve import from_catalog
-from planner.settings import LoraSettings, SetupChoices
-from planner.sharding import shard
+from ftplan.data import calibration, catalog
+from ftplan.data.dataset import from_token_count
+from ftplan.errors import PlannerError
+from ftplan.estimate.compute import step_time
+from ftplan.estimate.memory import estimate_memory
+from ftplan.estimate.params import count_params
+from ftplan.estimate.report import layout_for
+from ftplan.estimate.settings import LoraSettings, SetupChoices
+from ftplan.estimate.sharding import shard
+from ftplan.model.resolve import from_catalog
+from ftplan.recommend.search import SearchRequest, search
 
 SPEC = from_catalog(catalog.find_model("llama2-7b"))
 LAYOUT = layout_for(SPEC)[0]

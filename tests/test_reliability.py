@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+from ftplan.data import calibration
+from ftplan.data.files import atomic_write_text
+from ftplan.errors import PlannerError
 
-from planner import calibration
-from planner.errors import PlannerError
-from planner.files import atomic_write_text
 from tests.conftest import run_cli
 
 
@@ -44,7 +44,7 @@ def test_calibration_cache_survives_a_crash_mid_write(tmp_path, monkeypatch):
 
 
 def test_resume_ignores_half_written_checkpoints(tmp_path):
-    from plugins.hf import checkpoint
+    from ftplan.backends.hf import checkpoint
 
     good = tmp_path / "checkpoint-000004"
     good.mkdir()

@@ -18,10 +18,11 @@ import yaml
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from planner.backend import RunRequest  # noqa: E402
-from planner.errors import PlannerError  # noqa: E402
-from planner.plan import load  # noqa: E402
-from planner.run import execute, prepare  # noqa: E402
+from ftplan.errors import PlannerError  # noqa: E402
+from ftplan.plan import load  # noqa: E402
+from ftplan.run.backend import RunRequest  # noqa: E402
+from ftplan.run.execute import execute, prepare  # noqa: E402
+
 from examples import tiny_model as tinymodel  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
@@ -76,12 +77,10 @@ def test_recommend_then_run_trains_and_the_loss_falls(workdir, method):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(workdir, method, monkeypatch):
     import torch
+    from ftplan.backends.hf import loop
+    from ftplan.train.build import _load_quantized, weight_dtype
     from peft import PeftModel
-
     from transformers import AutoModelForCausalLM
-
-    from planner.modelbuild import _load_quantized, weight_dtype
-    from plugins.hf import loop
 
     plan_path = make_plan(workdir, method, f"{method}-logits")
     batch = loop.data.collate([([1, 5, 9, 13, 17, 21, 25, 29], [1] * 8)], pad_id=3)
@@ -119,7 +118,7 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(workdir, meth
 
 def _start_run(workdir: Path, plan: Path, out: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "planner", "run", plan.name, "--data", "train.jsonl", "--output",
+    return subprocess.Popen([sys.executable, "-m", "ftplan", "run", plan.name, "--data", "train.jsonl", "--output",
                              out, "--save-every", "2", "--json", *extra], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -182,9 +181,8 @@ def test_a_finished_run_is_not_overwritten_without_force(workdir):
 
 
 def test_chat_and_prompt_completion_data(workdir):
+    from ftplan.backends.hf import data
     from transformers import AutoTokenizer
-
-    from plugins.hf import data
 
     tok = AutoTokenizer.from_pretrained(str(workdir / "tiny"))
     ids, labels = data.encode({"prompt": "the cat sat", "completion": " on the mat"}, tok, 64, "x")
@@ -204,7 +202,7 @@ def test_chat_and_prompt_completion_data(workdir):
 
 def test_a_saved_datasets_directory_is_training_data(workdir):
     datasets = pytest.importorskip("datasets")
-    from plugins.hf.data import read_records
+    from ftplan.backends.hf.data import read_records
 
     rows = [{"text": s} for s in tinymodel.sentences(10)]
     datasets.Dataset.from_list(rows).save_to_disk(str(workdir / "hfdata"))
@@ -257,7 +255,7 @@ def test_two_processes_on_the_cpu_train_with_ddp_and_write_one_set_of_outputs(wo
 
 
 def test_generated_accelerate_configs_follow_the_plans_sharding(workdir):
-    from plugins.hf.launch import accelerate_config
+    from ftplan.backends.hf.launch import accelerate_config
 
     plan = load(make_plan(workdir, "lora", "cfg"))
     for sharding, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP")):

@@ -15,13 +15,14 @@ import yaml
 boto3 = pytest.importorskip("boto3")
 moto = pytest.importorskip("moto")
 
-from planner import plugins  # noqa: E402
-from planner.backend import RunRequest  # noqa: E402
-from planner.errors import PlannerError  # noqa: E402
-from planner.plan import load  # noqa: E402
-from planner.run import execute, prepare  # noqa: E402
-from plugins.sagemaker import backend as sm_backend  # noqa: E402
-from plugins.sagemaker import entry, job  # noqa: E402
+from ftplan.backends.sagemaker import backend as sm_backend  # noqa: E402
+from ftplan.backends.sagemaker import entry, job  # noqa: E402
+from ftplan.errors import PlannerError  # noqa: E402
+from ftplan.plan import load  # noqa: E402
+from ftplan.run import registry as plugins  # noqa: E402
+from ftplan.run.backend import RunRequest  # noqa: E402
+from ftplan.run.execute import execute, prepare  # noqa: E402
+
 from tests.conftest import run_cli  # noqa: E402
 
 ROLE = "arn:aws:iam::123456789012:role/ftplan-training"
@@ -159,7 +160,8 @@ def test_a_job_is_staged_started_followed_and_its_artifacts_downloaded(plans, tm
             "ftplan/ftplan-test-job/source/sourcedir.tar.gz"} <= keys
     source = aws["s3"].get_object(Bucket="ftplan-test", Key="ftplan/ftplan-test-job/source/sourcedir.tar.gz")
     names = tarfile.open(fileobj=io.BytesIO(source["Body"].read())).getnames()
-    assert "ftplan_entry.py" in names and "planner/run.py" in names and "catalogs/models.json" in names
+    assert "ftplan_entry.py" in names and "ftplan/run/execute.py" in names and "ftplan/catalogs/models.json" in names
+    assert "ftplan/backends/hf/loop.py" in names and "ftplan-0.1.0.dist-info/entry_points.txt" in names
     assert "requirements.txt" in names and not any("__pycache__" in n for n in names)
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
     assert summary.result.device == "sagemaker" and (tmp_path / "out" / "summary.json").exists()

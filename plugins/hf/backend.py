@@ -5,11 +5,17 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ftplan.errors import PlannerError
+from ftplan.plan import Plan, weights_source
+from ftplan.run.backend import (
+    BackendOptions,
+    Problem,
+    ProgressCallback,
+    RunRequest,
+    RunResult,
+    TrainerBackend,
+)
 from pydantic import Field
-
-from planner.backend import BackendOptions, Problem, ProgressCallback, RunRequest, RunResult, TrainerBackend
-from planner.errors import PlannerError
-from planner.plan import Plan, weights_source
 
 TRAIN_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
 
@@ -41,9 +47,8 @@ class HuggingFaceOptions(BackendOptions):
 
 def load_for_training(plan: Plan, request: RunRequest):
     """The ModelSpec, weights source and tokenizer (pad token set) a run trains with."""
+    from ftplan.model.resolve import resolve_model
     from transformers import AutoTokenizer
-
-    from planner.resolve import resolve_model
 
     source = weights_source(plan, request.model_path)
     path = Path(source).expanduser()

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from planner.dataset import check_training_data
-from planner.dataset import read_records as read_jsonl
-from planner.errors import PlannerError
+from ftplan.data.dataset import check_training_data
+from ftplan.data.dataset import read_records as read_jsonl
+from ftplan.errors import PlannerError
 
 IGNORE = -100  # label value the loss skips
 

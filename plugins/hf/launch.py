@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from planner.backend import ProgressCallback, ProgressEvent, RunRequest, RunResult
-from planner.errors import PlannerError
-from planner.plan import Plan
+from ftplan.errors import PlannerError
+from ftplan.plan import Plan
+from ftplan.run.backend import ProgressCallback, ProgressEvent, RunRequest, RunResult
 
 from .loop import mixed_precision
 
@@ -58,9 +58,9 @@ def free_port() -> int:
 def command(config_path: Path, processes: int, cpu: bool, worker_args: list[str], port: int) -> list[str]:
     if cpu:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-                str(port), "-m", "plugins.hf.worker", *worker_args]
+                str(port), "-m", "ftplan.backends.hf.worker", *worker_args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path), "-m",
-            "plugins.hf.worker", *worker_args]
+            "ftplan.backends.hf.worker", *worker_args]
 
 
 def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machines: int = 1, machine_rank: int = 0,

@@ -14,11 +14,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from planner.backend import ProgressCallback, ProgressEvent, RunRequest, RunResult
-from planner.errors import PlannerError
-from planner.modelbuild import build_model, build_optimizer, uses_autocast
-from planner.modelspec import ModelSpec
-from planner.plan import Plan
+from ftplan.errors import PlannerError
+from ftplan.model.spec import ModelSpec
+from ftplan.plan import Plan
+from ftplan.run.backend import ProgressCallback, ProgressEvent, RunRequest, RunResult
+from ftplan.train.build import build_model, build_optimizer, uses_autocast
 
 from . import checkpoint, data
 

@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--request", type=Path, required=True)
     args = parser.parse_args(argv)
-    from planner.backend import RunRequest
-    from planner.plan import load
+    from ftplan.plan import load
+    from ftplan.run.backend import RunRequest
 
     from .backend import load_for_training
     from .launch import RESULT

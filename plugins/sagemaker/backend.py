@@ -7,13 +7,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ftplan.data import catalog
+from ftplan.data.files import user_dir
+from ftplan.errors import PlannerError
+from ftplan.plan import Plan, to_yaml, weights_source
+from ftplan.run.backend import (
+    BackendOptions,
+    Problem,
+    ProgressCallback,
+    RunRequest,
+    RunResult,
+    TrainerBackend,
+)
 from pydantic import Field
-
-from planner import catalog
-from planner.backend import BackendOptions, Problem, ProgressCallback, RunRequest, RunResult, TrainerBackend
-from planner.errors import PlannerError
-from planner.files import user_dir
-from planner.plan import Plan, to_yaml, weights_source
 
 from . import job
 
@@ -149,8 +155,7 @@ class SageMakerBackend(TrainerBackend):
 
     def run(self, plan: Plan, request: RunRequest, options: SageMakerOptions, progress: ProgressCallback) -> RunResult:
         from botocore.exceptions import BotoCoreError, ClientError
-
-        from planner.aws_prices import aws_error
+        from ftplan.data.aws_prices import aws_error
 
         c = clients(plan.hardware.region)
         notes: list[str] = []

@@ -11,15 +11,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from planner import __version__, catalog
-from planner.backend import ProgressEvent
-from planner.errors import PlannerError
-from planner.plan import Plan
+from ftplan import __version__
+from ftplan.data import catalog
+from ftplan.errors import PlannerError
+from ftplan.plan import Plan
+from ftplan.run import bundle
+from ftplan.run.backend import ProgressEvent
 
 MAX_RUNTIME = 28 * 24 * 3600      # SageMaker's ceiling for a training job
 MIN_RUNTIME = 3600
 ENTRY = "ftplan_entry.py"
-SOURCE_PACKAGES = ("planner", "plugins", "catalogs")
 REQUIREMENTS = ("peft", "bitsandbytes", "accelerate", "safetensors", "pydantic>=2.6", "click", "rich", "pluggy",
                 "PyYAML", "huggingface_hub")
 
@@ -98,19 +99,17 @@ def training_request(plan: Plan, *, name: str, role: str, bucket: str, prefix: s
 
 def source_tarball() -> bytes:
     """ftplan's own packages, the entry script and requirements.txt, as sourcedir.tar.gz."""
-    import planner
-
-    root = Path(planner.__file__).resolve().parent.parent
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for package in SOURCE_PACKAGES:
-            tar.add(root / package, arcname=package,
-                    filter=lambda info: None if "__pycache__" in info.name else info)
+        for path, name in bundle.source_files():
+            tar.add(path, arcname=name)
         tar.add(Path(__file__).with_name("entry.py"), arcname=ENTRY)
-        requirements = "\n".join(REQUIREMENTS).encode() + b"\n"
-        info = tarfile.TarInfo("requirements.txt")
-        info.size = len(requirements)
-        tar.addfile(info, io.BytesIO(requirements))
+        texts = {**bundle.dist_info_files(), "requirements.txt": "\n".join(REQUIREMENTS) + "\n"}
+        for name, text in texts.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 

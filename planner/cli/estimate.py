@@ -1,0 +1,132 @@
+"""estimate, measure, models, instances: parse, call the core, render."""
+
+from __future__ import annotations
+
+import click
+from ftplan.cli.options import (
+    choices_from,
+    console,
+    load_plugin_catalog,
+    setting_options,
+    with_plugin_catalog,
+)
+from ftplan.errors import PlannerError
+from ftplan.estimate.settings import METHODS
+from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
+
+
+@click.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice([*METHODS, "all"]), default="all", show_default=True)
+@setting_options()
+@click.option("--gpu", default=None, help="judge this GPU (e.g. A100-80GB); lists instances with it")
+@click.option("--instance", default=None, help="judge this AWS instance type (e.g. g5.2xlarge)")
+@click.option("--layers", type=int, default=None, help="keep every width but use N layers (as measure does)")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs in total (data parallel)")
+@click.option("--nodes", type=int, default=1, show_default=True, help="instances the GPUs are spread over")
+@click.option("--sharding", type=click.Choice(SHARDINGS), default=None,
+              help="how state is split over the GPUs [default: none for 1 GPU, ddp for more]")
+@click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
+              help="move optimizer states (ZeRO) or parameters (ZeRO-3, FSDP) to host RAM")
+@click.option("--trust-remote-code", is_flag=True, help="allow custom model code (fallback counting only)")
+@click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
+def estimate(model: str, method: str, gpu: str | None, instance: str | None, layers: int | None, gpus: int,
+             nodes: int, sharding: str | None, offload: str, trust_remote_code: bool, as_json: bool,
+             **settings) -> None:
+    """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
+
+    MODEL is a catalog name (ftplan models), a Hugging Face id, or a path to a config.json.
+    """
+    from ftplan.estimate.report import estimate as run_estimate
+    from ftplan.model.resolve import resolve_model
+    from ftplan.model.spec import with_layers
+
+    if gpu and instance:
+        raise PlannerError("pass either --gpu or --instance, not both")
+    choices = choices_from(settings)
+    spec = with_plugin_catalog(lambda: resolve_model(model))
+    if layers is not None:
+        spec = with_layers(spec, layers)
+    methods = list(METHODS) if method == "all" else [method]
+    report = with_plugin_catalog(lambda: run_estimate(spec, methods, choices, gpu=gpu, instance=instance,
+                                                      trust_remote_code=trust_remote_code, gpus=gpus, nodes=nodes,
+                                                      sharding=sharding, offload=offload))
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        from ftplan.render.estimate import print_estimate
+
+        print_estimate(report, console())
+
+
+@click.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(METHODS), default="qlora", show_default=True)
+@setting_options()
+@click.option("--layers", type=int, default=None, help="keep every width but build N layers (fits wide models in RAM)")
+@click.option("--steps", type=int, default=1, show_default=True, help="measured steps after one warm-up step")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of a table")
+def measure(model: str, method: str, layers: int | None, steps: int, device: str, as_json: bool, **settings) -> None:
+    """Train MODEL for a few steps on random tokens and compare peak memory with the estimate.
+
+    The model is built from its config with random weights (nothing is downloaded) by the same
+    code the Hugging Face trainer backend uses. Needs the training extra.
+    """
+    from ftplan.measure.runner import measure as run_measure
+    from ftplan.model.resolve import resolve_model
+    from ftplan.model.spec import with_layers
+
+    choices = choices_from(settings)
+    spec = resolve_model(model)
+    if layers is not None:
+        spec = with_layers(spec, layers)
+    report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        from ftplan.render.estimate import print_measure
+
+        print_measure(report, console())
+
+
+@click.command()
+@click.argument("query", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def models(query: str | None, as_json: bool) -> None:
+    """List catalogued models; QUERY filters by name, HF id or model type."""
+    from ftplan.data import catalog
+
+    load_plugin_catalog()
+    rows = [m for m in catalog.models() if not query or query.lower() in
+            f"{m.name} {m.hf_id} {m.config['model_type']} {' '.join(m.aliases)}".lower()]
+    if as_json:
+        click.echo("[" + ",\n".join(m.model_dump_json() for m in rows) + "]")
+        return
+    from ftplan.render.estimate import models_table
+
+    console().print(models_table(rows))
+
+
+@click.command()
+@click.option("--gpu", default=None, help="only instances with this GPU")
+@click.option("--min-gpu-memory", type=float, default=None, help="only GPUs with at least this many GiB")
+@click.option("--json", "as_json", is_flag=True)
+def instances(gpu: str | None, min_gpu_memory: float | None, as_json: bool) -> None:
+    """List catalogued AWS instance types with their GPUs and prices (with price date and source)."""
+    from ftplan.data import catalog
+
+    load_plugin_catalog()
+    if gpu:
+        catalog.get_gpu(gpu)
+    rows = [i for i in catalog.instances().values()
+            if (not gpu or i.gpu.lower() == gpu.lower())
+            and (min_gpu_memory is None or catalog.gpu_of(i).memory_gib_reported >= min_gpu_memory)]
+    if as_json:
+        click.echo("[" + ",\n".join(i.model_dump_json() for i in rows) + "]")
+        return
+    from ftplan.render.estimate import instances_list
+
+    console().print(instances_list(rows))
+
+

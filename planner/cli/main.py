@@ -1,0 +1,55 @@
+"""The `ftplan` command line: parse, call the core, render. No estimation logic lives here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from ftplan import __version__
+from ftplan.cli import estimate, plan, prices, recommend, run
+from ftplan.cli.options import validation_message
+from ftplan.errors import PlannerError
+from pydantic import ValidationError
+
+EXIT_BAD_INPUT = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ftplan")
+def cli() -> None:
+    """Plan LLM fine-tuning: exact parameters, per-GPU memory, instances and cost."""
+
+
+for command in (estimate.estimate, estimate.measure, estimate.models, estimate.instances, recommend.recommend,
+                plan.plan, run.run, run.plugins_command, prices.prices):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
+    try:
+        cli.main(args=args, prog_name="ftplan", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("ftplan: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        if debug:
+            raise
+        click.echo(f"ftplan: error: {exc.format_message()}" + (
+            f" (see ftplan {exc.ctx.command.name} --help)" if exc.ctx and exc.ctx.command.name != "cli" else
+            " (see ftplan --help)"), err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except PlannerError as exc:
+        if debug:
+            raise
+        click.echo(f"ftplan: error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except ValidationError as exc:
+        if debug:
+            raise
+        click.echo(f"ftplan: error: {validation_message(exc)}", err=True)
+        sys.exit(EXIT_BAD_INPUT)

@@ -1,0 +1,146 @@
+"""Shared option decorators and argument parsing for the commands. Click only: no core imports beyond
+the settings vocabulary, so every command module can use them without cycles."""
+
+from __future__ import annotations
+
+import math
+
+import click
+from ftplan.errors import PlannerError
+from ftplan.estimate.settings import (
+    ATTENTIONS,
+    OPTIMIZERS,
+    PRECISIONS,
+    LoraSettings,
+    SetupChoices,
+)
+from pydantic import ValidationError
+
+
+def console():
+    from rich.console import Console
+
+    # No repr highlighting: it re-scans every cell with regexes and costs startup time.
+    return Console(highlight=False, emoji=False)
+
+
+def validation_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    msg = first.get("msg", str(exc)).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where and where not in msg else msg
+
+
+def _targets(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise PlannerError("--lora-targets is empty; pass names such as q_proj,v_proj or all-linear")
+    return names
+
+
+def setting_options(*, search: bool = False):
+    """The method and setting flags shared by estimate, measure and recommend.
+
+    With `search`, micro-batch, optimizer and checkpointing default to None: recommend searches them.
+    """
+    batch_help = "micro-batch per GPU (sequences)" + (" [default: searched]" if search else "")
+    options = [
+        click.option("--batch-size", type=int, default=None if search else 1, show_default=not search,
+                     help=batch_help),
+        click.option("--seq-len", type=int, default=2048, show_default=True, help="tokens per sequence"),
+        click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank"),
+        click.option("--lora-alpha", type=int, default=32, show_default=True, help="LoRA alpha"),
+        click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA dropout"),
+        click.option("--lora-targets", default=None,
+                     help="comma-separated module names, or all-linear [default: " +
+                          ("searched: PEFT's default and all-linear]" if search else "PEFT's default for the model]")),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
+                     help="[default: " + ("searched" if search else "adamw") + "; paged_adamw_32bit for qlora]"),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help="[default: bf16-mixed; fp16 on GPUs without bf16]"),
+        click.option("--grad-ckpt/--no-grad-ckpt", default=None,
+                     help="gradient checkpointing [default: " + ("searched" if search else "on for qlora") + "]"),
+        click.option("--attn", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True,
+                     help="attention implementation"),
+        click.option("--quant", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True,
+                     help="qlora 4-bit type"),
+        click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+                     help="qlora double quantization of the absmax constants"),
+    ]
+
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def load_plugin_catalog() -> None:
+    """Merge plugins' catalog entries (models, GPUs, instances); loads plugins once."""
+    from ftplan.run.registry import registry
+
+    registry()
+
+
+def with_plugin_catalog(lookup):
+    """Run `lookup`; if a name is not in the bundled catalog, load the plugins' entries and try again.
+    Keeps plugin loading (an entry-point scan) off the estimate path unless it is needed."""
+    try:
+        return lookup()
+    except PlannerError:
+        from ftplan.run.registry import registry  # imports pluggy: only on a miss
+
+        if registry.cache_info().currsize:
+            raise
+        registry()
+        return lookup()
+
+
+def choices_from(kw: dict) -> SetupChoices:
+    """The SetupChoices named by the shared setting options (removed from `kw`)."""
+    lora = LoraSettings(r=kw.pop("lora_r"), alpha=kw.pop("lora_alpha"), dropout=kw.pop("lora_dropout"),
+                        targets=_targets(kw.pop("lora_targets")))
+    batch = kw.pop("batch_size")
+    return SetupChoices(batch_size=batch if batch is not None else 1, seq_len=kw.pop("seq_len"),
+                        precision=kw.pop("precision"),
+                        optimizer=kw.pop("optimizer"), grad_ckpt=kw.pop("grad_ckpt"), attention=kw.pop("attn"),
+                        lora=lora, quant_type=kw.pop("quant"), double_quant=kw.pop("double_quant"))
+
+
+class TokenCount(click.ParamType):
+    """A token count: 20000000, 20M, 1.5B or 500k."""
+
+    name = "tokens"
+    SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace("_", "").replace(",", "")
+        scale = self.SUFFIXES.get(text[-1:], 1)
+        try:
+            number = float(text[:-1] if scale > 1 else text)
+        except ValueError:
+            self.fail(f"'{value}' is not a token count; write e.g. 20000000, 20M or 1.5B", param, ctx)
+        if not math.isfinite(number) or number <= 0 or number * scale > 10**15:
+            self.fail(f"'{value}' must be a positive token count below 10^15", param, ctx)
+        return int(number * scale)
+
+
+def split_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def key_values(pairs: tuple[str, ...]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PlannerError(f"--option '{pair}' must look like KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+

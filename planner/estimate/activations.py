@@ -1,0 +1,269 @@
+"""Activation memory: the tensors autograd keeps for backward, term by term.
+
+Each term names the operation that saves it, so a measured breakdown can be compared with it
+(`ftplan measure`, benchmarks/ACCURACY.md). The model follows transformers 5 + PEFT + bitsandbytes
+in a Hugging Face Trainer step:
+- under autocast a linear layer casts a wider input to the compute dtype on every call and
+  saves that copy only when its weight trains; frozen and 4-bit layers save nothing for their
+  input. A weight stored in fp32 is cast too, and that bf16 copy is kept for backward (full
+  bf16-mixed: every matmul weight; QLoRA: the fp32 head and unquantized layers);
+- bitsandbytes' Linear4bit returns its output in its input's dtype: QLoRA's fp32 norm outputs
+  make q/k/v and the MLP intermediates fp32;
+- a LoRA adapter saves the compute-dtype copy of its input, lora_A's r-wide output and the
+  dropout mask (a bool per element on CUDA; on the CPU dropout saves an fp32 noise tensor);
+- RMSNorm upcasts to fp32 and saves that copy and 1/rms; LayerNorm runs in fp32 under autocast
+  and saves its input, mean and rstd;
+- the first layer of LoRA/QLoRA reads frozen embeddings that need no gradient: its first norm
+  and its attention-side dropout masks save nothing;
+- the loss upcasts the logits to fp32, and log-softmax keeps its fp32 output for backward.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ftplan.estimate.settings import TrainingSetup
+from ftplan.model.architectures import QUANTIZED_KINDS, ModelLayout, ModuleGroup
+from pydantic import BaseModel
+
+Device = Literal["cuda", "cpu"]
+MATMUL_KINDS = {"linear", "linear_subclass", "conv1d", "head", "router", "experts"}
+
+
+class Dtypes(BaseModel):
+    """Bytes per element of the tensors that flow through a training step."""
+
+    compute: int      # matmul inputs/outputs (2 under bf16/fp16 autocast or pure half precision)
+    residual: int     # the residual stream between layers
+    autocast: bool
+    base_trainable: bool
+    quantized: bool   # QLoRA: 4-bit layers answer in their input's dtype
+    device: Device
+
+    def mask(self, input_bytes: int) -> int:
+        """Bytes per element a dropout keeps: CUDA's fused kernel a bool mask, the CPU the scaled noise."""
+        return 1 if self.device == "cuda" else input_bytes
+
+
+def step_dtypes(setup: TrainingSetup, device: Device = "cuda") -> Dtypes:
+    """Dtypes of a step: the residual stream follows the embedding's storage dtype.
+
+    full bf16-mixed / fp16-mixed / fp32 keep fp32 weights, so the residual stream is fp32;
+    pure bf16/fp16 keeps everything in 2 bytes; LoRA's frozen base is bf16; QLoRA's embeddings
+    are upcast to fp32 by prepare_model_for_kbit_training, so its residual stream is fp32.
+    """
+    half = setup.precision != "fp32"
+    compute = 2 if half else 4
+    if setup.method == "full":
+        residual = 2 if setup.precision in ("bf16", "fp16") else 4
+        autocast = setup.precision in ("bf16-mixed", "fp16-mixed")
+    elif setup.method == "lora":
+        residual, autocast = (2, True) if half else (4, False)
+    else:
+        residual, autocast = 4, half
+    return Dtypes(compute=compute, residual=residual, autocast=autocast, base_trainable=setup.method == "full",
+                  quantized=setup.method == "qlora", device=device)
+
+
+class LayerActivations(BaseModel):
+    """Bytes saved for backward by one decoder layer, by term."""
+
+    terms: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+def _norm_saved(layout: ModelLayout, width: int, tokens: int, dt: Dtypes) -> int:
+    """RMSNorm: fp32 copy of the input + 1/rms (+ the normalised input when its weight trains).
+    LayerNorm: its input (fp32 under autocast), mean and rstd."""
+    if layout.features.norm == "rms":
+        weight_grad_input = tokens * width * dt.residual if dt.base_trainable else 0
+        return tokens * width * 4 + tokens * 4 + weight_grad_input
+    input_bytes = 4 if dt.autocast else dt.residual
+    return tokens * width * input_bytes + 2 * tokens * 4
+
+
+def _input_bytes(role: str, dt: Dtypes, layout: ModelLayout) -> int:
+    """Dtype of the tensor a linear of this role reads."""
+    if role in ("attn_in", "mlp_in", "final"):
+        return 4 if (dt.autocast and layout.features.norm == "layer") else dt.residual
+    return dt.compute
+
+
+def _output_bytes(layout: ModelLayout, role: str, dt: Dtypes) -> int:
+    """Dtype of the outputs of the layers of a role: the input's for 4-bit layers, else the compute dtype."""
+    quantized = any(g.kind in QUANTIZED_KINDS for g in layout.modules if g.per_layer and g.role == role)
+    return _input_bytes(role, dt, layout) if dt.quantized and quantized else dt.compute
+
+
+def linear_inputs_saved(layout: ModelLayout, groups: list[ModuleGroup], tokens: int, dt: Dtypes) -> int:
+    """Inputs that trainable linear layers keep for their weight gradient.
+
+    When the input is wider than the compute dtype, autocast makes one copy per consumer;
+    when it is already in the compute dtype, consumers share the one tensor.
+    """
+    if not dt.base_trainable:
+        return 0
+    total = 0
+    roles: dict[str, list[ModuleGroup]] = {}
+    for g in groups:
+        if g.kind in MATMUL_KINDS:
+            roles.setdefault(g.role, []).append(g)
+    for role, consumers in roles.items():
+        width = consumers[0].in_features
+        if _input_bytes(role, dt, layout) != dt.compute and dt.autocast:
+            total += len(consumers) * tokens * width * dt.compute
+        else:
+            total += tokens * width * dt.compute
+    return total
+
+
+def autocast_weight_copies(groups: list[ModuleGroup], dt: Dtypes, r: int = 0, adapted=()) -> int:
+    """bf16 copies of fp32 matmul weights that autocast makes and autograd keeps for backward."""
+    if not dt.autocast:
+        return 0
+    if dt.base_trainable:  # full bf16-mixed: every matmul weight is fp32
+        base = sum(g.weight_numel for g in groups if g.kind in MATMUL_KINDS)
+    elif dt.quantized:      # QLoRA: what bitsandbytes left unquantized was upcast to fp32
+        base = sum(g.weight_numel for g in groups if g.kind in MATMUL_KINDS - QUANTIZED_KINDS)
+    else:                   # LoRA: the base is already bf16
+        base = 0
+    adapters = sum(r * g.lora_rank_factor * (g.in_features + g.out_features) for g in adapted)
+    return (base + adapters) * dt.compute
+
+
+def lora_saved(layout: ModelLayout, adapted: list[ModuleGroup], r: int, dropout: float, tokens: int,
+               dt: Dtypes) -> int:
+    """Per adapted module: the compute-dtype input of lora_A, lora_A's output, the dropout mask
+    (PEFT casts the input to the fp32 adapter dtype before dropout)."""
+    total = 0
+    for g in adapted:
+        total += tokens * g.in_features * dt.compute + tokens * r * g.lora_rank_factor * dt.compute
+        if dropout > 0:
+            total += tokens * g.in_features * dt.mask(4)
+    return total
+
+
+def attention_saved(layout: ModelLayout, setup: TrainingSetup, dt: Dtypes) -> dict[str, int]:
+    """q/k/v as the kernel receives them, the kernel's saved outputs, and eager's score matrices.
+
+    A fused projection (qkv_proj, query_key_value, c_attn) whose output is already in the compute
+    dtype stays alive whole: v (and q, k without rotary) are views of it.
+    """
+    d, f = layout.dims, layout.features
+    b, s, t, c = setup.batch_size, setup.seq_len, setup.tokens, dt.compute
+    qkv = t * (d.q_dim + 2 * d.kv_dim) * c
+    fused = any(g.per_layer and g.role == "attn_in" and g.out_features == d.q_dim + 2 * d.kv_dim
+                for g in layout.modules)
+    if fused and f.rotary and _output_bytes(layout, "attn_in", dt) == c:
+        qkv += t * (d.q_dim + d.kv_dim) * c  # rotary q and k are new tensors beside the fused output
+    terms = {"attn_qkv": qkv}
+    if f.qk_norm:
+        terms["attn_qk_norm"] = t * (d.q_dim + d.kv_dim) * 4 + t * (d.heads + d.kv_heads) * 4
+    if setup.attention == "eager":
+        repeat = 2 * t * (d.q_dim - d.kv_dim) * c if d.kv_heads != d.heads else 0
+        softcap = 2 * b * d.heads * s * s * c if f.softcap else 0
+        # softmax runs in fp32 and is cast back: both copies are saved.
+        terms["attn_scores"] = b * d.heads * s * s * (4 + c) + repeat + softcap
+        if layout_dropout(layout, "attention") > 0:
+            terms["attn_dropout"] = b * d.heads * s * s * dt.mask(c)
+    else:
+        terms["attn_kernel_out"] = t * d.q_dim * c + b * d.heads * s * 4  # output + logsumexp
+    return terms
+
+
+def layout_dropout(layout: ModelLayout, where: str) -> float:
+    """Dropout probability the config sets for `where` ('attention' or 'hidden'); 0 when absent."""
+    return layout.features.dropout.get(where, 0.0)
+
+
+def mlp_saved(layout: ModelLayout, tokens: int, dt: Dtypes) -> dict[str, int]:
+    """Gated MLPs keep gate, act(gate) and up; plain MLPs keep the pre-activation. MoE keeps them per routed token."""
+    d = layout.dims
+    # parallel blocks with one norm (Falcon-7B, Phi-2) feed the MLP from the attention's input
+    role = "mlp_in" if any(g.per_layer and g.role == "mlp_in" for g in layout.modules) else "attn_in"
+    width = _output_bytes(layout, role, dt)
+    per_token = (3 if layout.features.gated_mlp else 1) * d.intermediate * width
+    if d.experts:
+        c = dt.compute
+        routed = tokens * d.experts_per_token
+        return {"mlp_experts": routed * (per_token + d.intermediate * c + 2 * d.hidden * c),
+                "mlp_router": tokens * d.experts * 4 * 2}
+    return {"mlp_intermediate": tokens * per_token}
+
+
+def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
+                      device: Device = "cuda") -> LayerActivations:
+    """Everything one decoder layer saves for backward without gradient checkpointing."""
+    dt = step_dtypes(setup, device)
+    t, h = setup.tokens, layout.dims.hidden
+    layer_groups = [g for g in layout.modules if g.per_layer]
+    adapted_here = [g for g in adapted if g.per_layer]
+    r = setup.lora.r if setup.lora else 0
+    terms = {"norms": layout.features.norms_per_layer * _norm_saved(layout, h, t, dt)}
+    terms["linear_inputs"] = linear_inputs_saved(layout, layer_groups, t, dt)
+    terms["weight_copies"] = autocast_weight_copies(layer_groups, dt, r, adapted_here)
+    terms.update(attention_saved(layout, setup, dt))
+    terms.update(mlp_saved(layout, t, dt))
+    if adapted_here:
+        terms["lora"] = lora_saved(layout, adapted_here, r, setup.lora.dropout, t, dt)
+    if layout_dropout(layout, "hidden") > 0:
+        terms["hidden_dropout"] = 2 * t * h * dt.mask(dt.compute)
+    return LayerActivations(terms=terms)
+
+
+def first_layer_savings(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
+                        device: Device = "cuda") -> int:
+    """What the first layer does not save when its input needs no gradient (frozen embeddings):
+    its first norm, and the dropout masks of the adapters that read that norm's output."""
+    if setup.method == "full":
+        return 0
+    dt = step_dtypes(setup, device)
+    t = setup.tokens
+    saved = _norm_saved(layout, layout.dims.hidden, t, dt)
+    if setup.lora and setup.lora.dropout > 0:
+        saved += sum(t * g.in_features * dt.mask(4) for g in adapted if g.per_layer and g.role == "attn_in")
+    return saved
+
+
+def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup) -> int:
+    """With gradient checkpointing a layer keeps only its input (the residual stream)."""
+    return setup.tokens * layout.dims.hidden * step_dtypes(setup).residual
+
+
+def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = ()) -> int:
+    """Gradient buffers alive while backward runs through one MLP (the widest part of a layer),
+    plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype."""
+    d, dt = layout.dims, step_dtypes(setup)
+    width = d.intermediate * max(1, d.experts_per_token)
+    lora_input = max((g.in_features for g in adapted if g.per_layer), default=0)
+    return setup.tokens * (2 * width * dt.compute + d.hidden * 4 + lora_input * 4)
+
+
+def head_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
+                     device: Device = "cuda") -> dict[str, int]:
+    """Outside the layers: the final norm, the head's input and weight copy, log-softmax's fp32 output."""
+    dt = step_dtypes(setup, device)
+    t, d = setup.tokens, layout.dims
+    head = next(g for g in layout.modules if g.kind == "head")
+    top_level = [g for g in layout.modules if not g.per_layer and g.kind != "embedding"]
+    adapted_top = [g for g in adapted if not g.per_layer]
+    r = setup.lora.r if setup.lora else 0
+    terms = {"final_norm": _norm_saved(layout, d.hidden, t, dt),
+             "head_input": linear_inputs_saved(layout, top_level, t, dt),
+             "head_weight_copy": autocast_weight_copies(top_level, dt, r, adapted_top)}
+    if adapted_top:
+        terms["lora_top_level"] = lora_saved(layout, adapted_top, r, setup.lora.dropout, t, dt)
+    terms["log_softmax"] = t * head.out_features * 4
+    return terms
+
+
+def loss_transients(layout: ModelLayout, setup: TrainingSetup) -> tuple[int, int]:
+    """Extra bytes around the loss, (forward, backward): the bf16 logits and their fp32 copy at
+    the end of forward; in backward the fp32 gradients of log-softmax's output and input."""
+    dt = step_dtypes(setup)
+    vocab_bytes = setup.tokens * layout.dims.vocab
+    softcap = 2 * vocab_bytes * 4 if layout.features.softcap else 0
+    return vocab_bytes * (dt.compute + 4) + softcap, vocab_bytes * 8 + softcap

@@ -1,0 +1,234 @@
+"""Per-GPU memory of one steady-state training step, itemised.
+
+`peak_allocated_bytes` models what `torch.cuda.max_memory_allocated()` reads after a warm-up
+step: live tensor bytes at the step's peak. `required_bytes` adds what the GPU also needs
+and the allocator does not count (CUDA context, fragmentation, paged optimizer states) and
+is what decides whether a GPU fits.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ftplan.estimate import activations as act
+from ftplan.estimate.params import (
+    ParamCounts,
+    adapted_groups,
+    count_params,
+    lora_params,
+)
+from ftplan.estimate.settings import TrainingSetup
+from ftplan.model.architectures import (
+    QUANTIZED_KINDS,
+    UNQUANTIZED_MATMUL_KINDS,
+    ModelLayout,
+    ModuleGroup,
+)
+from pydantic import BaseModel, Field
+
+NF4_BLOCK = 64                 # bitsandbytes 4-bit blocksize
+NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 absmax bytes
+OPTIM_8BIT_BLOCK = 256         # bitsandbytes blockwise 8-bit optimizer states
+OPTIM_8BIT_MIN_NUMEL = 4096    # smaller tensors keep 32-bit states (bnb min_8bit_size)
+CUDA_CONTEXT_BYTES = 512 * 2**20   # CUDA context + cuBLAS workspace, outside the allocator (assumed)
+ALLOCATOR_SLACK = 0.05             # caching-allocator fragmentation over the allocated peak (assumed)
+END_OF_BACKWARD = "end of backward (all gradients)"
+
+
+class MemoryBreakdown(BaseModel):
+    """Bytes per GPU, by what holds them. All figures are integer bytes."""
+
+    weights_bytes: int = Field(description="base model weights as stored (quantized ones with their constants)")
+    weights_by_dtype: dict[str, int]
+    adapter_bytes: int = Field(description="LoRA adapter weights (fp32, as PEFT creates them)")
+    gradients_bytes: int
+    optimizer_bytes: int = Field(description="optimizer states in the PyTorch allocator")
+    paged_optimizer_bytes: int = Field(description="paged optimizer states (CUDA unified memory, can spill to host)")
+    activations_bytes: int = Field(description="saved for backward, whole model, at the end of forward")
+    activations_per_layer_bytes: int
+    activation_terms: dict[str, int] = Field(description="per-layer activation terms (bytes, one layer)")
+    head_terms: dict[str, int]
+    transient_bytes: int = Field(description="short-lived buffers at the peak (loss gradients, recomputation, "
+                                             "dequantized weights)")
+    peak_phase: str
+    held_gradient_bytes: int = Field(0, description="gradient bytes alive at the peak (what sharding divides)")
+    phase_bytes: dict[str, tuple[int, int]] = Field(
+        default_factory=dict, description="per candidate peak phase: (gradient bytes held, other bytes held "
+                                          "and transient), on top of weights and optimizer states")
+    peak_allocated_bytes: int
+    cuda_context_bytes: int
+    allocator_slack_bytes: int
+    required_bytes: int
+
+
+def quantized_bytes(numel: int, double_quant: bool) -> int:
+    """4-bit weight storage plus its quantization state (absmax per 64 values, nested if double-quantized)."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    packed = math.ceil(numel / 2)
+    code = 16 * 4  # the 16-entry NF4/FP4 code, fp32
+    if double_quant:
+        return packed + blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + 256 * 4 + 4 + code
+    return packed + blocks * 4 + code
+
+
+def weight_bytes(layout: ModelLayout, setup: TrainingSetup) -> dict[str, int]:
+    """Base weights by storage dtype for the method.
+
+    QLoRA: exact nn.Linear and Conv1D layers (not the head, not nn.Linear subclasses) are
+    stored in 4 bit; prepare_model_for_kbit_training upcasts every other parameter to fp32.
+    """
+    total = layout.total_params()
+    if setup.method == "full":
+        label, size = {"bf16": ("bf16", 2), "fp16": ("fp16", 2)}.get(setup.precision, ("fp32", 4))
+        return {label: total * size}
+    if setup.method == "lora":
+        label = "fp32" if setup.precision == "fp32" else ("fp16" if setup.precision.startswith("fp16") else "bf16")
+        return {label: total * (4 if label == "fp32" else 2)}
+    quant, fp32 = 0, 0
+    for g in layout.modules:
+        n = layout.instances(g)
+        if g.kind in QUANTIZED_KINDS:
+            quant += n * quantized_bytes(g.weight_numel, setup.double_quant)
+            fp32 += n * g.bias * 4
+        else:
+            fp32 += n * g.params() * 4
+    return {setup.quant_type: quant, "fp32": fp32}
+
+
+def unquantized_matmul_params(layout: ModelLayout) -> int:
+    """QLoRA: weights of matmul layers that stay unquantized (nn.Linear subclasses, fused MoE experts)."""
+    return sum(g.weight_numel * layout.instances(g) for g in layout.modules if g.kind in UNQUANTIZED_MATMUL_KINDS)
+
+
+def trainable_tensors(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup]) -> list[tuple[int, ...]]:
+    """Shapes of every trainable tensor (for optimizers whose state depends on shape)."""
+    shapes: list[tuple[int, ...]] = []
+    if setup.method == "full":
+        for g in layout.modules:
+            for _ in range(layout.instances(g)):
+                if not g.shared_weight:
+                    if g.kind == "norm" or g.weight_numel == g.out_features:  # vectors
+                        shapes.append((g.weight_numel,))
+                    elif g.kind == "experts":
+                        experts = layout.dims.experts
+                        shapes.append((experts, g.weight_numel // experts))
+                    else:
+                        shapes.append((g.out_features, g.weight_numel // max(g.out_features, 1)))
+                if g.bias:
+                    shapes.append((g.bias,))
+        return shapes
+    r = setup.lora.r
+    for g in adapted:
+        rank = r * g.lora_rank_factor
+        shapes += [(rank, g.in_features), (g.out_features, rank)] * layout.instances(g)
+    return shapes
+
+
+def _state_bytes_per_element(setup: TrainingSetup) -> int:
+    """AdamW keeps states in the parameter's dtype: 2 bytes only for pure bf16/fp16 full training."""
+    return 2 if setup.method == "full" and setup.precision in ("bf16", "fp16") else 4
+
+
+def optimizer_bytes(shapes: list[tuple[int, ...]], setup: TrainingSetup) -> int:
+    """Optimizer state bytes for the trainable tensors.
+
+    adamw: exp_avg + exp_avg_sq; *_8bit: bitsandbytes blockwise 8-bit states for tensors of
+    at least 4096 elements (fp32 below); sgd (no momentum, the Trainer default): none;
+    adafactor: factored row + column second moments for matrices, full for vectors.
+    """
+    name, size = setup.optimizer, _state_bytes_per_element(setup)
+    total = 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        if name in ("adamw", "paged_adamw_32bit"):
+            total += 2 * numel * (size if name == "adamw" else 4)
+        elif name in ("adamw_8bit", "paged_adamw_8bit"):
+            if numel >= OPTIM_8BIT_MIN_NUMEL:
+                total += 2 * numel + 2 * math.ceil(numel / OPTIM_8BIT_BLOCK) * 4
+            else:
+                total += 2 * numel * 4
+        elif name == "adafactor":
+            total += (sum(shape[-2:]) if len(shape) >= 2 else numel) * size
+    return total
+
+
+def _grads_not_yet_at_first_layer(layout: ModelLayout, counts: ParamCounts, adapted: list[ModuleGroup], lora,
+                                   grad_size: int) -> int:
+    """Gradient bytes that do not exist yet while backward runs through the first layer:
+    that layer's own, and (full fine-tuning) an untied embedding's."""
+    if counts.adapter_params:
+        return sum(lora_params(g, lora.r) for g in adapted if g.per_layer) * grad_size
+    layer = sum(g.params() for g in layout.modules if g.per_layer)
+    embedding = sum(g.params() for g in layout.modules if g.kind == "embedding") if not layout.dims.tied_embeddings \
+        else 0
+    return (layer + embedding) * grad_size
+
+
+def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None,
+                    device: act.Device = "cuda") -> MemoryBreakdown:
+    """Itemised per-GPU memory of one training step of `layout` under `setup`.
+
+    `device="cpu"` models the CPU's kernels instead (dropout keeps its noise, not a bool mask),
+    which is what `ftplan measure --device cpu` compares with.
+    """
+    counts = counts or count_params(layout, setup.method, setup.lora)
+    adapted = adapted_groups(layout, counts.targets) if counts.targets else []
+    weights = weight_bytes(layout, setup)
+    adapter = counts.adapter_params * 4
+    grad_size = 4 if setup.method != "full" else (2 if setup.precision in ("bf16", "fp16") else 4)
+    gradients = counts.trainable_params * grad_size
+    shapes = trainable_tensors(layout, setup, adapted)
+    states = optimizer_bytes(shapes, setup)
+    paged = states if setup.optimizer.startswith("paged_") else 0
+    states -= paged
+
+    layer = act.layer_activations(layout, setup, adapted, device)
+    head = act.head_activations(layout, setup, adapted, device)
+    layers = layout.dims.layers
+    if setup.grad_ckpt:
+        # Only layer inputs are kept; autocast's cache still holds the bf16 weight copies until
+        # the forward ends, and one layer is recomputed at a time in backward.
+        kept = layers * act.checkpointed_layer(layout, setup)
+        forward_only = layers * layer.terms.get("weight_copies", 0) if setup.method == "full" else 0
+        recompute = layer.total
+    else:
+        kept = layers * layer.total - act.first_layer_savings(layout, setup, adapted, device)
+        forward_only, recompute = 0, 0
+    activations = kept + sum(head.values())
+
+    dequant = 0
+    if setup.method == "qlora":
+        quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
+        dequant = max((g.weight_numel * 2 for g in quant), default=0)
+    layer_backward = act.backward_layer_transient(layout, setup, adapted) + dequant
+    first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
+    grads_at_first_layer = gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora, grad_size)
+    loss_forward, loss_backward = act.loss_transients(layout, setup)
+    static = sum(weights.values()) + adapter + states
+    # Candidates for the peak, each as (what is held, what is transient on top). The backward pass
+    # frees activations layer by layer while gradients accumulate, so within it the peak is at
+    # one end: just after the loss (all activations) or at the optimizer step (all gradients).
+    phases = {
+        "end of forward (activations + logits)": (activations, forward_only + loss_forward),
+        "backward start (activations + loss gradients)": (activations, loss_backward),
+        "backward through the last layer": (activations - head["log_softmax"], layer_backward + recompute),
+        # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
+        "backward through the first layer": (grads_at_first_layer + first_layer_held, layer_backward + recompute),
+        END_OF_BACKWARD: (gradients, layer_backward),
+    }
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    held, transient = phases[phase]
+    grads_held = {END_OF_BACKWARD: gradients, "backward through the first layer": grads_at_first_layer}
+    phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
+    held_gradients = grads_held.get(phase, 0)
+    peak = static + held + transient
+    slack = int(peak * ALLOCATOR_SLACK)
+    return MemoryBreakdown(
+        weights_bytes=sum(weights.values()), weights_by_dtype=weights, adapter_bytes=adapter,
+        gradients_bytes=gradients, optimizer_bytes=states, paged_optimizer_bytes=paged,
+        activations_bytes=activations, activations_per_layer_bytes=layer.total, activation_terms=layer.terms,
+        head_terms=head, transient_bytes=transient,
+        peak_phase=phase, held_gradient_bytes=held_gradients, phase_bytes=phase_bytes, peak_allocated_bytes=peak,
+        cuda_context_bytes=CUDA_CONTEXT_BYTES,
+        allocator_slack_bytes=slack, required_bytes=peak + slack + CUDA_CONTEXT_BYTES + paged,
+    )

@@ -1,0 +1,172 @@
+"""`estimate`: parameters, memory and fitting instances for one model under one or more methods."""
+
+from __future__ import annotations
+
+from ftplan.data import catalog
+from ftplan.estimate.fit import InstanceFit, cheapest_fits, judge
+from ftplan.estimate.memory import (
+    ALLOCATOR_SLACK,
+    CUDA_CONTEXT_BYTES,
+    MemoryBreakdown,
+    estimate_memory,
+    unquantized_matmul_params,
+)
+from ftplan.estimate.params import TargetResolution, count_params, over_ranked
+from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
+from ftplan.estimate.sharding import (
+    Offload,
+    ShardedMemory,
+    Sharding,
+    shard,
+    smallest_gpu_count,
+    validate,
+)
+from ftplan.model.architectures import ModelLayout, layout_for
+from ftplan.model.spec import ModelSpec
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+
+
+class ModelInfo(BaseModel):
+    """The model as estimated."""
+
+    name: str
+    hf_id: str | None
+    model_type: str
+    source: str
+    license: str | None
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    counting: str = Field(description="'analytic' or 'transformers meta device'")
+
+
+class MethodEstimate(BaseModel):
+    """Counts, memory and fitting instances for one method."""
+
+    method: Method
+    setup: TrainingSetup
+    total_params: int
+    trainable_params: int
+    trainable_fraction: float
+    targets: TargetResolution | None
+    memory: MemoryBreakdown
+    cheapest_instances: list[InstanceFit]
+    selected: InstanceFit | None = Field(None, description="the --gpu/--instance verdict, when one was given")
+    unquantized_linear_params: int = Field(0, description="qlora: weights of linear layers bitsandbytes leaves "
+                                                          "unquantized (nn.Linear subclasses, fused MoE experts)")
+    sharded: ShardedMemory | None = Field(None, description="per-GPU memory over --gpus with --sharding "
+                                                            "(null for one GPU)")
+    smallest_gpu_counts: dict[str, int | None] = Field(
+        default_factory=dict, description="instance type -> fewest GPUs that fit with parameter sharding (zero3 "
+                                          "unless --sharding names a scheme), null when none up to 512")
+
+
+class EstimateReport(BaseModel):
+    """What `ftplan estimate --json` prints."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelInfo
+    settings: SetupChoices
+    gpu: str | None
+    instance: str | None
+    assumptions: list[str]
+    estimates: list[MethodEstimate]
+
+
+def assumptions(setups: list[TrainingSetup]) -> list[str]:
+    """The defaults and modelling choices behind the numbers, in words."""
+    notes = [
+        f"{s.method}: precision {s.precision}, optimizer {s.optimizer}, gradient checkpointing "
+        f"{'on' if s.grad_ckpt else 'off'}, attention {s.attention}, micro-batch {s.batch_size} x {s.seq_len} tokens"
+        + (f", LoRA r={s.lora.r} alpha={s.lora.alpha} dropout={s.lora.dropout}" if s.lora else "")
+        + (f", {s.quant_type.upper()}{' double-quantized' if s.double_quant else ''} base, fp32 non-quantized "
+           "params (prepare_model_for_kbit_training)" if s.method == "qlora" else "")
+        for s in setups
+    ]
+    notes += [
+        "LoRA adapters are fp32 as PEFT creates them; the frozen base is bf16 (fp16 on GPUs without bf16)",
+        "fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries",
+        "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
+        f"required = peak allocated + {ALLOCATOR_SLACK:.0%} allocator slack + "
+        f"{CUDA_CONTEXT_BYTES // 2**20} MiB CUDA context + paged optimizer states",
+        "memory: one GPU holds the whole model unless --gpus/--sharding say otherwise; prices: on-demand, "
+        "us-east-1",
+    ]
+    return notes
+
+
+def _smallest_counts(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown,
+                     sharding: Sharding | None) -> dict[str, int | None]:
+    """Per instance type, the fewest GPUs that hold the step with parameter sharding."""
+    scheme = sharding if sharding in ("zero3", "fsdp", "fsdp-hybrid") else "zero3"
+    cache: dict[tuple[int, int], int] = {}  # (gpus, gpus per instance) -> required bytes per GPU
+
+    def required(n: int, per_instance: int) -> int:
+        key = (n, per_instance)
+        if key not in cache:
+            cache[key] = shard(layout, setup, memory, gpus=n, nodes=max(1, n // per_instance),
+                               sharding="none" if n == 1 else scheme).required_bytes
+        return cache[key]
+
+    return {inst.type: smallest_gpu_count(catalog.gpu_of(inst).memory_bytes, inst.gpu_count,
+                                          lambda n, p=inst.gpu_count: required(n, p))
+            for inst in catalog.instances().values()}
+
+
+FALLBACK_NOTE = ("counted by building the model with transformers on the meta device (exact); the activation "
+                 "terms assume a Llama-style decoder for this architecture and are approximate")
+
+
+def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
+             instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
+             nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none") -> EstimateReport:
+    """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures).
+
+    `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure --device cpu`.
+    """
+    validate(gpus, nodes, sharding or ("ddp" if gpus > 1 else "none"), offload)
+    selected_instance = catalog.get_instance(instance) if instance else None
+    gpu_info = catalog.get_gpu(gpu) if gpu else (catalog.gpu_of(selected_instance) if selected_instance else None)
+    layout, counting = layout_for(spec, trust_remote_code=trust_remote_code)
+    bf16 = gpu_info.supports_bf16 if gpu_info else True
+    estimates = []
+    warnings: list[str] = []
+    setups = [resolve(m, choices, bf16_supported=bf16) for m in methods]
+    for setup in setups:
+        counts = count_params(layout, setup.method, setup.lora)
+        memory = estimate_memory(layout, setup, counts, device)
+        sharded = None
+        if gpus > 1 or sharding not in (None, "none") or offload != "none":
+            sharded = shard(layout, setup, memory, gpus=gpus, nodes=nodes, offload=offload,
+                            sharding=sharding or ("ddp" if gpus > 1 else "none"))
+        need = sharded.required_bytes if sharded else memory.required_bytes
+        if counts.targets and (big := over_ranked(layout, counts.targets, setup.lora.r)):
+            warnings.append(f"{setup.method}: rank r={setup.lora.r} is not low-rank for {len(big)} adapted module "
+                            f"type(s) (e.g. {big[0]}): their adapters hold at least as many parameters as the layers")
+        selected = None
+        if selected_instance:
+            selected = judge(selected_instance, need, setup)
+        estimates.append(MethodEstimate(
+            method=setup.method, setup=setup, total_params=counts.total_params,
+            trainable_params=counts.trainable_params,
+            trainable_fraction=counts.trainable_params / counts.total_params,
+            targets=counts.targets, memory=memory, selected=selected,
+            unquantized_linear_params=unquantized_matmul_params(layout) if setup.method == "qlora" else 0,
+            cheapest_instances=cheapest_fits(need, setup, gpu=gpu_info.name if gpu_info else None,
+                                             min_gpus=gpus // nodes),
+            sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
+        ))
+    for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
+        warnings.append(f"sharded: {note}")
+    shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
+    warnings += sorted({w for d, _ in shown if d and (w := catalog.stale_warning(d))})
+    info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
+                     license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
+                     vocab_size=spec.dims.vocab, counting=counting)
+    return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
+                          instance=selected_instance.type if selected_instance else None,
+                          assumptions=assumptions(setups) + ([FALLBACK_NOTE] if counting != "analytic" else [])
+                          + warnings,
+                          estimates=estimates)

@@ -1,0 +1,158 @@
+"""Per-GPU memory when training is spread over several GPUs: DDP, DeepSpeed ZeRO 1-3, FSDP.
+
+Starts from the single-GPU breakdown (memory.py) and divides what each scheme shards:
+
+| scheme      | weights        | gradients | optimizer states |
+|-------------|----------------|-----------|------------------|
+| none, ddp   | replicated     | replicated| replicated       |
+| zero1       | replicated     | replicated| / N              |
+| zero2       | replicated     | / N       | / N              |
+| zero3, fsdp | / N + gathered | / N       | / N              |
+| fsdp-hybrid | / GPUs per node + gathered, replicated across nodes  |
+
+Activations are per GPU in data parallelism and do not shrink. Offloading moves optimizer states
+(ZeRO) or parameters with their states (ZeRO-3, FSDP) to host RAM, reported per node.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ftplan.errors import PlannerError
+from ftplan.estimate.memory import (
+    ALLOCATOR_SLACK,
+    CUDA_CONTEXT_BYTES,
+    END_OF_BACKWARD,
+    MemoryBreakdown,
+)
+from ftplan.estimate.settings import TrainingSetup
+from ftplan.model.architectures import ModelLayout
+from pydantic import BaseModel, Field
+
+Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"]
+Offload = Literal["none", "optimizer", "params"]
+SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
+OFFLOADS: tuple[str, ...] = Offload.__args__  # type: ignore[attr-defined]
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default; two buckets in flight
+PARAM_SHARDED = {"zero3", "fsdp", "fsdp-hybrid"}
+FIRST_LAYER = "backward through the first layer"
+
+
+class ShardedMemory(BaseModel):
+    """Bytes per GPU (and per node for host RAM) of one training step spread over `gpus` GPUs."""
+
+    gpus: int
+    nodes: int
+    sharding: Sharding
+    offload: Offload
+    shard_group: int = Field(description="GPUs one copy of the sharded state is split over")
+    weights_bytes: int = Field(description="resident weight shard (adapters included)")
+    gathered_bytes: int = Field(description="parameters gathered for the current and the prefetched unit")
+    gradients_bytes: int = Field(description="gradients alive at the peak, this GPU's share")
+    peak_phase: str = Field(description="the step's peak once sharded (sharding can move it: gradients shrink, "
+                                        "activations do not)")
+    optimizer_bytes: int
+    comm_buffer_bytes: int
+    other_bytes: int = Field(description="activations and transient buffers at the peak (not sharded)")
+    peak_allocated_bytes: int
+    required_bytes: int
+    host_offload_bytes_per_node: int
+    host_loading_bytes_per_node: int = Field(description="host RAM to load the checkpoint, per node")
+    checkpoint_bytes: int = Field(description="one saved checkpoint on disk: weights as trained, optimizer states")
+    notes: list[str]
+
+
+def validate(gpus: int, nodes: int, sharding: str, offload: str) -> None:
+    if gpus <= 0 or nodes <= 0:
+        raise PlannerError(f"--gpus and --nodes must be positive, got {gpus} and {nodes}")
+    if gpus % nodes:
+        raise PlannerError(f"--gpus {gpus} is not a multiple of --nodes {nodes}; give GPUs in total, the same "
+                           "number on every node")
+    if sharding == "none" and gpus > 1:
+        raise PlannerError("--sharding none holds the whole job on one GPU; with several GPUs use ddp, zero1-3 or "
+                           "fsdp")
+    if offload == "params" and sharding not in PARAM_SHARDED:
+        raise PlannerError(f"--offload params needs parameter sharding (zero3, fsdp, fsdp-hybrid), not {sharding}")
+    if offload == "optimizer" and sharding not in ("zero1", "zero2", "zero3"):
+        raise PlannerError(f"--offload optimizer is DeepSpeed ZeRO's (zero1-3); with {sharding} use --offload "
+                           "params (FSDP offloads parameters with their gradients and states)")
+
+
+def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *, gpus: int, nodes: int = 1,
+          sharding: Sharding = "ddp", offload: Offload = "none") -> ShardedMemory:
+    """Per-GPU memory of `memory` (the single-GPU breakdown) under `sharding` over `gpus` GPUs."""
+    validate(gpus, nodes, sharding, offload)
+    per_node = gpus // nodes
+    group = {"none": 1, "ddp": 1, "fsdp-hybrid": per_node}.get(sharding, gpus)
+    weights = memory.weights_bytes + memory.adapter_bytes
+    states = memory.optimizer_bytes
+    notes = []
+
+    w, s, gathered = weights, states, 0
+    grad_divisor = group if sharding in ("zero2", "zero3", "fsdp", "fsdp-hybrid") else 1
+    phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
+                                                             - weights - states - memory.held_gradient_bytes)})
+    copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers
+    if sharding in PARAM_SHARDED and copies and gpus > 1:
+        # FSDP's mixed-precision policy and ZeRO-3 gather weights in bf16: autocast keeps no bf16 copy of
+        # every weight (the gathered units are counted below instead)
+        phases = {k: (grads, max(0, other - copies) if k not in (END_OF_BACKWARD, FIRST_LAYER) else other)
+                  for k, (grads, other) in phases.items()}
+        notes.append("no autocast weight copies: sharded weights are gathered in bf16 by the mixed-precision policy")
+    phase = max(phases, key=lambda k: phases[k][0] // grad_divisor + phases[k][1])
+    g, other = phases[phase][0] // grad_divisor, phases[phase][1]
+    if sharding in ("zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"):
+        s = states // group
+    if sharding in PARAM_SHARDED:
+        w = weights // group
+        bytes_per_param = weights / max(layout.total_params(), 1)
+        layer = sum(grp.params() for grp in layout.modules if grp.per_layer) * bytes_per_param
+        root = (layout.total_params() - layout.dims.layers * sum(grp.params() for grp in layout.modules
+                                                                 if grp.per_layer)) * bytes_per_param
+        gathered = int(max(layer, root) + layer) if group > 1 else 0
+        notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) "
+                     "plus the next one prefetched, in the storage dtype")
+    host = 0
+    if offload == "optimizer":
+        host += s * per_node
+        s = 0
+    elif offload == "params":
+        host += (w + s) * per_node
+        w, s = 0, 0
+        notes.append("parameters offloaded: each unit is copied to the GPU when used (PCIe-bound)")
+    if sharding == "ddp" or (sharding in ("zero1",) and gpus > 1):
+        comm = 2 * DDP_BUCKET_BYTES
+    elif sharding in ("zero2", "zero3"):
+        # DeepSpeed with HF's "auto": reduce bucket hidden^2 elements, ZeRO-3 prefetch 0.9 hidden^2
+        hidden = layout.dims.hidden
+        comm = hidden * hidden * 2 + (int(0.9 * hidden * hidden) * 2 if sharding == "zero3" else 0)
+    else:
+        comm = 0
+    if gpus == 1:
+        comm, gathered = 0, 0
+    peak = w + gathered + g + s + comm + other
+    paged = memory.paged_optimizer_bytes // (group if sharding not in ("none", "ddp") else 1)
+    required = peak + int(peak * ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES + (0 if offload != "none" else paged)
+    # Loading: every process reads the checkpoint into host RAM in its storage dtype, except FSDP with
+    # cpu_ram_efficient_loading, where rank 0 of each node loads and broadcasts.
+    loading = memory.weights_bytes * (1 if sharding.startswith("fsdp") else per_node)
+    checkpoint = (memory.weights_bytes if setup.method == "full" else 0) + memory.adapter_bytes + states + \
+        memory.paged_optimizer_bytes
+    return ShardedMemory(gpus=gpus, nodes=nodes, sharding=sharding, offload=offload, shard_group=group,
+                         weights_bytes=w, gathered_bytes=gathered, gradients_bytes=g, peak_phase=phase,
+                         optimizer_bytes=s,
+                         comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak, required_bytes=required,
+                         host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
+                         checkpoint_bytes=checkpoint, notes=notes)
+
+
+def smallest_gpu_count(gpu_memory_bytes: int, gpus_per_instance: int, required_for, *,
+                       max_gpus: int = 512) -> int | None:
+    """The fewest GPUs (whole instances beyond one) whose per-GPU requirement, `required_for(n)`,
+    fits in `gpu_memory_bytes`; None when nothing up to max_gpus does."""
+    counts = [n for n in (1, 2, 4, 8) if n <= gpus_per_instance]
+    n = gpus_per_instance
+    while n * 2 <= max_gpus:
+        n *= 2
+        counts.append(n)
+    return next((n for n in counts if required_for(n) <= gpu_memory_bytes), None)

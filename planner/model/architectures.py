@@ -1,0 +1,320 @@
+"""Module inventories of the architectures ftplan counts analytically, without torch.
+
+Each builder lists the modules transformers instantiates for a model type (path, kind, shape,
+bias), so that parameter counts, LoRA targets and quantization follow from one description.
+Paths use `N` for the layer index, e.g. `model.layers.N.self_attn.q_proj`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+from ftplan.errors import PlannerError
+from ftplan.model.spec import Dims, ModelSpec
+from pydantic import BaseModel
+
+ModuleKind = Literal[
+    "linear",            # exactly torch.nn.Linear: quantized by bitsandbytes, LoRA-able
+    "linear_subclass",   # a subclass of nn.Linear (FalconLinear): LoRA-able, left unquantized
+    "conv1d",            # transformers' Conv1D (GPT-2): LoRA-able, quantized
+    "head",              # the output projection (lm_head): never quantized, not in all-linear
+    "embedding",         # nn.Embedding: LoRA-able by explicit name only
+    "norm",              # RMSNorm / LayerNorm weights and biases
+    "router",            # MoE router (not an nn.Linear in transformers 5)
+    "experts",           # fused MoE expert weights (3-D parameters)
+    "other",             # any other parameter (fallback layouts): counted, never adapted or quantized
+]
+
+# Which kinds of input feed a linear layer; layers sharing a role share one input tensor.
+InputRole = Literal["attn_in", "attn_out", "mlp_in", "mlp_mid", "final", "embed", "none"]
+
+LORA_KINDS = {"linear", "linear_subclass", "conv1d", "head", "embedding"}
+# PEFT's all-linear also adapts MoE routers and fused experts through target_parameters
+# (transformers 5 converted weights); they cannot be named in target_modules.
+ALL_LINEAR_KINDS = {"linear", "linear_subclass", "conv1d", "router", "experts"}
+QUANTIZED_KINDS = {"linear", "conv1d"}
+# matmul weights bitsandbytes leaves alone under transformers 5 (it swaps exact nn.Linear/Conv1D only)
+UNQUANTIZED_MATMUL_KINDS = ALL_LINEAR_KINDS - QUANTIZED_KINDS
+
+
+class ModuleGroup(BaseModel):
+    """One module (or one per layer, `per_layer`) with its weight shape and bias size."""
+
+    path: str
+    kind: ModuleKind
+    in_features: int
+    out_features: int
+    weight_numel: int
+    bias: int = 0
+    per_layer: bool = False
+    shared_weight: bool = False  # a tied head: its weight is the embedding's, counted once
+    role: InputRole = "none"
+    lora_rank_factor: int = 1  # PEFT gives fused experts rank r per expert (x2 for fused gate_up)
+
+    @property
+    def leaf(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    def params(self) -> int:
+        """Parameters one instance of this module adds to the model."""
+        return (0 if self.shared_weight else self.weight_numel) + self.bias
+
+
+class ArchFeatures(BaseModel):
+    """What the activation model needs to know beyond the dimensions."""
+
+    norm: Literal["rms", "layer"] = "rms"
+    norms_per_layer: int = 2
+    gated_mlp: bool = True
+    parallel_attn: bool = False
+    qk_norm: bool = False
+    rotary: bool = True
+    embedding_scale: bool = False
+    embedding_norm: bool = False
+    softcap: bool = False
+    dropout: dict[str, float] = {}  # 'attention' / 'hidden' probabilities active in training
+
+
+class ModelLayout(BaseModel):
+    """Every module of a model, and the features that shape its activations."""
+
+    model_type: str
+    dims: Dims
+    modules: list[ModuleGroup]
+    features: ArchFeatures
+
+    def instances(self, group: ModuleGroup) -> int:
+        return self.dims.layers if group.per_layer else 1
+
+    def total_params(self) -> int:
+        return sum(g.params() * self.instances(g) for g in self.modules)
+
+
+def _linear(path: str, n_in: int, n_out: int, bias: bool = False, kind: ModuleKind = "linear",
+            role: InputRole = "none", per_layer: bool = True) -> ModuleGroup:
+    return ModuleGroup(path=path, kind=kind, in_features=n_in, out_features=n_out, weight_numel=n_in * n_out,
+                       bias=n_out if bias else 0, per_layer=per_layer, role=role)
+
+
+def _norm(path: str, width: int, bias: bool, per_layer: bool = True) -> ModuleGroup:
+    return ModuleGroup(path=path, kind="norm", in_features=width, out_features=width, weight_numel=width,
+                       bias=width if bias else 0, per_layer=per_layer)
+
+
+def _embedding(path: str, num: int, dim: int) -> ModuleGroup:
+    return ModuleGroup(path=path, kind="embedding", in_features=num, out_features=dim, weight_numel=num * dim,
+                       role="embed")
+
+
+def _head(dims: Dims, n_in: int | None = None, bias: bool = False, path: str = "lm_head") -> ModuleGroup:
+    n_in = dims.hidden if n_in is None else n_in
+    return ModuleGroup(path=path, kind="head", in_features=n_in, out_features=dims.vocab,
+                       weight_numel=n_in * dims.vocab, bias=dims.vocab if bias else 0,
+                       shared_weight=dims.tied_embeddings, role="final")
+
+
+def _llama_family(spec: ModelSpec) -> ModelLayout:
+    """Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma-2 and Phi-3: pre-norm, RMSNorm, rotary, gated MLP."""
+    d, c, mt = spec.dims, spec.config, spec.model_type
+    h, p = d.hidden, "model.layers.N"
+    attn_bias = mt == "qwen2" or bool(c.get("attention_bias", False))
+    mods = [_embedding("model.embed_tokens", d.vocab, h)]
+    if mt == "phi3":
+        mods.append(_linear(f"{p}.self_attn.qkv_proj", h, d.q_dim + 2 * d.kv_dim, role="attn_in"))
+    else:
+        mods += [_linear(f"{p}.self_attn.{n}_proj", h, width, attn_bias, role="attn_in")
+                 for n, width in (("q", d.q_dim), ("k", d.kv_dim), ("v", d.kv_dim))]
+    mods.append(_linear(f"{p}.self_attn.o_proj", d.q_dim, h, mt != "qwen2" and attn_bias, role="attn_out"))
+    if mt == "qwen3":
+        mods += [_norm(f"{p}.self_attn.q_norm", d.head_dim, False), _norm(f"{p}.self_attn.k_norm", d.head_dim, False)]
+    mlp_bias = bool(c.get("mlp_bias", False))
+    if mt == "mixtral":
+        e, i = d.experts, d.intermediate
+        mods += [
+            ModuleGroup(path=f"{p}.mlp.gate", kind="router", in_features=h, out_features=e, weight_numel=h * e,
+                        per_layer=True, role="mlp_in"),
+            ModuleGroup(path=f"{p}.mlp.experts.gate_up_proj", kind="experts", in_features=h, out_features=2 * i,
+                        weight_numel=e * 2 * i * h, per_layer=True, role="mlp_in", lora_rank_factor=2 * e),
+            ModuleGroup(path=f"{p}.mlp.experts.down_proj", kind="experts", in_features=i, out_features=h,
+                        weight_numel=e * h * i, per_layer=True, role="mlp_mid", lora_rank_factor=e),
+        ]
+    elif mt == "phi3":
+        mods += [_linear(f"{p}.mlp.gate_up_proj", h, 2 * d.intermediate, role="mlp_in"),
+                 _linear(f"{p}.mlp.down_proj", d.intermediate, h, role="mlp_mid")]
+    else:
+        mods += [_linear(f"{p}.mlp.gate_proj", h, d.intermediate, mlp_bias, role="mlp_in"),
+                 _linear(f"{p}.mlp.up_proj", h, d.intermediate, mlp_bias, role="mlp_in"),
+                 _linear(f"{p}.mlp.down_proj", d.intermediate, h, mlp_bias, role="mlp_mid")]
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if mt == "gemma2":
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    mods += [_norm(f"{p}.{n}", h, False) for n in norms]
+    mods += [_norm("model.norm", h, False, per_layer=False), _head(d)]
+    features = ArchFeatures(norms_per_layer=len(norms), qk_norm=mt == "qwen3",
+                            embedding_scale=mt in ("gemma", "gemma2"), softcap=mt == "gemma2")
+    return ModelLayout(model_type=mt, dims=d, modules=mods, features=features)
+
+
+def _phi(spec: ModelSpec) -> ModelLayout:
+    """Phi-1/Phi-2: parallel attention and MLP after one LayerNorm, biases everywhere, lm_head bias."""
+    d, h, p = spec.dims, spec.dims.hidden, "model.layers.N"
+    mods = [_embedding("model.embed_tokens", d.vocab, h)]
+    mods += [_linear(f"{p}.self_attn.{n}_proj", h, w, True, role="attn_in")
+             for n, w in (("q", d.q_dim), ("k", d.kv_dim), ("v", d.kv_dim))]
+    if spec.config.get("qk_layernorm"):
+        mods += [_norm(f"{p}.self_attn.q_layernorm", d.head_dim, True),
+                 _norm(f"{p}.self_attn.k_layernorm", d.head_dim, True)]
+    mods += [_linear(f"{p}.self_attn.dense", d.q_dim, h, True, role="attn_out"),
+             _linear(f"{p}.mlp.fc1", h, d.intermediate, True, role="attn_in"),
+             _linear(f"{p}.mlp.fc2", d.intermediate, h, True, role="mlp_mid"),
+             _norm(f"{p}.input_layernorm", h, True),
+             _norm("model.final_layernorm", h, True, per_layer=False), _head(d, bias=True)]
+    return ModelLayout(model_type="phi", dims=d, modules=mods, features=ArchFeatures(
+        norm="layer", norms_per_layer=1, gated_mlp=False, parallel_attn=True,
+        qk_norm=bool(spec.config.get("qk_layernorm"))))
+
+
+def _falcon(spec: ModelSpec) -> ModelLayout:
+    """Falcon: fused query_key_value (MQA/GQA), FalconLinear layers, parallel attention."""
+    d, c, h, p = spec.dims, spec.config, spec.dims.hidden, "transformer.h.N"
+    bias = bool(c.get("bias", False))
+    new_arch = bool(c.get("new_decoder_architecture", False))
+    qkv = d.q_dim + 2 * d.kv_dim
+    ffn = c.get("ffn_hidden_size") or 4 * h
+    sub: ModuleKind = "linear_subclass"
+    parallel = bool(c.get("parallel_attn", True))
+    if new_arch and (c.get("num_ln_in_parallel_attn") or 2) == 2:
+        norms = ["ln_attn", "ln_mlp"]
+    else:
+        norms = ["input_layernorm"] + ([] if parallel else ["post_attention_layernorm"])
+    mlp_role: InputRole = "mlp_in" if len(norms) == 2 else "attn_in"  # one LN feeds attention and MLP
+    mods = [_embedding("transformer.word_embeddings", d.vocab, h),
+            _linear(f"{p}.self_attention.query_key_value", h, qkv, bias, sub, "attn_in"),
+            _linear(f"{p}.self_attention.dense", d.q_dim, h, bias, sub, "attn_out"),
+            _linear(f"{p}.mlp.dense_h_to_4h", h, ffn, bias, sub, mlp_role),
+            _linear(f"{p}.mlp.dense_4h_to_h", ffn, h, bias, sub, "mlp_mid")]
+    mods += [_norm(f"{p}.{n}", h, True) for n in norms]
+    mods += [_norm("transformer.ln_f", h, True, per_layer=False), _head(d)]
+    return ModelLayout(model_type="falcon", dims=d.model_copy(update={"intermediate": ffn}), modules=mods,
+                       features=ArchFeatures(norm="layer", norms_per_layer=len(norms), gated_mlp=False,
+                                             parallel_attn=parallel or new_arch))
+
+
+def _gpt2(spec: ModelSpec) -> ModelLayout:
+    """GPT-2: Conv1D layers with a fused c_attn, learned positions, LayerNorm, tied head."""
+    d, h, p = spec.dims, spec.dims.hidden, "transformer.h.N"
+    positions = spec.config.get("n_positions") or d.max_positions or 1024
+    mods = [_embedding("transformer.wte", d.vocab, h), _embedding("transformer.wpe", positions, h),
+            _norm(f"{p}.ln_1", h, True),
+            _linear(f"{p}.attn.c_attn", h, 3 * h, True, "conv1d", "attn_in"),
+            _linear(f"{p}.attn.c_proj", h, h, True, "conv1d", "attn_out"),
+            _norm(f"{p}.ln_2", h, True),
+            _linear(f"{p}.mlp.c_fc", h, d.intermediate, True, "conv1d", "mlp_in"),
+            _linear(f"{p}.mlp.c_proj", d.intermediate, h, True, "conv1d", "mlp_mid"),
+            _norm("transformer.ln_f", h, True, per_layer=False), _head(d)]
+    return ModelLayout(model_type="gpt2", dims=d, modules=mods,
+                       features=ArchFeatures(norm="layer", gated_mlp=False, rotary=False))
+
+
+def _opt(spec: ModelSpec) -> ModelLayout:
+    """OPT: learned positions with 2 extra rows, optional project_in/out, post- or pre-LN."""
+    d, c, h, p = spec.dims, spec.config, spec.dims.hidden, "model.decoder.layers.N"
+    proj = c.get("word_embed_proj_dim") or h
+    bias = bool(c.get("enable_bias", True))
+    affine = bool(c.get("layer_norm_elementwise_affine", True))
+    mods = [_embedding("model.decoder.embed_tokens", d.vocab, proj),
+            _embedding("model.decoder.embed_positions", (d.max_positions or 2048) + 2, h)]
+    if proj != h:
+        mods += [_linear("model.decoder.project_out", h, proj, per_layer=False, role="final"),
+                 _linear("model.decoder.project_in", proj, h, per_layer=False, role="embed")]
+    mods += [_linear(f"{p}.self_attn.{n}_proj", h, h, bias, role="attn_in") for n in ("k", "v", "q")]
+    mods += [_linear(f"{p}.self_attn.out_proj", h, h, bias, role="attn_out"),
+             _linear(f"{p}.fc1", h, d.intermediate, bias, role="mlp_in"),
+             _linear(f"{p}.fc2", d.intermediate, h, bias, role="mlp_mid")]
+    if affine:
+        mods += [_norm(f"{p}.self_attn_layer_norm", h, True), _norm(f"{p}.final_layer_norm", h, True)]
+        if c.get("do_layer_norm_before", True) and not c.get("_remove_final_layer_norm", False):
+            mods.append(_norm("model.decoder.final_layer_norm", h, True, per_layer=False))
+    mods.append(_head(d, n_in=proj))
+    return ModelLayout(model_type="opt", dims=d, modules=mods,
+                       features=ArchFeatures(norm="layer", gated_mlp=False, rotary=False))
+
+
+def _gpt_neox(spec: ModelSpec) -> ModelLayout:
+    """GPT-NeoX / Pythia: fused query_key_value with bias, parallel residual, partial rotary."""
+    d, c, h, p = spec.dims, spec.config, spec.dims.hidden, "gpt_neox.layers.N"
+    bias = bool(c.get("attention_bias", True))
+    mods = [_embedding("gpt_neox.embed_in", d.vocab, h),
+            _norm(f"{p}.input_layernorm", h, True), _norm(f"{p}.post_attention_layernorm", h, True),
+            _linear(f"{p}.attention.query_key_value", h, 3 * h, bias, role="attn_in"),
+            _linear(f"{p}.attention.dense", h, h, bias, role="attn_out"),
+            _linear(f"{p}.mlp.dense_h_to_4h", h, d.intermediate, True, role="mlp_in"),
+            _linear(f"{p}.mlp.dense_4h_to_h", d.intermediate, h, True, role="mlp_mid"),
+            _norm("gpt_neox.final_layer_norm", h, True, per_layer=False), _head(d)]
+    return ModelLayout(model_type="gpt_neox", dims=d, modules=mods, features=ArchFeatures(
+        norm="layer", gated_mlp=False, parallel_attn=bool(c.get("use_parallel_residual", True))))
+
+
+def _bloom(spec: ModelSpec) -> ModelLayout:
+    """BLOOM: ALiBi (no positions), embedding LayerNorm, fused query_key_value, biases."""
+    d, h, p = spec.dims, spec.dims.hidden, "transformer.h.N"
+    mods = [_embedding("transformer.word_embeddings", d.vocab, h),
+            _norm("transformer.word_embeddings_layernorm", h, True, per_layer=False),
+            _norm(f"{p}.input_layernorm", h, True),
+            _linear(f"{p}.self_attention.query_key_value", h, 3 * h, True, role="attn_in"),
+            _linear(f"{p}.self_attention.dense", h, h, True, role="attn_out"),
+            _norm(f"{p}.post_attention_layernorm", h, True),
+            _linear(f"{p}.mlp.dense_h_to_4h", h, 4 * h, True, role="mlp_in"),
+            _linear(f"{p}.mlp.dense_4h_to_h", 4 * h, h, True, role="mlp_mid"),
+            _norm("transformer.ln_f", h, True, per_layer=False), _head(d)]
+    return ModelLayout(model_type="bloom", dims=d.model_copy(update={"intermediate": 4 * h}), modules=mods,
+                       features=ArchFeatures(norm="layer", gated_mlp=False, rotary=False, embedding_norm=True))
+
+
+BUILDERS: dict[str, Callable[[ModelSpec], ModelLayout]] = {
+    **{mt: _llama_family for mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    "phi": _phi,
+    "falcon": _falcon,
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "gpt_neox": _gpt_neox,
+    "bloom": _bloom,
+}
+
+
+def is_analytic(model_type: str) -> bool:
+    """Whether ftplan counts this architecture without torch."""
+    return model_type in BUILDERS
+
+
+def build_layout(spec: ModelSpec) -> ModelLayout:
+    """The analytic layout of `spec`; PlannerError for architectures ftplan does not model analytically."""
+    builder = BUILDERS.get(spec.model_type)
+    if builder is None:
+        raise PlannerError(f"{spec.name}: model_type '{spec.model_type}' is not modelled analytically; "
+                           f"install the training extra (pip install 'ftplan[train]') to count it with transformers")
+    if spec.model_type == "mixtral" and not spec.dims.experts:
+        raise PlannerError(f"{spec.name}: a mixtral config needs 'num_local_experts'; fix the config.json")
+    layout = builder(spec)
+    layout.features.dropout = _dropouts(spec.config)
+    return layout
+
+
+def _dropouts(config: dict) -> dict[str, float]:
+    """Dropout probabilities a config turns on during training (HF models train in .train() mode)."""
+    def first(*keys: str) -> float:
+        return next((float(config[k]) for k in keys if isinstance(config.get(k), (int, float))), 0.0)
+
+    return {"attention": first("attention_dropout", "attn_pdrop"),
+            "hidden": first("resid_pdrop", "hidden_dropout", "dropout")}
+
+
+def layout_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> tuple[ModelLayout, str]:
+    """The module layout and how it was obtained (analytic, or transformers on the meta device)."""
+    if is_analytic(spec.model_type):
+        return build_layout(spec), "analytic"
+    from ftplan.model.meta_count import (
+        layout_from_model,  # needs torch: only for architectures without a builder
+    )
+
+    return layout_from_model(spec, trust_remote_code=trust_remote_code), "transformers meta device"

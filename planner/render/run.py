@@ -1,0 +1,81 @@
+"""Rich rendering for `ftplan run` and `ftplan plugins`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from ftplan.render.estimate import gib
+from ftplan.render.recommend import hours
+from ftplan.run.backend import ProgressEvent
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def print_run_start(plan, backend, request, console: Console) -> None:
+    t, h = plan.training, plan.hardware
+    console.print(f"[bold]Running[/] {plan.model.name} {t.method} with backend '{backend.name}' "
+                  f"({backend.description})")
+    console.print(f"  micro-batch {t.setup.batch_size} x {t.setup.seq_len}, accumulation {t.grad_accum}, "
+                  f"{t.setup.precision}, {t.setup.optimizer}, lr {t.learning_rate:g} {t.lr_scheduler}; "
+                  f"planned for {h.instance_count} x {h.instance_type}")
+    console.print(f"  data {request.data} -> {request.output_dir}"
+                  + (" (resuming from the last checkpoint)" if request.resume else ""))
+
+
+@contextmanager
+def progress_display(console: Console):
+    """A progress bar with step, loss, tokens/s, ETA and peak memory; yields the callback."""
+    columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=None, status="starting")
+
+        def show(event: ProgressEvent) -> None:
+            memory = f", peak {gib(event.peak_memory_bytes)}" if event.peak_memory_bytes else ""
+            status = (f"loss {event.loss:.4f}, {event.tokens_per_second:,.0f} tok/s, ETA "
+                      f"{hours(event.eta_seconds / 3600)}{memory}")
+            progress.update(task, total=event.total_steps, completed=event.step, status=status)
+
+        yield show
+
+
+def print_summary(summary, console: Console) -> None:
+    r = summary.result
+    state = "interrupted" if r.interrupted else "finished"
+    console.print(f"[bold]{state}[/] after {r.steps} of {r.total_steps} steps in {r.seconds:,.1f} s on {r.device}"
+                  + (f" ({r.gpu_name})" if r.gpu_name else "")
+                  + (f", resumed from step {r.resumed_from_step}" if r.resumed_from_step else ""))
+    if r.first_loss is not None:
+        console.print(f"  loss {r.first_loss:.4f} -> {r.final_loss:.4f}"
+                      + (f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""))
+    console.print(f"  {r.tokens:,} tokens, {r.tokens_per_second:,.0f} tokens/s (plan: "
+                  f"{summary.estimated_tokens_per_second_per_gpu:,.0f} per GPU)")
+    if summary.memory_error_percent is not None:
+        console.print(f"  peak memory {gib(r.peak_memory_bytes)} measured vs "
+                      f"{gib(summary.estimated_peak_allocated_bytes)}"
+                      f" estimated ({summary.memory_error_percent:+.1f}%)")
+    else:
+        console.print(f"  CPU run: peak resident memory {gib(r.peak_rss_bytes or 0)} (the plan's GPU estimate of "
+                      f"{gib(summary.estimated_peak_allocated_bytes)} is not comparable)")
+    if summary.calibration is not None:
+        console.print(f"  recorded utilisation {summary.calibration.utilization:.0%} on {summary.calibration.gpu} "
+                      "as calibration for later estimates")
+    for note in r.notes:
+        console.print(f"  [dim]{note}[/]")
+    console.print(f"  outputs in {r.output_dir}: {', '.join(r.artifacts)}")
+
+
+def plugins_table(rows: list[dict], allowed: set[str] | None) -> Table:
+    table = Table(title="Plugins" + (f" (FTPLAN_PLUGINS limits loading to: {', '.join(sorted(allowed)) or 'none'})"
+                                     if allowed is not None else ""), title_justify="left")
+    for col in ("plugin", "version", "source", "backends (methods; platforms)", "status"):
+        table.add_column(col)
+    for row in rows:
+        backends = "\n".join(f"{b['name']} ({', '.join(b['methods'])}; {', '.join(b['platforms'])})"
+                             for b in row["backends"]) or "-"
+        if row["catalog_entries"]:
+            backends += f"\n+{row['catalog_entries']} catalog entries"
+        status = "[red]" + "; ".join(row["errors"]) + "[/]" if row["errors"] else "ok"
+        table.add_row(row["name"], row["version"] or "-", row["source"], backends, status)
+    return table

@@ -1,0 +1,233 @@
+"""Config -> torch model with the fine-tuning method applied, the optimizer, and one training step.
+
+The single place that turns a ModelSpec and a TrainingSetup into what a Hugging Face Trainer run
+holds: `ftplan measure` uses it, and so will the bundled Hugging Face trainer backend, so what
+is measured is what runs. torch, transformers, peft and bitsandbytes are imported inside the
+functions; nothing here is on the estimate path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import tempfile
+from typing import Any
+
+from ftplan.errors import PlannerError
+from ftplan.estimate.params import TargetResolution, resolve_targets
+from ftplan.estimate.settings import TrainingSetup
+from ftplan.model.spec import ModelSpec
+
+ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
+MAX_GRAD_NORM = 1.0     # the Trainer default
+LEARNING_RATE = 2e-4
+
+
+def _require_training_extra() -> None:
+    import logging
+
+    # bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernel package is
+    # missing; it falls back to its own kernel, so the warning is noise for ftplan's users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for name in ("torch", "transformers", "peft"):
+        if importlib.util.find_spec(name) is None:
+            raise PlannerError(f"this needs the training extra ({name} is missing): pip install 'ftplan[train]'")
+
+
+def weight_dtype(setup: TrainingSetup):
+    """Storage dtype of the (base) weights: fp32 master weights for mixed precision and fp32,
+    half precision for pure bf16/fp16 and for the frozen LoRA/QLoRA base."""
+    import torch
+
+    half = torch.float16 if setup.precision.startswith("fp16") else torch.bfloat16
+    if setup.precision == "fp32":
+        return torch.float32
+    if setup.method == "full":
+        return torch.float32 if setup.precision.endswith("-mixed") else half
+    return half
+
+
+def compute_dtype(setup: TrainingSetup):
+    import torch
+
+    if setup.precision == "fp32":
+        return torch.float32
+    return torch.float16 if setup.precision.startswith("fp16") else torch.bfloat16
+
+
+def uses_autocast(setup: TrainingSetup) -> bool:
+    """The Trainer autocasts with bf16/fp16 mixed precision, and for adapters over a half-precision base."""
+    if setup.method == "full":
+        return setup.precision.endswith("-mixed")
+    return setup.precision != "fp32"
+
+
+def autocast(setup: TrainingSetup, device: str):
+    import torch
+
+    if not uses_autocast(setup):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=compute_dtype(setup))
+
+
+def hf_config(spec: ModelSpec, setup: TrainingSetup):
+    """The transformers config for `spec`, with the attention implementation and no KV cache."""
+    from transformers import AutoConfig
+
+    values = dict(spec.config)
+    model_type = values.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except (ValueError, KeyError) as exc:
+        raise PlannerError(f"transformers cannot build model_type '{model_type}': {exc}") from None
+    config._attn_implementation = ATTN_IMPLEMENTATION[setup.attention]
+    config.use_cache = False
+    return config
+
+
+def _load_quantized(source: str, setup: TrainingSetup, device: str, trust_remote_code: bool, sharded: bool = False):
+    """Weights from a directory or Hub id (safetensors only), quantized by bitsandbytes as they load.
+
+    `sharded`: FSDP shards only tensors of one float dtype, so the packed 4-bit weights are stored
+    in the compute dtype (bnb_4bit_quant_storage), the QLoRA + FSDP recipe; the bytes are the same.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=setup.quant_type,
+                               bnb_4bit_use_double_quant=setup.double_quant,
+                               bnb_4bit_compute_dtype=compute_dtype(setup),
+                               **({"bnb_4bit_quant_storage": compute_dtype(setup)} if sharded else {}))
+    return AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=weight_dtype(setup),
+                                                device_map=device, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code,
+                                                attn_implementation=ATTN_IMPLEMENTATION[setup.attention])
+
+
+def _quantized_from_config(config, setup: TrainingSetup, device: str, trust_remote_code: bool):
+    """Random-initialised weights, saved as safetensors and reloaded through bitsandbytes, which
+    is how a real checkpoint reaches 4 bit (from_config cannot quantize)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a save/load round trip, not a download: no bars
+    with tempfile.TemporaryDirectory(prefix="ftplan-qlora-") as tmp:
+        with torch.device(device):  # random init on the GPU when there is one: far faster for 7B models
+            model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(setup),
+                                                     trust_remote_code=trust_remote_code)
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        return _load_quantized(tmp, setup, device, trust_remote_code)
+
+
+def apply_lora(model, targets: TargetResolution, setup: TrainingSetup):
+    """Wrap `model` with PEFT LoRA adapters exactly as resolved by ftplan (fp32 adapters)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = setup.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets.peft_value(), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", pretrained: str | None = None,
+                trust_remote_code: bool = False, sharded: bool = False):
+    """The model of `spec` ready to train under `setup` on `device`.
+
+    full: weights in their storage dtype, all trainable; lora: frozen half-precision base plus
+    PEFT adapters; qlora: bitsandbytes 4-bit base, `prepare_model_for_kbit_training`, adapters.
+    `pretrained` loads real weights from a local directory or a Hugging Face id (safetensors only,
+    never pickle); otherwise the weights are random, which is all memory and speed measurements need.
+    """
+    _require_training_extra()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(spec, setup)
+    ckpt_kwargs = {"use_reentrant": False}
+    if setup.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        if pretrained:
+            model = _load_quantized(pretrained, setup, device, trust_remote_code, sharded)
+        else:
+            model = _quantized_from_config(config, setup, device, trust_remote_code)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_ckpt,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        if pretrained:
+            model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=weight_dtype(setup), use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code, config=config)
+        else:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(setup),
+                                                         trust_remote_code=trust_remote_code)
+        model.to(device)
+        if setup.method == "lora":
+            model.requires_grad_(False)
+        if setup.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if setup.method != "full":
+        from ftplan.model.architectures import build_layout, is_analytic
+
+        if is_analytic(spec.model_type):
+            targets = resolve_targets(build_layout(spec), setup.lora.targets)
+        else:
+            from ftplan.model.meta_count import layout_from_model
+
+            targets = resolve_targets(layout_from_model(spec), setup.lora.targets)
+        model = apply_lora(model, targets, setup)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def build_optimizer(model, setup: TrainingSetup):
+    """The optimizer the Trainer would create for `setup.optimizer`, over the trainable parameters."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = setup.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=LEARNING_RATE)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=LEARNING_RATE, scale_parameter=False, relative_step=False, warmup_init=False)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise PlannerError(f"--optimizer {name} needs bitsandbytes: pip install 'ftplan[train]'") from None
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(params, lr=LEARNING_RATE)
+
+
+def random_batch(vocab: int, setup: TrainingSetup, device: str, generator=None) -> dict[str, Any]:
+    """Random token ids (labels = inputs), the shape of one micro-batch."""
+    import torch
+
+    ids = torch.randint(0, vocab, (setup.batch_size, setup.seq_len), device=device, generator=generator)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def train_step(model, optimizer, batch: dict, setup: TrainingSetup, device: str, *, on_forward_end=None,
+               on_backward_end=None) -> float:
+    """One optimizer step the way the Trainer does it: the loss alone outlives the forward
+    (the model's outputs, logits included, are dropped), backward, clip to norm 1, step, zero.
+    The callbacks let a measurement look at memory between the phases."""
+    import torch
+
+    with autocast(setup, device):
+        loss = model(**batch).loss
+    if on_forward_end is not None:
+        on_forward_end()
+    loss.backward()
+    if on_backward_end is not None:
+        on_backward_end()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
