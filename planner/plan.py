@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from ftplan import __version__
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
@@ -20,11 +22,10 @@ from ftplan.estimate.cost import HourlyPrice, Market, Platform
 from ftplan.estimate.settings import Method, TrainingSetup
 from ftplan.estimate.sharding import Sharding
 from ftplan.model.spec import ModelSpec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ftplan.names import Name
 
 PLAN_SCHEMA_VERSION = 1
 DEFAULT_PLAN = Path("ftplan-plan.yaml")
-BACKEND_NAME = r"^[a-z0-9][a-z0-9_.-]*$"  # a registered name, never a Python path
 
 # Hugging Face recipe hyperparameters per method (QLoRA paper: lr 2e-4, max_grad_norm 0.3).
 LEARNING_RATES = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
@@ -98,7 +99,7 @@ class Plan(_Strict):
     created_at: str
     task: str
     priority: str
-    backend: str = Field("hf", pattern=BACKEND_NAME)
+    backend: Name = "hf"
     model: PlanModel
     training: PlanTraining
     hardware: PlanHardware

@@ -10,13 +10,10 @@ import pytest
 
 boto3 = pytest.importorskip("boto3")
 from botocore.stub import ANY, Stubber  # noqa: E402
-from ftplan.data import (
-    aws_prices,
-    catalog,  # noqa: E402
-)
+
+from ftplan.data import aws_prices, catalog, price_cache  # noqa: E402
 from ftplan.errors import PlannerError  # noqa: E402
 from ftplan.estimate.cost import hourly_price  # noqa: E402
-
 from tests.conftest import run_cli  # noqa: E402
 
 
@@ -98,7 +95,7 @@ def test_sagemaker_training_rates():
 def test_refreshed_prices_reach_estimates_and_plans():
     client, _ = stubbed([("g5.xlarge", "us-east-1", "AmazonEC2", [[item("g5.xlarge", "0.9990000000")]])])
     report = aws_prices.refresh(["us-east-1"], ["ec2"], ["g5.xlarge"], client=client, today="2026-11-28")
-    aws_prices.save_cache(report.updated)
+    price_cache.save_cache(report.updated)
     catalog.clear_caches()
     try:
         price = hourly_price(catalog.get_instance("g5.xlarge"))
@@ -127,7 +124,7 @@ def test_spot_prices_are_the_median_of_each_zones_latest():
     stub.activate()
     report = aws_prices.refresh_spot(["us-east-1"], ["g5.xlarge"], client_for=lambda r: client, now=now)
     assert [(p.market, p.usd_per_hour) for p in report.updated] == [("spot", 0.45)]
-    aws_prices.save_cache(report.updated)
+    price_cache.save_cache(report.updated)
     catalog.clear_caches()
     try:
         spot = hourly_price(catalog.get_instance("g5.xlarge"), market="spot")
@@ -150,14 +147,14 @@ def test_access_denied_and_missing_credentials_keep_the_bundled_prices(monkeypat
            "AWS_EC2_METADATA_DISABLED": "true"}
     result = run_cli("prices", "refresh", "--instances", "g5.xlarge", env=env)
     assert result.returncode == 2 and "no AWS credentials found" in result.stderr and "Traceback" not in result.stderr
-    assert not aws_prices.cache_path().exists()
+    assert not price_cache.cache_path().exists()
 
 
 def test_a_corrupt_cache_is_named(tmp_path):
     path = tmp_path / "prices.json"
     path.write_text("{broken")
     with pytest.raises(PlannerError, match="unreadable; delete it"):
-        aws_prices.load_cache(path)
+        price_cache.load_cache(path)
 
 
 def test_a_missing_profile_is_named(monkeypatch):

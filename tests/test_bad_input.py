@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from ftplan.cli.main import main
 from ftplan.run import registry as plugins
 
@@ -224,7 +225,7 @@ CASES = [
      "no trainer backend named 'nope'"),
     ("run-backend-flag", [*RUN, "--backend", "nope"], "no trainer backend named 'nope'"),
     ("run-python-backend", ["run", "plan_python_backend.yaml", "--data", "train.jsonl"], "String should match"),
-    ("run-sagemaker-on-ec2-plan", [*RUN, "--backend", "sagemaker", "--role", "arn:aws:iam::1:role/r"],
+    ("run-sagemaker-on-ec2-plan", [*RUN, "--backend", "sagemaker", "--option", "role=arn:aws:iam::1:role/r"],
      "does not run on ec2"),
     ("run-dry-run-local", [*RUN, "--dry-run"], "backend 'hf' has no dry run"),
     ("run-sagemaker-no-role", ["run", "plan_sagemaker.yaml", "--data", "train.jsonl", "--backend", "sagemaker",
@@ -248,7 +249,7 @@ CASES = [
     ("run-max-steps", [*RUN, "--max-steps", "0"], "0 is not in the range"),
     ("run-save-every", [*RUN, "--save-every", "-1"], "-1 is not in the range"),
     ("run-option-form", [*RUN, "--option", "noequals"], "must look like KEY=VALUE"),
-    ("run-option-unknown", [*RUN, "--option", "speed=11"], "speed: Extra inputs are not permitted"),
+    ("run-option-unknown", [*RUN, "--option", "speed=11"], "--option speed: is not an option of backend 'hf' (its options: processes"),
     ("run-device", [*RUN, "--device", "tpu"], "'tpu' is not one of"),
 ]
 

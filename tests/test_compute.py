@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from ftplan.data import catalog
 from ftplan.estimate.compute import (
     allreduce_seconds,

@@ -1,6 +1,7 @@
 """Prices and billing: hand-computed dollars, spot and SageMaker derivations, calibration."""
 
 import pytest
+
 from ftplan.data import calibration, catalog
 from ftplan.errors import PlannerError
 from ftplan.estimate.cost import billed_seconds, check_region, cost_usd, hourly_price

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from ftplan.data.dataset import (
     find_tokenizer,
     from_dataset,

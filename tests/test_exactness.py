@@ -5,6 +5,7 @@ transformers 5). PEFT's trainable count is the adapters alone; the base total ex
 """
 
 import pytest
+
 from ftplan.data import catalog
 from ftplan.estimate.params import count_params
 from ftplan.estimate.settings import LoraSettings

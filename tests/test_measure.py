@@ -85,9 +85,10 @@ def test_measure_bad_input_is_one_line(args, expected, write_config):
 
 def test_build_model_loads_local_safetensors(tmp_path):
     """The shared builder loads real weights from a local directory (safetensors only)."""
+    from transformers import AutoModelForCausalLM
+
     from ftplan.estimate.settings import SetupChoices, resolve
     from ftplan.train.build import build_model, hf_config
-    from transformers import AutoModelForCausalLM
 
     spec = spec_from_config(TINY, name="tiny", source="test")
     setup = resolve("lora", SetupChoices())

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from ftplan.data import catalog
 from ftplan.estimate.memory import estimate_memory, optimizer_bytes, quantized_bytes
 from ftplan.estimate.settings import LoraSettings, SetupChoices, TrainingSetup, resolve

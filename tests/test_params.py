@@ -1,6 +1,7 @@
 """Parameter counts against hand-computed figures and PEFT's target semantics."""
 
 import pytest
+
 from ftplan.data import catalog
 from ftplan.errors import PlannerError
 from ftplan.estimate.params import count_params, lora_params, resolve_targets

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import yaml
+
 from ftplan.errors import PlannerError
 from ftplan.plan import load
-
 from tests.conftest import run_cli
 
 RECOMMEND = ("recommend", "llama2-7b", "--tokens", "20000000", "--budget", "50")

@@ -7,12 +7,12 @@ import json
 import textwrap
 
 import pytest
+
 from ftplan.data import catalog
 from ftplan.errors import PlannerError
 from ftplan.run import registry as plugins
 from ftplan.run.backend import RunRequest, RunResult, TrainerBackend
 from ftplan.run.hookspecs import hookimpl
-
 from tests.conftest import run_cli
 
 
@@ -72,11 +72,12 @@ def test_check_refuses_a_method_the_backend_does_not_train(fake, tmp_path):
     from ftplan.run.execute import prepare
 
     with pytest.raises(PlannerError, match=r"backend 'lora-only' does not train full \(it supports lora\).*"
-                                           r"fix: re-plan with ftplan recommend --methods lora"):
+                                           r"fix: re-plan with ftplan recommend --backend lora-only"):
         prepare(plan_file, request, backend_name="lora-only", raw_options={}, force=False)
     with pytest.raises(PlannerError, match="no trainer backend named 'nope' .*available: hf, lora-only, sagemaker"):
         prepare(plan_file, request, backend_name="nope", raw_options={}, force=False)
-    with pytest.raises(Exception, match="extra"):
+    with pytest.raises(PlannerError, match="--option surprise: is not an option of backend 'lora-only' "
+                                           r"\(its options: none\); see ftplan plugins"):
         LoraOnly().parse_options({"surprise": 1})
     assert not (tmp_path / "out").exists()
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from ftplan.data import catalog
 from ftplan.data.dataset import from_token_count
 from ftplan.errors import PlannerError
@@ -21,8 +24,6 @@ from ftplan.model.architectures import QUANTIZED_KINDS, build_layout
 from ftplan.model.resolve import from_catalog
 from ftplan.model.spec import spec_from_config
 from ftplan.recommend.search import SearchRequest, search
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 MODELS = ["llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gemma2-2b", "phi3-mini", "gpt2",
           "falcon-7b", "opt-350m", "pythia-1b", "bloom-560m"]

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from ftplan.data import calibration, catalog
 from ftplan.data.dataset import from_token_count
 from ftplan.errors import PlannerError

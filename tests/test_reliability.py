@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+
 from ftplan.data import calibration
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
-
 from tests.conftest import run_cli
 
 
@@ -108,7 +108,7 @@ def test_secrets_in_the_environment_never_reach_output_files_or_plans(tmp_path):
         run_cli("plan", "show", env=env, cwd=tmp_path),
         run_cli("recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "32", "--platform", "sagemaker",
                 "--backend", "sagemaker", "--max-gpus", "1", "--yes", "-o", "sm.yaml", env=env, cwd=tmp_path),
-        run_cli("run", "sm.yaml", "--data", "train.jsonl", "--dry-run", "--role", "arn:aws:iam::1:role/r",
+        run_cli("run", "sm.yaml", "--data", "train.jsonl", "--dry-run", "--option", "role=arn:aws:iam::1:role/r",
                 "--option", "bucket=b", env=env, cwd=tmp_path),
     ]
     for r in results:

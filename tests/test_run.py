@@ -18,12 +18,11 @@ import yaml
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from examples import tiny_model as tinymodel  # noqa: E402
 from ftplan.errors import PlannerError  # noqa: E402
 from ftplan.plan import load  # noqa: E402
 from ftplan.run.backend import RunRequest  # noqa: E402
 from ftplan.run.execute import execute, prepare  # noqa: E402
-
-from examples import tiny_model as tinymodel  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 PLAN_ARGS = ("--seq-len", "64", "--global-batch", "4", "--instances", "g5.xlarge", "--max-gpus", "1",
@@ -77,10 +76,11 @@ def test_recommend_then_run_trains_and_the_loss_falls(workdir, method):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(workdir, method, monkeypatch):
     import torch
-    from ftplan.backends.hf import loop
-    from ftplan.train.build import _load_quantized, weight_dtype
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from ftplan.backends.hf import loop
+    from ftplan.train.build import _load_quantized, weight_dtype
 
     plan_path = make_plan(workdir, method, f"{method}-logits")
     batch = loop.data.collate([([1, 5, 9, 13, 17, 21, 25, 29], [1] * 8)], pad_id=3)
@@ -181,8 +181,9 @@ def test_a_finished_run_is_not_overwritten_without_force(workdir):
 
 
 def test_chat_and_prompt_completion_data(workdir):
-    from ftplan.backends.hf import data
     from transformers import AutoTokenizer
+
+    from ftplan.backends.hf import data
 
     tok = AutoTokenizer.from_pretrained(str(workdir / "tiny"))
     ids, labels = data.encode({"prompt": "the cat sat", "completion": " on the mat"}, tok, 64, "x")

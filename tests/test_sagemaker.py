@@ -22,7 +22,6 @@ from ftplan.plan import load  # noqa: E402
 from ftplan.run import registry as plugins  # noqa: E402
 from ftplan.run.backend import RunRequest  # noqa: E402
 from ftplan.run.execute import execute, prepare  # noqa: E402
-
 from tests.conftest import run_cli  # noqa: E402
 
 ROLE = "arn:aws:iam::123456789012:role/ftplan-training"
@@ -43,7 +42,7 @@ def plans(tmp_path_factory):
 def test_dry_run_prints_the_exact_request_and_writes_nothing(plans):
     plan = load(plans / "spot.yaml")
     before = sorted(p.name for p in plans.iterdir())
-    result = run_cli("run", "spot.yaml", "--data", "train.jsonl", "--dry-run", "--role", ROLE, "--option",
+    result = run_cli("run", "spot.yaml", "--data", "train.jsonl", "--dry-run", "--option", f"role={ROLE}", "--option",
                      "bucket=ftplan-test", "--option", "job_name=ftplan-test-job", cwd=plans)
     assert result.returncode == 0, result.stderr
     request = json.loads(result.stdout)["create_training_job"]
@@ -70,7 +69,7 @@ def test_dry_run_prints_the_exact_request_and_writes_nothing(plans):
 
 
 def test_on_demand_plans_have_no_spot_settings(plans):
-    result = run_cli("run", "ondemand.yaml", "--data", "train.jsonl", "--dry-run", "--role", ROLE, "--option",
+    result = run_cli("run", "ondemand.yaml", "--data", "train.jsonl", "--dry-run", "--option", f"role={ROLE}", "--option",
                      "bucket=b", cwd=plans)
     request = json.loads(result.stdout)["create_training_job"]
     assert request["EnableManagedSpotTraining"] is False
@@ -89,7 +88,7 @@ def test_check_names_what_stops_the_job(plans, tmp_path, monkeypatch):
            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
-    no_credentials = run_cli("run", str(plans / "spot.yaml"), "--data", "d.jsonl", "--role", ROLE, env=env,
+    no_credentials = run_cli("run", str(plans / "spot.yaml"), "--data", "d.jsonl", "--option", f"role={ROLE}", env=env,
                              cwd=tmp_path)
     assert no_credentials.returncode == 2 and "no AWS credentials found" in no_credentials.stderr
     assert not (tmp_path / "ftplan-output").exists()

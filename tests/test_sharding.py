@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ftplan.data import catalog
 from ftplan.errors import PlannerError
 from ftplan.estimate.memory import estimate_memory
@@ -13,9 +16,6 @@ from ftplan.estimate.settings import SetupChoices, resolve
 from ftplan.estimate.sharding import shard, smallest_gpu_count
 from ftplan.model.architectures import build_layout
 from ftplan.model.resolve import from_catalog
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from tests.conftest import run_cli
 
 LAYOUT = build_layout(from_catalog(catalog.find_model("llama2-7b")))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 import click
+from pydantic import ValidationError
+
 from ftplan import __version__
 from ftplan.cli import estimate, plan, prices, recommend, run
 from ftplan.cli.options import validation_message
 from ftplan.errors import PlannerError
-from pydantic import ValidationError
 
 EXIT_BAD_INPUT = 2
 

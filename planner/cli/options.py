@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import click
+from pydantic import ValidationError
+
 from ftplan.errors import PlannerError
 from ftplan.estimate.settings import (
     ATTENTIONS,
@@ -14,7 +16,6 @@ from ftplan.estimate.settings import (
     LoraSettings,
     SetupChoices,
 )
-from pydantic import ValidationError
 
 
 def console():

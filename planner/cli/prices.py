@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from ftplan.cli.options import console
 from ftplan.errors import PlannerError
 
@@ -21,7 +22,7 @@ def prices() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def refresh(regions: tuple[str, ...], platform: str, spot: bool, instance_list: str | None, as_json: bool) -> None:
     """Query the AWS Price List API with your AWS credentials and cache the rates for later commands."""
-    from ftplan.data import aws_prices, catalog
+    from ftplan.data import aws_prices, catalog, price_cache
 
     types = [t.strip() for t in instance_list.split(",") if t.strip()] if instance_list else None
     for t in types or []:
@@ -37,7 +38,7 @@ def refresh(regions: tuple[str, ...], platform: str, spot: bool, instance_list: 
         report.missing += spot_report.missing
         report.errors += spot_report.errors
     if report.updated:
-        report.path = str(aws_prices.save_cache(report.updated))
+        report.path = str(price_cache.save_cache(report.updated))
         catalog.clear_caches()
     if as_json:
         click.echo(report.model_dump_json(indent=2))

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import click
+
 from ftplan.cli.options import console, key_values
-from ftplan.errors import PlannerError
 
 
 @click.command()
@@ -26,37 +26,29 @@ from ftplan.errors import PlannerError
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE", help="backend-specific option")
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own Python code (off by default)")
-@click.option("--role", default=None, help="IAM role ARN for cloud backends (sagemaker)")
 @click.option("--dry-run", is_flag=True, help="print the exact request a cloud backend would send; send nothing")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the progress display")
 def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None, output: Path,
         model_path: str | None, max_steps: int | None, save_every: int, resume: bool, force: bool, device: str,
-        raw_options: tuple[str, ...], trust_remote_code: bool, role: str | None, dry_run: bool,
-        as_json: bool) -> None:
+        raw_options: tuple[str, ...], trust_remote_code: bool, dry_run: bool, as_json: bool) -> None:
     """Carry out an accepted PLAN [default: ftplan-plan.yaml] with a trainer backend.
 
     Checks the plan against the backend first; writes the adapter (or model), tokenizer, plan.yaml,
     metrics.jsonl, checkpoints and summary.json into --output. Ctrl-C saves a checkpoint.
+    Backend options (--option KEY=VALUE; e.g. --option role=ARN for sagemaker) are listed by ftplan plugins.
     """
     from ftplan.run.backend import RunRequest
-    from ftplan.run.execute import execute, prepare
+    from ftplan.run.execute import describe, execute, prepare
 
     request = RunRequest(data=data, eval_data=eval_data, output_dir=output, model_path=model_path,
                          max_steps=max_steps, save_every=save_every, resume=resume,
                          trust_remote_code=trust_remote_code, device=device, dry_run=dry_run)
-    options_given = key_values(raw_options)
-    if role:
-        options_given["role"] = role
-    plan, chosen, options = prepare(plan_file, request, backend_name=backend, raw_options=options_given,
+    plan, chosen, options = prepare(plan_file, request, backend_name=backend, raw_options=key_values(raw_options),
                                     force=force)
     if dry_run:
-        try:
-            described = chosen.dry_run(plan, request, options)
-        except NotImplementedError:
-            raise PlannerError(f"backend '{chosen.name}' has no dry run (it runs here); drop --dry-run") from None
         import json as json_mod
 
-        click.echo(json_mod.dumps(described, indent=2))
+        click.echo(json_mod.dumps(describe(plan, chosen, options, request), indent=2))
         return
     if as_json:
         summary = execute(plan, chosen, options, request, lambda event: None)
@@ -79,17 +71,13 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True)
 def plugins_command(as_json: bool) -> None:
-    """List loaded plugins, their backends and what those support, and broken plugins with their error."""
+    """List loaded plugins, their backends (methods, platforms and --option keys), and broken plugins with
+    their error."""
     import json as json_mod
 
     from ftplan.run import registry as plugin_mod
 
-    reg = plugin_mod.registry()
-    backends = reg.backends()
-    rows = [{"name": p.name, "version": p.version, "source": p.source, "catalog_entries": p.catalog_entries,
-             "backends": [{"name": b, "description": backends[b].description, "methods": list(backends[b].methods),
-                           "platforms": list(backends[b].platforms)} for b in p.backends],
-             "errors": p.errors} for p in reg.plugins.values()]
+    rows = plugin_mod.describe()
     if as_json:
         click.echo(json_mod.dumps(rows, indent=2))
         return

@@ -13,34 +13,16 @@ from __future__ import annotations
 import json
 import statistics
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
+
+from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
-from ftplan.data.files import atomic_write_text, read_user_file, user_dir
-from ftplan.errors import PlannerError
-from pydantic import BaseModel, Field
+from ftplan.data.aws import aws_error
+from ftplan.data.aws import client as aws_client
+from ftplan.data.price_cache import CachedPrice
 
 PRICING_ENDPOINT_REGION = "us-east-1"  # the Price List API answers in us-east-1, eu-central-1, ap-south-1
 ON_DEMAND_TERM = "JRTCKXETXF"
-
-
-class CachedPrice(BaseModel):
-    """One refreshed hourly rate."""
-
-    instance_type: str
-    usd_per_hour: float = Field(gt=0)
-    region: str
-    platform: str
-    market: str
-    date: str
-    source: str
-
-
-class PriceCache(BaseModel):
-    """$FTPLAN_HOME/prices.json."""
-
-    schema_version: int = 1
-    prices: list[CachedPrice] = []
 
 
 class RefreshReport(BaseModel):
@@ -50,26 +32,6 @@ class RefreshReport(BaseModel):
     missing: list[str] = Field([], description="'type region platform' with no matching product")
     errors: list[str] = Field([], description="malformed rows, with the instance type they were for")
     path: str | None = None
-
-
-def cache_path() -> Path:
-    return user_dir() / "prices.json"
-
-
-def load_cache(path: Path | None = None) -> PriceCache:
-    """The refreshed prices, or an empty cache; a corrupt cache is named with the fix."""
-    return read_user_file(path or cache_path(), PriceCache, "price cache",
-                          "delete it or run ftplan prices refresh again")
-
-
-def save_cache(new: list[CachedPrice], path: Path | None = None) -> Path:
-    """Merge `new` into the cache (replacing the same type, region, platform and market); atomic."""
-    path = path or cache_path()
-    key = lambda p: (p.instance_type, p.region, p.platform, p.market)  # noqa: E731
-    merged = {key(p): p for p in load_cache(path).prices}
-    merged.update({key(p): p for p in new})
-    atomic_write_text(path, PriceCache(prices=sorted(merged.values(), key=key)).model_dump_json(indent=1))
-    return path
 
 
 def ec2_filters(instance_type: str, region: str) -> list[dict]:
@@ -123,49 +85,6 @@ def _products(client, service: str, filters: list[dict]) -> list[str]:
             return items
 
 
-def aws_error(exc: Exception, what: str = "the AWS Price List API", keep: str = "the bundled prices stay in use"
-              ) -> PlannerError:
-    """One clear line for a botocore failure: credentials, network, or a refused request."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        NoRegionError,
-        PartialCredentialsError,
-        ProfileNotFound,
-        ReadTimeoutError,
-    )
-
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, NoRegionError)):
-        return PlannerError("no AWS credentials found (boto3's chain: environment, ~/.aws, instance role); "
-                            f"configure them with aws configure - {keep}")
-    if isinstance(exc, ProfileNotFound):
-        return PlannerError(f"AWS profile {exc.kwargs.get('profile')!r} does not exist (AWS_PROFILE or --profile); "
-                            f"set it up with aws configure --profile NAME - {keep}")
-    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
-        return PlannerError(f"cannot reach {what} (no network?); {keep}")
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return PlannerError(f"{what} refused the request ({error.get('Code', 'error')}: "
-                            f"{error.get('Message') or 'no message'}); check the credentials' permissions - {keep}")
-    return PlannerError(f"AWS request failed ({type(exc).__name__}); {keep}")
-
-
-def _client(service: str, region: str):
-    try:
-        import boto3
-    except ImportError:
-        raise PlannerError("refreshing prices needs boto3: pip install 'ftplan[aws]'") from None
-    from botocore.exceptions import BotoCoreError
-
-    try:
-        return boto3.client(service, region_name=region)
-    except BotoCoreError as exc:
-        raise aws_error(exc) from None
-
-
 def refresh(regions: list[str], platforms: list[str], instance_types: list[str] | None = None, *,
             client=None, today: str | None = None) -> RefreshReport:
     """Query the Price List for every catalogued (or given) instance type in `regions` and `platforms`."""
@@ -175,7 +94,7 @@ def refresh(regions: list[str], platforms: list[str], instance_types: list[str] 
     types = instance_types or list(catalog.instances())
     report = RefreshReport()
     try:
-        client = client or _client("pricing", PRICING_ENDPOINT_REGION)
+        client = client or aws_client("pricing", PRICING_ENDPOINT_REGION, need="refreshing prices")
         for platform in platforms:
             service = "AmazonEC2" if platform == "ec2" else "AmazonSageMaker"
             for region in regions:
@@ -216,7 +135,7 @@ def refresh_spot(regions: list[str], instance_types: list[str] | None = None, *,
     report = RefreshReport()
     try:
         for region in regions:
-            client = client_for(region) if client_for else _client("ec2", region)
+            client = client_for(region) if client_for else aws_client("ec2", region, need="refreshing spot prices")
             latest: dict[tuple[str, str], tuple[datetime, float]] = {}
             token = None
             while True:

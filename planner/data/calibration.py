@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-from ftplan.data.files import atomic_write_text, read_user_file, user_dir
 from pydantic import BaseModel, Field
+
+from ftplan.data.files import atomic_write_text, read_user_file, user_dir
 
 
 class Calibration(BaseModel):

@@ -7,70 +7,91 @@ import json
 from datetime import date
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field
 
 from ftplan.errors import PlannerError
-from pydantic import BaseModel
+from ftplan.names import Name
+
+if TYPE_CHECKING:
+    from ftplan.data import rules
 
 
 class CatalogModel(BaseModel):
-    """A catalogued model: names it answers to, its config.json fields, licence and source."""
+    """A catalogued model: the names it answers to, its config.json fields, licence and source."""
 
-    name: str
-    display_name: str
-    hf_id: str
-    aliases: list[str] = []
-    license: str
-    source: str
-    notes: str = ""
-    retrieved: str
-    config: dict[str, Any]
+    name: str = Field(min_length=1, description="short name users type, e.g. llama2-7b")
+    display_name: str = Field(description="the name as its authors write it, e.g. Llama-2-7B")
+    hf_id: str = Field(min_length=1, description="Hugging Face repository id, e.g. meta-llama/Llama-2-7b-hf")
+    aliases: list[str] = Field([], description="other names it answers to (any case)")
+    license: str = Field(description="licence, and whether the Hub repository is gated")
+    source: str = Field(description="where the config fields were read")
+    notes: str = Field("", description="anything a user should know about this entry")
+    retrieved: str = Field(description="when the config was read (ISO date or month)")
+    config: dict[str, Any] = Field(description="config.json keys needed to rebuild the architecture exactly "
+                                               "(model_type, sizes, tie_word_embeddings...)")
 
 
 class Gpu(BaseModel):
-    """One GPU type: memory as the cloud reports it, dense peak throughput, capabilities."""
+    """One GPU type: memory as the driver reports it, dense peak throughput, capabilities."""
 
-    name: str
-    memory_bytes: int
-    memory_gib_reported: float
-    bf16_tflops: float | None
-    fp16_tflops: float
-    memory_bandwidth_gbps: float
-    architecture: str
+    name: str = Field(min_length=1, description="catalog name, e.g. A100-80GB")
+    aliases: list[str] = Field([], description="other names it answers to, e.g. 'RTX 4090', 'GeForce RTX 4090'")
+    memory_bytes: int = Field(gt=0, description="usable memory in bytes (what torch's total_memory or the cloud "
+                                                "API reports), against which required bytes are compared")
+    memory_gib_reported: float = Field(gt=0, allow_inf_nan=False, description="the same in GiB as shown to users")
+    bf16_tflops: float | None = Field(gt=0, allow_inf_nan=False, description="dense bf16 tensor-core peak with "
+                                                                             "fp32 accumulate, TFLOP/s; null without bf16")
+    fp16_tflops: float = Field(gt=0, allow_inf_nan=False, description="dense fp16 tensor-core peak with fp32 "
+                                                                      "accumulate, TFLOP/s")
+    memory_bandwidth_gbps: float = Field(gt=0, allow_inf_nan=False, description="peak memory bandwidth, GB/s")
+    architecture: str = Field(description="turing, volta, ampere, ada, hopper, blackwell... (utilisation defaults "
+                                          "are per architecture)")
     supports_bf16: bool
-    supports_flash_attention: bool
-    source: str
-    memory_source: str
+    supports_flash_attention: bool = Field(description="FlashAttention-2 runs on it (Ampere or newer)")
+    source: str = Field(description="where the throughput and bandwidth figures come from")
+    memory_source: str = Field(description="where the memory figure comes from")
 
 
 class Price(BaseModel):
     """An hourly price with where and when it was read."""
 
-    usd_per_hour: float
-    region: str
-    platform: str
-    market: str
-    date: str
-    source: str
+    usd_per_hour: float = Field(gt=0, allow_inf_nan=False, description="dollars per instance-hour")
+    region: str = Field(min_length=1, description="region code (us-east-1), or a plugin's own (dc1, europe-west4)")
+    platform: Name = Field(description="ec2, sagemaker, or a plugin's own platform name (gcp, onprem)")
+    market: Literal["on-demand", "spot"]
+    date: str = Field(description="when the price was read (ISO date)")
+    source: str = Field(description="where the price was read")
 
 
 class Instance(BaseModel):
-    """A cloud instance type and its GPUs."""
+    """A rentable (or owned) machine type and its GPUs."""
 
-    type: str
-    gpu: str
-    gpu_count: int
-    vcpus: int
-    memory_gib: float
-    network: str
-    interconnect: str
-    efa: bool
-    prices: list[Price]
+    type: str = Field(min_length=1, description="instance type name, e.g. g5.2xlarge or onprem-a100x8")
+    gpu: str = Field(description="catalogued GPU name (register the GPU first)")
+    gpu_count: int = Field(gt=0)
+    vcpus: int = Field(gt=0)
+    memory_gib: float = Field(gt=0, allow_inf_nan=False, description="host RAM in GiB (it must hold the checkpoint "
+                                                                     "while loading)")
+    network: str = Field(description="network performance as the provider states it, e.g. '100 Gb', 'up to 25 Gb'")
+    interconnect: str = Field(description="between its GPUs: 'NVSwitch', 'NVLink', 'PCIe' (EFA noted here too)")
+    efa: bool = Field(description="Elastic Fabric Adapter (or an equivalent RDMA network) between instances")
+    prices: list[Price] = Field(description="hourly prices; the first matching region, platform and market wins")
     notes: str = ""
-    spec_source: str
+    spec_source: str = Field(description="where the specification comes from")
 
     def price(self, region: str = "us-east-1", platform: str = "ec2", market: str = "on-demand") -> Price | None:
         return next((p for p in self.prices if (p.region, p.platform, p.market) == (region, platform, market)), None)
+
+    def home_price(self) -> Price | None:
+        """The price to show when no region is asked for: EC2 on-demand in us-east-1 (the bundled prices),
+        else the instance's first on-demand price, in its own region and platform (plugins' hardware)."""
+        return self.price() or next((p for p in self.prices if p.market == "on-demand"), None)
+
+    def priced(self, region: str | None, platform: str = "ec2", market: str = "on-demand") -> Price | None:
+        """The price in `region`, or the home price when `region` is None."""
+        return self.home_price() if region is None else self.price(region, platform, market)
 
 
 # Entries added by plugins (register_catalog_entries); the bundled catalog is never modified.
@@ -142,48 +163,69 @@ def _refreshed_prices():
 
     if not (user_dir() / "prices.json").exists():  # the usual case: skip the cache module's import
         return []
-    from ftplan.data.aws_prices import (
-        load_cache,  # pydantic only; boto3 is imported when refreshing, not here
-    )
+    from ftplan.data.price_cache import load_cache  # pydantic only
 
     return load_cache().prices
 
 
-STALE_DAYS = 90
-
-
 def stale_warning(price_date: str, today: date | None = None) -> str:
-    """A warning for a price older than 90 days, '' otherwise (or for a date that is not ISO)."""
+    """A warning for a price older than pricing.json's stale_after_days, '' otherwise (or for a date that is
+    not ISO)."""
     try:
         days = ((today or date.today()) - date.fromisoformat(price_date)).days
     except ValueError:
         return ""
-    if days > STALE_DAYS:
+    if days > pricing().stale_after_days:
         return f"price dated {price_date} is {days} days old; refresh with: ftplan prices refresh"
     return ""
 
 
 @cache
 def peft_default_targets() -> dict[str, list[str]]:
-    return _load("peft_default_targets.json")["defaults"]
+    """PEFT's default LoRA targets per model type (catalogs/peft_default_targets.json)."""
+    from ftplan.data import rules  # its classes are built only when a rule is needed
+
+    return rules.PeftDefaults.model_validate(_load("peft_default_targets.json")).defaults
 
 
 @cache
-def throughput() -> dict[str, Any]:
+def throughput() -> rules.Throughput:
     """Utilisation defaults, dequantization and communication assumptions (catalogs/throughput.json)."""
-    return _load("throughput.json")
+    from ftplan.data import rules  # its classes are built only when a rule is needed
+
+    return rules.Throughput.model_validate(_load("throughput.json"))
 
 
 @cache
-def pricing() -> dict[str, Any]:
-    """Spot discount, SageMaker rates and billing rules (catalogs/pricing.json)."""
-    return _load("pricing.json")
+def pricing() -> rules.Pricing:
+    """Spot discount, SageMaker rates and images, billing rules (catalogs/pricing.json)."""
+    from ftplan.data import rules  # its classes are built only when a rule is needed
+
+    return rules.Pricing.model_validate(_load("pricing.json"))
 
 
 @cache
-def quality() -> dict[str, Any]:
+def quality() -> rules.Quality:
     """Published evidence on each method's quality per task (catalogs/quality.json)."""
-    return _load("quality.json")
+    from ftplan.data import rules  # its classes are built only when a rule is needed
+
+    return rules.Quality.model_validate(_load("quality.json"))
+
+
+@cache
+def memory_rules() -> rules.MemoryRules:
+    """CUDA context and allocator slack (catalogs/memory.json)."""
+    from ftplan.data import rules  # its classes are built only when a rule is needed
+
+    return rules.MemoryRules.model_validate(_load("memory.json"))
+
+
+@cache
+def planning() -> rules.Planning:
+    """recommend's search grid and the dataset approximation (catalogs/planning.json)."""
+    from ftplan.data import rules  # its classes are built only when a rule is needed
+
+    return rules.Planning.model_validate(_load("planning.json"))
 
 
 @cache

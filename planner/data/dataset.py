@@ -11,11 +11,17 @@ import json
 import math
 from pathlib import Path
 
-from ftplan.errors import PlannerError
 from pydantic import BaseModel, Field, PrivateAttr
 
-CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
-APPROXIMATE = f"approximate: 1 token per {CHARS_PER_TOKEN} characters (no tokenizer available locally)"
+from ftplan.errors import PlannerError
+
+
+def _approximate(texts: list[str], why: str = "no tokenizer available locally") -> tuple[list[int], str]:
+    """Token counts from characters, at catalogs/planning.json's characters per token, labelled as approximate."""
+    from ftplan.data import catalog
+
+    per_token = catalog.planning().dataset.chars_per_token
+    return [math.ceil(len(t) / per_token) for t in texts], f"approximate: 1 token per {per_token:g} characters ({why})"
 
 
 class LengthStats(BaseModel):
@@ -165,13 +171,13 @@ def count_tokens(texts: list[str], tokenizer: Path | None) -> tuple[list[int], s
                 Tokenizer,  # a Rust library, no torch; present with transformers
             )
         except ImportError:
-            return [math.ceil(len(t) / CHARS_PER_TOKEN) for t in texts], APPROXIMATE + " (install tokenizers)"
+            return _approximate(texts, "no tokenizer available locally; install tokenizers")
         try:
             tok = Tokenizer.from_file(str(tokenizer))
         except Exception as exc:  # the Rust error types are not importable; any failure is unreadable input
             raise PlannerError(f"cannot read tokenizer {tokenizer}: {exc}") from None
         return [len(e.ids) for e in tok.encode_batch(texts)], f"tokenizer {tokenizer}"
-    return [math.ceil(len(t) / CHARS_PER_TOKEN) for t in texts], APPROXIMATE
+    return _approximate(texts)
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:

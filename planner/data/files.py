@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import TypeVar
 
-from ftplan.errors import PlannerError
 from pydantic import BaseModel, ValidationError
+
+from ftplan.errors import PlannerError
 
 
 def user_dir() -> Path:

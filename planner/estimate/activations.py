@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import BaseModel
+
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.architectures import QUANTIZED_KINDS, ModelLayout, ModuleGroup
-from pydantic import BaseModel
 
 Device = Literal["cuda", "cpu"]
 MATMUL_KINDS = {"linear", "linear_subclass", "conv1d", "head", "router", "experts"}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 
+from pydantic import BaseModel, Field
+
 from ftplan.data import catalog
 from ftplan.estimate.params import ParamCounts, adapted_groups, lora_params
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.architectures import QUANTIZED_KINDS, ModelLayout
-from pydantic import BaseModel, Field
 
 MATMUL_KINDS = {"linear", "linear_subclass", "conv1d", "head", "router", "experts"}
 
@@ -90,21 +91,22 @@ def peak_flops(gpu: catalog.Gpu, setup: TrainingSetup) -> float:
 
 def default_utilization(gpu: catalog.Gpu, method: str) -> tuple[float, str]:
     """The catalogued utilisation for the GPU's architecture and the method, with its source."""
-    for row in catalog.throughput()["utilization"]["defaults"]:
-        if row["architecture"] == gpu.architecture:
-            return row[method], f"default for {gpu.architecture} ({row['source']})"
-    return 0.3, "ftplan assumption for an uncatalogued GPU architecture"
+    rules = catalog.throughput().utilization
+    for row in rules.defaults:
+        if row.architecture == gpu.architecture:
+            return row.for_method(method), f"default for {gpu.architecture} ({row.source})"
+    return rules.fallback, rules.fallback_source
 
 
 def dequant_seconds(layout: ModelLayout, setup: TrainingSetup, gpu: catalog.Gpu) -> float:
     """QLoRA: one dequantization of every 4-bit weight per pass (forward, backward, recompute)."""
     if setup.method != "qlora":
         return 0.0
-    rules = catalog.throughput()["dequantization"]
+    rules = catalog.throughput().dequantization
     weights = sum(g.weight_numel * layout.instances(g) for g in layout.modules if g.kind in QUANTIZED_KINDS)
     passes = 3 if setup.grad_ckpt else 2
-    bandwidth = gpu.memory_bandwidth_gbps * 1e9 * rules["bandwidth_efficiency"]
-    return passes * weights * rules["bytes_per_weight"] / bandwidth
+    bandwidth = gpu.memory_bandwidth_gbps * 1e9 * rules.bandwidth_efficiency
+    return passes * weights * rules.bytes_per_weight / bandwidth
 
 
 def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gpu: catalog.Gpu, *,
@@ -123,23 +125,23 @@ def network_gbytes_per_s(network: str) -> float:
     """An EC2 network performance string ('4x100 Gb', 'up to 25 Gb', '3200 Gb') in GB/s."""
     m = re.search(r"(?:(\d+)\s*x\s*)?(\d+(?:\.\d+)?)\s*Gb", network)
     if not m:
-        return 1.25  # 10 Gb: the floor of every GPU instance type
+        return catalog.throughput().communication.network_floor_gbytes_per_s
     return (int(m.group(1) or 1) * float(m.group(2))) / 8
 
 
 def intra_node_gbytes_per_s(instance: catalog.Instance) -> float:
     """Bus bandwidth per GPU between the GPUs of one instance: NVLink/NVSwitch when it has them, else PCIe."""
-    comm = catalog.throughput()["communication"]
-    speeds = comm["intra_node_gbytes_per_s"]
+    comm = catalog.throughput().communication
+    speeds = comm.intra_node_gbytes_per_s
     linked = any(k in instance.interconnect for k in ("NVLink", "NVSwitch"))
-    return speeds.get(instance.gpu.split("-")[0] if linked else "PCIe", speeds["PCIe"]) * comm["bus_efficiency"]
+    return speeds.get(instance.gpu.split("-")[0] if linked else "PCIe", speeds["PCIe"]) * comm.bus_efficiency
 
 
 def inter_node_gbytes_per_s(instance: catalog.Instance) -> float:
     """Bus bandwidth of one instance's network to the others (half of it without EFA)."""
-    comm = catalog.throughput()["communication"]
-    efa = 1.0 if instance.efa else comm["inter_node_without_efa_factor"]
-    return network_gbytes_per_s(instance.network) * efa * comm["bus_efficiency"]
+    comm = catalog.throughput().communication
+    efa = 1.0 if instance.efa else comm.inter_node_without_efa_factor
+    return network_gbytes_per_s(instance.network) * efa * comm.bus_efficiency
 
 
 def allreduce_seconds(gradient_bytes: int, instance: catalog.Instance, count: int) -> float:

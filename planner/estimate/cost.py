@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ftplan.data import catalog
-from ftplan.errors import PlannerError
 from pydantic import BaseModel, Field
 
-Platform = Literal["ec2", "sagemaker"]
+from ftplan.data import catalog
+from ftplan.errors import PlannerError
+from ftplan.names import Name
+
+# platforms are registered names: ec2 and sagemaker are bundled, plugins price their own (gcp, onprem...)
+Platform = Name
 Market = Literal["on-demand", "spot"]
 
 
@@ -54,20 +57,20 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
     base = instance.price(region, platform, "on-demand")
     derived, uplift = "", 1.0
     if platform == "sagemaker" and base is None:
-        rules = catalog.pricing()["sagemaker"]
-        known = {k["type"]: k["usd_per_hour"] for k in rules["known"]}
+        rules = catalog.pricing().sagemaker
+        known = {k.type: k.usd_per_hour for k in rules.known}
         ec2 = instance.price(region, "ec2", "on-demand")
         if instance.type in known and region == "us-east-1":
             base = catalog.Price(usd_per_hour=known[instance.type], region=region, platform="sagemaker",
-                                 market="on-demand", date=rules["known_date"], source=rules["known_source"])
+                                 market="on-demand", date=rules.known_date, source=rules.known_source)
         elif ec2 is not None:
-            base, uplift = ec2, rules["uplift_over_ec2"]
-            derived = f"EC2 rate x {rules['uplift_over_ec2']} SageMaker uplift ({rules['source']})"
+            base, uplift = ec2, rules.uplift_over_ec2
+            derived = f"EC2 rate x {rules.uplift_over_ec2} SageMaker uplift ({rules.source})"
     if base is None:
         return None
     usd = base.usd_per_hour * uplift
     if market == "spot":
-        discount = catalog.pricing()["spot"]["default_discount"] if spot_discount is None else spot_discount
+        discount = catalog.pricing().spot.default_discount if spot_discount is None else spot_discount
         usd *= 1 - discount
         derived = "; ".join(filter(None, [derived, f"on-demand rate less an assumed {discount:.0%} spot discount"]))
     return HourlyPrice(instance_type=instance.type, usd_per_hour=usd, region=region, platform=platform, market=market,
@@ -76,7 +79,7 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
 
 def billed_seconds(seconds: float, platform: Platform) -> float:
     """Per-second billing with the platform's minimum charge."""
-    minimum = catalog.pricing()["billing"][platform]["minimum_seconds"]
+    minimum = catalog.pricing().minimum_seconds(platform)
     return max(math.ceil(seconds), minimum)
 
 

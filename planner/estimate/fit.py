@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from ftplan.data import catalog
 from ftplan.estimate.settings import TrainingSetup
-from pydantic import BaseModel
 
 
 class InstanceFit(BaseModel):

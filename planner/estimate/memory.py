@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 
+from pydantic import BaseModel, Field
+
+from ftplan.data import catalog
 from ftplan.estimate import activations as act
 from ftplan.estimate.params import (
     ParamCounts,
@@ -24,14 +27,11 @@ from ftplan.model.architectures import (
     ModelLayout,
     ModuleGroup,
 )
-from pydantic import BaseModel, Field
 
 NF4_BLOCK = 64                 # bitsandbytes 4-bit blocksize
 NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 absmax bytes
 OPTIM_8BIT_BLOCK = 256         # bitsandbytes blockwise 8-bit optimizer states
 OPTIM_8BIT_MIN_NUMEL = 4096    # smaller tensors keep 32-bit states (bnb min_8bit_size)
-CUDA_CONTEXT_BYTES = 512 * 2**20   # CUDA context + cuBLAS workspace, outside the allocator (assumed)
-ALLOCATOR_SLACK = 0.05             # caching-allocator fragmentation over the allocated peak (assumed)
 END_OF_BACKWARD = "end of backward (all gradients)"
 
 
@@ -59,6 +59,12 @@ class MemoryBreakdown(BaseModel):
     cuda_context_bytes: int
     allocator_slack_bytes: int
     required_bytes: int
+
+
+def outside_allocator(peak_allocated: int) -> tuple[int, int]:
+    """What a GPU needs beyond the allocator's peak: (fragmentation slack, CUDA context), from catalogs/memory.json."""
+    rules = catalog.memory_rules()
+    return int(peak_allocated * rules.allocator_slack), rules.cuda_context_bytes
 
 
 def quantized_bytes(numel: int, double_quant: bool) -> int:
@@ -222,13 +228,13 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
     held_gradients = grads_held.get(phase, 0)
     peak = static + held + transient
-    slack = int(peak * ALLOCATOR_SLACK)
+    slack, context = outside_allocator(peak)
     return MemoryBreakdown(
         weights_bytes=sum(weights.values()), weights_by_dtype=weights, adapter_bytes=adapter,
         gradients_bytes=gradients, optimizer_bytes=states, paged_optimizer_bytes=paged,
         activations_bytes=activations, activations_per_layer_bytes=layer.total, activation_terms=layer.terms,
         head_terms=head, transient_bytes=transient,
         peak_phase=phase, held_gradient_bytes=held_gradients, phase_bytes=phase_bytes, peak_allocated_bytes=peak,
-        cuda_context_bytes=CUDA_CONTEXT_BYTES,
-        allocator_slack_bytes=slack, required_bytes=peak + slack + CUDA_CONTEXT_BYTES + paged,
+        cuda_context_bytes=context,
+        allocator_slack_bytes=slack, required_bytes=peak + slack + context + paged,
     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import BaseModel
+
 from ftplan.model.architectures import (
     ALL_LINEAR_KINDS,
     LORA_KINDS,
     ModelLayout,
     ModuleGroup,
 )
-from pydantic import BaseModel
 
 PARAMETER_KINDS = {"router", "experts"}  # adapted only through all-linear (PEFT target_parameters)
 from ftplan.data.catalog import peft_default_targets

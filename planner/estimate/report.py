@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, Field
+
 from ftplan.data import catalog
 from ftplan.estimate.fit import InstanceFit, cheapest_fits, judge
 from ftplan.estimate.memory import (
-    ALLOCATOR_SLACK,
-    CUDA_CONTEXT_BYTES,
     MemoryBreakdown,
     estimate_memory,
     unquantized_matmul_params,
@@ -23,7 +23,6 @@ from ftplan.estimate.sharding import (
 )
 from ftplan.model.architectures import ModelLayout, layout_for
 from ftplan.model.spec import ModelSpec
-from pydantic import BaseModel, Field
 
 SCHEMA_VERSION = 1
 
@@ -77,6 +76,7 @@ class EstimateReport(BaseModel):
 
 def assumptions(setups: list[TrainingSetup]) -> list[str]:
     """The defaults and modelling choices behind the numbers, in words."""
+    rules = catalog.memory_rules()
     notes = [
         f"{s.method}: precision {s.precision}, optimizer {s.optimizer}, gradient checkpointing "
         f"{'on' if s.grad_ckpt else 'off'}, attention {s.attention}, micro-batch {s.batch_size} x {s.seq_len} tokens"
@@ -89,8 +89,8 @@ def assumptions(setups: list[TrainingSetup]) -> list[str]:
         "LoRA adapters are fp32 as PEFT creates them; the frozen base is bf16 (fp16 on GPUs without bf16)",
         "fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries",
         "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
-        f"required = peak allocated + {ALLOCATOR_SLACK:.0%} allocator slack + "
-        f"{CUDA_CONTEXT_BYTES // 2**20} MiB CUDA context + paged optimizer states",
+        f"required = peak allocated + {rules.allocator_slack:.0%} allocator slack + "
+        f"{rules.cuda_context_bytes // 2**20} MiB CUDA context + paged optimizer states",
         "memory: one GPU holds the whole model unless --gpus/--sharding say otherwise; prices: on-demand, "
         "us-east-1",
     ]

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import BaseModel, Field
+
 from ftplan.errors import PlannerError
 from ftplan.estimate.memory import (
-    ALLOCATOR_SLACK,
-    CUDA_CONTEXT_BYTES,
     END_OF_BACKWARD,
     MemoryBreakdown,
+    outside_allocator,
 )
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.architectures import ModelLayout
-from pydantic import BaseModel, Field
 
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"]
 Offload = Literal["none", "optimizer", "params"]
@@ -132,7 +132,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
         comm, gathered = 0, 0
     peak = w + gathered + g + s + comm + other
     paged = memory.paged_optimizer_bytes // (group if sharding not in ("none", "ddp") else 1)
-    required = peak + int(peak * ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES + (0 if offload != "none" else paged)
+    required = peak + sum(outside_allocator(peak)) + (0 if offload != "none" else paged)
     # Loading: every process reads the checkpoint into host RAM in its storage dtype, except FSDP with
     # cpu_ram_efficient_loading, where rank 0 of each node loads and broadcasts.
     loading = memory.weights_bytes * (1 if sharding.startswith("fsdp") else per_node)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import time
 
+from pydantic import BaseModel, Field
+
 from ftplan.estimate.memory import MemoryBreakdown
 from ftplan.estimate.report import ModelInfo, estimate
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup
 from ftplan.model.spec import ModelSpec
-from pydantic import BaseModel, Field
 
 
 class MeasuredMemory(BaseModel):
@@ -137,6 +138,7 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     it is recorded in the calibration file, where recommend's time estimates pick it up.
     """
     import torch
+
     from ftplan.errors import PlannerError
     from ftplan.train.build import (
         build_model,
@@ -173,6 +175,7 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
 
 def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetup, calibrate: bool) -> None:
     import torch
+
     from ftplan.data import calibration
     from ftplan.estimate.compute import flops_per_token, peak_flops
     from ftplan.estimate.params import count_params

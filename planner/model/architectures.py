@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
+from pydantic import BaseModel
+
 from ftplan.errors import PlannerError
 from ftplan.model.spec import Dims, ModelSpec
-from pydantic import BaseModel
 
 ModuleKind = Literal[
     "linear",            # exactly torch.nn.Linear: quantized by bitsandbytes, LoRA-able

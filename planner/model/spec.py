@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftplan.errors import PlannerError
 from pydantic import BaseModel, Field
+
+from ftplan.errors import PlannerError
 
 # transformers config-class defaults for tie_word_embeddings where the key is absent.
 TIE_DEFAULTS = {

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import BaseModel, Field
+
 from ftplan.data import calibration, catalog
 from ftplan.data.dataset import TokenBudget
 from ftplan.errors import PlannerError
@@ -29,7 +31,6 @@ from ftplan.estimate.params import count_params
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
 from ftplan.estimate.sharding import shard
 from ftplan.model.spec import ModelSpec
-from pydantic import BaseModel, Field
 
 Priority = Literal["cost", "balanced", "quality"]
 Task = Literal["instruction", "domain-adaptation", "continued-pretraining"]
@@ -164,9 +165,9 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
 
     settings, closest_fit, smallest_need = _memory_pass(layout, request, choices, fixed, largest, reject)
 
-    quality = catalog.quality()["tasks"][request.task]
-    weigh = catalog.quality()["weighing"]
-    overhead = catalog.throughput()["overhead"]["setup_seconds"]
+    quality = catalog.quality().tasks[request.task]
+    weigh = catalog.quality().weighing
+    overhead = catalog.throughput().overhead.setup_seconds
     sequences = data.sequences()
     steps_per_epoch = math.ceil(sequences / request.global_batch)
     optimizer_steps = math.ceil(steps_per_epoch * request.epochs)
@@ -179,7 +180,7 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
     setup_cache: dict[tuple, TrainingSetup] = {}
     total_params = layout.total_params()
     calibrations = calibration.load()
-    sagemaker_types = set(catalog.pricing()["sagemaker"]["training_instance_types"])
+    sagemaker_types = set(catalog.pricing().sagemaker.training_instance_types)
     for inst in instances:
         if request.platform == "sagemaker" and inst.type not in sagemaker_types:
             reject("not offered by SageMaker for training")
@@ -246,7 +247,7 @@ def search(spec: ModelSpec, layout, data: TokenBudget, request: SearchRequest, c
                     train_hours=train / 3600, cost_usd=cost_usd(total, price, count), price=price,
                     tokens_per_second=world * timing.tokens / step_seconds * accum, utilization=timing.utilization,
                     utilization_source=timing.utilization_source, optimizer_steps=optimizer_steps,
-                    quality_tier=tier["tier"], quality_evidence=tier["evidence"])
+                    quality_tier=tier.tier, quality_evidence=tier.evidence)
                 if request.budget_usd is not None and cand.cost_usd > request.budget_usd:
                     reject("over budget")
                     over_budget.append(cand)
@@ -356,8 +357,8 @@ def rank(cands: list[Candidate], priority: Priority, weigh: dict) -> list[Candid
     fastest = min(c.hours for c in cands)
 
     def score(c: Candidate) -> float:
-        penalty = 1 + weigh["balanced_penalty_per_tier"] * c.quality_tier + (
-            weigh["default_targets_penalty"] if c.targets == "peft-default" else 0)
+        penalty = 1 + weigh.balanced_penalty_per_tier * c.quality_tier + (
+            weigh.default_targets_penalty if c.targets == "peft-default" else 0)
         return (c.cost_usd / cheapest) * math.sqrt(c.hours / fastest) * penalty
 
     return sorted(cands, key=lambda c: (score(c), c.cost_usd, c.instance_type))
@@ -459,21 +460,21 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
         f"time = FLOPs (forward, backward, recomputation, attention) / (dense peak x utilisation); "
         f"recommended plan's utilisation {best.utilization:.0%}: {best.utilization_source}",
         "QLoRA adds the memory-bound dequantization of every 4-bit weight in each pass "
-        f"({rules['dequantization']['bytes_per_weight']} bytes per weight at "
-        f"{rules['dequantization']['bandwidth_efficiency']:.0%} of peak bandwidth)",
+        f"({rules.dequantization.bytes_per_weight} bytes per weight at "
+        f"{rules.dequantization.bandwidth_efficiency:.0%} of peak bandwidth)",
         "host RAM must hold the checkpoint as loaded: once per process, or once per node with FSDP",
         "several GPUs: data parallel with a whole replica per GPU (DDP) when it fits, else FSDP with parameters, "
         "gradients and optimizer states sharded over all GPUs (weights gathered in bf16 every forward, backward "
         "and recomputation); gradients all-reduced once per optimizer step; communication not overlapped with "
         "compute; NVLink/NVSwitch or PCIe inside an instance, the instance network between instances (half of it "
         "without EFA)",
-        f"billed time adds {rules['overhead']['setup_seconds'] // 60:.0f} minutes of setup "
+        f"billed time adds {rules.overhead.setup_seconds // 60:.0f} minutes of setup "
         "(boot, model download and load); per-second billing",
         f"global batch {request.global_batch} sequences per optimizer step (micro-batch x GPUs x accumulation)",
-        f"quality weighing: {catalog.quality()['weighing']['about']}",
+        f"quality weighing: {catalog.quality().weighing.about}",
     ]
     if request.market == "spot":
-        notes.append(f"spot: {catalog.pricing()['spot']['caveat']}")
+        notes.append(f"spot: {catalog.pricing().spot.caveat}")
     if best.price.warning:
         notes.append(best.price.warning)
     return notes

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from ftplan.data import catalog
-from ftplan.estimate.memory import END_OF_BACKWARD
-from ftplan.estimate.report import EstimateReport, MethodEstimate
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from ftplan.data import catalog
+from ftplan.estimate.memory import END_OF_BACKWARD
+from ftplan.estimate.report import EstimateReport, MethodEstimate
 
 GIB = 2**30
 BAR_WIDTH = 40

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from ftplan.data.dataset import TokenBudget
 from ftplan.plan import Plan
 from ftplan.recommend.search import Candidate, Recommendation
 from ftplan.render.estimate import gib
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 CHART_WIDTH, CHART_HEIGHT = 56, 12
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ftplan.render.estimate import gib
-from ftplan.render.recommend import hours
-from ftplan.run.backend import ProgressEvent
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from ftplan.render.estimate import gib
+from ftplan.render.recommend import hours
+from ftplan.run.backend import ProgressEvent
 
 
 def print_run_start(plan, backend, request, console: Console) -> None:

@@ -1,22 +1,31 @@
-"""`ftplan run`: check an accepted plan against a backend, run it, and compare what was measured
-with what was planned (recorded as calibration for later estimates)."""
+"""`ftplan run`: check an accepted plan against a backend, run it, and hold every backend to the contract.
+
+Whatever the backend, ftplan itself: validates the plan, data, options and output directory before
+anything is written; locks the output directory; writes plan.yaml, metrics.jsonl (from the progress
+events; on --resume the lines after the checkpoint are dropped, a torn last line too) and
+summary.json; delivers SIGTERM to the backend as KeyboardInterrupt; turns a backend's exception
+into one line; validates the RunResult, with every artifact inside --output; and records what was
+written in the manifest, so a later --force may replace it.
+"""
 
 from __future__ import annotations
 
-import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
+from pydantic import BaseModel, Field, ValidationError
+
 from ftplan.data import calibration as calib
-from ftplan.data.files import atomic_write_text, check_writable
+from ftplan.data.dataset import check_training_data
+from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
 from ftplan.plan import Plan, config_hash, load, to_yaml, weights_source
-from ftplan.run import registry as plugins
-from ftplan.run.backend import BackendOptions, ProgressCallback, RunRequest, RunResult
-from pydantic import BaseModel, Field
+from ftplan.run import output, registry
+from ftplan.run.backend import BackendOptions, ProgressCallback, ProgressEvent, RunRequest, RunResult, TrainerBackend
 
-# What a run writes; --force clears exactly these, never anything else in the directory.
-MANAGED = ("adapter", "model", "tokenizer", "metrics.jsonl", "summary.json", "plan.yaml", "accelerate_config.yaml",
-           "launch.sh", ".request.json", ".result.json")
+METRICS = "metrics.jsonl"
 
 
 class RunSummary(BaseModel):
@@ -31,31 +40,6 @@ class RunSummary(BaseModel):
     memory_error_percent: float | None = Field(description="(estimated - measured) / measured x 100; CUDA runs only")
     throughput_ratio: float | None = Field(description="measured / estimated tokens per second per GPU; CUDA only")
     calibration: calib.Calibration | None = None
-
-
-def _managed(output: Path) -> list[Path]:
-    return [p for p in output.iterdir() if p.name in MANAGED or p.name.startswith(("checkpoint-", ".checkpoint-"))]
-
-
-def check_output_dir(output: Path, *, resume: bool, force: bool) -> None:
-    """A new run needs an empty (or absent) directory we can write; --resume needs one with a checkpoint."""
-    if output.exists() and not output.is_dir():
-        raise PlannerError(f"--output {output} is a file; give a directory")
-    check_writable(output, f"--output {output}")
-    if resume:
-        if not output.is_dir() or not any(p.name.startswith("checkpoint-") for p in output.iterdir()):
-            raise PlannerError(f"--resume: {output} has no checkpoint; run without --resume to start")
-        return
-    if output.is_dir() and any(output.iterdir()):
-        if not force:
-            raise PlannerError(f"--output {output} is not empty; pass --force to replace a previous run there, "
-                               "--resume to continue it, or choose another directory")
-        others = [p.name for p in output.iterdir() if p not in _managed(output)]
-        if others:
-            raise PlannerError(f"--force: {output} holds files ftplan did not write ({', '.join(sorted(others)[:3])});"
-                               " choose another directory")
-        for p in _managed(output):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def check_model(plan: Plan, source: str | None) -> None:
@@ -73,34 +57,168 @@ def check_model(plan: Plan, source: str | None) -> None:
                            f"({plan.model.name}, {plan.model.model_type}); re-plan with: ftplan recommend {source}")
 
 
+def _failure(backend: TrainerBackend, what: str, exc: Exception) -> PlannerError:
+    """One line for a backend's exception (the traceback stays available with --debug)."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return PlannerError(f"backend '{backend.name}' failed in {what}: {type(exc).__name__}"
+                        + (f": {message}" if message else ""))
+
+
+def _backend_call(backend: TrainerBackend, what: str, call):
+    """Call into a backend; its exceptions (other than PlannerError) become one PlannerError line."""
+    try:
+        return call()
+    except PlannerError:
+        raise
+    except Exception as exc:
+        raise _failure(backend, what, exc) from exc
+
+
 def prepare(plan_path: Path, request: RunRequest, *, backend_name: str | None, raw_options: dict,
-            force: bool) -> tuple[Plan, object, BackendOptions]:
+            force: bool) -> tuple[Plan, TrainerBackend, BackendOptions]:
     """Load and validate everything before a single file is written."""
     plan = load(plan_path)
-    backend = plugins.get_backend(backend_name or plan.backend)
+    backend = registry.get_backend(backend_name or plan.backend)
     options = backend.parse_options(raw_options)
-    from ftplan.data.dataset import check_training_data
-
     for path in (request.data, request.eval_data):
         if path is not None:
             check_training_data(path)
+    if request.resume:
+        step = _backend_call(backend, "checkpoint_step", lambda: backend.checkpoint_step(request, options))
+        if step is None:
+            raise PlannerError(f"--resume: backend '{backend.name}' has no checkpoint in {request.output_dir}; run "
+                               "without --resume to start")
+        request.resume_step = step
     if not request.dry_run:  # a dry run writes nothing, so where it would write does not matter yet
-        check_output_dir(request.output_dir, resume=request.resume, force=force)
-    problems = backend.check(plan, request, options)
+        output.check_output_dir(request.output_dir, resume=request.resume, force=force,
+                                patterns=backend.owned_patterns)
+    problems = _backend_call(backend, "check", lambda: backend.check(plan, request, options))
     if problems:
         raise PlannerError(f"backend '{backend.name}' cannot run {plan_path}: " + "; ".join(map(str, problems)))
     check_model(plan, weights_source(plan, request.model_path))
     return plan, backend, options
 
 
-def execute(plan: Plan, backend, options: BackendOptions, request: RunRequest,
+def describe(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest) -> dict:
+    """The backend's dry run: what it would start, as data; nothing is sent or written."""
+    try:
+        return backend.dry_run(plan, request, options)
+    except NotImplementedError:
+        raise PlannerError(f"backend '{backend.name}' has no dry run (it runs here); drop --dry-run") from None
+    except PlannerError:
+        raise
+    except Exception as exc:
+        raise _failure(backend, "dry_run", exc) from exc
+
+
+class MetricsLog:
+    """metrics.jsonl, one ProgressEvent per line, appended and flushed as events arrive."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        kept = read_metrics(path) if resume_step is not None else []
+        kept = [e for e in kept if e.step <= resume_step] if resume_step is not None else []
+        atomic_write_text(path, "".join(e.model_dump_json() + "\n" for e in kept))
+        self.events = kept
+
+    def append(self, event: ProgressEvent) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(event.model_dump_json() + "\n")
+        self.events.append(event)
+
+
+def read_metrics(path: Path) -> list[ProgressEvent]:
+    """The events of a metrics.jsonl; a line that does not parse (a kill mid-append) and all after it are
+    dropped."""
+    events = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            events.append(ProgressEvent.model_validate_json(line))
+        except ValueError:
+            break
+    return events
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Deliver SIGTERM as KeyboardInterrupt (what Ctrl-C raises), so every backend stops the same way.
+    A backend that installs its own handlers while it runs (the hf backend does) takes precedence."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_result(request: RunRequest, events: list[ProgressEvent]) -> RunResult:
+    """What an interrupted backend that let KeyboardInterrupt escape has done, from its progress events."""
+    last = events[-1] if events else None
+    return RunResult(output_dir=request.output_dir, artifacts=[], steps=last.step if last else 0,
+                     total_steps=last.total_steps if last else 0, first_loss=events[0].loss if events else None,
+                     final_loss=last.loss if last else None, tokens=last.tokens if last else 0,
+                     seconds=last.elapsed_seconds if last else 0.0,
+                     tokens_per_second=last.tokens_per_second if last else 0.0,
+                     peak_memory_bytes=last.peak_memory_bytes if last else None, device="unknown",
+                     interrupted=True, notes=["interrupted; the backend returned no result"])
+
+
+def validate_result(backend: TrainerBackend, result, out: Path) -> RunResult:
+    """The backend's RunResult, checked: the right type, and every artifact a path inside `out`."""
+    try:
+        result = RunResult.model_validate(result if not isinstance(result, BaseModel) else result.model_dump())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PlannerError(f"backend '{backend.name}' returned an invalid result "
+                           f"({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+    for name in result.artifacts:
+        try:
+            output.inside(out, name)
+        except PlannerError as exc:
+            raise PlannerError(f"backend '{backend.name}' reported an artifact outside --output: {exc}") from None
+    return result
+
+
+def execute(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest,
             progress: ProgressCallback) -> RunSummary:
-    """Run the plan; write plan.yaml and summary.json beside the backend's outputs; record calibration."""
-    request.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(request.output_dir / "plan.yaml", to_yaml(plan))
-    result = backend.run(plan, request, options, progress)
-    summary = summarize(plan, backend.name, result)
-    atomic_write_text(request.output_dir / "summary.json", summary.model_dump_json(indent=2))
+    """Run the plan under the contract; returns the summary written to summary.json."""
+    out = request.output_dir
+    with output.lock(out):
+        fresh = not request.resume
+        atomic_write_text(out / "plan.yaml", to_yaml(plan))
+        output.record(out, ["plan.yaml", METRICS])
+        metrics = MetricsLog(out / METRICS, request.resume_step if request.resume else None)
+
+        def on_event(event: ProgressEvent) -> None:
+            metrics.append(event)
+            progress(event)
+
+        try:
+            with sigterm_as_interrupt():
+                result = backend.run(plan, request, options, on_event)
+        except KeyboardInterrupt:
+            result = _interrupted_result(request, metrics.events)
+        except Exception as exc:
+            if fresh and not metrics.events:  # nothing happened: leave the directory as it was
+                for name in ("plan.yaml", METRICS, output.MANIFEST):
+                    (out / name).unlink(missing_ok=True)
+            if isinstance(exc, PlannerError):
+                raise
+            raise _failure(backend, "run", exc) from exc
+        result = validate_result(backend, result, out)
+        output.record(out, [*result.artifacts, "summary.json"])
+        summary = summarize(plan, backend.name, result)
+        atomic_write_text(out / "summary.json", summary.model_dump_json(indent=2))
     return summary
 
 
@@ -119,9 +237,9 @@ def summarize(plan: Plan, backend: str, result: RunResult) -> RunSummary:
             # time is inversely proportional to utilisation: scale the planned one by what was measured
             utilization = min(1.0, plan.estimates.utilization * ratio)
             entry = calib.Calibration(gpu=gpu.name, model=plan.model.name, method=plan.training.method,
-                                            utilization=utilization, tokens_per_second=result.tokens_per_second,
-                                            peak_memory_bytes=result.peak_memory_bytes,
-                                            source=f"ftplan run {result.output_dir}", date=calib.today())
+                                      utilization=utilization, tokens_per_second=result.tokens_per_second,
+                                      peak_memory_bytes=result.peak_memory_bytes,
+                                      source=f"ftplan run {result.output_dir}", date=calib.today())
             calib.record(entry)
     return RunSummary(backend=backend, plan=plan, result=result, estimated_peak_allocated_bytes=est_peak,
                       estimated_tokens_per_second_per_gpu=est_tps, memory_error_percent=memory_error,

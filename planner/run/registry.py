@@ -1,31 +1,36 @@
-"""Plugin loading: bundled plugins and the `ftplan` entry-point group, loaded once, explicitly.
+"""Plugin loading: every plugin - the bundled backends included - comes from the `ftplan` entry-point
+group, loaded once, explicitly, never at import time.
 
-Nothing loads at import time. `registry()` loads plugins on first use and caches the result;
-a plugin that fails to import, implements an unknown hook, raises inside a hook, registers a
-duplicate name or returns garbage is recorded as broken under its name, and the rest keep
-working. `FTPLAN_PLUGINS=a,b` loads only the plugins named (bundled ones included: `hf`);
-`FTPLAN_PLUGINS=` (empty) loads none - the way out of a broken install.
+`registry()` loads plugins on first use and caches the result. A plugin that fails to import,
+implements an unknown hook, raises inside a hook (SystemExit and KeyboardInterrupt included),
+registers a duplicate name or returns garbage is recorded as broken under its name, and the rest
+keep working. `FTPLAN_PLUGINS=a,b` loads only the plugins named (bundled ones included: `hf`);
+`FTPLAN_PLUGINS=` (empty) loads none - the way out of a broken install. `FTPLAN_TRACE_HOOKS=1`
+traces every hook call on stderr (pluggy's tracing).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, Callable
 
-from ftplan import __version__
+import pluggy
+
 from ftplan.data import catalog
 from ftplan.errors import PlannerError
+from ftplan.names import NAME_PATTERN
 from ftplan.run import hookspecs
+from ftplan.run.backend import TrainerBackend
 
 ENTRY_POINT_GROUP = "ftplan"
+DISTRIBUTION = "ftplan"  # entry points of this distribution are the bundled plugins
 ENV_PLUGINS = "FTPLAN_PLUGINS"
-# name -> module; bundled plugins register through the same hooks as third parties
-BUNDLED = {"hf": "ftplan.backends.hf", "sagemaker": "ftplan.backends.sagemaker"}
-NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+ENV_TRACE = "FTPLAN_TRACE_HOOKS"
+NAME = re.compile(NAME_PATTERN)
 
 
 @dataclass
@@ -34,7 +39,7 @@ class PluginInfo:
 
     name: str
     version: str | None
-    source: str  # "bundled" or "entry point (distribution)"
+    source: str  # "bundled", "entry point (distribution)" or "in process"
     backends: list[str] = field(default_factory=list)
     catalog_entries: int = 0
     errors: list[str] = field(default_factory=list)
@@ -44,18 +49,18 @@ class Registry:
     """The plugin manager, what each plugin contributed, and what went wrong, by plugin name."""
 
     def __init__(self) -> None:
-        import pluggy
-
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        if os.environ.get(ENV_TRACE):
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
         self.plugins: dict[str, PluginInfo] = {}
-        self._backends: dict[str, Any] | None = None
+        self.filtered_out: list[str] = []  # installed plugins FTPLAN_PLUGINS left out
+        self._backends: dict[str, TrainerBackend] | None = None
 
     # -- registration -------------------------------------------------------------------------
     def register(self, obj: object, name: str, *, version: str | None = None, source: str = "in process") -> bool:
         """Register a plugin object; False (and recorded as broken) if pluggy rejects it."""
-        import pluggy
-
         info = self.plugins.setdefault(name, PluginInfo(name=name, version=version, source=source))
         try:
             self.pm.register(obj, name=name)
@@ -76,47 +81,47 @@ class Registry:
         self.plugins.pop(name, None)
         self._backends = None
 
-    # -- what plugins contribute --------------------------------------------------------------
+    # -- calling hooks ------------------------------------------------------------------------
     def _info(self, plugin: str) -> PluginInfo:
         return self.plugins.setdefault(plugin, PluginInfo(name=plugin, version=None, source="in process"))
 
-    def _error(self, plugin: str, message: str) -> None:
-        self._info(plugin).errors.append(message)
-
-    def _call_each(self, hook_name: str, arguments) -> None:
-        """Call every implementation of a hook on its own, in registration order (the first to claim a
-        name keeps it), with `arguments(owner)`; one raising is recorded and the rest still run."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+    def call_each(self, hook_name: str, arguments: Callable[[str], dict[str, Any]]) -> None:
+        """Call `hook_name` through pluggy once per plugin, with `arguments(plugin_name)`: implementations
+        marked tryfirst, then the others in registration order (bundled plugins first, then entry points by
+        name), then those marked trylast - so a name claimed earlier is kept. pluggy passes each
+        implementation only the arguments it declares and traces the call; a plugin raising anything is
+        recorded against it and the others still run."""
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        ordered = [i for i in impls if i.tryfirst] + [i for i in impls if not (i.tryfirst or i.trylast)] + \
+            [i for i in impls if i.trylast]
+        for impl in ordered:
             owner = impl.plugin_name
             self._info(owner)
+            others = [other.plugin for other in impls if other.plugin_name != owner]
+            caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
             try:
-                impl.function(**arguments(owner))
-            except Exception as exc:  # a plugin's bug must not take ftplan down
-                self._error(owner, f"{hook_name} raised {type(exc).__name__}: {exc}")
+                caller(**arguments(owner))
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a plugin must not take ftplan down
+                self._info(owner).errors.append(f"{hook_name} raised {type(exc).__name__}: {exc}")
 
-    def backends(self) -> dict[str, Any]:
+    # -- what plugins contribute --------------------------------------------------------------
+    def backends(self) -> dict[str, TrainerBackend]:
         """Registered trainer backends by name (collected once per set of plugins)."""
         if self._backends is not None:
             return self._backends
-        from ftplan.run.backend import TrainerBackend
-
-        found: dict[str, Any] = {}
+        found: dict[str, TrainerBackend] = {}
 
         def register_for(owner: str):
             def register(backend: Any) -> None:
-                name = getattr(backend, "name", None)
-                if not isinstance(backend, TrainerBackend):
-                    self._error(owner, f"registered {type(backend).__name__!s}, not a TrainerBackend instance")
-                elif not isinstance(name, str) or not NAME.match(name):
-                    self._error(owner, f"backend name {name!r} is not a lower-case identifier")
-                elif name in found:
-                    self._error(owner, f"backend '{name}' is already registered by another plugin; ignored")
+                problem = _backend_problem(backend, found)
+                if problem:
+                    self._info(owner).errors.append(problem)
                 else:
-                    found[name] = backend
-                    self.plugins[owner].backends.append(name)
+                    found[backend.name] = backend
+                    self._info(owner).backends.append(backend.name)
             return register
 
-        self._call_each("register_backends", lambda owner: {"register": register_for(owner)})
+        self.call_each("register_backends", lambda owner: {"register": register_for(owner)})
         self._backends = found
         return found
 
@@ -129,16 +134,37 @@ class Registry:
                 try:
                     value = kinds[kind].model_validate(entry if isinstance(entry, dict) else entry.model_dump())
                     catalog.add_entry(kind, value)
-                    self.plugins[owner].catalog_entries += 1
+                    self._info(owner).catalog_entries += 1
                 except Exception as exc:
-                    self._error(owner, f"catalog {kind} rejected: {str(exc).splitlines()[0]}")
+                    self._info(owner).errors.append(f"catalog {kind} rejected: {_first_line(exc)}")
             return register
 
-        self._call_each("register_catalog_entries", lambda owner: {
+        self.call_each("register_catalog_entries", lambda owner: {
             f"register_{kind}": collector(owner, kind) for kind in kinds})
 
     def broken(self) -> dict[str, list[str]]:
         return {name: info.errors for name, info in self.plugins.items() if info.errors}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    if hasattr(exc, "errors"):  # pydantic: name the field
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        text = f"{where}: {first.get('msg', text)}" if where else first.get("msg", text)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _backend_problem(backend: Any, found: dict[str, TrainerBackend]) -> str:
+    """Why `backend` cannot be registered, or '' when it can."""
+    name = getattr(backend, "name", None)
+    if not isinstance(backend, TrainerBackend):
+        return f"registered {type(backend).__name__!s}, not a TrainerBackend instance"
+    if not isinstance(name, str) or not NAME.match(name):
+        return f"backend name {name!r} is not a lower-case identifier"
+    if name in found:
+        return f"backend '{name}' is already registered by another plugin; ignored"
+    return backend.declaration_problem()
 
 
 def allowed_plugins() -> set[str] | None:
@@ -149,26 +175,45 @@ def allowed_plugins() -> set[str] | None:
     return {n.strip() for n in raw.split(",") if n.strip()}
 
 
-def _entry_points():
+def _entry_points() -> list:
+    """The `ftplan` group, bundled entry points first (they keep their names), then by name."""
     from importlib.metadata import entry_points
 
-    return entry_points(group=ENTRY_POINT_GROUP)
+    def bundled(ep) -> bool:
+        return _dist_name(ep) == DISTRIBUTION
+
+    return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (not bundled(ep), ep.name))
+
+
+def _dist_name(ep) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"].lower() if dist is not None and dist.metadata["Name"] else None
 
 
 @cache
 def registry() -> Registry:
-    """Load the bundled plugins and the entry-point plugins once; catalog entries are merged in."""
+    """Load every plugin of the entry-point group once; catalog entries are merged in."""
     reg = Registry()
     allowed = allowed_plugins()
-    for name, module in BUNDLED.items():
-        if allowed is None or name in allowed:
-            _load_into(reg, name, lambda module=module: importlib.import_module(module), __version__, "bundled")
     for ep in _entry_points():
-        if (allowed is None or ep.name in allowed) and ep.name not in reg.plugins:
-            dist = getattr(ep, "dist", None)
-            version = getattr(dist, "version", None)
-            source = f"entry point ({dist.name})" if dist is not None else "entry point"
-            _load_into(reg, ep.name, ep.load, version, source)
+        dist = _dist_name(ep)
+        bundled = dist == DISTRIBUTION
+        if allowed is not None and ep.name not in allowed:
+            reg.filtered_out.append(ep.name)
+            continue
+        if ep.name in reg.plugins:  # two distributions claim one plugin name: the first keeps it
+            owner = reg.plugins[ep.name].source
+            reg.plugins[f"{ep.name} ({dist})"] = PluginInfo(
+                name=f"{ep.name} ({dist})", version=getattr(ep.dist, "version", None), source=f"entry point ({dist})",
+                errors=[f"entry point name '{ep.name}' is already taken ({owner}); ignored - rename it in the "
+                        f"[project.entry-points.ftplan] table of {dist}"])
+            continue
+        version = getattr(getattr(ep, "dist", None), "version", None)
+        _load_into(reg, ep.name, ep.load, version, "bundled" if bundled else f"entry point ({dist})")
+    for name in sorted((allowed or set()) - set(reg.plugins)):
+        reg.plugins[name] = PluginInfo(name=name, version=None, source="FTPLAN_PLUGINS", errors=[
+            f"not installed: {ENV_PLUGINS} names '{name}' but no plugin of that name is in the "
+            f"'{ENTRY_POINT_GROUP}' entry-point group (see pip list, or fix {ENV_PLUGINS})"])
     reg.catalog_entries()
     return reg
 
@@ -176,7 +221,7 @@ def registry() -> Registry:
 def _load_into(reg: Registry, name: str, load, version: str | None, source: str) -> None:
     try:
         obj = load()
-    except (Exception, SystemExit) as exc:  # ImportError, SyntaxError, a sys.exit() at import...
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # ImportError, SyntaxError, sys.exit() at import...
         reg.plugins[name] = PluginInfo(name=name, version=version, source=source,
                                        errors=[f"failed to import: {type(exc).__name__}: {exc}"])
         return
@@ -189,13 +234,28 @@ def reset() -> None:
     catalog.clear_added_entries()
 
 
-def get_backend(name: str):
-    """The backend registered as `name`; PlannerError listing the available ones otherwise."""
+def describe() -> list[dict[str, Any]]:
+    """Every plugin as `ftplan plugins --json` prints it: name, version, source, catalog entries, errors, and
+    its backends with methods, platforms and options (key, type, default, required, description)."""
+    reg = registry()
+    backends = reg.backends()
+    return [{"name": p.name, "version": p.version, "source": p.source, "catalog_entries": p.catalog_entries,
+             "backends": [{"name": b, "description": backends[b].description, "methods": list(backends[b].methods),
+                           "platforms": list(backends[b].platforms), "options": backends[b].option_fields()}
+                          for b in p.backends],
+             "errors": p.errors} for p in reg.plugins.values()]
+
+
+def get_backend(name: str) -> TrainerBackend:
+    """The backend registered as `name`; PlannerError saying why it is not there otherwise."""
     reg = registry()
     backends = reg.backends()
     if name in backends:
         return backends[name]
-    broken = [p for p, errors in reg.broken().items() if errors]
+    if name in reg.filtered_out:
+        raise PlannerError(f"backend '{name}' is installed but {ENV_PLUGINS}={os.environ.get(ENV_PLUGINS, '')!r} "
+                           f"leaves its plugin out; add '{name}' to {ENV_PLUGINS} or unset it")
+    broken = sorted(p for p, errors in reg.broken().items() if errors)
     hint = f" Broken plugins: {', '.join(broken)} (see ftplan plugins)." if broken else ""
     available = ", ".join(sorted(backends)) or "none"
     raise PlannerError(f"no trainer backend named '{name}' (available: {available}).{hint} "

@@ -3,7 +3,7 @@
 Importing this module is cheap: torch and friends load only when a run starts.
 """
 
-from ftplan.run.hookspecs import hookimpl
+from ftplan.api import hookimpl
 
 
 @hookimpl

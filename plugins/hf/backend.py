@@ -5,17 +5,20 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ftplan.errors import PlannerError
-from ftplan.plan import Plan, weights_source
-from ftplan.run.backend import (
+from pydantic import Field
+
+from ftplan.api import (
     BackendOptions,
+    Plan,
+    PlannerError,
     Problem,
     ProgressCallback,
     RunRequest,
     RunResult,
     TrainerBackend,
+    resolve_model,
+    weights_source,
 )
-from pydantic import Field
 
 TRAIN_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
 
@@ -47,7 +50,6 @@ class HuggingFaceOptions(BackendOptions):
 
 def load_for_training(plan: Plan, request: RunRequest):
     """The ModelSpec, weights source and tokenizer (pad token set) a run trains with."""
-    from ftplan.model.resolve import resolve_model
     from transformers import AutoTokenizer
 
     source = weights_source(plan, request.model_path)
@@ -74,6 +76,15 @@ class HuggingFaceBackend(TrainerBackend):
     methods = ("full", "lora", "qlora")
     platforms = ("ec2", "sagemaker")  # sagemaker: inside a training job, started by the sagemaker backend
     options_model = HuggingFaceOptions
+    owned_patterns = ("checkpoint-*", ".checkpoint-*.tmp", "adapter", "model", "tokenizer", ".adapter.tmp",
+                      ".model.tmp", ".tokenizer.tmp", "accelerate_config.yaml", "launch.sh", ".request.json",
+                      ".result.json", ".result.json.tmp", ".events.jsonl")
+
+    def checkpoint_step(self, request: RunRequest, options: HuggingFaceOptions) -> int | None:
+        from .checkpoint import complete, step_of
+
+        done = complete(request.output_dir)
+        return step_of(done[-1]) if done else None
 
     def check(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
         problems = self.supports(plan)

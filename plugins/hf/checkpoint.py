@@ -103,6 +103,11 @@ def complete(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def step_of(path: Path) -> int:
+    """The optimizer step a checkpoint directory holds (from its name)."""
+    return int(CHECKPOINT.match(path.name).group(1))
+
+
 def remove_partial(output_dir: Path) -> None:
     """Drop temporary checkpoint directories a crash left behind."""
     for p in output_dir.glob(".checkpoint-*.tmp"):

@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftplan.data.dataset import check_training_data
-from ftplan.data.dataset import read_records as read_jsonl
-from ftplan.errors import PlannerError
+from ftplan.api import PlannerError, check_training_data
+from ftplan.api import read_records as read_jsonl
 
 IGNORE = -100  # label value the loss skips
 

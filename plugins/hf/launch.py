@@ -16,15 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from ftplan.errors import PlannerError
-from ftplan.plan import Plan
-from ftplan.run.backend import ProgressCallback, ProgressEvent, RunRequest, RunResult
+from ftplan.api import Plan, PlannerError, ProgressCallback, ProgressEvent, RunRequest, RunResult
 
 from .loop import mixed_precision
 
 CONFIG = "accelerate_config.yaml"
 COMMAND = "launch.sh"
 RESULT = ".result.json"
+EVENTS = ".events.jsonl"  # process 0's progress events, followed here and handed to ftplan
 
 
 def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank: int, main_ip: str,
@@ -81,20 +80,22 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     (out / COMMAND).write_text("#!/bin/sh\n# rerun this plan's launch by hand (on every node, with its machine_rank)\n"
                                + " ".join(shlex.quote(c) for c in cmd) + "\n")
     (out / RESULT).unlink(missing_ok=True)
+    events = out / EVENTS
+    events.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = 0
-    metrics = out / "metrics.jsonl"
     try:
         while proc.poll() is None:
-            seen = _follow(metrics, seen, progress)
+            seen = _follow(events, seen, progress)
             time.sleep(0.2)
     except KeyboardInterrupt:  # pass Ctrl-C on: the workers save a checkpoint together
         proc.send_signal(2)
         proc.wait()
-    _follow(metrics, seen, progress)
+    _follow(events, seen, progress)
     logs = proc.stdout.read() if proc.stdout else ""
     request_file.unlink(missing_ok=True)
+    events.unlink(missing_ok=True)
     if not (out / RESULT).exists():
         tail = " | ".join(line for line in logs.strip().splitlines()[-3:])
         raise PlannerError(f"the {processes} training processes failed (exit {proc.returncode}): {tail[:400]}")
@@ -104,10 +105,10 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     return result
 
 
-def _follow(metrics: Path, seen: int, progress: ProgressCallback) -> int:
-    if not metrics.exists():
+def _follow(events: Path, seen: int, progress: ProgressCallback) -> int:
+    if not events.exists():
         return seen
-    lines = metrics.read_text(encoding="utf-8").splitlines()
+    lines = events.read_text(encoding="utf-8").splitlines()
     for line in lines[seen:]:
         try:
             progress(ProgressEvent.model_validate(json.loads(line)))

@@ -4,7 +4,6 @@ exact resume, and a clean stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -14,11 +13,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ftplan.errors import PlannerError
-from ftplan.model.spec import ModelSpec
-from ftplan.plan import Plan
-from ftplan.run.backend import ProgressCallback, ProgressEvent, RunRequest, RunResult
-from ftplan.train.build import build_model, build_optimizer, uses_autocast
+from ftplan.api import (
+    ModelSpec,
+    Plan,
+    PlannerError,
+    ProgressCallback,
+    ProgressEvent,
+    RunRequest,
+    RunResult,
+    build_model,
+    build_optimizer,
+    uses_autocast,
+)
 
 from . import checkpoint, data
 
@@ -82,22 +88,6 @@ def _eval_loss(model, examples, micro: int, pad_id: int, accelerator) -> float:
             count += len(examples[i:i + micro])
     model.train()
     return total / count
-
-
-def _append_metrics(path: Path, event: ProgressEvent) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(event.model_dump_json() + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _save_final(model, tokenizer, output_dir: Path, full: bool) -> list[str]:
@@ -181,7 +171,6 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
     full = t.method == "full"
     unwrapped = accelerator.unwrap_model(model)
 
-    metrics_path = out / "metrics.jsonl"
     start_step, state = 0, {"tokens": 0, "first_loss": None, "elapsed": 0.0}
     resumed_from = None
     if request.resume:
@@ -191,10 +180,6 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
         state = checkpoint.load(done[-1], model=unwrapped, full=full, optimizer=optimizer, scheduler=scheduler,
                                 scaler=scaler, device=device)
         start_step = resumed_from = state["step"]
-        if main:
-            _truncate_metrics(metrics_path, start_step)
-    elif metrics_path.exists() and main:
-        metrics_path.unlink()
 
     params = [p for p in model.parameters() if p.requires_grad]
     if torch.cuda.is_available() and not cpu:
@@ -237,7 +222,6 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
                     learning_rate=scheduler.get_last_lr()[0], tokens=state["tokens"], tokens_per_second=rate,
                     elapsed_seconds=elapsed, eta_seconds=elapsed / (step - start_step) * (total - step),
                     peak_memory_bytes=torch.cuda.max_memory_allocated() if not cpu else None, eval_loss=eval_loss)
-                _append_metrics(metrics_path, event)
                 progress(event)
             if processes > 1:  # every process must stop at the same step, or the collectives hang
                 flag = torch.tensor(1.0 if stop["stop"] else 0.0, device=device)
@@ -253,7 +237,7 @@ def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunReque
                 interrupted = True
                 notes.append(f"stopped by {stop['stop']} after step {step}; checkpoint saved")
                 break
-    artifacts = ["metrics.jsonl"]
+    artifacts: list[str] = []
     accelerator.wait_for_everyone()
     if not interrupted and main:
         artifacts += _save_final(unwrapped, tokenizer, out, full)

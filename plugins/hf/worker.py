@@ -13,17 +13,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--request", type=Path, required=True)
     args = parser.parse_args(argv)
-    from ftplan.plan import load
-    from ftplan.run.backend import RunRequest
+    from ftplan.api import RunRequest, load_plan
 
     from .backend import load_for_training
-    from .launch import RESULT
+    from .launch import EVENTS, RESULT
     from .loop import train
 
-    plan = load(args.plan)
+    plan = load_plan(args.plan)
     request = RunRequest.model_validate_json(args.request.read_text())
     spec, source, tokenizer = load_for_training(plan, request)
-    result = train(plan, spec, source, tokenizer, request, lambda event: None)
+
+    def record(event) -> None:  # only process 0 reports progress; the launching process follows this file
+        with open(request.output_dir / EVENTS, "a", encoding="utf-8") as f:
+            f.write(event.model_dump_json() + "\n")
+
+    result = train(plan, spec, source, tokenizer, request, record)
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = request.output_dir / (RESULT + ".tmp")
         tmp.write_text(result.model_dump_json())

@@ -3,7 +3,7 @@
 Importing this module is cheap: boto3 loads only when a job is checked or started.
 """
 
-from ftplan.run.hookspecs import hookimpl
+from ftplan.api import hookimpl
 
 
 @hookimpl

@@ -7,19 +7,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftplan.data import catalog
-from ftplan.data.files import user_dir
-from ftplan.errors import PlannerError
-from ftplan.plan import Plan, to_yaml, weights_source
-from ftplan.run.backend import (
+from pydantic import Field
+
+from ftplan.api import (
     BackendOptions,
+    Plan,
+    PlannerError,
     Problem,
     ProgressCallback,
     RunRequest,
     RunResult,
     TrainerBackend,
+    aws_error,
+    pricing_rules,
+    user_dir,
+    weights_source,
 )
-from pydantic import Field
+from ftplan.api import plan_to_yaml as to_yaml
 
 from . import job
 
@@ -86,7 +90,7 @@ class SageMakerBackend(TrainerBackend):
         problems = self.supports(plan)
         if importlib.util.find_spec("boto3") is None:
             return problems + [Problem(message="boto3 is not installed", fix="pip install 'ftplan[aws]'")]
-        offered = catalog.pricing()["sagemaker"]["training_instance_types"]
+        offered = pricing_rules().sagemaker.training_instance_types
         if plan.hardware.instance_type not in offered:
             problems.append(Problem(message=f"SageMaker does not offer ml.{plan.hardware.instance_type} for training",
                                     fix="re-plan with ftplan recommend --platform sagemaker"))
@@ -155,7 +159,6 @@ class SageMakerBackend(TrainerBackend):
 
     def run(self, plan: Plan, request: RunRequest, options: SageMakerOptions, progress: ProgressCallback) -> RunResult:
         from botocore.exceptions import BotoCoreError, ClientError
-        from ftplan.data.aws_prices import aws_error
 
         c = clients(plan.hardware.region)
         notes: list[str] = []

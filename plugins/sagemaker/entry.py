@@ -22,9 +22,7 @@ COPIED = ("adapter", "model", "tokenizer", "metrics.jsonl", "summary.json", "pla
 
 def data_file(channel: Path) -> Path:
     """The training data inside a channel: a saved dataset directory, or its single JSONL file."""
-    from ftplan.data.dataset import (
-        is_saved_dataset,  # importable: main() put the source dir on sys.path
-    )
+    from ftplan.api import is_saved_dataset  # importable: main() put the source dir on sys.path
 
     if is_saved_dataset(channel):
         return channel
@@ -41,8 +39,9 @@ def resuming(run_dir: Path) -> bool:
 
 def main(input_dir: Path = INPUT, checkpoints: Path = CHECKPOINTS, model_dir: Path = MODEL) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # ftplan's packages travel in the source dir
-    from ftplan.run.backend import RunRequest
-    from ftplan.run.execute import execute, prepare
+    from ftplan.api import RunRequest
+    from ftplan.api import execute_run as execute
+    from ftplan.api import prepare_run as prepare
 
     run_dir = checkpoints / RUN_DIR_NAME
     model_channel = input_dir / "model"

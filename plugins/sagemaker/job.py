@@ -11,12 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ftplan import __version__
-from ftplan.data import catalog
-from ftplan.errors import PlannerError
-from ftplan.plan import Plan
-from ftplan.run import bundle
-from ftplan.run.backend import ProgressEvent
+from ftplan.api import Plan, PlannerError, ProgressEvent, __version__, dist_info_files, pricing_rules, source_files
 
 MAX_RUNTIME = 28 * 24 * 3600      # SageMaker's ceiling for a training job
 MIN_RUNTIME = 3600
@@ -35,10 +30,10 @@ def job_name(plan: Plan, now: datetime | None = None) -> str:
 def image_uri(region: str, torch_version: str, transformers_version: str, python: str = "py311",
               cuda: str = "cu124") -> str:
     """The Hugging Face training Deep Learning Container for the installed versions."""
-    images = catalog.pricing()["sagemaker"]["images"]
+    images = pricing_rules().sagemaker.images
     torch_short = ".".join(torch_version.split("+")[0].split(".")[:3])
     tf = transformers_version.split("+")[0]
-    return (f"{images['account']}.dkr.ecr.{region}.amazonaws.com/{images['repository']}:"
+    return (f"{images.account}.dkr.ecr.{region}.amazonaws.com/{images.repository}:"
             f"{torch_short}-transformers{tf}-gpu-{python}-{cuda}-ubuntu22.04")
 
 
@@ -101,10 +96,10 @@ def source_tarball() -> bytes:
     """ftplan's own packages, the entry script and requirements.txt, as sourcedir.tar.gz."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path, name in bundle.source_files():
+        for path, name in source_files():
             tar.add(path, arcname=name)
         tar.add(Path(__file__).with_name("entry.py"), arcname=ENTRY)
-        texts = {**bundle.dist_info_files(), "requirements.txt": "\n".join(REQUIREMENTS) + "\n"}
+        texts = {**dist_info_files(), "requirements.txt": "\n".join(REQUIREMENTS) + "\n"}
         for name, text in texts.items():
             data = text.encode()
             info = tarfile.TarInfo(name)

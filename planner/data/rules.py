@@ -1,0 +1,178 @@
+"""Typed models of the catalogued rules and assumptions: throughput, pricing, quality, memory, planning.
+
+Every figure the core uses that is not a fact of a library or an API lives in catalogs/*.json with
+its source; these models are how the code reads them (loaded once by ftplan.data.catalog).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Rules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- throughput.json ------------------------------------------------------------------------------
+class UtilizationDefault(_Rules):
+    architecture: str
+    full: float = Field(gt=0, le=1)
+    lora: float = Field(gt=0, le=1)
+    qlora: float = Field(gt=0, le=1)
+    source: str
+
+    def for_method(self, method: str) -> float:
+        return getattr(self, method)
+
+
+class Utilization(_Rules):
+    about: str
+    defaults: list[UtilizationDefault]
+    fallback: float = Field(gt=0, le=1, description="for a GPU architecture with no row")
+    fallback_source: str
+
+
+class Dequantization(_Rules):
+    about: str
+    bytes_per_weight: float = Field(gt=0)
+    bandwidth_efficiency: float = Field(gt=0, le=1)
+    source: str
+
+
+class Communication(_Rules):
+    about: str
+    bus_efficiency: float = Field(gt=0, le=1)
+    intra_node_gbytes_per_s: dict[str, float]
+    intra_node_source: str
+    inter_node_without_efa_factor: float = Field(gt=0, le=1)
+    inter_node_source: str
+    network_floor_gbytes_per_s: float = Field(gt=0)
+    network_floor_source: str
+
+
+class Overhead(_Rules):
+    setup_seconds: float = Field(ge=0)
+    about: str
+
+
+class Throughput(_Rules):
+    """catalogs/throughput.json."""
+
+    schema_: int = Field(alias="schema")
+    retrieved: str
+    utilization: Utilization
+    dequantization: Dequantization
+    communication: Communication
+    overhead: Overhead
+
+
+# -- pricing.json ---------------------------------------------------------------------------------
+class Spot(_Rules):
+    default_discount: float = Field(ge=0, lt=1)
+    source: str
+    caveat: str
+
+
+class KnownRate(_Rules):
+    type: str
+    usd_per_hour: float = Field(gt=0)
+
+
+class Images(_Rules):
+    account: str
+    repository: str
+    source: str
+
+
+class SageMakerRules(_Rules):
+    uplift_over_ec2: float = Field(gt=0)
+    source: str
+    known: list[KnownRate]
+    known_source: str
+    known_date: str
+    training_instance_types: list[str]
+    training_instance_types_source: str
+    images: Images
+
+
+class Billing(_Rules):
+    minimum_seconds: float = Field(ge=0)
+    source: str
+
+
+class Pricing(_Rules):
+    """catalogs/pricing.json."""
+
+    schema_: int = Field(alias="schema")
+    spot: Spot
+    sagemaker: SageMakerRules
+    billing: dict[str, Billing]
+    stale_after_days: int = Field(gt=0)
+    stale_source: str
+
+    def minimum_seconds(self, platform: str) -> float:
+        """The platform's minimum billed time (0 for platforms with no catalogued rule)."""
+        rule = self.billing.get(platform)
+        return rule.minimum_seconds if rule else 0.0
+
+
+# -- quality.json ---------------------------------------------------------------------------------
+class Tier(_Rules):
+    tier: int = Field(ge=0)
+    evidence: str
+
+
+class Weighing(_Rules):
+    balanced_penalty_per_tier: float = Field(ge=0)
+    default_targets_penalty: float = Field(ge=0)
+    about: str
+
+
+class Quality(_Rules):
+    """catalogs/quality.json."""
+
+    schema_: int = Field(alias="schema")
+    about: str
+    tasks: dict[str, dict[str, Tier]]
+    targets: dict[str, str]
+    weighing: Weighing
+
+
+# -- memory.json ----------------------------------------------------------------------------------
+class MemoryRules(_Rules):
+    """catalogs/memory.json: what a GPU needs beyond the allocator's peak."""
+
+    schema_: int = Field(alias="schema")
+    cuda_context_bytes: int = Field(ge=0)
+    cuda_context_source: str
+    allocator_slack: float = Field(ge=0, lt=1)
+    allocator_slack_source: str
+
+
+# -- planning.json --------------------------------------------------------------------------------
+class SearchGrid(_Rules):
+    micro_batches: list[int] = Field(min_length=1)
+    instance_counts: list[int] = Field(min_length=1)
+    source: str
+
+
+class DatasetRules(_Rules):
+    chars_per_token: float = Field(gt=0)
+    source: str
+
+
+class Planning(_Rules):
+    """catalogs/planning.json: recommend's search grid and the dataset approximation."""
+
+    schema_: int = Field(alias="schema")
+    search: SearchGrid
+    dataset: DatasetRules
+
+
+class PeftDefaults(_Rules):
+    """catalogs/peft_default_targets.json."""
+
+    schema_: int = Field(alias="schema")
+    source: str
+    note: str
+    defaults: dict[str, list[str]]

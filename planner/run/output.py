@@ -1,0 +1,139 @@
+"""The output directory of a run: what ftplan owns there, the lock, and the manifest.
+
+ftplan writes plan.yaml, metrics.jsonl, summary.json and `.ftplan-run.json` (the manifest: every
+file a run wrote, the backend's artifacts included) into `--output`. `--force` removes exactly
+what the manifest, the core and the backend's declared patterns own - never anything else - and
+refuses symbolic links, so nothing outside the directory can be touched. Two runs cannot share
+a directory: the first holds `.ftplan.lock` (with its PID), the second is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from ftplan.data.files import atomic_write_text, check_writable
+from ftplan.errors import PlannerError
+
+MANIFEST = ".ftplan-run.json"
+LOCK = ".ftplan.lock"
+CORE_FILES = ("plan.yaml", "metrics.jsonl", "summary.json", MANIFEST)
+# temporary names ftplan's atomic writes use; a crash can leave them
+CORE_LEFTOVERS = (".plan.yaml.*.tmp", ".summary.json.*.tmp", ".metrics.jsonl.*.tmp", f".{MANIFEST}.*.tmp")
+
+
+def read_manifest(output: Path) -> list[str]:
+    """Top-level names the manifest says a previous run wrote ([] when there is none or it is damaged)."""
+    try:
+        data = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
+        return [n for n in data.get("files", []) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def record(output: Path, names: list[str]) -> None:
+    """Add top-level `names` to the manifest (atomically)."""
+    files = sorted(set(read_manifest(output)) | {n.split("/")[0] for n in names} | {MANIFEST})
+    atomic_write_text(output / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def owned(output: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """Entries of `output` a run owns: core files, crash leftovers, manifest entries, backend patterns."""
+    manifest = set(read_manifest(output))
+    every = (*CORE_FILES, *CORE_LEFTOVERS, *patterns)
+    return [p for p in output.iterdir()
+            if p.name in manifest or any(fnmatch.fnmatchcase(p.name, pat) for pat in every)]
+
+
+def check_output_dir(output: Path, *, resume: bool, force: bool, patterns: tuple[str, ...] = ()) -> None:
+    """A new run needs an empty (or absent) directory it can write; `force` empties what runs own there."""
+    if output.is_symlink():
+        raise PlannerError(f"--output {output} is a symbolic link; give a real directory")
+    if output.exists() and not output.is_dir():
+        raise PlannerError(f"--output {output} is a file; give a directory")
+    check_writable(output, f"--output {output}")
+    if resume or not output.is_dir() or not any(output.iterdir()):
+        return
+    if not force:
+        raise PlannerError(f"--output {output} is not empty; pass --force to replace a previous run there, "
+                           "--resume to continue it, or choose another directory")
+    mine = owned(output, patterns)
+    others = sorted(p.name for p in output.iterdir() if p not in mine and p.name != LOCK)
+    if others:
+        raise PlannerError(f"--force: {output} holds files ftplan did not write ({', '.join(others[:3])}); "
+                           "choose another directory")
+    links = sorted(p.name for p in mine if _has_link(p))
+    if links:
+        raise PlannerError(f"--force: {output}/{links[0]} is or holds a symbolic link; ftplan removes only what it "
+                           "wrote - delete it yourself or choose another directory")
+    for p in mine:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _has_link(path: Path) -> bool:
+    if path.is_symlink():
+        return True
+    return path.is_dir() and any(p.is_symlink() for p in path.rglob("*"))
+
+
+def inside(output: Path, relative: str) -> Path:
+    """`output / relative`, refused unless it stays inside `output` without passing a symbolic link."""
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts or not candidate.parts:
+        raise PlannerError(f"'{relative}' is not a path inside the output directory")
+    root = output.resolve()
+    current = root
+    for part in candidate.parts:
+        current = current / part
+        if current.is_symlink():
+            raise PlannerError(f"{output / relative} passes through a symbolic link; ftplan writes only inside "
+                               f"{output}")
+    return current
+
+
+@contextmanager
+def lock(output: Path):
+    """Hold `output/.ftplan.lock` for the run; PlannerError naming the holder's PID when another run has it."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            break
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None and _alive(holder):
+                raise PlannerError(f"--output {output} is in use by another ftplan run (PID {holder}); wait for it "
+                                   "or choose another directory") from None
+            path.unlink(missing_ok=True)  # a stale lock: its process is gone
+    else:  # pragma: no cover - a race lost twice
+        raise PlannerError(f"--output {output}: cannot take the lock {path}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
