@@ -5,13 +5,7 @@ import math
 import pytest
 
 from ftplan.data import catalog
-from ftplan.estimate.compute import (
-    allreduce_seconds,
-    dequant_seconds,
-    flops_per_token,
-    network_gbytes_per_s,
-    step_time,
-)
+from ftplan.estimate.compute import allreduce_seconds, dequant_seconds, flops_per_token, network_gbytes_per_s, step_time
 from ftplan.estimate.params import count_params
 from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
 from ftplan.model.architectures import build_layout

@@ -4,12 +4,7 @@ import json
 
 import pytest
 
-from ftplan.data.dataset import (
-    find_tokenizer,
-    from_dataset,
-    from_token_count,
-    padded_tokens,
-)
+from ftplan.data.dataset import find_tokenizer, from_dataset, from_token_count, padded_tokens
 from ftplan.errors import PlannerError
 
 

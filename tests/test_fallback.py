@@ -7,8 +7,9 @@ import pytest
 pytest.importorskip("transformers")
 
 from ftplan.estimate.params import count_params  # noqa: E402
-from ftplan.estimate.report import estimate, layout_for  # noqa: E402
+from ftplan.estimate.report import estimate  # noqa: E402
 from ftplan.estimate.settings import LoraSettings, SetupChoices  # noqa: E402
+from ftplan.model.inventory import layout_for  # noqa: E402
 from ftplan.model.meta_count import build_meta_model, count_lora_trainable, count_total  # noqa: E402
 from ftplan.model.resolve import resolve_model  # noqa: E402
 

@@ -11,16 +11,13 @@ from hypothesis import strategies as st
 from ftplan.data import catalog
 from ftplan.data.dataset import from_token_count
 from ftplan.errors import PlannerError
-from ftplan.estimate.memory import (
-    estimate_memory,
-    quantized_bytes,
-    unquantized_matmul_params,
-)
+from ftplan.estimate.memory import estimate_memory, quantized_bytes, unquantized_matmul_params
 from ftplan.estimate.params import count_params, over_ranked
 from ftplan.estimate.report import estimate
 from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
 from ftplan.estimate.sharding import shard
-from ftplan.model.architectures import QUANTIZED_KINDS, build_layout
+from ftplan.model.architectures import build_layout
+from ftplan.model.layout import QUANTIZED_KINDS
 from ftplan.model.resolve import from_catalog
 from ftplan.model.spec import spec_from_config
 from ftplan.recommend.search import SearchRequest, search

@@ -10,9 +10,9 @@ from ftplan.errors import PlannerError
 from ftplan.estimate.compute import step_time
 from ftplan.estimate.memory import estimate_memory
 from ftplan.estimate.params import count_params
-from ftplan.estimate.report import layout_for
 from ftplan.estimate.settings import LoraSettings, SetupChoices
 from ftplan.estimate.sharding import shard
+from ftplan.model.inventory import layout_for
 from ftplan.model.resolve import from_catalog
 from ftplan.recommend.search import SearchRequest, search
 

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ftplan.cli.options import (
-    choices_from,
-    console,
-    load_plugin_catalog,
-    setting_options,
-    with_plugin_catalog,
-)
+from ftplan.cli.options import choices_from, console, load_plugin_catalog, setting_options, with_plugin_catalog
 from ftplan.errors import PlannerError
 from ftplan.estimate.settings import METHODS
 from ftplan.estimate.sharding import OFFLOADS, SHARDINGS

@@ -9,20 +9,14 @@ import click
 from pydantic import ValidationError
 
 from ftplan.errors import PlannerError
-from ftplan.estimate.settings import (
-    ATTENTIONS,
-    OPTIMIZERS,
-    PRECISIONS,
-    LoraSettings,
-    SetupChoices,
-)
+from ftplan.estimate.settings import ATTENTIONS, OPTIMIZERS, PRECISIONS, LoraSettings, SetupChoices
 
 
 def console():
-    from rich.console import Console
+    """The terminal console (rich is imported only by the render layer, and only when a table is shown)."""
+    from ftplan.render.console import make_console
 
-    # No repr highlighting: it re-scans every cell with regexes and costs startup time.
-    return Console(highlight=False, emoji=False)
+    return make_console()
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -43,15 +43,9 @@ def refresh(regions: tuple[str, ...], platform: str, spot: bool, instance_list: 
     if as_json:
         click.echo(report.model_dump_json(indent=2))
         return
-    out = console()
-    out.print(f"Refreshed {len(report.updated)} price(s)" + (f" into {report.path}" if report.path else ""))
-    for p in report.updated:
-        out.print(f"  {p.instance_type:<20} {p.region:<14} {p.platform:<9} {p.market:<9} ${p.usd_per_hour:,.4f}/h")
-    if report.missing:
-        out.print(f"[dim]No product for {len(report.missing)}: {', '.join(report.missing[:8])}"
-                      + (" ..." if len(report.missing) > 8 else "") + " (the bundled price, if any, stays)[/]")
-    for e in report.errors:
-        out.print(f"[yellow]Skipped a malformed row: {e}[/]")
+    from ftplan.render.prices import print_refresh
+
+    print_refresh(report, console())
 
 
 @prices.command("show")
@@ -67,12 +61,6 @@ def show(as_json: bool) -> None:
 
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.table import Table
+    from ftplan.render.prices import prices_table
 
-    table = Table(title="Prices (first match wins: refreshed before bundled)", title_justify="left")
-    for col in ("instance", "region", "platform", "market", "$/hour", "date", "source"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["instance_type"], r["region"], r["platform"], r["market"], f"{r['usd_per_hour']:,.4f}",
-                      r["date"] + (" [yellow](old)[/]" if r["warning"] else ""), r["source"])
-    console().print(table)
+    console().print(prices_table(rows))

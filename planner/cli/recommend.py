@@ -6,14 +6,7 @@ from pathlib import Path
 
 import click
 
-from ftplan.cli.options import (
-    TokenCount,
-    choices_from,
-    console,
-    load_plugin_catalog,
-    setting_options,
-    split_list,
-)
+from ftplan.cli.options import TokenCount, choices_from, console, load_plugin_catalog, setting_options, split_list
 from ftplan.errors import PlannerError
 from ftplan.estimate.settings import METHODS
 
@@ -61,7 +54,7 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
     Give the data as --tokens N or --dataset FILE.
     """
     from ftplan.data import dataset as data_mod
-    from ftplan.model.architectures import layout_for
+    from ftplan.model.inventory import layout_for
     from ftplan.model.resolve import resolve_model
     from ftplan.recommend.search import SearchRequest, search
 
@@ -104,9 +97,7 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
     rec = search(spec, layout, data, request, choices, fixed)
 
     def accept() -> None:
-        from ftplan import (
-            plan as plan_mod,  # only now: its schema classes cost startup time
-        )
+        from ftplan import plan as plan_mod  # only now: its schema classes cost startup time
         from ftplan.run.registry import get_backend
 
         get_backend(backend)  # a plan names only a registered backend

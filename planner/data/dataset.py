@@ -167,9 +167,7 @@ def count_tokens(texts: list[str], tokenizer: Path | None) -> tuple[list[int], s
     """Token count of each text, and how it was counted."""
     if tokenizer is not None:
         try:
-            from tokenizers import (
-                Tokenizer,  # a Rust library, no torch; present with transformers
-            )
+            from tokenizers import Tokenizer  # a Rust library, no torch; present with transformers
         except ImportError:
             return _approximate(texts, "no tokenizer available locally; install tokenizers")
         try:

@@ -25,10 +25,9 @@ from typing import Literal
 from pydantic import BaseModel
 
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.architectures import QUANTIZED_KINDS, ModelLayout, ModuleGroup
+from ftplan.model.layout import MATMUL_KINDS, QUANTIZED_KINDS, ModelLayout, ModuleGroup
 
 Device = Literal["cuda", "cpu"]
-MATMUL_KINDS = {"linear", "linear_subclass", "conv1d", "head", "router", "experts"}
 
 
 class Dtypes(BaseModel):

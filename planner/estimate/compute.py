@@ -14,9 +14,7 @@ from pydantic import BaseModel, Field
 from ftplan.data import catalog
 from ftplan.estimate.params import ParamCounts, adapted_groups, lora_params
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.architectures import QUANTIZED_KINDS, ModelLayout
-
-MATMUL_KINDS = {"linear", "linear_subclass", "conv1d", "head", "router", "experts"}
+from ftplan.model.layout import MATMUL_KINDS, QUANTIZED_KINDS, ModelLayout
 
 
 class FlopsPerToken(BaseModel):

@@ -14,19 +14,9 @@ from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
 from ftplan.estimate import activations as act
-from ftplan.estimate.params import (
-    ParamCounts,
-    adapted_groups,
-    count_params,
-    lora_params,
-)
+from ftplan.estimate.params import ParamCounts, adapted_groups, count_params, lora_params
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.architectures import (
-    QUANTIZED_KINDS,
-    UNQUANTIZED_MATMUL_KINDS,
-    ModelLayout,
-    ModuleGroup,
-)
+from ftplan.model.layout import QUANTIZED_KINDS, UNQUANTIZED_MATMUL_KINDS, ModelLayout, ModuleGroup
 
 NF4_BLOCK = 64                 # bitsandbytes 4-bit blocksize
 NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 absmax bytes

@@ -12,12 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from ftplan.model.architectures import (
-    ALL_LINEAR_KINDS,
-    LORA_KINDS,
-    ModelLayout,
-    ModuleGroup,
-)
+from ftplan.model.layout import ALL_LINEAR_KINDS, LORA_KINDS, ModelLayout, ModuleGroup
 
 PARAMETER_KINDS = {"router", "experts"}  # adapted only through all-linear (PEFT target_parameters)
 from ftplan.data.catalog import peft_default_targets

@@ -6,22 +6,12 @@ from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
 from ftplan.estimate.fit import InstanceFit, cheapest_fits, judge
-from ftplan.estimate.memory import (
-    MemoryBreakdown,
-    estimate_memory,
-    unquantized_matmul_params,
-)
+from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, unquantized_matmul_params
 from ftplan.estimate.params import TargetResolution, count_params, over_ranked
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
-from ftplan.estimate.sharding import (
-    Offload,
-    ShardedMemory,
-    Sharding,
-    shard,
-    smallest_gpu_count,
-    validate,
-)
-from ftplan.model.architectures import ModelLayout, layout_for
+from ftplan.estimate.sharding import Offload, ShardedMemory, Sharding, shard, smallest_gpu_count, validate
+from ftplan.model.inventory import layout_for
+from ftplan.model.layout import ModelLayout
 from ftplan.model.spec import ModelSpec
 
 SCHEMA_VERSION = 1

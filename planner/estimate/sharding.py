@@ -21,13 +21,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ftplan.errors import PlannerError
-from ftplan.estimate.memory import (
-    END_OF_BACKWARD,
-    MemoryBreakdown,
-    outside_allocator,
-)
+from ftplan.estimate.memory import END_OF_BACKWARD, MemoryBreakdown, outside_allocator
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.architectures import ModelLayout
+from ftplan.model.layout import ModelLayout
 
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"]
 Offload = Literal["none", "optimizer", "params"]

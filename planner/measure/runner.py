@@ -140,12 +140,7 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     import torch
 
     from ftplan.errors import PlannerError
-    from ftplan.train.build import (
-        build_model,
-        build_optimizer,
-        random_batch,
-        train_step,
-    )
+    from ftplan.train.build import build_model, build_optimizer, random_batch, train_step
 
     if steps <= 0:
         raise PlannerError(f"--steps must be positive, got {steps}")
@@ -179,7 +174,7 @@ def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetu
     from ftplan.data import calibration
     from ftplan.estimate.compute import flops_per_token, peak_flops
     from ftplan.estimate.params import count_params
-    from ftplan.model.architectures import layout_for
+    from ftplan.model.inventory import layout_for
 
     props = torch.cuda.get_device_properties(0)
     gpu = calibration.gpu_for_device(props.name, props.total_memory)

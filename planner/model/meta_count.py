@@ -8,12 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftplan.errors import PlannerError
-from ftplan.model.architectures import (
-    ArchFeatures,
-    ModelLayout,
-    ModuleGroup,
-    ModuleKind,
-)
+from ftplan.model.layout import ArchFeatures, ModelLayout, ModuleGroup, ModuleKind
 from ftplan.model.spec import ModelSpec
 
 

@@ -17,14 +17,7 @@ from ftplan.data import calibration, catalog
 from ftplan.data.dataset import TokenBudget
 from ftplan.errors import PlannerError
 from ftplan.estimate.compute import allreduce_seconds, gather_seconds, step_time
-from ftplan.estimate.cost import (
-    HourlyPrice,
-    Market,
-    Platform,
-    check_region,
-    cost_usd,
-    hourly_price,
-)
+from ftplan.estimate.cost import HourlyPrice, Market, Platform, check_region, cost_usd, hourly_price
 from ftplan.estimate.fit import gpu_supports
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory
 from ftplan.estimate.params import count_params

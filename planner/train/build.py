@@ -168,14 +168,9 @@ def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", p
         if setup.grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if setup.method != "full":
-        from ftplan.model.architectures import build_layout, is_analytic
+        from ftplan.model.inventory import layout_for
 
-        if is_analytic(spec.model_type):
-            targets = resolve_targets(build_layout(spec), setup.lora.targets)
-        else:
-            from ftplan.model.meta_count import layout_from_model
-
-            targets = resolve_targets(layout_from_model(spec), setup.lora.targets)
+        targets = resolve_targets(layout_for(spec, trust_remote_code=trust_remote_code)[0], setup.lora.targets)
         model = apply_lora(model, targets, setup)
     model.config.use_cache = False
     model.train()
