@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ftplan import __version__
+from ftplan.data import catalog
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
 from ftplan.estimate.cost import HourlyPrice, Market, Platform
@@ -23,13 +24,11 @@ from ftplan.estimate.settings import Method, TrainingSetup
 from ftplan.estimate.sharding import Sharding
 from ftplan.model.spec import ModelSpec
 from ftplan.names import Name
+from ftplan.recommend.models import Assumption
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 DEFAULT_PLAN = Path("ftplan-plan.yaml")
 
-# Hugging Face recipe hyperparameters per method (QLoRA paper: lr 2e-4, max_grad_norm 0.3).
-LEARNING_RATES = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
-MAX_GRAD_NORM = {"full": 1.0, "lora": 1.0, "qlora": 0.3}
 
 
 class _Strict(BaseModel):
@@ -88,13 +87,13 @@ class PlanEstimates(_Strict):
     tokens_per_second: float
     utilization: float
     utilization_source: str
-    assumptions: list[str]
+    assumptions: list[Assumption]
 
 
 class Plan(_Strict):
-    """An accepted plan (schema_version 1)."""
+    """An accepted plan (schema_version 2)."""
 
-    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    schema_version: Literal[2] = PLAN_SCHEMA_VERSION
     ftplan_version: str = __version__
     created_at: str
     task: str
@@ -118,10 +117,16 @@ def config_hash(spec: ModelSpec) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def platform_type(instance_type: str, platform: str) -> str:
+    """The name the platform itself uses: SageMaker calls g5.2xlarge ml.g5.2xlarge."""
+    return f"ml.{instance_type}" if platform == "sagemaker" and not instance_type.startswith("ml.") else instance_type
+
+
 def plan_from(spec: ModelSpec, rec, *, backend: str = "hf", seed: int = 42,
               learning_rate: float | None = None) -> Plan:
     """The plan for the recommended candidate of `rec` (a recommend.Recommendation)."""
     c, req = rec.recommended, rec.request
+    recipes = catalog.planning().recipes  # the Hugging Face recipe hyperparameters per method
     return Plan(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), task=req.task, priority=req.priority,
         backend=backend,
@@ -130,10 +135,11 @@ def plan_from(spec: ModelSpec, rec, *, backend: str = "hf", seed: int = 42,
         training=PlanTraining(
             method=c.method, setup=c.setup, targets=c.target_modules, global_batch=req.global_batch,
             grad_accum=c.grad_accum, epochs=req.epochs, optimizer_steps=c.optimizer_steps,
-            learning_rate=learning_rate or LEARNING_RATES[c.method],
-            max_grad_norm=MAX_GRAD_NORM[c.method], seed=seed, packing=rec.data.packing, data_source=rec.data.source,
+            learning_rate=learning_rate or recipes.learning_rate[c.method],
+            max_grad_norm=recipes.max_grad_norm[c.method], seed=seed, packing=rec.data.packing, data_source=rec.data.source,
             data_tokens=rec.data.tokens),
-        hardware=PlanHardware(instance_type=c.instance_type, instance_count=c.instance_count,
+        hardware=PlanHardware(instance_type=platform_type(c.instance_type, req.platform),
+                              instance_count=c.instance_count,
                               gpus_per_instance=c.gpus_total // c.instance_count, sharding=c.sharding, gpu=c.gpu,
                               platform=req.platform,
                               region=req.region, market=req.market),

@@ -19,6 +19,30 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input:
                           timeout=timeout, cwd=cwd, input=input if input is not None else "")
 
 
+def run_cli_tty(*args: str, answer: str, cwd: Path | None = None, timeout: int = 300) -> tuple[int, str]:
+    """Run `ftplan` with a terminal on stdin (a pseudo-terminal), type `answer`, return (exit code, output)."""
+    import pty
+
+    main, child = pty.openpty()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "ftplan", *args], stdin=child, stdout=child, stderr=child,
+                            cwd=cwd, env=env, close_fds=True)
+    os.close(child)
+    os.write(main, answer.encode())
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    code = proc.wait(timeout=timeout)
+    os.close(main)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
 @pytest.fixture(autouse=True)
 def private_ftplan_home(tmp_path_factory, monkeypatch):
     """Calibration and caches go to a fresh directory, never the user's ~/.config/ftplan."""

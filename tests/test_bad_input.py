@@ -66,7 +66,7 @@ def workspace(tmp_path_factory):
         change(data)
         write(ws / name, yaml.safe_dump(data))
 
-    variant("plan_v2.yaml", lambda d: d.update(schema_version=2))
+    variant("plan_v1.yaml", lambda d: d.update(schema_version=1))
     variant("plan_nonsense.yaml", lambda d: d["training"].update(grad_accum="many"))
     variant("plan_negative.yaml", lambda d: d["training"].update(learning_rate=-1))
     variant("plan_unknown_backend.yaml", lambda d: d.update(backend="nope"))
@@ -177,7 +177,7 @@ CASES = [
     ("recommend-deadline-zero", ["recommend", M, "--tokens", "1M", "--deadline", "0"], "deadline_hours"),
     ("recommend-deadline-unmet", ["recommend", M, "--tokens", "1B", "--deadline", "0.2"], "nothing finishes within"),
     ("recommend-priority", ["recommend", M, "--tokens", "1M", "--priority", "fastest"], "'fastest' is not one of"),
-    ("recommend-region", ["recommend", M, "--tokens", "1M", "--region", "mars-1"], "no prices for region"),
+    ("recommend-region", ["recommend", M, "--tokens", "1M", "--region", "mars-1"], "no ec2 prices for region"),
     ("recommend-instance", ["recommend", M, "--tokens", "1M", "--instances", "g5.xlargee"], "Did you mean: g5.xlarge"),
     ("recommend-methods", ["recommend", M, "--tokens", "1M", "--methods", "full,dora"], "unknown method(s) dora"),
     ("recommend-methods-empty", ["recommend", M, "--tokens", "1M", "--methods", ","], "unknown method(s) (none)"),
@@ -207,7 +207,7 @@ CASES = [
     ("dataset-directory", ["recommend", M, "--dataset", "notadataset"], "is a directory"),
     # plan show
     ("plan-missing", ["plan", "show", "missing.yaml"], "does not exist; write one with"),
-    ("plan-version", ["plan", "show", "plan_v2.yaml"], "schema_version 2"),
+    ("plan-version", ["plan", "show", "plan_v1.yaml"], "schema_version 1"),
     ("plan-nonsense", ["plan", "show", "plan_nonsense.yaml"], "training.grad_accum"),
     ("plan-negative", ["plan", "show", "plan_negative.yaml"], "training.learning_rate"),
     ("plan-method", ["plan", "show", "plan_method.yaml"], "training.method"),
@@ -220,7 +220,7 @@ CASES = [
     # run
     ("run-no-plan", ["run", "missing.yaml", "--data", "train.jsonl"], "does not exist; write one with"),
     ("run-no-data-flag", ["run", "plan.yaml"], "Missing option '--data'"),
-    ("run-plan-version", ["run", "plan_v2.yaml", "--data", "train.jsonl"], "schema_version 2"),
+    ("run-plan-version", ["run", "plan_v1.yaml", "--data", "train.jsonl"], "schema_version 1"),
     ("run-unknown-backend", ["run", "plan_unknown_backend.yaml", "--data", "train.jsonl"],
      "no trainer backend named 'nope'"),
     ("run-backend-flag", [*RUN, "--backend", "nope"], "no trainer backend named 'nope'"),

@@ -38,7 +38,7 @@ def test_sagemaker_uses_known_rates_else_a_marked_uplift():
 
 
 def test_unknown_region_names_the_known_ones():
-    with pytest.raises(PlannerError, match="Bundled prices cover: us-east-1"):
+    with pytest.raises(PlannerError, match="Catalogued prices cover: us-east-1"):
         check_region("mars-north-1")
     assert hourly_price(catalog.get_instance("g5.xlarge"), region="eu-west-1") is None
 

@@ -7,7 +7,7 @@ import yaml
 
 from ftplan.errors import PlannerError
 from ftplan.plan import load
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_tty
 
 RECOMMEND = ("recommend", "llama2-7b", "--tokens", "20000000", "--budget", "50")
 
@@ -33,13 +33,19 @@ def test_yes_writes_a_plan_that_plan_show_displays(accepted):
 
 
 def test_prompt_declined_writes_nothing_and_accepted_writes(tmp_path):
-    declined = run_cli(*RECOMMEND, cwd=tmp_path, input="n\n")
-    assert declined.returncode == 0 and "Not accepted" in declined.stdout
+    code, shown = run_cli_tty(*RECOMMEND, answer="n\n", cwd=tmp_path)
+    assert code == 0 and "Accept this plan" in shown and "Not accepted" in shown
     assert not (tmp_path / "ftplan-plan.yaml").exists()
-    no_answer = run_cli(*RECOMMEND, cwd=tmp_path, input="")
-    assert no_answer.returncode == 2 and "pass --yes" in no_answer.stderr
-    accepted = run_cli(*RECOMMEND, "-o", "my-plan.yaml", cwd=tmp_path, input="y\n")
-    assert accepted.returncode == 0 and load(tmp_path / "my-plan.yaml").model.name == "llama2-7b"
+    code, shown = run_cli_tty(*RECOMMEND, "-o", "my-plan.yaml", answer="y\n", cwd=tmp_path)
+    assert code == 0 and load(tmp_path / "my-plan.yaml").model.name == "llama2-7b"
+
+
+def test_without_a_terminal_recommend_answers_and_says_how_to_accept(tmp_path):
+    """Scripts and CI: nobody can answer the prompt, so nothing is asked, nothing written, and exit 0."""
+    piped = run_cli(*RECOMMEND, cwd=tmp_path, input="y\n")
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert "Recommended:" in piped.stdout and "--yes" in piped.stdout and "Accept this plan" not in piped.stdout
+    assert piped.stdout.count("nothing written") == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_an_existing_plan_is_replaced_only_with_force(accepted, tmp_path):
@@ -55,7 +61,9 @@ def test_an_existing_plan_is_replaced_only_with_force(accepted, tmp_path):
 def test_json_output_is_the_documented_recommendation(tmp_path):
     result = run_cli(*RECOMMEND, "--json", cwd=tmp_path)
     data = json.loads(result.stdout)
-    assert data["schema_version"] == 1 and data["recommended"]["cost_usd"] <= 50
+    assert data["schema_version"] == 2 and data["recommended"]["cost_usd"] <= 50
+    assert data["backend"] == "hf" and data["backend_reason"] == "hf_without_skypilot"
+    assert all(set(r) == {"code", "figures"} for r in data["reasons"] + data["assumptions"])
     assert {"candidates", "frontier", "reasons", "why_not", "rejections", "assumptions"} <= set(data)
     assert not (tmp_path / "ftplan-plan.yaml").exists()   # --json without --yes writes nothing
 
@@ -69,7 +77,8 @@ def edited(accepted, tmp_path, change):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(schema_version=2), "schema_version 2; this ftplan"),
+    (lambda d: d.update(schema_version=3), "schema_version 3; this ftplan"),
+    (lambda d: d.update(schema_version=1), "schema_version 1; this ftplan"),
     (lambda d: d.pop("schema_version"), "schema_version None"),
     (lambda d: d.update(surprise=1), "surprise: Extra inputs are not permitted"),
     (lambda d: d["training"].update(grad_accum="many"), "training.grad_accum"),
@@ -97,7 +106,7 @@ def test_unreadable_plan_files(tmp_path, text, message):
     (("--tokens", "lots"), "not a token count"),
     ((), "either --tokens N or --dataset"),
     (("--tokens", "1M", "--dataset", "d.jsonl"), "either --tokens N or --dataset"),
-    (("--tokens", "1M", "--region", "mars-1"), "no prices for region 'mars-1'"),
+    (("--tokens", "1M", "--region", "mars-1"), "no ec2 prices for region 'mars-1'"),
     (("--tokens", "1M", "--instances", "g5.xlargee"), "unknown instance type 'g5.xlargee'. Did you mean: g5.xlarge"),
     (("--tokens", "1M", "--methods", "full,dora"), "unknown method(s) dora"),
     (("--tokens", "1M", "--budget", "-5"), "budget_usd"),

@@ -15,6 +15,7 @@ from ftplan.estimate.sharding import shard
 from ftplan.model.inventory import layout_for
 from ftplan.model.resolve import from_catalog
 from ftplan.recommend.search import SearchRequest, search
+from ftplan.render import explain as words
 
 SPEC = from_catalog(catalog.find_model("llama2-7b"))
 LAYOUT = layout_for(SPEC)[0]
@@ -66,7 +67,7 @@ def test_nothing_fits_says_by_how_much():
 def test_quality_priority_prefers_full_fine_tuning_for_continued_pretraining():
     rec = run(priority="quality", task="continued-pretraining")
     assert rec.recommended.method == "full" and rec.recommended.quality_tier == 0
-    assert any("lora" in line and "tier 2" in line for line in rec.why_not)
+    assert any(w.method == "lora" and w.figures["quality_tier"] >= 2 for w in rec.why_not)
     assert run(priority="quality", task="instruction").recommended.targets == "all-linear"
 
 
@@ -102,16 +103,19 @@ def test_spot_and_sagemaker_change_the_price_not_the_plan_shape():
     assert run(market="spot", **args).recommended.cost_usd == pytest.approx(base.cost_usd * 0.4, rel=1e-3)
     sm = run(platform="sagemaker", **args).recommended
     assert sm.price.usd_per_hour == 1.515 and sm.hours == pytest.approx(base.hours)
-    assert any("spot" in a for a in run(market="spot", **args).assumptions)
+    assert any(a.code == "spot" for a in run(market="spot", **args).assumptions)
 
 
 def test_why_not_says_by_how_much_a_method_misses():
     rec = run(instances=["g5.xlarge"], methods=["full", "qlora"], max_gpus=1)
-    line = next(x for x in rec.why_not if x.startswith("full"))
-    assert "needs at least" in line and "GiB short" in line and "largest GPU searched has 22.4 GiB" in line
+    full = next(w for w in rec.why_not if w.method == "full")
+    assert full.code == "needs_more_memory" and full.figures["short_bytes"] > 0
+    assert full.figures["largest_gpu_bytes"] == catalog.get_gpu("A10G").memory_bytes
+    assert "GiB short" in words.why_not(full) and "largest GPU searched has 22.4 GiB" in words.why_not(full)
     cheap = run(budget_usd=3.0, methods=["full", "qlora", "lora"], instances=["p5.4xlarge", "g6e.xlarge"])
-    full = next(x for x in cheap.why_not if x.startswith("full"))
-    assert "misses the limits (cheapest $" in full and "vs the $3.00 budget" in full
+    full = next(w for w in cheap.why_not if w.method == "full")
+    assert full.code == "misses_limits" and full.figures["cheapest_usd"] > 3.0
+    assert "vs the $3.00 budget" in words.why_not(full)
 
 
 def test_a_model_too_big_for_one_gpu_is_sharded_over_several():
@@ -124,7 +128,7 @@ def test_a_model_too_big_for_one_gpu_is_sharded_over_several():
     again = shard(layout, c.setup, estimate_memory(layout, c.setup, count_params(layout, "full")),
                   gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
     assert again.required_bytes == c.required_bytes <= c.gpu_memory_bytes
-    assert any("FSDP" in a for a in rec.assumptions)
+    assert any("FSDP" in words.assumption(a) for a in rec.assumptions)
 
 
 def test_host_ram_must_hold_the_checkpoint_while_loading():
@@ -133,3 +137,77 @@ def test_host_ram_must_hold_the_checkpoint_while_loading():
     with pytest.raises(PlannerError, match="not enough host RAM to load the checkpoint"):
         search(spec, layout_for(spec)[0], DATA, SearchRequest(methods=["full"], instances=["g6e.xlarge"],
                                                               max_gpus=16), SetupChoices())
+
+
+# -- recommendations a practitioner would choose ---------------------------------------------------------------
+
+def test_the_recommended_plan_is_never_dominated_at_its_quality():
+    for request in (dict(), dict(priority="cost"), dict(priority="quality"), dict(budget_usd=30.0),
+                    dict(task="domain-adaptation", max_gpus=16)):
+        rec = run(**request)
+        best = rec.recommended
+        for c in rec.candidates + rec.frontier:
+            assert not (c.quality_tier <= best.quality_tier and c.instance_count <= best.instance_count
+                        and c.cost_usd < best.cost_usd and c.hours < best.hours), (request, c.label)
+
+
+def test_a_70b_model_is_not_recommended_in_qlora_when_lora_is_cheaper_and_faster_at_the_same_tier():
+    spec = from_catalog(catalog.find_model("llama2-70b"))
+    rec = search(spec, layout_for(spec)[0], from_token_count(100_000_000, 2048), SearchRequest(), SetupChoices())
+    best = rec.recommended
+    for w in rec.why_not:
+        if w.code == "ranked_lower":  # what it quotes is at most as good in quality, or worse in cost or time
+            f = w.figures
+            assert not (f["quality_tier"] <= best.quality_tier and f["cost_usd"] < best.cost_usd
+                        and f["hours"] < best.hours), words.why_not(w)
+
+
+def test_the_quoted_evidence_is_for_exactly_the_plans_targets():
+    for c in run(priority="cost", methods=["lora"]).candidates:
+        if c.targets == "peft-default":  # q,v only
+            assert c.quality_basis == "lora/subset" and "subset" in c.quality_evidence
+            assert "all linear layers matched" not in c.quality_evidence and c.quality_tier == 1
+        elif c.targets == "all-linear":
+            assert c.quality_basis == "lora/all-linear" and "all linear layers matched" in c.quality_evidence
+
+
+def test_several_instances_only_where_they_beat_one_by_the_margin():
+    margin = catalog.planning().multi_instance.margin
+    for request in (dict(priority="cost"), dict(), dict(deadline_hours=0.7, max_gpus=16)):
+        rec = run(**request)
+        best, single = rec.recommended, rec.best_single_instance
+        assert single is not None and single.instance_count == 1
+        if best.instance_count > 1:
+            reason = next(r for r in rec.reasons if r.code == "multi_instance_wins")
+            assert reason.figures["saving"] >= margin
+        multi = [c for c in rec.candidates if c.instance_count > 1]
+        if multi and best.instance_count == 1 and request.get("priority") == "cost":
+            assert all(c.cost_usd > best.cost_usd * (1 - margin) for c in multi)
+
+
+def test_multi_instance_plans_bill_every_node_its_setup_and_the_launch():
+    overhead = catalog.throughput().overhead
+    rec = run(instances=["g6e.xlarge"], methods=["lora"], max_gpus=4, priority="cost")
+    for c in rec.candidates:
+        expected = overhead.setup_seconds + (overhead.cluster_launch_seconds if c.instance_count > 1 else 0)
+        assert c.setup_hours == pytest.approx(expected / 3600)
+        billed = math.ceil((c.train_hours + c.setup_hours) * 3600) / 3600
+        assert c.cost_usd == pytest.approx(billed * c.price.usd_per_hour * c.instance_count)
+
+
+def test_why_not_names_max_gpus_instead_of_a_negative_shortfall():
+    spec = from_catalog(catalog.find_model("llama2-70b"))
+    rec = search(spec, layout_for(spec)[0], DATA, SearchRequest(methods=["qlora", "lora"], max_gpus=1,
+                                                                instances=["p5en.48xlarge", "p5.4xlarge"]),
+                 SetupChoices())
+    lora = next(w for w in rec.why_not if w.method == "lora")
+    assert lora.code == "needs_more_gpus" and lora.figures["instance_type"] == "p5en.48xlarge"
+    assert lora.figures["gpus"] == 8 and "raise --max-gpus to 8" in words.why_not(lora)
+    assert all(w.figures.get("short_bytes", 0) >= 0 for w in rec.why_not)
+
+
+def test_dropped_counts_add_up_to_what_was_evaluated():
+    for request in (dict(), dict(budget_usd=5.0), dict(platform="sagemaker"), dict(max_gpus=1)):
+        rec = run(**request)
+        assert rec.kept + sum(rec.rejections.values()) == rec.evaluated
+        assert rec.kept >= len(rec.candidates)

@@ -27,15 +27,18 @@ from ftplan.estimate.settings import METHODS
 @click.option("--priority", type=click.Choice(["cost", "balanced", "quality"]), default="balanced", show_default=True)
 @click.option("--task", type=click.Choice(["instruction", "domain-adaptation", "continued-pretraining"]),
               default="instruction", show_default=True, help="weighs the published quality evidence per method")
-@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--region", default=None, help="price region [default: us-east-1, or the platform's only region]")
 @click.option("--spot", is_flag=True, help="spot prices (interruptible; checkpoint often)")
 @click.option("--spot-discount", type=float, default=None, help="spot discount to assume, 0-1 [default: catalog]")
-@click.option("--platform", type=click.Choice(["ec2", "sagemaker"]), default="ec2", show_default=True)
+@click.option("--platform", default=None, help="ec2, sagemaker, or a plugin's platform [default: the backend's, "
+              "else ec2]")
 @click.option("--max-gpus", type=int, default=8, show_default=True, help="most GPUs in total")
 @click.option("--methods", default="full,lora,qlora", show_default=True, help="methods to consider")
 @click.option("--instances", "instance_list", default=None, help="comma-separated instance types to consider")
 @setting_options(search=True)
-@click.option("--backend", default="hf", show_default=True, help="trainer backend the plan names")
+@click.option("--backend", default=None, help="trainer backend that carries the plan out; the search covers only "
+              "its methods and platforms [default: sagemaker for --platform sagemaker, skypilot for ec2 if installed, "
+              "else hf]")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="learning rate [default: 2e-5 full, 2e-4 LoRA/QLoRA]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ftplan-plan.yaml"), show_default=True,
@@ -46,62 +49,42 @@ from ftplan.estimate.settings import METHODS
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object (writes only with --yes)")
 def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: Path | None, packing: bool | None,
               epochs: float, global_batch: int, budget: float | None, deadline: float | None, priority: str,
-              task: str, region: str, spot: bool, spot_discount: float | None, platform: str, max_gpus: int,
-              methods: str, instance_list: str | None, backend: str, learning_rate: float | None, output: Path,
-              yes: bool, force: bool, top: int, as_json: bool, **settings) -> None:
+              task: str, region: str | None, spot: bool, spot_discount: float | None, platform: str | None,
+              max_gpus: int, methods: str, instance_list: str | None, backend: str | None,
+              learning_rate: float | None, output: Path, yes: bool, force: bool, top: int, as_json: bool,
+              **settings) -> None:
     """Search methods x instances x settings and recommend one plan; accepting writes the plan file.
 
-    Give the data as --tokens N or --dataset FILE.
+    Give the data as --tokens N or --dataset FILE. The plan names the backend that carries it out:
+    --backend, else sagemaker for --platform sagemaker, skypilot for EC2 when installed, else hf.
     """
-    from ftplan.data import dataset as data_mod
+    from ftplan.estimate.cost import default_region
     from ftplan.model.inventory import layout_for
     from ftplan.model.resolve import resolve_model
     from ftplan.recommend.search import SearchRequest, search
+    from ftplan.run.registry import backend_for
 
-    if (tokens is None) == (dataset is None):
-        raise PlannerError("give the training data as either --tokens N or --dataset FILE.jsonl")
-    if output.is_dir():
-        raise PlannerError(f"-o {output} is a directory; give a file name such as {output / 'ftplan-plan.yaml'}")
-    if output.exists() and not force and (yes or not as_json):
-        raise PlannerError(f"{output} already exists; choose another path with -o or pass --force to replace it")
-    if yes or not as_json:
-        from ftplan.data.files import check_writable
-
-        check_writable(output.parent, f"-o {output}")
+    _check_output(output, force=force, writes=yes or not as_json)
     fixed = {k for k, flag in (("optimizer", "optimizer"), ("grad_ckpt", "grad_ckpt"), ("targets", "lora_targets"))
              if settings.get(flag) is not None}
     micro = settings.get("batch_size")
     choices = choices_from(settings)
     load_plugin_catalog()
     spec = resolve_model(model)
-    if tokens is not None:
-        data = data_mod.from_token_count(tokens, choices.seq_len)
-        if packing is False:
-            raise PlannerError("--tokens counts packed sequences; use --dataset to plan without packing")
-    else:
-        tok = data_mod.find_tokenizer(tokenizer, Path(spec.local_dir) if spec.local_dir else None)
-        if tokenizer is not None and tok is None:
-            raise PlannerError(f"no tokenizer.json at {tokenizer}; pass the file or the directory holding it")
-        data = data_mod.from_dataset(dataset, choices.seq_len, packing=bool(packing), tokenizer=tok)
-    method_list = split_list(methods) or []
-    unknown = [m for m in method_list if m not in METHODS]
-    if unknown or not method_list:
-        raise PlannerError(f"--methods: unknown method(s) {', '.join(unknown) or '(none)'}; use a comma-separated "
-                           f"subset of {', '.join(METHODS)}")
+    data = _token_budget(spec, tokens, dataset, tokenizer, packing, choices.seq_len)
+    chosen, platform, method_list, why = backend_for(backend, platform, _methods(methods))
     request = SearchRequest(
         epochs=epochs, global_batch=global_batch, budget_usd=budget, deadline_hours=deadline, priority=priority,
-        task=task, region=region, platform=platform, market="spot" if spot else "on-demand",
-        spot_discount=spot_discount, max_gpus=max_gpus, methods=method_list, instances=split_list(instance_list),
-        micro_batch=micro)
-    layout, _ = layout_for(spec)
-    rec = search(spec, layout, data, request, choices, fixed)
+        task=task, region=region or default_region(platform), platform=platform,
+        market="spot" if spot else "on-demand", spot_discount=spot_discount, max_gpus=max_gpus,
+        methods=method_list, instances=split_list(instance_list), micro_batch=micro)
+    rec = search(spec, layout_for(spec)[0], data, request, choices, fixed)
+    rec = rec.model_copy(update={"backend": chosen.name, "backend_reason": why})
 
     def accept() -> None:
         from ftplan import plan as plan_mod  # only now: its schema classes cost startup time
-        from ftplan.run.registry import get_backend
 
-        get_backend(backend)  # a plan names only a registered backend
-        plan_mod.save(plan_mod.plan_from(spec, rec, backend=backend, learning_rate=learning_rate), output,
+        plan_mod.save(plan_mod.plan_from(spec, rec, backend=chosen.name, learning_rate=learning_rate), output,
                       overwrite=force)
 
     if as_json:
@@ -113,16 +96,59 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
 
     out = console()
     print_recommendation(rec, out, limit=top)
-    if not yes:
-        try:
-            accepted = click.confirm(f"Accept this plan and write {output}?", default=False)
-        except click.exceptions.Abort:
-            raise PlannerError("no answer to the prompt; pass --yes to accept without asking") from None
-        if not accepted:
-            out.print("Not accepted; nothing written.")
-            return
+    if not yes and not _ask(f"Accept this plan and write {output}?"):
+        out.print("Not accepted; nothing written. Accept without the prompt with --yes.")
+        return
     accept()
     out.print(f"Plan written to {output}. Show it with: ftplan plan show {output}; "
-                  f"run it with: ftplan run {output}")
+              f"run it with: ftplan run {output} --data DATA")
 
 
+def _ask(question: str) -> bool:
+    """The user's answer; False without asking when nobody can answer (stdin is not a terminal)."""
+    import sys
+
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return click.confirm(question, default=False)
+    except click.exceptions.Abort:
+        return False
+
+
+def _check_output(output: Path, *, force: bool, writes: bool) -> None:
+    """Refuse a plan path that cannot be written before searching."""
+    if output.is_dir():
+        raise PlannerError(f"-o {output} is a directory; give a file name such as {output / 'ftplan-plan.yaml'}")
+    if writes and output.exists() and not force:
+        raise PlannerError(f"{output} already exists; choose another path with -o or pass --force to replace it")
+    if writes:
+        from ftplan.data.files import check_writable
+
+        check_writable(output.parent, f"-o {output}")
+
+
+def _methods(value: str) -> list[str]:
+    method_list = split_list(value) or []
+    unknown = [m for m in method_list if m not in METHODS]
+    if unknown or not method_list:
+        raise PlannerError(f"--methods: unknown method(s) {', '.join(unknown) or '(none)'}; use a comma-separated "
+                           f"subset of {', '.join(METHODS)}")
+    return method_list
+
+
+def _token_budget(spec, tokens: int | None, dataset: Path | None, tokenizer: Path | None, packing: bool | None,
+                  seq_len: int):
+    """The data to plan for: --tokens (packed) or a JSONL --dataset counted with the model's tokenizer."""
+    from ftplan.data import dataset as data_mod
+
+    if (tokens is None) == (dataset is None):
+        raise PlannerError("give the training data as either --tokens N or --dataset FILE.jsonl")
+    if tokens is not None:
+        if packing is False:
+            raise PlannerError("--tokens counts packed sequences; use --dataset to plan without packing")
+        return data_mod.from_token_count(tokens, seq_len)
+    tok = data_mod.find_tokenizer(tokenizer, Path(spec.local_dir) if spec.local_dir else None)
+    if tokenizer is not None and tok is None:
+        raise PlannerError(f"no tokenizer.json at {tokenizer}; pass the file or the directory holding it")
+    return data_mod.from_dataset(dataset, seq_len, packing=bool(packing), tokenizer=tok)

@@ -26,11 +26,13 @@ from ftplan.cli.options import console, key_values
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE", help="backend-specific option")
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own Python code (off by default)")
+@click.option("--here", is_flag=True, help="train on this machine even where its hardware differs from the plan's "
+              "(the summary records it)")
 @click.option("--dry-run", is_flag=True, help="print the exact request a cloud backend would send; send nothing")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the progress display")
 def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None, output: Path,
         model_path: str | None, max_steps: int | None, save_every: int, resume: bool, force: bool, device: str,
-        raw_options: tuple[str, ...], trust_remote_code: bool, dry_run: bool, as_json: bool) -> None:
+        raw_options: tuple[str, ...], trust_remote_code: bool, here: bool, dry_run: bool, as_json: bool) -> None:
     """Carry out an accepted PLAN [default: ftplan-plan.yaml] with a trainer backend.
 
     Checks the plan against the backend first; writes the adapter (or model), tokenizer, plan.yaml,
@@ -42,7 +44,7 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
 
     request = RunRequest(data=data, eval_data=eval_data, output_dir=output, model_path=model_path,
                          max_steps=max_steps, save_every=save_every, resume=resume,
-                         trust_remote_code=trust_remote_code, device=device, dry_run=dry_run)
+                         trust_remote_code=trust_remote_code, device=device, here=here, dry_run=dry_run)
     plan, chosen, options = prepare(plan_file, request, backend_name=backend, raw_options=key_values(raw_options),
                                     force=force)
     if dry_run:

@@ -264,7 +264,7 @@ def get_gpu(name: str) -> Gpu:
 
 def get_instance(type_: str) -> Instance:
     """The instance type `type_`; PlannerError with suggestions otherwise."""
-    inst = instances().get(type_.strip().lower())
+    inst = instances().get(type_.strip().lower().removeprefix("ml."))  # SageMaker's names for EC2's types
     if inst is None:
         raise PlannerError(f"unknown instance type '{type_}'.{suggest(type_, list(instances()))} "
                            "List them with: ftplan instances")

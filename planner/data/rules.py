@@ -51,8 +51,10 @@ class Communication(_Rules):
 
 
 class Overhead(_Rules):
-    setup_seconds: float = Field(ge=0)
+    setup_seconds: float = Field(ge=0, description="billed per instance: boot, packages, model download and load")
     about: str
+    cluster_launch_seconds: float = Field(ge=0, description="billed per instance of a multi-instance plan")
+    cluster_launch_about: str
 
 
 class Throughput(_Rules):
@@ -124,18 +126,22 @@ class Tier(_Rules):
 
 class Weighing(_Rules):
     balanced_penalty_per_tier: float = Field(ge=0)
-    default_targets_penalty: float = Field(ge=0)
     about: str
 
 
 class Quality(_Rules):
-    """catalogs/quality.json."""
+    """catalogs/quality.json: a tier and its evidence per task and method ('full', or 'lora'/'qlora' with
+    '/all-linear' or '/subset' for which layers the adapters cover)."""
 
     schema_: int = Field(alias="schema")
     about: str
     tasks: dict[str, dict[str, Tier]]
-    targets: dict[str, str]
     weighing: Weighing
+
+    def tier(self, task: str, method: str, all_linear: bool) -> tuple[str, Tier]:
+        """The row (its key, and tier with evidence) that judges `method` on `task`."""
+        key = method if method == "full" else f"{method}/{'all-linear' if all_linear else 'subset'}"
+        return key, self.tasks[task][key]
 
 
 # -- memory.json ----------------------------------------------------------------------------------
@@ -161,12 +167,26 @@ class DatasetRules(_Rules):
     source: str
 
 
+class Recipes(_Rules):
+    learning_rate: dict[str, float]
+    max_grad_norm: dict[str, float]
+    source: str
+
+
+class MultiInstance(_Rules):
+    margin: float = Field(ge=0, lt=1)
+    source: str
+
+
 class Planning(_Rules):
-    """catalogs/planning.json: recommend's search grid and the dataset approximation."""
+    """catalogs/planning.json: recommend's search grid, the recipe hyperparameters, the multi-instance
+    margin and the dataset approximation."""
 
     schema_: int = Field(alias="schema")
     search: SearchGrid
     dataset: DatasetRules
+    recipes: Recipes
+    multi_instance: MultiInstance
 
 
 class PeftDefaults(_Rules):

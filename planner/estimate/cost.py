@@ -30,15 +30,41 @@ class HourlyPrice(BaseModel):
     warning: str = Field("", description="set when the price is more than 90 days old")
 
 
-def regions() -> set[str]:
-    return {p.region for i in catalog.instances().values() for p in i.prices}
+BUNDLED_PLATFORMS = ("ec2", "sagemaker")  # SageMaker rates derive from EC2's where none is catalogued
 
 
-def check_region(region: str) -> None:
-    known = regions()
+def platforms() -> set[str]:
+    """Every platform with prices: the bundled ones and those plugins' catalog entries name."""
+    return set(BUNDLED_PLATFORMS) | {p.platform for i in catalog.instances().values() for p in i.prices}
+
+
+def regions(platform: str = "ec2") -> set[str]:
+    """Regions with prices on `platform` (SageMaker: its own and EC2's, from which its rates derive)."""
+    wanted = {platform, "ec2"} if platform == "sagemaker" else {platform}
+    return {p.region for i in catalog.instances().values() for p in i.prices if p.platform in wanted}
+
+
+def check_region(region: str, platform: str = "ec2") -> None:
+    """PlannerError unless `platform` is known and has prices in `region`."""
+    known_platforms = platforms()
+    if platform not in known_platforms:
+        raise PlannerError(f"no prices for platform '{platform}'.{catalog.suggest(platform, sorted(known_platforms))} "
+                           f"Known platforms: {', '.join(sorted(known_platforms))} (plugins add their own)")
+    known = regions(platform)
     if region not in known:
-        raise PlannerError(f"no prices for region '{region}'.{catalog.suggest(region, sorted(known))} "
-                           f"Bundled prices cover: {', '.join(sorted(known))}")
+        raise PlannerError(f"no {platform} prices for region '{region}'.{catalog.suggest(region, sorted(known))} "
+                           f"Catalogued prices cover: {', '.join(sorted(known)) or 'none'}")
+
+
+def default_region(platform: str) -> str:
+    """us-east-1 where the platform has prices there (the bundled snapshot), else its only region."""
+    known = regions(platform)
+    if "us-east-1" in known or not known:
+        return "us-east-1"
+    if len(known) == 1:
+        return next(iter(known))
+    raise PlannerError(f"platform '{platform}' has prices in several regions ({', '.join(sorted(known))}); "
+                       "choose one with --region")
 
 
 def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform: Platform = "ec2",

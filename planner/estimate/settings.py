@@ -89,6 +89,14 @@ class SetupChoices(BaseModel):
     double_quant: bool = True
 
 
+HALF_PRECISION_FALLBACK = {"bf16-mixed": "fp16-mixed", "bf16": "fp16"}  # for GPUs without bf16 (T4, V100)
+
+
+def for_gpu(precision: str, bf16_supported: bool) -> str:
+    """The precision a GPU runs `precision` in: bf16 becomes fp16 where there is no bf16 (same bytes)."""
+    return precision if bf16_supported else HALF_PRECISION_FALLBACK.get(precision, precision)
+
+
 def resolve(method: Method, choices: SetupChoices, *, bf16_supported: bool = True) -> TrainingSetup:
     """Complete `choices` for `method` with the Hugging Face recipe defaults.
 
@@ -98,9 +106,7 @@ def resolve(method: Method, choices: SetupChoices, *, bf16_supported: bool = Tru
     gradient checkpointing on (prepare_model_for_kbit_training enables it).
     Without bf16 support (V100, T4) bf16 becomes fp16.
     """
-    precision = choices.precision or "bf16-mixed"
-    if not bf16_supported:
-        precision = {"bf16-mixed": "fp16-mixed", "bf16": "fp16"}.get(precision, precision)
+    precision = for_gpu(choices.precision or "bf16-mixed", bf16_supported)
     optimizer = choices.optimizer or ("paged_adamw_32bit" if method == "qlora" else "adamw")
     grad_ckpt = choices.grad_ckpt if choices.grad_ckpt is not None else method == "qlora"
     return TrainingSetup(

@@ -129,9 +129,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     peak = w + gathered + g + s + comm + other
     paged = memory.paged_optimizer_bytes // (group if sharding not in ("none", "ddp") else 1)
     required = peak + sum(outside_allocator(peak)) + (0 if offload != "none" else paged)
-    # Loading: every process reads the checkpoint into host RAM in its storage dtype, except FSDP with
-    # cpu_ram_efficient_loading, where rank 0 of each node loads and broadcasts.
-    loading = memory.weights_bytes * (1 if sharding.startswith("fsdp") else per_node)
+    loading = loading_bytes_per_node(memory.weights_bytes, sharding, per_node)
     checkpoint = (memory.weights_bytes if setup.method == "full" else 0) + memory.adapter_bytes + states + \
         memory.paged_optimizer_bytes
     return ShardedMemory(gpus=gpus, nodes=nodes, sharding=sharding, offload=offload, shard_group=group,
@@ -140,6 +138,12 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                          comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak, required_bytes=required,
                          host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
                          checkpoint_bytes=checkpoint, notes=notes)
+
+
+def loading_bytes_per_node(weights_bytes: int, sharding: str, gpus_per_node: int) -> int:
+    """Host RAM one node needs to load the checkpoint: every process reads it in its storage dtype, except
+    FSDP with cpu_ram_efficient_loading, where rank 0 of each node loads and broadcasts."""
+    return weights_bytes * (1 if sharding.startswith("fsdp") else gpus_per_node)
 
 
 def smallest_gpu_count(gpu_memory_bytes: int, gpus_per_instance: int, required_for, *,

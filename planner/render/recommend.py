@@ -10,14 +10,14 @@ from rich.text import Text
 
 from ftplan.data.dataset import TokenBudget
 from ftplan.plan import Plan
-from ftplan.recommend.search import Candidate, Recommendation
+from ftplan.recommend.models import Candidate, Recommendation
+from ftplan.render import explain as words
 from ftplan.render.estimate import gib
+from ftplan.render.explain import hours
 
 CHART_WIDTH, CHART_HEIGHT = 56, 12
 
 
-def hours(h: float) -> str:
-    return f"{h * 60:.0f} min" if h < 1 else f"{h:,.1f} h"
 
 
 def _settings(c: Candidate) -> str:
@@ -99,17 +99,24 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
     console.print(f"[bold]Recommended:[/] {c.method} on {c.instance_count} x {c.instance_type} "
                   f"({c.gpus_total} x {c.gpu}), {hours(c.hours)}, [bold]${c.cost_usd:,.2f}[/]")
     for r in rec.reasons:
-        console.print(f"  - {r}")
+        console.print(f"  - {words.reason(r)}")
+    single = rec.best_single_instance
+    if single is not None and single is not c and c.instance_count > 1:
+        console.print(f"  Best on one instance: {single.method} on 1 x {single.instance_type}, {hours(single.hours)}, "
+                      f"${single.cost_usd:,.2f}")
     if rec.why_not:
         console.print("[bold]Why not the others:[/]")
-        for r in rec.why_not:
-            console.print(f"  - {r}")
+        for w in rec.why_not:
+            console.print(f"  - {words.why_not(w)}")
     if rec.rejections:
-        console.print("[dim]Dropped while searching (" + f"{rec.evaluated:,} plans evaluated): " + ", ".join(
-            f"{reason}: {n}" for reason, n in sorted(rec.rejections.items(), key=lambda kv: -kv[1])) + "[/]")
+        console.print(f"[dim]{rec.evaluated:,} combinations evaluated, {rec.kept:,} kept; dropped: " + ", ".join(
+            f"{words.rejection(code)}: {n}" for code, n in sorted(rec.rejections.items(), key=lambda kv: -kv[1]))
+            + "[/]")
     console.print("[dim]Assumptions:[/]")
     for note in rec.assumptions:
-        console.print(f"[dim]- {note}[/]")
+        console.print(f"[dim]- {words.assumption(note)}[/]")
+    if line := words.backend_line(rec.backend, rec.backend_reason):
+        console.print(line)
     p = c.price
     console.print(f"[dim]Price: ${p.usd_per_hour:,.4f}/h {p.platform} {p.market} {p.region}, {p.source}, dated "
                   f"{p.date}{'; ' + p.derived if p.derived else ''}[/]")
@@ -146,4 +153,4 @@ def print_plan(plan: Plan, path: str, console: Console) -> None:
     console.print(table)
     console.print("[dim]Assumptions:[/]")
     for note in e.assumptions:
-        console.print(f"[dim]- {note}[/]")
+        console.print(f"[dim]- {words.assumption(note)}[/]")

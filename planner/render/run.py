@@ -9,7 +9,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ftplan.render.estimate import gib
-from ftplan.render.recommend import hours
+from ftplan.render.explain import hours
 from ftplan.run.backend import ProgressEvent
 
 

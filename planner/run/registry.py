@@ -246,6 +246,40 @@ def describe() -> list[dict[str, Any]]:
              "errors": p.errors} for p in reg.plugins.values()]
 
 
+def backend_for(name: str | None, platform: str | None, methods: list[str]) -> tuple[TrainerBackend, str, list[str], str]:
+    """The backend a plan will name, the platform and methods its search covers, and why that backend.
+
+    `--backend NAME` bounds the search to what NAME supports. Otherwise the platform decides: sagemaker's own
+    backend, skypilot for EC2 when it is installed (hf, which trains where `ftplan run` is typed, when not),
+    or the backend a plugin registered for its platform.
+    """
+    if name is not None:
+        backend, why = get_backend(name), "requested"
+        if platform is not None and platform not in backend.platforms:
+            raise PlannerError(f"backend '{name}' runs on {', '.join(backend.platforms)}, not {platform}; drop "
+                               "--platform or choose another --backend (see ftplan plugins)")
+        platform = platform or backend.platforms[0]
+    else:
+        platform = platform or "ec2"
+        available = registry().backends()
+        runs = sorted((b for b in available.values() if platform in b.platforms), key=lambda b: b.name)
+        if platform == "ec2":
+            backend, why = (available["skypilot"], "skypilot") if "skypilot" in available else \
+                (get_backend("hf"), "hf_without_skypilot")
+        elif platform in available and platform in available[platform].platforms:
+            backend, why = available[platform], "platform"
+        elif runs:
+            backend, why = runs[0], "plugin_platform"
+        else:
+            raise PlannerError(f"no trainer backend runs on platform '{platform}' (see ftplan plugins); install the "
+                               "plugin that provides one, or choose --platform ec2")
+    kept = [m for m in methods if m in backend.methods]
+    if not kept:
+        raise PlannerError(f"backend '{backend.name}' trains {', '.join(backend.methods)}, none of --methods "
+                           f"{','.join(methods)}; choose methods it supports or another --backend")
+    return backend, platform, kept, why
+
+
 def get_backend(name: str) -> TrainerBackend:
     """The backend registered as `name`; PlannerError saying why it is not there otherwise."""
     reg = registry()

@@ -19,8 +19,7 @@ from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.spec import ModelSpec
 
 ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
-MAX_GRAD_NORM = 1.0     # the Trainer default
-LEARNING_RATE = 2e-4
+LEARNING_RATE = 2e-4  # measuring memory and speed: any rate would do; the plan carries the recipe's
 
 
 def _require_training_extra() -> None:
@@ -222,7 +221,10 @@ def train_step(model, optimizer, batch: dict, setup: TrainingSetup, device: str,
     loss.backward()
     if on_backward_end is not None:
         on_backward_end()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    from ftplan.data import catalog
+
+    max_norm = catalog.planning().recipes.max_grad_norm[setup.method]
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())

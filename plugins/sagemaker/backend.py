@@ -91,8 +91,8 @@ class SageMakerBackend(TrainerBackend):
         if importlib.util.find_spec("boto3") is None:
             return problems + [Problem(message="boto3 is not installed", fix="pip install 'ftplan[aws]'")]
         offered = pricing_rules().sagemaker.training_instance_types
-        if plan.hardware.instance_type not in offered:
-            problems.append(Problem(message=f"SageMaker does not offer ml.{plan.hardware.instance_type} for training",
+        if plan.hardware.instance_type.removeprefix("ml.") not in offered:
+            problems.append(Problem(message=f"SageMaker does not offer {job.ml_type(plan)} for training",
                                     fix="re-plan with ftplan recommend --platform sagemaker"))
         if not options.role:
             problems.append(Problem(message="no IAM role for the job",
@@ -110,7 +110,7 @@ class SageMakerBackend(TrainerBackend):
 
     def _quota_problems(self, plan: Plan) -> list[Problem]:
         """The account's training quota for the instance type, when it can be read."""
-        wanted = f"ml.{plan.hardware.instance_type} for training job usage"
+        wanted = f"{job.ml_type(plan)} for training job usage"
         try:
             pages = clients(plan.hardware.region)["service-quotas"].get_paginator("list_service_quotas")
             for page in pages.paginate(ServiceCode="sagemaker"):

@@ -37,6 +37,11 @@ def image_uri(region: str, torch_version: str, transformers_version: str, python
             f"{torch_short}-transformers{tf}-gpu-{python}-{cuda}-ubuntu22.04")
 
 
+def ml_type(plan: Plan) -> str:
+    """The plan's instance type as SageMaker names it (plans written by recommend already say ml.*)."""
+    return "ml." + plan.hardware.instance_type.removeprefix("ml.")
+
+
 def max_runtime(plan: Plan, margin: float) -> int:
     """The plan's billed hours with a margin, within SageMaker's limits."""
     return int(min(MAX_RUNTIME, max(MIN_RUNTIME, plan.estimates.hours * 3600 * margin)))
@@ -75,7 +80,7 @@ def training_request(plan: Plan, *, name: str, role: str, bucket: str, prefix: s
                             "sagemaker_region": json.dumps(hw.region)},
         "InputDataConfig": channels,
         "OutputDataConfig": {"S3OutputPath": f"{base}/output"},
-        "ResourceConfig": {"InstanceType": f"ml.{hw.instance_type}", "InstanceCount": hw.instance_count,
+        "ResourceConfig": {"InstanceType": ml_type(plan), "InstanceCount": hw.instance_count,
                            "VolumeSizeInGB": volume_gb},
         "StoppingCondition": {"MaxRuntimeInSeconds": runtime},
         "EnableManagedSpotTraining": spot,
