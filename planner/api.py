@@ -34,6 +34,7 @@ from ftplan.plan import Plan, weights_source
 from ftplan.plan import load as load_plan
 from ftplan.plan import to_yaml as plan_to_yaml
 from ftplan.run.backend import (
+                                ANY_PLATFORM,
                                 BackendOptions,
                                 Problem,
                                 ProgressCallback,
@@ -53,7 +54,7 @@ API_VERSION = "1.0"
 __all__ = [
     "API_VERSION", "__version__",
     # hooks and the backend contract
-    "hookimpl", "TrainerBackend", "BackendOptions", "Problem", "RunRequest", "RunResult", "ProgressEvent",
+    "hookimpl", "TrainerBackend", "ANY_PLATFORM", "BackendOptions", "Problem", "RunRequest", "RunResult", "ProgressEvent",
     "ProgressCallback", "Plan", "PlannerError",
     # catalog entries (register_catalog_entries) and lookups
     "CatalogModel", "Gpu", "Instance", "Price", "get_gpu", "get_instance", "pricing_rules",

@@ -4,6 +4,7 @@ entry points found in a fresh process, FTPLAN_PLUGINS as the way out, catalog en
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -209,3 +210,245 @@ def test_catalog_plugin_through_an_entry_point_reaches_every_command(tmp_path):
     rec = run_cli("recommend", "llama2-7b", "--tokens", "1M", "--instances", "onprem.8xa100", "--json", env=env)
     assert json.loads(rec.stdout)["recommended"]["price"]["source"] == "our invoice"
     assert run_cli("instances", "--json", env={**env, "FTPLAN_PLUGINS": "hf"}).stdout.count("onprem") == 0
+
+
+# -- hooks through pluggy ---------------------------------------------------------------------------------------
+
+class OnlyGpus:
+    @hookimpl
+    def register_catalog_entries(self, register_gpu):  # takes only the argument it uses
+        register_gpu({**catalog.get_gpu("L4").model_dump(), "name": "Lab-L4", "aliases": []})
+
+
+class First:
+    @hookimpl(tryfirst=True)
+    def register_backends(self, register):
+        register(type("Shared", (LoraOnly,), {"name": "shared", "description": "from First"})())
+
+
+class Later:
+    @hookimpl
+    def register_backends(self, register):
+        register(type("Shared", (LoraOnly,), {"name": "shared", "description": "from Later"})())
+
+
+class Exits:
+    @hookimpl
+    def register_backends(self, register):
+        raise SystemExit(3)
+
+
+class Interrupts:
+    @hookimpl
+    def register_catalog_entries(self, register_gpu):
+        raise KeyboardInterrupt
+
+
+class BadEntries:
+    @hookimpl
+    def register_catalog_entries(self, register_gpu, register_instance):
+        register_gpu({**catalog.get_gpu("L4").model_dump(), "name": "Zero-TFLOPS", "fp16_tflops": 0})
+        register_instance({**catalog.get_instance("g5.xlarge").model_dump(), "type": "negative.1",
+                           "prices": [{"usd_per_hour": -5, "region": "us-east-1", "platform": "ec2",
+                                       "market": "on-demand", "date": "2026-11-01", "source": "x"}]})
+
+
+def test_an_implementation_may_take_only_the_arguments_it_uses(registry):
+    registry.register(OnlyGpus(), "only-gpus")
+    registry.catalog_entries()
+    try:
+        assert not registry.broken() and catalog.get_gpu("lab-l4").memory_bytes == catalog.get_gpu("L4").memory_bytes
+    finally:
+        plugins.reset()
+
+
+def test_tryfirst_decides_who_keeps_a_name_and_the_other_is_reported(registry):
+    registry.register(Later(), "later")
+    registry.register(First(), "first")  # registered last, but tryfirst
+    assert registry.backends()["shared"].description == "from First"
+    assert "already registered" in registry.broken()["later"][0]
+
+
+def test_system_exit_and_keyboard_interrupt_in_a_hook_are_contained(registry):
+    registry.register(Exits(), "exits")
+    registry.register(Interrupts(), "interrupts")
+    registry.catalog_entries()
+    assert {"hf", "sagemaker"} <= set(registry.backends())
+    assert "SystemExit" in registry.broken()["exits"][0] and "KeyboardInterrupt" in registry.broken()["interrupts"][0]
+
+
+def test_catalog_entries_that_would_corrupt_figures_are_refused(registry):
+    registry.register(BadEntries(), "bad-entries")
+    registry.catalog_entries()
+    errors = registry.broken()["bad-entries"]
+    assert any("fp16_tflops" in e for e in errors) and any("usd_per_hour" in e for e in errors)
+    with pytest.raises(PlannerError):
+        catalog.get_instance("negative.1")
+
+
+def test_hook_calls_can_be_traced_for_plugin_authors():
+    traced = run_cli("plugins", "--json", env={"FTPLAN_TRACE_HOOKS": "1"})
+    assert traced.returncode == 0 and "register_backends [hook]" in traced.stderr and "finish register_backends" in \
+        traced.stderr
+
+
+def test_ftplan_plugins_naming_what_is_not_installed_says_so_and_a_filtered_backend_is_explained(tmp_path):
+    rows = {r["name"]: r for r in json.loads(run_cli("plugins", "--json", env={"FTPLAN_PLUGINS": "hf,nope"}).stdout)}
+    assert "not installed" in rows["nope"]["errors"][0] and rows["hf"]["errors"] == []
+    plan = tmp_path / "plan.yaml"
+    assert run_cli("recommend", "llama2-7b", "--tokens", "1M", "--platform", "sagemaker", "--yes", "-o",
+                   str(plan)).returncode == 0
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    refused = run_cli("run", str(plan), "--data", str(tmp_path / "d.jsonl"), env={"FTPLAN_PLUGINS": "hf"})
+    assert refused.returncode == 2 and "FTPLAN_PLUGINS='hf' leaves its plugin out" in refused.stderr
+
+
+def test_a_third_party_entry_point_named_like_a_bundled_one_is_reported(tmp_path):
+    write_dist(tmp_path, "impostor", """
+        from ftplan.api import hookimpl
+
+        @hookimpl
+        def register_backends(register):
+            raise AssertionError("never loaded")
+    """, "hf")
+    rows = json.loads(run_cli("plugins", "--json", env={"PYTHONPATH": str(tmp_path)}).stdout)
+    bundled = next(r for r in rows if r["name"] == "hf")
+    impostor = next(r for r in rows if r["name"].startswith("hf ("))
+    assert bundled["source"] == "bundled" and bundled["errors"] == []
+    assert "already taken" in impostor["errors"][0]
+
+
+def test_recommend_with_a_backend_searches_only_its_methods_and_platforms(fake, tmp_path):
+    from ftplan.run.registry import backend_for
+
+    backend, platform, methods, why = backend_for("lora-only", None, ["full", "lora", "qlora"])
+    assert (backend.name, platform, methods, why) == ("lora-only", "ec2", ["lora"], "requested")
+    with pytest.raises(PlannerError, match="runs on ec2, not sagemaker"):
+        backend_for("lora-only", "sagemaker", ["lora"])
+    with pytest.raises(PlannerError, match="trains lora, none of --methods full"):
+        backend_for("lora-only", None, ["full"])
+    assert backend_for(None, "sagemaker", ["qlora"])[0].name == "sagemaker"
+
+
+# -- the run contract, enforced by ftplan for every backend ---------------------------------------------------
+
+CONTRACT_PLUGIN = """
+    import os, signal, time
+    from pathlib import Path
+    from ftplan.api import BackendOptions, ProgressEvent, RunResult, TrainerBackend, hookimpl
+
+    class Options(BackendOptions):
+        mode: str = "ok"
+
+    class Contract(TrainerBackend):
+        name = "contract"
+        description = "a backend that does what its --option mode says"
+        methods = ("full", "lora", "qlora")
+        platforms = ("ec2",)
+        options_model = Options
+        owned_patterns = ("weights.bin",)
+
+        def check(self, plan, request, options):
+            if options.mode == "check-raises":
+                raise RuntimeError("check blew up")
+            return self.supports(plan)
+
+        def checkpoint_step(self, request, options):
+            return 2 if (request.output_dir / "weights.bin").exists() else None
+
+        def run(self, plan, request, options, progress):
+            out = request.output_dir
+            start = request.resume_step or 0
+            for step in range(start + 1, start + 4):
+                progress(ProgressEvent(step=step, total_steps=3 + start, epoch=0.1 * step, loss=1.0 / step,
+                                       learning_rate=1e-4, tokens=10 * step, tokens_per_second=10.0,
+                                       elapsed_seconds=float(step), eta_seconds=1.0, peak_memory_bytes=None))
+                if options.mode == "wait-signal" and step == start + 1:
+                    Path(os.environ["READY_FILE"]).write_text("ready")
+                    time.sleep(60)  # SIGTERM arrives here, as KeyboardInterrupt
+            if options.mode == "run-raises":
+                raise ValueError("the GPU caught fire")
+            (out / "weights.bin").write_bytes(b"w")
+            artifacts = ["weights.bin"] + (["../escaped.txt"] if options.mode == "escape" else [])
+            return RunResult(output_dir=out, artifacts=artifacts, steps=start + 3, total_steps=start + 3,
+                             first_loss=1.0, final_loss=0.3, tokens=30, seconds=3.0, tokens_per_second=10.0,
+                             peak_memory_bytes=None, device="cpu")
+
+    @hookimpl
+    def register_backends(register):
+        register(Contract())
+"""
+
+
+@pytest.fixture
+def contract(tmp_path):
+    write_dist(tmp_path, "contract_plugin", CONTRACT_PLUGIN, "contract")
+    plan = tmp_path / "plan.yaml"
+    assert run_cli("recommend", "llama2-7b", "--tokens", "1M", "--backend", "contract", "--yes", "-o", str(plan),
+                   env={"PYTHONPATH": str(tmp_path)}).returncode == 0
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+
+    def run(*args, mode="ok", env=None):
+        return run_cli("run", str(plan), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"),
+                       "--option", f"mode={mode}", *args, env={"PYTHONPATH": str(tmp_path), **(env or {})})
+    return tmp_path, run
+
+
+def test_ftplan_writes_metrics_plan_and_summary_for_a_backend_and_force_replaces_its_output(contract):
+    where, run = contract
+    first = run()
+    assert first.returncode == 0, first.stderr
+    out = where / "out"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert {"plan.yaml", "summary.json", "weights.bin", ".ftplan-run.json"} <= {p.name for p in out.iterdir()}
+    assert run().returncode == 2  # not empty
+    assert run("--force").returncode == 0  # the backend's own weights.bin counts as ftplan's
+
+
+def test_resume_asks_the_backend_for_its_checkpoint_and_drops_later_metrics(contract):
+    where, run = contract
+    assert run().returncode == 0
+    with open(where / "out" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "torn')  # a kill mid-append
+    resumed = run("--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in (where / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # kept up to the checkpoint (2), then the resumed run's 3..5
+
+
+def test_a_backend_exception_is_one_line_and_leaves_nothing_half_written(contract):
+    where, run = contract
+    for mode, message in (("check-raises", "failed in check: RuntimeError: check blew up"),
+                          ("run-raises", "failed in run: ValueError: the GPU caught fire")):
+        result = run(mode=mode)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (where / "out" / "summary.json").exists()
+
+
+def test_an_artifact_outside_the_output_is_refused(contract):
+    where, run = contract
+    result = run(mode="escape")
+    assert result.returncode == 2 and "artifact outside --output" in result.stderr
+
+
+def test_sigterm_reaches_a_third_party_backend_as_ctrl_c_does(contract, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    where, _ = contract
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(where), "HF_HUB_OFFLINE": "1", "READY_FILE": str(ready)}
+    proc = subprocess.Popen([sys.executable, "-m", "ftplan", "run", str(where / "plan.yaml"), "--data",
+                             str(where / "d.jsonl"), "--output", str(where / "out"), "--option", "mode=wait-signal",
+                             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    summary = json.loads((where / "out" / "summary.json").read_text())
+    assert summary["result"]["interrupted"] and summary["result"]["steps"] == 1

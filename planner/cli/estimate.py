@@ -23,11 +23,13 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
               help="how state is split over the GPUs [default: none for 1 GPU, ddp for more]")
 @click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
               help="move optimizer states (ZeRO) or parameters (ZeRO-3, FSDP) to host RAM")
+@click.option("--region", default=None, help="price instances in this region [default: each in its own - "
+              "us-east-1 for the bundled catalog, a plugin's region for its hardware]")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code (fallback counting only)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
 def estimate(model: str, method: str, gpu: str | None, instance: str | None, layers: int | None, gpus: int,
-             nodes: int, sharding: str | None, offload: str, trust_remote_code: bool, as_json: bool,
-             **settings) -> None:
+             nodes: int, sharding: str | None, offload: str, region: str | None, trust_remote_code: bool,
+             as_json: bool, **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
 
     MODEL is a catalog name (ftplan models), a Hugging Face id, or a path to a config.json.
@@ -45,7 +47,7 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
     methods = list(METHODS) if method == "all" else [method]
     report = with_plugin_catalog(lambda: run_estimate(spec, methods, choices, gpu=gpu, instance=instance,
                                                       trust_remote_code=trust_remote_code, gpus=gpus, nodes=nodes,
-                                                      sharding=sharding, offload=offload))
+                                                      sharding=sharding, offload=offload, region=region))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
@@ -106,12 +108,20 @@ def models(query: str | None, as_json: bool) -> None:
 @click.command()
 @click.option("--gpu", default=None, help="only instances with this GPU")
 @click.option("--min-gpu-memory", type=float, default=None, help="only GPUs with at least this many GiB")
+@click.option("--region", default=None, help="show prices in this region [default: each instance's own]")
 @click.option("--json", "as_json", is_flag=True)
-def instances(gpu: str | None, min_gpu_memory: float | None, as_json: bool) -> None:
-    """List catalogued AWS instance types with their GPUs and prices (with price date and source)."""
+def instances(gpu: str | None, min_gpu_memory: float | None, region: str | None, as_json: bool) -> None:
+    """List catalogued instance types with their GPUs and prices (with price date and source)."""
     from ftplan.data import catalog
 
     load_plugin_catalog()
+    if region is not None:
+        from ftplan.estimate.cost import regions
+
+        known = set().union(*(regions(p) for p in {p.platform for i in catalog.instances().values() for p in i.prices}))
+        if region not in known:
+            raise PlannerError(f"no prices for region '{region}'.{catalog.suggest(region, sorted(known))} Catalogued "
+                               f"prices cover: {', '.join(sorted(known))}")
     if gpu:
         catalog.get_gpu(gpu)
     rows = [i for i in catalog.instances().values()
@@ -122,6 +132,6 @@ def instances(gpu: str | None, min_gpu_memory: float | None, as_json: bool) -> N
         return
     from ftplan.render.estimate import instances_list
 
-    console().print(instances_list(rows))
+    console().print(instances_list(rows, region))
 
 

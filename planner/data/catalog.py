@@ -7,12 +7,12 @@ import json
 from datetime import date
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from ftplan.data.price import Price
 from ftplan.errors import PlannerError
-from ftplan.names import Name
 
 if TYPE_CHECKING:
     from ftplan.data import rules
@@ -54,17 +54,6 @@ class Gpu(BaseModel):
     memory_source: str = Field(description="where the memory figure comes from")
 
 
-class Price(BaseModel):
-    """An hourly price with where and when it was read."""
-
-    usd_per_hour: float = Field(gt=0, allow_inf_nan=False, description="dollars per instance-hour")
-    region: str = Field(min_length=1, description="region code (us-east-1), or a plugin's own (dc1, europe-west4)")
-    platform: Name = Field(description="ec2, sagemaker, or a plugin's own platform name (gcp, onprem)")
-    market: Literal["on-demand", "spot"]
-    date: str = Field(description="when the price was read (ISO date)")
-    source: str = Field(description="where the price was read")
-
-
 class Instance(BaseModel):
     """A rentable (or owned) machine type and its GPUs."""
 
@@ -89,9 +78,13 @@ class Instance(BaseModel):
         else the instance's first on-demand price, in its own region and platform (plugins' hardware)."""
         return self.price() or next((p for p in self.prices if p.market == "on-demand"), None)
 
-    def priced(self, region: str | None, platform: str = "ec2", market: str = "on-demand") -> Price | None:
-        """The price in `region`, or the home price when `region` is None."""
-        return self.home_price() if region is None else self.price(region, platform, market)
+    def priced(self, region: str | None) -> Price | None:
+        """The on-demand price in `region` (on whichever platform prices it there: EC2 first), or the home
+        price when `region` is None."""
+        if region is None:
+            return self.home_price()
+        return self.price(region) or next((p for p in self.prices if p.region == region and p.market == "on-demand"),
+                                          None)
 
 
 # Entries added by plugins (register_catalog_entries); the bundled catalog is never modified.

@@ -5,31 +5,18 @@ pydantic only: the catalog reads the cache on every command that prices instance
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel
 
 from ftplan.data.files import atomic_write_text, read_user_file, user_dir
+from ftplan.data.price import Price
 
 
-class CachedPrice(BaseModel):
-    """One refreshed hourly rate."""
+class CachedPrice(Price):
+    """One refreshed hourly rate, for an instance type."""
 
     instance_type: str
-    usd_per_hour: float = Field(gt=0)
-    region: str
-    platform: str
-    market: str
-    date: str
-    source: str
-
-    @field_validator("usd_per_hour")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number of dollars")
-        return value
 
 
 class PriceCache(BaseModel):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ftplan.data import catalog
+from ftplan.data.price import Price
 from ftplan.errors import PlannerError
 from ftplan.names import Name
 
@@ -16,16 +17,10 @@ Platform = Name
 Market = Literal["on-demand", "spot"]
 
 
-class HourlyPrice(BaseModel):
-    """The price of one instance-hour as used for a plan, and where it came from."""
+class HourlyPrice(Price):
+    """The price of one instance-hour as used for a plan, where it came from, and how it was derived."""
 
     instance_type: str
-    usd_per_hour: float
-    region: str
-    platform: Platform
-    market: Market
-    date: str
-    source: str
     derived: str = Field("", description="how it was derived from a catalogued price, if it was")
     warning: str = Field("", description="set when the price is more than 90 days old")
 
@@ -87,7 +82,7 @@ def hourly_price(instance: catalog.Instance, region: str = "us-east-1", platform
         known = {k.type: k.usd_per_hour for k in rules.known}
         ec2 = instance.price(region, "ec2", "on-demand")
         if instance.type in known and region == "us-east-1":
-            base = catalog.Price(usd_per_hour=known[instance.type], region=region, platform="sagemaker",
+            base = Price(usd_per_hour=known[instance.type], region=region, platform="sagemaker",
                                  market="on-demand", date=rules.known_date, source=rules.known_source)
         elif ec2 is not None:
             base, uplift = ec2, rules.uplift_over_ec2

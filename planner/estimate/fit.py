@@ -34,10 +34,11 @@ def gpu_supports(gpu: catalog.Gpu, setup: TrainingSetup) -> str:
 
 
 def judge(instance: catalog.Instance, required_bytes: int, setup: TrainingSetup,
-          region: str = "us-east-1") -> InstanceFit:
-    """How `instance`'s GPUs compare with `required_bytes` per GPU."""
+          region: str | None = None) -> InstanceFit:
+    """How `instance`'s GPUs compare with `required_bytes` per GPU, priced in `region` (None: each instance's
+    own region - us-east-1 for the bundled catalog, the plugin's for its hardware)."""
     gpu = catalog.gpu_of(instance)
-    price = instance.price(region)
+    price = instance.priced(region)
     reason = gpu_supports(gpu, setup)
     headroom = gpu.memory_bytes - required_bytes
     return InstanceFit(
@@ -49,7 +50,7 @@ def judge(instance: catalog.Instance, required_bytes: int, setup: TrainingSetup,
 
 
 def cheapest_fits(required_bytes: int, setup: TrainingSetup, *, gpu: str | None = None, limit: int = 3,
-                  region: str = "us-east-1", min_gpus: int = 1) -> list[InstanceFit]:
+                  region: str | None = None, min_gpus: int = 1) -> list[InstanceFit]:
     """The cheapest priced instances with at least `min_gpus` GPUs, each holding `required_bytes`."""
     fits = [judge(i, required_bytes, setup, region) for i in catalog.instances().values()
             if (gpu is None or i.gpu.lower() == gpu.lower()) and i.gpu_count >= min_gpus]

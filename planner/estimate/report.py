@@ -60,11 +60,13 @@ class EstimateReport(BaseModel):
     settings: SetupChoices
     gpu: str | None
     instance: str | None
+    region: str | None = Field(description="the price region asked for; null: each instance in its own region "
+                                           "(us-east-1 for the bundled catalog)")
     assumptions: list[str]
     estimates: list[MethodEstimate]
 
 
-def assumptions(setups: list[TrainingSetup]) -> list[str]:
+def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[str]:
     """The defaults and modelling choices behind the numbers, in words."""
     rules = catalog.memory_rules()
     notes = [
@@ -82,7 +84,7 @@ def assumptions(setups: list[TrainingSetup]) -> list[str]:
         f"required = peak allocated + {rules.allocator_slack:.0%} allocator slack + "
         f"{rules.cuda_context_bytes // 2**20} MiB CUDA context + paged optimizer states",
         "memory: one GPU holds the whole model unless --gpus/--sharding say otherwise; prices: on-demand, "
-        "us-east-1",
+        + (region or "each instance's own region (us-east-1 for the bundled catalog)"),
     ]
     return notes
 
@@ -111,7 +113,8 @@ FALLBACK_NOTE = ("counted by building the model with transformers on the meta de
 
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
              instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
-             nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none") -> EstimateReport:
+             nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none",
+             region: str | None = None) -> EstimateReport:
     """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures).
 
     `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure --device cpu`.
@@ -137,7 +140,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                             f"type(s) (e.g. {big[0]}): their adapters hold at least as many parameters as the layers")
         selected = None
         if selected_instance:
-            selected = judge(selected_instance, need, setup)
+            selected = judge(selected_instance, need, setup, region)
         estimates.append(MethodEstimate(
             method=setup.method, setup=setup, total_params=counts.total_params,
             trainable_params=counts.trainable_params,
@@ -145,7 +148,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
             targets=counts.targets, memory=memory, selected=selected,
             unquantized_linear_params=unquantized_matmul_params(layout) if setup.method == "qlora" else 0,
             cheapest_instances=cheapest_fits(need, setup, gpu=gpu_info.name if gpu_info else None,
-                                             min_gpus=gpus // nodes),
+                                             min_gpus=gpus // nodes, region=region),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
         ))
     for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
@@ -156,7 +159,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                      license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
                      vocab_size=spec.dims.vocab, counting=counting)
     return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
-                          instance=selected_instance.type if selected_instance else None,
-                          assumptions=assumptions(setups) + ([FALLBACK_NOTE] if counting != "analytic" else [])
+                          instance=selected_instance.type if selected_instance else None, region=region,
+                          assumptions=assumptions(setups, region) + ([FALLBACK_NOTE] if counting != "analytic" else [])
                           + warnings,
                           estimates=estimates)

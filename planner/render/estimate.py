@@ -91,14 +91,16 @@ def bars(report: EstimateReport) -> Table:
 
 
 def instances_table(report: EstimateReport) -> Table:
-    table = Table(title="cheapest AWS instances whose GPU holds the requirement (on-demand, us-east-1)",
+    where = report.region or "each in its own region"
+    table = Table(title=f"cheapest instances whose GPU holds the requirement (on-demand, {where})",
                   title_justify="left")
     for col in ("method", "instance", "GPUs", "GPU memory", "headroom", "$/hour", "price date"):
         table.add_column(col, justify="left" if col in ("method", "instance") else "right",
                          no_wrap=col in ("instance", "price date"), min_width=10 if col == "price date" else None)
     for e in report.estimates:
         if not e.cheapest_instances:
-            table.add_row(e.method, Text("none fits on one GPU: shard it or pick a smaller method", style="red"),
+            table.add_row(e.method, Text("no priced instance holds it on one GPU: shard it or pick a smaller method",
+                                         style="red"),
                           *[""] * 5)
         for f in e.cheapest_instances:
             table.add_row(e.method, f.instance_type, f"{f.gpu_count} x {f.gpu}", gib(f.gpu_memory_bytes),
@@ -152,16 +154,23 @@ def sharded_table(report: EstimateReport) -> Table | None:
 
 
 def smallest_counts_line(report: EstimateReport) -> list[str]:
+    """Per method, the fewest rentable instances that hold it with parameter sharding, per GPU type: whole
+    instances ('1 x p5e.48xlarge (8 x H200)'), never one GPU of a larger instance; unpriced types skipped."""
     out = []
     for e in report.estimates:
-        counts = {}
-        for inst, n in e.smallest_gpu_counts.items():
-            gpu = catalog.get_instance(inst).gpu
-            if n is not None and (gpu not in counts or n < counts[gpu][0]):
-                counts[gpu] = (n, inst)
-        if counts:
-            out.append(f"{e.method}: fewest GPUs with ZeRO-3/FSDP sharding: " + ", ".join(
-                f"{n} x {gpu} ({inst})" for gpu, (n, inst) in sorted(counts.items(), key=lambda kv: kv[1][0])[:6]))
+        best: dict[str, tuple[int, int, str]] = {}  # GPU -> (GPUs rented, instances, type)
+        for inst_type, n in e.smallest_gpu_counts.items():
+            inst = catalog.get_instance(inst_type)
+            if n is None or inst.priced(report.region) is None:
+                continue
+            count = -(-n // inst.gpu_count)
+            rented = count * inst.gpu_count
+            if inst.gpu not in best or (rented, count) < best[inst.gpu][:2]:
+                best[inst.gpu] = (rented, count, inst.type)
+        if best:
+            shown = sorted(best.items(), key=lambda kv: kv[1])[:6]
+            out.append(f"{e.method}: fewest instances with ZeRO-3/FSDP sharding: " + ", ".join(
+                f"{count} x {inst} ({rented} x {gpu})" for gpu, (rented, count, inst) in shown))
     return out
 
 
@@ -230,13 +239,14 @@ def models_table(rows: list[catalog.CatalogModel]) -> Table:
     return table
 
 
-def instances_list(rows: list[catalog.Instance]) -> Table:
-    table = Table(title="catalogued AWS instances (EC2, us-east-1, on-demand)", title_justify="left")
+def instances_list(rows: list[catalog.Instance], region: str | None = None) -> Table:
+    table = Table(title=f"catalogued instances (on-demand, {region or 'each in its own region'})",
+                  title_justify="left")
     for col in ("instance", "GPU", "GPUs", "GiB/GPU", "vCPU", "RAM GiB", "interconnect", "$/hour", "price date"):
         table.add_column(col, justify="left" if col in ("instance", "GPU", "interconnect") else "right")
     for i in rows:
         gpu = catalog.gpu_of(i)
-        price = i.price()
+        price = i.priced(region)
         table.add_row(i.type, gpu.name, str(i.gpu_count), f"{gpu.memory_gib_reported:g}", str(i.vcpus),
                       f"{i.memory_gib:g}", i.interconnect, f"{price.usd_per_hour:,.4g}" if price else "n/a",
                       price.date if price else i.notes)

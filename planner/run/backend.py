@@ -21,7 +21,9 @@ from ftplan.errors import PlannerError
 from ftplan.estimate.settings import METHODS
 from ftplan.plan import Plan
 
-__all__ = ["BackendOptions", "Problem", "ProgressCallback", "ProgressEvent", "RunRequest", "RunResult",
+ANY_PLATFORM = "any"  # a backend that trains on the machine it runs on carries plans made for any platform
+
+__all__ = ["ANY_PLATFORM", "BackendOptions", "Problem", "ProgressCallback", "ProgressEvent", "RunRequest", "RunResult",
            "TrainerBackend"]
 
 
@@ -159,7 +161,7 @@ class TrainerBackend(ABC):
                                             f"supports {', '.join(self.methods)})",
                                     fix="re-plan with ftplan recommend --backend " + self.name
                                         + " or choose another --backend"))
-        if plan.hardware.platform not in self.platforms:
+        if plan.hardware.platform not in self.platforms and ANY_PLATFORM not in self.platforms:
             problems.append(Problem(message=f"backend '{self.name}' does not run on {plan.hardware.platform} (it "
                                             f"runs on {', '.join(self.platforms)})",
                                     fix=f"re-plan with ftplan recommend --backend {self.name}, or choose a backend "

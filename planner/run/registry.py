@@ -24,7 +24,7 @@ from ftplan.data import catalog
 from ftplan.errors import PlannerError
 from ftplan.names import NAME_PATTERN
 from ftplan.run import hookspecs
-from ftplan.run.backend import TrainerBackend
+from ftplan.run.backend import ANY_PLATFORM, TrainerBackend
 
 ENTRY_POINT_GROUP = "ftplan"
 DISTRIBUTION = "ftplan"  # entry points of this distribution are the bundled plugins
@@ -255,10 +255,10 @@ def backend_for(name: str | None, platform: str | None, methods: list[str]) -> t
     """
     if name is not None:
         backend, why = get_backend(name), "requested"
-        if platform is not None and platform not in backend.platforms:
+        if platform is not None and platform not in backend.platforms and ANY_PLATFORM not in backend.platforms:
             raise PlannerError(f"backend '{name}' runs on {', '.join(backend.platforms)}, not {platform}; drop "
                                "--platform or choose another --backend (see ftplan plugins)")
-        platform = platform or backend.platforms[0]
+        platform = platform or next((p for p in backend.platforms if p != ANY_PLATFORM), "ec2")
     else:
         platform = platform or "ec2"
         available = registry().backends()

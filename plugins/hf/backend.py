@@ -74,7 +74,7 @@ class HuggingFaceBackend(TrainerBackend):
     name = "hf"
     description = "transformers + PEFT + bitsandbytes + accelerate on this machine (CPU or one CUDA GPU)"
     methods = ("full", "lora", "qlora")
-    platforms = ("ec2", "sagemaker")  # sagemaker: inside a training job, started by the sagemaker backend
+    platforms = ("any",)  # it trains where it runs: here, inside a SageMaker job, on a node SkyPilot or Slurm started
     options_model = HuggingFaceOptions
     owned_patterns = ("checkpoint-*", ".checkpoint-*.tmp", "adapter", "model", "tokenizer", ".adapter.tmp",
                       ".model.tmp", ".tokenizer.tmp", "accelerate_config.yaml", "launch.sh", ".request.json",
