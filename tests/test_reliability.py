@@ -48,7 +48,7 @@ def test_resume_ignores_half_written_checkpoints(tmp_path):
 
     good = tmp_path / "checkpoint-000004"
     good.mkdir()
-    (good / "trainer_state.json").write_text("{}")
+    (good / "manifest.json").write_text("{}")               # only a manifest marks a checkpoint written whole
     (tmp_path / ".checkpoint-000006.tmp").mkdir()            # a crash while writing step 6
     (tmp_path / "checkpoint-000008").mkdir()                 # renamed by hand, never completed
     assert checkpoint.complete(tmp_path) == [good]

@@ -64,8 +64,9 @@ def test_recommend_then_run_trains_and_the_loss_falls(workdir, method):
     assert len(curve) == load(plan).training.optimizer_steps == 32
     assert sum(curve[-4:]) / 4 < 0.95 * sum(curve[:4]) / 4   # at least 5% lower, far beyond step noise
     written = {p.name for p in out.iterdir()}
-    assert {"metrics.jsonl", "tokenizer", "plan.yaml", "summary.json", "model" if method == "full" else "adapter"} \
-        <= written
+    folder = "model" if method == "full" else "adapter"
+    assert {"metrics.jsonl", "plan.yaml", "summary.json", folder} <= written
+    assert (out / folder / "tokenizer.json").exists()  # beside the weights, as Hugging Face loaders expect
     summary = json.loads((out / "summary.json").read_text())
     assert summary["result"]["eval_loss"] is not None and summary["result"]["device"] == "cpu"
     if method != "full":
@@ -87,11 +88,11 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(workdir, meth
     seen = {}
     original = loop._save_final
 
-    def capture(model, tokenizer, output_dir, full):
+    def capture(model, tokenizer, output_dir, full, procs):
         model.eval()
         with torch.no_grad():
             seen["logits"] = model(**batch).logits.float()
-        return original(model, tokenizer, output_dir, full)
+        return original(model, tokenizer, output_dir, full, procs)
 
     monkeypatch.setattr(loop, "_save_final", capture)
     request = RunRequest(data=workdir / "train.jsonl", output_dir=workdir / f"logits-{method}", max_steps=6)

@@ -227,9 +227,9 @@ def test_the_entry_script_trains_inside_the_container_layout_and_resumes(tmp_pat
     checkpoints, model = opt / "checkpoints", opt / "model"
     assert not entry.resuming(checkpoints / entry.RUN_DIR_NAME)
     assert entry.main(opt / "input", checkpoints, model) == 0
-    assert (model / "adapter" / "adapter_model.safetensors").exists() and (model / "summary.json").exists()
+    assert (model / "adapter" / "adapter_model.safetensors").exists() and (model / "job-summary.json").exists()
     # a spot restart finds the synced checkpoint and resumes from it
     assert entry.resuming(checkpoints / entry.RUN_DIR_NAME)
     assert entry.main(opt / "input", checkpoints, model) == 0
-    summary = json.loads((model / "summary.json").read_text())
+    summary = json.loads((model / "job-summary.json").read_text())
     assert summary["result"]["resumed_from_step"] == 6 and summary["result"]["steps"] == 8

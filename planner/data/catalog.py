@@ -15,7 +15,7 @@ from ftplan.data.price import Price
 from ftplan.errors import PlannerError
 
 if TYPE_CHECKING:
-    from ftplan.data import rules
+    from ftplan.data import planning_rules, rules
 
 
 class CatalogModel(BaseModel):
@@ -182,11 +182,11 @@ def peft_default_targets() -> dict[str, list[str]]:
 
 
 @cache
-def throughput() -> rules.Throughput:
+def throughput() -> planning_rules.Throughput:
     """Utilisation defaults, dequantization and communication assumptions (catalogs/throughput.json)."""
-    from ftplan.data import rules  # its classes are built only when a rule is needed
+    from ftplan.data import planning_rules  # its classes are built only when recommend needs them
 
-    return rules.Throughput.model_validate(_load("throughput.json"))
+    return planning_rules.Throughput.model_validate(_load("throughput.json"))
 
 
 @cache
@@ -198,11 +198,11 @@ def pricing() -> rules.Pricing:
 
 
 @cache
-def quality() -> rules.Quality:
+def quality() -> planning_rules.Quality:
     """Published evidence on each method's quality per task (catalogs/quality.json)."""
-    from ftplan.data import rules  # its classes are built only when a rule is needed
+    from ftplan.data import planning_rules  # its classes are built only when recommend needs them
 
-    return rules.Quality.model_validate(_load("quality.json"))
+    return planning_rules.Quality.model_validate(_load("quality.json"))
 
 
 @cache
@@ -214,11 +214,11 @@ def memory_rules() -> rules.MemoryRules:
 
 
 @cache
-def planning() -> rules.Planning:
+def planning() -> planning_rules.Planning:
     """recommend's search grid and the dataset approximation (catalogs/planning.json)."""
-    from ftplan.data import rules  # its classes are built only when a rule is needed
+    from ftplan.data import planning_rules  # its classes are built only when recommend needs them
 
-    return rules.Planning.model_validate(_load("planning.json"))
+    return planning_rules.Planning.model_validate(_load("planning.json"))
 
 
 @cache

@@ -1,4 +1,6 @@
-"""Typed models of the catalogued rules and assumptions: throughput, pricing, quality, memory, planning.
+"""Typed models of the catalogued rules the estimate path reads: memory overheads, PEFT's default targets,
+pricing. (Throughput, quality and the search grid, which only recommend needs, are in planning_rules.py:
+every model class costs start-up time.)
 
 Every figure the core uses that is not a fact of a library or an API lives in catalogs/*.json with
 its source; these models are how the code reads them (loaded once by ftplan.data.catalog).
@@ -11,61 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class _Rules(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-# -- throughput.json ------------------------------------------------------------------------------
-class UtilizationDefault(_Rules):
-    architecture: str
-    full: float = Field(gt=0, le=1)
-    lora: float = Field(gt=0, le=1)
-    qlora: float = Field(gt=0, le=1)
-    source: str
-
-    def for_method(self, method: str) -> float:
-        return getattr(self, method)
-
-
-class Utilization(_Rules):
-    about: str
-    defaults: list[UtilizationDefault]
-    fallback: float = Field(gt=0, le=1, description="for a GPU architecture with no row")
-    fallback_source: str
-
-
-class Dequantization(_Rules):
-    about: str
-    bytes_per_weight: float = Field(gt=0)
-    bandwidth_efficiency: float = Field(gt=0, le=1)
-    source: str
-
-
-class Communication(_Rules):
-    about: str
-    bus_efficiency: float = Field(gt=0, le=1)
-    intra_node_gbytes_per_s: dict[str, float]
-    intra_node_source: str
-    inter_node_without_efa_factor: float = Field(gt=0, le=1)
-    inter_node_source: str
-    network_floor_gbytes_per_s: float = Field(gt=0)
-    network_floor_source: str
-
-
-class Overhead(_Rules):
-    setup_seconds: float = Field(ge=0, description="billed per instance: boot, packages, model download and load")
-    about: str
-    cluster_launch_seconds: float = Field(ge=0, description="billed per instance of a multi-instance plan")
-    cluster_launch_about: str
-
-
-class Throughput(_Rules):
-    """catalogs/throughput.json."""
-
-    schema_: int = Field(alias="schema")
-    retrieved: str
-    utilization: Utilization
-    dequantization: Dequantization
-    communication: Communication
-    overhead: Overhead
 
 
 # -- pricing.json ---------------------------------------------------------------------------------
@@ -118,32 +65,6 @@ class Pricing(_Rules):
         return rule.minimum_seconds if rule else 0.0
 
 
-# -- quality.json ---------------------------------------------------------------------------------
-class Tier(_Rules):
-    tier: int = Field(ge=0)
-    evidence: str
-
-
-class Weighing(_Rules):
-    balanced_penalty_per_tier: float = Field(ge=0)
-    about: str
-
-
-class Quality(_Rules):
-    """catalogs/quality.json: a tier and its evidence per task and method ('full', or 'lora'/'qlora' with
-    '/all-linear' or '/subset' for which layers the adapters cover)."""
-
-    schema_: int = Field(alias="schema")
-    about: str
-    tasks: dict[str, dict[str, Tier]]
-    weighing: Weighing
-
-    def tier(self, task: str, method: str, all_linear: bool) -> tuple[str, Tier]:
-        """The row (its key, and tier with evidence) that judges `method` on `task`."""
-        key = method if method == "full" else f"{method}/{'all-linear' if all_linear else 'subset'}"
-        return key, self.tasks[task][key]
-
-
 # -- memory.json ----------------------------------------------------------------------------------
 class MemoryRules(_Rules):
     """catalogs/memory.json: what a GPU needs beyond the allocator's peak."""
@@ -153,40 +74,6 @@ class MemoryRules(_Rules):
     cuda_context_source: str
     allocator_slack: float = Field(ge=0, lt=1)
     allocator_slack_source: str
-
-
-# -- planning.json --------------------------------------------------------------------------------
-class SearchGrid(_Rules):
-    micro_batches: list[int] = Field(min_length=1)
-    instance_counts: list[int] = Field(min_length=1)
-    source: str
-
-
-class DatasetRules(_Rules):
-    chars_per_token: float = Field(gt=0)
-    source: str
-
-
-class Recipes(_Rules):
-    learning_rate: dict[str, float]
-    max_grad_norm: dict[str, float]
-    source: str
-
-
-class MultiInstance(_Rules):
-    margin: float = Field(ge=0, lt=1)
-    source: str
-
-
-class Planning(_Rules):
-    """catalogs/planning.json: recommend's search grid, the recipe hyperparameters, the multi-instance
-    margin and the dataset approximation."""
-
-    schema_: int = Field(alias="schema")
-    search: SearchGrid
-    dataset: DatasetRules
-    recipes: Recipes
-    multi_instance: MultiInstance
 
 
 class PeftDefaults(_Rules):

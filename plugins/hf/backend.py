@@ -81,10 +81,10 @@ class HuggingFaceBackend(TrainerBackend):
                       ".result.json", ".result.json.tmp", ".events.jsonl")
 
     def checkpoint_step(self, request: RunRequest, options: HuggingFaceOptions) -> int | None:
-        from .checkpoint import complete, step_of
+        from .checkpoint import newest_intact, step_of
 
-        done = complete(request.output_dir)
-        return step_of(done[-1]) if done else None
+        path, _ = newest_intact(request.output_dir)
+        return step_of(path) if path is not None else None
 
     def check(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
         problems = self.supports(plan)

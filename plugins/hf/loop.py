@@ -1,6 +1,9 @@
-"""The training loop of the Hugging Face backend: accelerate for device and mixed precision, the
-model built by planner.modelbuild (the code `ftplan measure` uses), checkpoints every N steps,
-exact resume, and a clean stop on SIGINT/SIGTERM."""
+"""The training loop of the Hugging Face backend: accelerate for device and mixed precision, the model built
+by ftplan.api.build_model (the code `ftplan measure` uses), checkpoints every N steps, exact resume from the
+newest intact checkpoint, and a clean stop on SIGINT/SIGTERM or a loss that is no longer finite.
+
+`train` runs the stages in order: start (accelerator, seed), data, build (model, optimizer, schedule),
+resume, the steps, finish (final save, result)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftplan.api import (
@@ -90,169 +94,255 @@ def _eval_loss(model, examples, micro: int, pad_id: int, accelerator) -> float:
     return total / count
 
 
-def _save_final(model, tokenizer, output_dir: Path, full: bool) -> list[str]:
-    """The adapter (or full model) and tokenizer, each written to a temporary name then renamed."""
+def _save_final(model, tokenizer, output_dir: Path, full: bool, procs: checkpoint.Processes) -> list[str]:
+    """The adapter (or full model) with the tokenizer beside it - so AutoTokenizer, AutoPeftModelForCausalLM and
+    pipeline() load the folder as it is - written to a temporary name, then renamed. Every process calls it:
+    under FSDP the weights are gathered first."""
+    state_dict = None
+    if procs.count > 1 and checkpoint.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     name = "model" if full else "adapter"
-    written = []
-    for target, save in ((name, lambda d: model.save_pretrained(d, safe_serialization=True)),
-                         ("tokenizer", tokenizer.save_pretrained)):
-        tmp = output_dir / f".{target}.tmp"
+    if procs.main:
+        tmp = output_dir / f".{name}.tmp"
+        if tmp.is_symlink():
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
-        save(str(tmp))
-        final = output_dir / target
-        if final.exists():
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))
+        final = output_dir / name
+        if final.is_symlink():
+            final.unlink()
+        elif final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        written.append(target)
-    return written
+    procs.barrier()
+    return [name]
 
 
-def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunRequest,
-          progress: ProgressCallback) -> RunResult:
-    """Train `plan` from the weights at `source`; write outputs and checkpoints into request.output_dir."""
+@dataclass
+class Session:
+    """What the stages of one run share."""
+
+    plan: Plan
+    request: RunRequest
+    accelerator: object
+    procs: checkpoint.Processes
+    cpu: bool
+    notes: list[str] = field(default_factory=list)
+    stream: Stream | None = None
+    eval_examples: list | None = None
+    accum: int = 1
+    steps_per_epoch: int = 1
+    total: int = 1
+    model: object = None
+    unwrapped: object = None
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+
+    @property
+    def full(self) -> bool:
+        return self.plan.training.method == "full"
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
+def _start(plan: Plan, request: RunRequest) -> Session:
+    """The accelerator (device, mixed precision, processes) and the seed; stale temporary checkpoints go."""
     import warnings
 
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ftplan shows its own progress
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
-    t = plan.training
-    setup = t.setup
-    out = request.output_dir
     cpu = request.device == "cpu" or (request.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=mixed_precision(plan), cpu=cpu)
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_partial(out)
-    accelerator.wait_for_everyone()
-    device = accelerator.device
-    set_seed(t.seed)
-    processes, rank = accelerator.num_processes, accelerator.process_index
+    procs = checkpoint.Processes(rank=accelerator.process_index, count=accelerator.num_processes,
+                                 barrier=accelerator.wait_for_everyone)
+    if procs.main:
+        request.output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(request.output_dir)
+    procs.barrier()
+    set_seed(plan.training.seed)
+    return Session(plan=plan, request=request, accelerator=accelerator, procs=procs, cpu=cpu)
 
-    records = data.read_records(request.data)
-    examples = data.tokenize(records, tokenizer, setup.seq_len, str(request.data))
+
+def _data(s: Session, tokenizer) -> None:
+    """Tokenized examples as a stream of micro-batches, the accumulation that keeps the plan's global batch on
+    this many processes, and the step count."""
+    t, setup, request = s.plan.training, s.plan.training.setup, s.request
+    examples = data.tokenize(data.read_records(request.data), tokenizer, setup.seq_len, str(request.data))
     if t.packing:
         examples = data.pack(examples, setup.seq_len)
-    eval_examples = None
     if request.eval_data is not None:
-        eval_examples = data.tokenize(data.read_records(request.eval_data), tokenizer, setup.seq_len,
-                                      str(request.eval_data))
-
-    world = plan.hardware.instance_count * plan.hardware.gpus_per_instance
+        s.eval_examples = data.tokenize(data.read_records(request.eval_data), tokenizer, setup.seq_len,
+                                        str(request.eval_data))
+    world, processes = s.plan.hardware.instance_count * s.plan.hardware.gpus_per_instance, s.procs.count
     if (t.grad_accum * world) % processes:
         raise PlannerError(f"{processes} processes cannot split the plan's global batch ({t.global_batch} = "
                            f"{setup.batch_size} x {t.grad_accum} x {world} GPUs); use a process count dividing "
                            f"{t.grad_accum * world}")
-    # the same global batch on fewer processes than the plan's GPUs: accumulate longer
-    accum = t.grad_accum * world // processes
-    notes = [] if world == processes else [f"the plan spreads the global batch over {world} GPUs; this run used "
-                                           f"{processes} process(es) with {accum} accumulation steps (same global "
-                                           "batch)"]
-    micro = setup.batch_size
-    stream = Stream(examples, micro, t.seed, tokenizer.pad_token_id)
-    steps_per_epoch = max(1, math.ceil(stream.per_epoch / (accum * processes)))
-    total = request.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    s.accum = t.grad_accum * world // processes  # fewer processes than the plan's GPUs: accumulate longer
+    if world != processes:
+        s.notes.append(f"the plan spreads the global batch over {world} GPUs; this run used {processes} process(es) "
+                       f"with {s.accum} accumulation steps (same global batch)")
+    s.stream = Stream(examples, setup.batch_size, t.seed, tokenizer.pad_token_id)
+    s.steps_per_epoch = max(1, math.ceil(s.stream.per_epoch / (s.accum * processes)))
+    s.total = request.max_steps or max(1, math.ceil(s.steps_per_epoch * t.epochs))
 
-    model = build_model(spec, setup, device=str(device), pretrained=source, trust_remote_code=request.trust_remote_code,
-                        sharded=processes > 1 and plan.hardware.sharding in ("fsdp", "fsdp-hybrid", "zero3"))
-    optimizer = build_optimizer(model, setup)
+
+def _build(s: Session, spec: ModelSpec, source: str) -> None:
+    """Model with the method applied, optimizer, learning-rate schedule, all prepared by accelerate."""
+    from transformers import get_scheduler
+
+    t = s.plan.training
+    model = build_model(spec, t.setup, device=str(s.device), pretrained=source,
+                        trust_remote_code=s.request.trust_remote_code,
+                        sharded=s.procs.count > 1 and s.plan.hardware.sharding in ("fsdp", "fsdp-hybrid", "zero3"))
+    optimizer = build_optimizer(model, t.setup)
     for group in optimizer.param_groups:
         group["lr"] = t.learning_rate
         group["initial_lr"] = t.learning_rate
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total),
-                              num_training_steps=total)
-    model, optimizer = accelerator.prepare(model, optimizer)  # DDP (or FSDP) across processes
-    scaler = getattr(accelerator, "scaler", None)
-    full = t.method == "full"
-    unwrapped = accelerator.unwrap_model(model)
+    s.scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * s.total),
+                                num_training_steps=s.total)
+    s.model, s.optimizer = s.accelerator.prepare(model, optimizer)  # DDP (or FSDP) across processes
+    s.scaler = getattr(s.accelerator, "scaler", None)
+    s.unwrapped = s.accelerator.unwrap_model(s.model)
 
-    start_step, state = 0, {"tokens": 0, "first_loss": None, "elapsed": 0.0}
-    resumed_from = None
-    if request.resume:
-        done = checkpoint.complete(out)
-        if not done:
-            raise PlannerError(f"--resume: no complete checkpoint in {out}; run without --resume to start over")
-        state = checkpoint.load(done[-1], model=unwrapped, full=full, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, device=device)
-        start_step = resumed_from = state["step"]
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if torch.cuda.is_available() and not cpu:
+def _resume(s: Session) -> tuple[dict, int | None]:
+    """The trainer state to start from: fresh, or the newest intact checkpoint's (older ones when newer ones are
+    damaged or do not load, each skip said in the notes)."""
+    state = {"tokens": 0, "first_loss": None, "elapsed": 0.0, "step": 0}
+    if not s.request.resume:
+        return state, None
+    path, skipped = checkpoint.newest_intact(s.request.output_dir)
+    s.notes += skipped
+    while path is not None:
+        try:
+            state = checkpoint.load(path, model=s.unwrapped, full=s.full, optimizer=s.optimizer,
+                                    scheduler=s.scheduler, scaler=s.scaler, device=s.device, procs=s.procs)
+            return state, state["step"]
+        except (ValueError, KeyError, OSError) as exc:
+            s.notes.append(f"{path.name} cannot be resumed ({exc}); skipped")
+            older = [p for p in checkpoint.complete(s.request.output_dir) if p.name < path.name]
+            path = next((p for p in reversed(older) if not checkpoint.damage(p)), None)
+    raise PlannerError(f"--resume: no intact checkpoint in {s.request.output_dir} loads into this plan's model ("
+                       + "; ".join(s.notes[-2:]) + "); run without --resume to start over")
+
+
+def _micro_step(s: Session, position: int) -> tuple:
+    """Forward and backward of one micro-batch; (loss, real tokens) as tensors."""
+    batch = {key: v.to(s.device) for key, v in s.stream.batch(position).items()}
+    with s.accelerator.autocast():
+        loss = s.model(**batch).loss / s.accum
+    s.accelerator.backward(loss)
+    return loss.detach().float(), batch["attention_mask"].sum()
+
+
+def _steps(s: Session, state: dict, tokenizer, progress: ProgressCallback) -> tuple[int, float | None, bool]:
+    """The optimizer steps from the state's step to the last; returns (last step, eval loss, interrupted)."""
+    import torch
+
+    acc, procs, t = s.accelerator, s.procs, s.plan.training
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    if torch.cuda.is_available() and not s.cpu:
         torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter() - state["elapsed"]
-    loss_value, eval_loss, interrupted, step = None, None, False, start_step
+    start, began = state["step"], time.perf_counter() - state["elapsed"]
+    step, eval_loss = start, None
     with stop_requests() as stop:
-        for step in range(start_step + 1, total + 1):
-            step_loss = torch.zeros((), device=device)
-            step_tokens = torch.zeros((), device=device)
-            for k in range(accum):
-                # every process takes its own micro-batches: position (step, k) x processes + rank
-                position = ((step - 1) * accum + k) * processes + rank
-                batch = {key: v.to(device) for key, v in stream.batch(position).items()}
-                with accelerator.autocast():
-                    loss = model(**batch).loss / accum
-                accelerator.backward(loss)
-                step_loss += loss.detach().float()
-                step_tokens += batch["input_ids"].numel()
-            accelerator.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if processes > 1:
-                step_loss = accelerator.reduce(step_loss, "mean")
-                step_tokens = accelerator.reduce(step_tokens, "sum")
-            step_loss = float(step_loss)
+        for step in range(start + 1, s.total + 1):
+            step_loss, step_tokens = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
+            for k in range(s.accum):  # every process takes its own micro-batches: (step, k) x processes + rank
+                loss, tokens = _micro_step(s, ((step - 1) * s.accum + k) * procs.count + procs.rank)
+                step_loss, step_tokens = step_loss + loss, step_tokens + tokens
+            acc.clip_grad_norm_(params, t.max_grad_norm)
+            s.optimizer.step()
+            s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            if procs.count > 1:
+                step_loss, step_tokens = acc.reduce(step_loss, "mean"), acc.reduce(step_tokens, "sum")
+            state["loss"] = float(step_loss)
             state["tokens"] += int(step_tokens)
-            loss_value = step_loss
-            state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else step_loss
-            elapsed = time.perf_counter() - began
-            state["elapsed"] = elapsed
-            last = step == total
-            if eval_examples is not None and last:
-                eval_loss = _eval_loss(model, eval_examples, micro, tokenizer.pad_token_id, accelerator)
-            if main and (step % request.log_every == 0 or last):
-                rate = state["tokens"] / elapsed if elapsed else 0.0
-                event = ProgressEvent(
-                    step=step, total_steps=total, epoch=step / steps_per_epoch, loss=step_loss,
-                    learning_rate=scheduler.get_last_lr()[0], tokens=state["tokens"], tokens_per_second=rate,
-                    elapsed_seconds=elapsed, eta_seconds=elapsed / (step - start_step) * (total - step),
-                    peak_memory_bytes=torch.cuda.max_memory_allocated() if not cpu else None, eval_loss=eval_loss)
-                progress(event)
-            if processes > 1:  # every process must stop at the same step, or the collectives hang
-                flag = torch.tensor(1.0 if stop["stop"] else 0.0, device=device)
-                if float(accelerator.reduce(flag, "sum")) > 0 and not stop["stop"]:
-                    stop["stop"] = "a signal to another process"
-            if stop["stop"] or (step % request.save_every == 0 and not last):
-                accelerator.wait_for_everyone()
-                if main:  # replicas are identical under DDP: one process writes
-                    checkpoint.save(out, step, model=unwrapped, full=full, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=scaler, state=state)
-                accelerator.wait_for_everyone()
+            state["first_loss"] = state["loss"] if state["first_loss"] is None else state["first_loss"]
+            state["elapsed"] = time.perf_counter() - began
+            last = step == s.total
+            if s.eval_examples is not None and last:
+                eval_loss = _eval_loss(s.model, s.eval_examples, t.setup.batch_size, tokenizer.pad_token_id, acc)
+            if procs.main and (step % s.request.log_every == 0 or last):
+                progress(_event(s, state, step, start, eval_loss))
+            if not math.isfinite(state["loss"]):  # the same on every process: the loss was reduced
+                raise PlannerError(f"the loss became {state['loss']} at step {step}; training stopped without saving "
+                                   f"a checkpoint of diverged weights - lower training.learning_rate "
+                                   f"({t.learning_rate:g}) or check the data")
+            _agree_to_stop(s, stop)
+            if stop["stop"] or (step % s.request.save_every == 0 and not last):
+                checkpoint.save(s.request.output_dir, step, model=s.unwrapped, full=s.full, optimizer=s.optimizer,
+                                scheduler=s.scheduler, scaler=s.scaler, state=state, procs=procs)
             if stop["stop"]:
-                interrupted = True
-                notes.append(f"stopped by {stop['stop']} after step {step}; checkpoint saved")
-                break
-    artifacts: list[str] = []
-    accelerator.wait_for_everyone()
-    if not interrupted and main:
-        artifacts += _save_final(unwrapped, tokenizer, out, full)
-        for old in checkpoint.complete(out)[:-1]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if processes > 1:
-        notes.append(f"{processes} processes ({accelerator.distributed_type.value}); process 0 wrote the outputs")
+                s.notes.append(f"stopped by {stop['stop']} after step {step}; checkpoint saved")
+                return step, eval_loss, True
+    return step, eval_loss, False
+
+
+def _agree_to_stop(s: Session, stop: dict) -> None:
+    """Every process must stop at the same step, or the collectives hang: a signal to one stops all."""
+    if s.procs.count > 1:
+        import torch
+
+        flag = torch.tensor(1.0 if stop["stop"] else 0.0, device=s.device)
+        if float(s.accelerator.reduce(flag, "sum")) > 0 and not stop["stop"]:
+            stop["stop"] = "a signal to another process"
+
+
+def _event(s: Session, state: dict, step: int, start: int, eval_loss: float | None) -> ProgressEvent:
+    import torch
+
+    elapsed = state["elapsed"]
+    return ProgressEvent(
+        step=step, total_steps=s.total, epoch=step / s.steps_per_epoch, loss=state["loss"],
+        learning_rate=s.scheduler.get_last_lr()[0], tokens=state["tokens"],
+        tokens_per_second=state["tokens"] / elapsed if elapsed else 0.0, elapsed_seconds=elapsed,
+        eta_seconds=elapsed / max(1, step - start) * (s.total - step),
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if not s.cpu else None, eval_loss=eval_loss)
+
+
+def train(plan: Plan, spec: ModelSpec, source: str, tokenizer, request: RunRequest,
+          progress: ProgressCallback) -> RunResult:
+    """Train `plan` from the weights at `source`; write outputs and checkpoints into request.output_dir."""
+    s = _start(plan, request)
+    _data(s, tokenizer)
+    _build(s, spec, source)
+    state, resumed_from = _resume(s)
+    step, eval_loss, interrupted = _steps(s, state, tokenizer, progress)
+    return _finish(s, tokenizer, state, step, eval_loss, interrupted, resumed_from)
+
+
+def _finish(s: Session, tokenizer, state: dict, step: int, eval_loss: float | None, interrupted: bool,
+            resumed_from: int | None) -> RunResult:
+    """The final adapter or model (unless interrupted), and the result."""
+    import torch
+
+    out = s.request.output_dir
+    artifacts = [] if interrupted else _save_final(s.unwrapped, tokenizer, out, s.full, s.procs)
+    if s.procs.count > 1:
+        s.notes.append(f"{s.procs.count} processes ({s.accelerator.distributed_type.value})"
+                       + ("; weights gathered from their shards for saving" if checkpoint.is_sharded(s.model) else
+                          "; process 0 wrote the weights, every process its RNG state"))
     artifacts += [p.name for p in checkpoint.complete(out)]
-    elapsed = time.perf_counter() - began
+    elapsed = state["elapsed"]
     return RunResult(
-        output_dir=out, artifacts=artifacts, steps=step, total_steps=total, first_loss=state["first_loss"],
-        final_loss=loss_value, eval_loss=eval_loss, tokens=state["tokens"], seconds=elapsed,
+        output_dir=out, artifacts=artifacts, steps=step, total_steps=s.total, first_loss=state["first_loss"],
+        final_loss=state.get("loss"), eval_loss=eval_loss, tokens=state["tokens"], seconds=elapsed,
         tokens_per_second=state["tokens"] / elapsed if elapsed else 0.0,
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if not cpu else None,
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if not s.cpu else None,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        device="cpu" if cpu else "cuda", gpu_name=None if cpu else torch.cuda.get_device_name(0),
-        interrupted=interrupted, resumed_from_step=resumed_from, notes=notes)
+        device="cpu" if s.cpu else "cuda", gpu_name=None if s.cpu else torch.cuda.get_device_name(0),
+        interrupted=interrupted, resumed_from_step=resumed_from, notes=s.notes)

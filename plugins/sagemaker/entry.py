@@ -17,7 +17,10 @@ INPUT = Path("/opt/ml/input/data")
 CHECKPOINTS = Path("/opt/ml/checkpoints")
 MODEL = Path("/opt/ml/model")
 RUN_DIR_NAME = "run"
-COPIED = ("adapter", "model", "tokenizer", "metrics.jsonl", "summary.json", "plan.yaml")
+# what the job hands back (the tokenizer sits inside adapter/ or model/); the job's own summary and metrics
+# travel under other names, since ftplan writes summary.json and metrics.jsonl of the run that followed the job
+COPIED = {"adapter": "adapter", "model": "model", "summary.json": "job-summary.json",
+          "metrics.jsonl": "job-metrics.jsonl"}
 
 
 def data_file(channel: Path) -> Path:
@@ -53,12 +56,12 @@ def main(input_dir: Path = INPUT, checkpoints: Path = CHECKPOINTS, model_dir: Pa
     summary = execute(plan, backend, options, request,
                       lambda event: print("ftplan-metric " + event.model_dump_json(), flush=True))
     model_dir.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
+    for name, copied in COPIED.items():
         source = run_dir / name
         if source.is_dir():
-            shutil.copytree(source, model_dir / name, dirs_exist_ok=True)
+            shutil.copytree(source, model_dir / copied, dirs_exist_ok=True)
         elif source.exists():
-            shutil.copy2(source, model_dir / name)
+            shutil.copy2(source, model_dir / copied)
     print("ftplan-summary " + json.dumps({"steps": summary.result.steps, "final_loss": summary.result.final_loss}))
     return 130 if summary.result.interrupted else 0
 

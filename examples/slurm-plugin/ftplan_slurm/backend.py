@@ -25,8 +25,17 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ftplan.api import (BackendOptions, Plan, PlannerError, Problem, ProgressCallback, ProgressEvent, RunRequest,
-                        RunResult, TrainerBackend)
+from ftplan.api import (
+    BackendOptions,
+    Plan,
+    PlannerError,
+    Problem,
+    ProgressCallback,
+    ProgressEvent,
+    RunRequest,
+    RunResult,
+    TrainerBackend,
+)
 
 JOB_DIR = "job"          # the inner run's --output, inside ours
 SCRIPT = "job.sbatch"
