@@ -1,8 +1,5 @@
-"""`ftplan measure`: the live-bytes tracker, and estimate vs measurement on tiny models.
-
-The issue asks for <= 10% on this fast subset; the model lands within 0.3% here, so the bound
-is the 5% target the real-width benchmark is held to (benchmarks/ACCURACY.md).
-"""
+"""`ftplan measure`: the instruments, and estimate vs measurement on tiny models of every family, loop and
+optimizer; the real-width cases are in benchmarks/accuracy.py (benchmarks/ACCURACY.md)."""
 
 import json
 
@@ -41,29 +38,58 @@ def test_live_bytes_counts_each_storage_once_and_releases_it():
     assert tracker.current == 0
 
 
-CASES = [
+TINY_GPT2 = {"model_type": "gpt2", "n_embd": 256, "n_layer": 2, "n_head": 8, "vocab_size": 8192, "n_positions": 1024}
+TINY_GEMMA2 = {"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 8192,
+               "max_position_embeddings": 1024}
+TINY_FALCON = {"model_type": "falcon", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
+               "vocab_size": 8192, "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
+               "bias": False}
+
+# every case: the estimate (CPU kernels) within 3% of the allocator instrument, which sees what ops allocate
+# inside themselves; the sum of the suite's cases takes about a minute on two cores
+CASES = [  # a fast subset; every family, loop and optimizer at real width: benchmarks/accuracy.py
     (TINY, "full", {}),
-    (TINY, "full", {"precision": "bf16", "grad_ckpt": True}),
-    (TINY, "lora", {}),
-    (TINY, "lora", {"lora": LoraSettings(targets=["all-linear"]), "optimizer": "adamw_8bit"}),
-    (TINY, "lora", {"attention": "eager"}),
+    (TINY, "full", {"precision": "bf16", "grad_ckpt": True, "loop": "custom"}),
+    (TINY, "full", {"optimizer": "adamw_bnb_8bit", "seq_len": 128}),
+    (TINY, "full", {"optimizer": "adafactor", "precision": "bf16", "seq_len": 128}),
+    (TINY, "lora", {"lora": LoraSettings(targets=["all-linear"]), "optimizer": "adamw_8bit", "loop": "custom"}),
+    (TINY, "lora", {"attention": "eager", "precision": "bf16"}),
     (TINY, "qlora", {}),
-    (TINY_QWEN, "lora", {"batch_size": 2, "seq_len": 128}),
-    (TINY_QWEN, "qlora", {"lora": LoraSettings(targets=["all-linear"])}),
+    (TINY_QWEN, "full", {"batch_size": 2, "seq_len": 64}),
+    (TINY_QWEN, "qlora", {"lora": LoraSettings(targets=["all-linear"]), "precision": "bf16", "seq_len": 128}),
+    (TINY_GPT2, "full", {"batch_size": 2, "seq_len": 64}),
+    (TINY_GEMMA2, "lora", {"lora": LoraSettings(targets=["all-linear"]), "batch_size": 2, "seq_len": 64}),
+    (TINY_FALCON, "full", {"batch_size": 2, "seq_len": 64}),
 ]
 
 
 @pytest.mark.parametrize("config, method, settings", CASES,
-                         ids=[f"{c['model_type']}-{m}-{'-'.join(s) or 'defaults'}" for c, m, s in CASES])
-def test_estimate_within_ten_percent_of_measured(config, method, settings):
+                         ids=[f"{c['model_type']}-{m}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora') or 'defaults'}"
+                              for c, m, s in CASES])
+def test_estimate_within_three_percent_of_the_allocator(config, method, settings):
     spec = spec_from_config(config, name="tiny", source="test")
-    report = measure(spec, method, SetupChoices(**{"seq_len": 256, **settings}))
-    assert abs(report.error_percent) <= 5, report.model_dump_json(indent=1)
-    assert report.measured.loss > 0
+    report = measure(spec, method, SetupChoices(**{"seq_len": 256, **settings}), rss=False, device="cpu")
+    got = report.measured
+    assert abs(report.error_percent) <= 3, report.model_dump_json(indent=1)
+    assert got.peak_allocated_bytes == got.peak_allocator_bytes and report.measured.loss > 0
+
+
+def test_the_instruments_agree_and_rss_is_the_reference():
+    """Tracker, allocator and the resident set of a child process measure the same step within 2% - and where
+    ops allocate inside themselves (bitsandbytes' CPU optimizer), the tracker cannot see it and says so."""
+    spec = spec_from_config(TINY, name="tiny", source="test")
+    report = measure(spec, "lora", SetupChoices(seq_len=128), device="cpu")
+    got = report.measured
+    assert got.peak_rss_bytes and got.peak_allocated_bytes == got.peak_rss_bytes
+    assert got.instruments_disagree_percent <= 2 and abs(report.error_percent) <= 3
+    eight = measure(spec, "full", SetupChoices(seq_len=64, optimizer="adamw_bnb_8bit"), rss=False, device="cpu")
+    assert eight.measured.instruments_disagree_percent > 2  # the tracker misses the optimizer's internals
+    assert "optimizer_update_8bit_blockwise" in eight.measured.allocator_peak_at
 
 
 def test_measure_cli_json(write_config):
-    result = run_cli("measure", str(write_config(TINY)), "--method", "lora", "--seq-len", "128", "--json")
+    result = run_cli("measure", str(write_config(TINY)), "--method", "lora", "--seq-len", "64", "--no-rss", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["device"] == "cpu" and data["measured"]["peak_allocated_bytes"] > 0

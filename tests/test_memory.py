@@ -5,7 +5,8 @@ import math
 import pytest
 
 from ftplan.data import catalog
-from ftplan.estimate.memory import estimate_memory, optimizer_bytes, quantized_bytes
+from ftplan.estimate.memory import estimate_memory, quantized_bytes
+from ftplan.estimate.optimizer import Trainable, state_bytes, step_transient
 from ftplan.estimate.settings import LoraSettings, SetupChoices, TrainingSetup, resolve
 from ftplan.model.architectures import build_layout
 from ftplan.model.resolve import from_catalog
@@ -73,14 +74,40 @@ def test_paged_optimizer_is_outside_peak_allocated_but_in_required():
 
 def test_optimizer_state_sizes():
     lora = resolve("lora", SetupChoices())
-    shapes = [(16, 4096), (4096, 16), (100,)]
+    tensors = [Trainable((16, 4096)), Trainable((4096, 16)), Trainable((100,))]
     numel = 16 * 4096 * 2 + 100
-    assert optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "adamw"})) == 8 * numel
-    assert optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "sgd"})) == 0
-    eight = optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "adamw_8bit"}))
-    assert eight == 2 * (2 * 65536 + 2 * 256 * 4) + 8 * 100   # tensors < 4096 keep fp32 states
-    factored = optimizer_bytes(shapes, lora.model_copy(update={"optimizer": "adafactor"}))
-    assert factored == 4 * ((16 + 4096) * 2 + 100)
+
+    def states(name):
+        return state_bytes(tensors, TrainingSetup(**{**lora.model_dump(), "optimizer": name}))
+
+    assert states("adamw_torch_fused") == states("adamw_torch") == states("adamw") == 8 * numel  # old name: alias
+    assert states("sgd") == 0
+    assert states("adamw_bnb_8bit") == states("adamw_8bit") == 2 * (2 * 65536 + 2 * 256 * 4) + 8 * 100  # < 4096: fp32
+    assert TrainingSetup(method="lora", optimizer="adamw_8bit").optimizer == "adamw_bnb_8bit"
+    assert states("adafactor") == 4 * ((16 + 4096) * 2 + 100)
+    # the Trainer keeps an nn.Embedding's 8-bit states at 32 bits
+    full = resolve("full", SetupChoices(precision="bf16"))
+    emb = [Trainable((32000, 4096), embedding=True), Trainable((4096, 4096))]
+    eight = state_bytes(emb, full.model_copy(update={"optimizer": "adamw_bnb_8bit"}))
+    assert eight == 8 * 32000 * 4096 + 2 * 4096 * 4096 + 2 * (4096 * 4096 // 256) * 4
+    assert state_bytes(emb, full.model_copy(update={"optimizer": "adafactor"})) == 4 * (32000 + 4096 + 4096 + 4096)
+
+
+def test_optimizer_step_temporaries_by_device():
+    full = resolve("full", SetupChoices(precision="bf16-mixed"))  # fp32 master weights
+    tensors = [Trainable((1000, 100), embedding=True), Trainable((100, 100)), Trainable((100,))]
+    total, largest = 100_000 + 10_000 + 100, 100_000
+
+    def step(name, device):
+        return step_transient(tensors, full.model_copy(update={"optimizer": name}), device)
+
+    assert step("adamw_torch_fused", "cuda") == step("adamw_torch_fused", "cpu") == step("sgd", "cpu") == 0
+    assert step("adamw_torch", "cuda") == 4 * total            # foreach: sqrt of every exp_avg_sq at once
+    assert step("adamw_torch", "cpu") == 2 * 4 * largest       # per-parameter loop
+    assert step("adamw_bnb_8bit", "cuda") == step("paged_adamw_32bit", "cuda") == 0
+    assert step("adamw_bnb_8bit", "cpu") == 12 * largest       # the embedding takes the 32-bit path
+    assert step("paged_adamw_32bit", "cpu") == 12 * largest
+    assert step("adafactor", "cuda") == 8 * largest
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])

@@ -14,7 +14,7 @@ from ftplan.errors import PlannerError
 from ftplan.estimate.memory import estimate_memory, quantized_bytes, unquantized_matmul_params
 from ftplan.estimate.params import count_params, over_ranked
 from ftplan.estimate.report import estimate
-from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
+from ftplan.estimate.settings import OPTIMIZERS, LoraSettings, SetupChoices, resolve
 from ftplan.estimate.sharding import shard
 from ftplan.model.architectures import build_layout
 from ftplan.model.layout import QUANTIZED_KINDS
@@ -43,9 +43,9 @@ layouts = st.one_of(st.sampled_from(MODELS).map(LAYOUTS.__getitem__), random_lay
 choices = st.builds(
     SetupChoices, batch_size=st.integers(1, 16), seq_len=st.integers(1, 8192),
     precision=st.sampled_from([None, "bf16-mixed", "bf16", "fp16-mixed", "fp32"]),
-    optimizer=st.sampled_from([None, "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd",
-                               "adafactor"]),
-    grad_ckpt=st.sampled_from([None, True, False]), attention=st.sampled_from(["sdpa", "eager", "flash"]),
+    optimizer=st.sampled_from([None, *OPTIMIZERS, "adamw", "adamw_8bit"]),  # the HF names and the old aliases
+    grad_ckpt=st.sampled_from([None, True, False]), attention=st.sampled_from(["sdpa", "eager", "flash_attention_2"]),
+    loop=st.sampled_from(["trainer", "custom"]),
     lora=st.builds(LoraSettings, r=st.integers(1, 256), targets=st.sampled_from([None, ["all-linear"]])))
 methods = st.sampled_from(["full", "lora", "qlora"])
 
@@ -93,7 +93,14 @@ def test_memory_grows_with_sequence_length(layout, method, c, extra):
 @FAST
 @given(layouts, st.sampled_from(["lora", "qlora"]), choices, st.integers(1, 128))
 def test_memory_grows_with_lora_rank(layout, method, c, extra):
+    """Except where a higher rank takes adapter tensors across bitsandbytes' 4096-element threshold: below it
+    their 8-bit optimizers keep 32-bit states (8 bytes per element), above it 8-bit ones (about 2)."""
     higher = c.model_copy(update={"lora": c.lora.model_copy(update={"r": c.lora.r + extra})})
+    if c.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        widths = {g.in_features for g in layout.modules} | {g.out_features for g in layout.modules}
+        crosses = any(c.lora.r * w < 4096 <= higher.lora.r * w for w in widths)
+        if crosses:
+            return
     assert memory(layout, method, higher).peak_allocated_bytes >= memory(layout, method, c).peak_allocated_bytes
 
 

@@ -23,13 +23,16 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
               help="how state is split over the GPUs [default: none for 1 GPU, ddp for more]")
 @click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
               help="move optimizer states (ZeRO) or parameters (ZeRO-3, FSDP) to host RAM")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="whose kernels the memory model follows: cuda (auto: what GPUs run) or cpu (to compare with "
+                   "ftplan measure --device cpu)")
 @click.option("--region", default=None, help="price instances in this region [default: each in its own - "
               "us-east-1 for the bundled catalog, a plugin's region for its hardware]")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code (fallback counting only)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
 def estimate(model: str, method: str, gpu: str | None, instance: str | None, layers: int | None, gpus: int,
-             nodes: int, sharding: str | None, offload: str, region: str | None, trust_remote_code: bool,
-             as_json: bool, **settings) -> None:
+             nodes: int, sharding: str | None, offload: str, device: str, region: str | None,
+             trust_remote_code: bool, as_json: bool, **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
 
     MODEL is a catalog name (ftplan models), a Hugging Face id, or a path to a config.json.
@@ -47,7 +50,8 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
     methods = list(METHODS) if method == "all" else [method]
     report = with_plugin_catalog(lambda: run_estimate(spec, methods, choices, gpu=gpu, instance=instance,
                                                       trust_remote_code=trust_remote_code, gpus=gpus, nodes=nodes,
-                                                      sharding=sharding, offload=offload, region=region))
+                                                      sharding=sharding, offload=offload, region=region,
+                                                      device="cpu" if device == "cpu" else "cuda"))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
@@ -62,9 +66,13 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
 @setting_options()
 @click.option("--layers", type=int, default=None, help="keep every width but build N layers (fits wide models in RAM)")
 @click.option("--steps", type=int, default=1, show_default=True, help="measured steps after one warm-up step")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--rss/--no-rss", default=True, show_default=True,
+              help="CPU: also measure the resident set of a child process (builds the model a second time)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="where to run the steps (auto: cuda when torch sees a GPU, else cpu)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of a table")
-def measure(model: str, method: str, layers: int | None, steps: int, device: str, as_json: bool, **settings) -> None:
+def measure(model: str, method: str, layers: int | None, steps: int, rss: bool, device: str, as_json: bool,
+            **settings) -> None:
     """Train MODEL for a few steps on random tokens and compare peak memory with the estimate.
 
     The model is built from its config with random weights (nothing is downloaded) by the same
@@ -78,7 +86,7 @@ def measure(model: str, method: str, layers: int | None, steps: int, device: str
     spec = resolve_model(model)
     if layers is not None:
         spec = with_layers(spec, layers)
-    report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None)
+    report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None, rss=rss)
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:

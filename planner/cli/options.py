@@ -9,7 +9,17 @@ import click
 from pydantic import ValidationError
 
 from ftplan.errors import PlannerError
-from ftplan.estimate.settings import ATTENTIONS, OPTIMIZERS, PRECISIONS, LoraSettings, SetupChoices
+from ftplan.estimate.settings import (
+    ATTENTION_ALIASES,
+    ATTENTIONS,
+    LOOPS,
+    OPTIMIZER_ALIASES,
+    OPTIMIZERS,
+    PRECISION_HELP,
+    PRECISIONS,
+    LoraSettings,
+    SetupChoices,
+)
 
 
 def console():
@@ -51,14 +61,21 @@ def setting_options(*, search: bool = False):
         click.option("--lora-targets", default=None,
                      help="comma-separated module names, or all-linear [default: " +
                           ("searched: PEFT's default and all-linear]" if search else "PEFT's default for the model]")),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
-                     help="[default: " + ("searched" if search else "adamw") + "; paged_adamw_32bit for qlora]"),
+        click.option("--optimizer", type=click.Choice([*OPTIMIZERS, *OPTIMIZER_ALIASES]), default=None,
+                     help="as TrainingArguments.optim names it (adamw, adamw_8bit: older names) [default: "
+                          + ("searched" if search else "adamw_torch_fused") + "; paged_adamw_32bit for qlora]"),
         click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-                     help="[default: bf16-mixed; fp16 on GPUs without bf16]"),
+                     help="; ".join(f"{k}: {v}" for k, v in PRECISION_HELP.items())
+                          + " [default: bf16-mixed; fp16 on GPUs without bf16]"),
         click.option("--grad-ckpt/--no-grad-ckpt", default=None,
                      help="gradient checkpointing [default: " + ("searched" if search else "on for qlora") + "]"),
-        click.option("--attn", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True,
-                     help="attention implementation"),
+        click.option("--attn", type=click.Choice([*ATTENTIONS, *ATTENTION_ALIASES]), default=None,
+                     help="attention implementation, as transformers names it [default: what transformers uses "
+                          "for the model: sdpa, eager for gemma2 and bloom]"),
+        click.option("--loop", type=click.Choice(LOOPS), default="trainer", show_default=True,
+                     help="trainer: the Hugging Face Trainer's step (only the loss outlives the forward); custom: "
+                          "a plain PyTorch/accelerate loop (outputs = model(**batch) keeps the logits to the next "
+                          "forward)"),
         click.option("--quant", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True,
                      help="qlora 4-bit type"),
         click.option("--double-quant/--no-double-quant", default=True, show_default=True,
@@ -102,7 +119,7 @@ def choices_from(kw: dict) -> SetupChoices:
     return SetupChoices(batch_size=batch if batch is not None else 1, seq_len=kw.pop("seq_len"),
                         precision=kw.pop("precision"),
                         optimizer=kw.pop("optimizer"), grad_ckpt=kw.pop("grad_ckpt"), attention=kw.pop("attn"),
-                        lora=lora, quant_type=kw.pop("quant"), double_quant=kw.pop("double_quant"))
+                        loop=kw.pop("loop"), lora=lora, quant_type=kw.pop("quant"), double_quant=kw.pop("double_quant"))
 
 
 class TokenCount(click.ParamType):

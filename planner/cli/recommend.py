@@ -39,6 +39,7 @@ from ftplan.estimate.settings import METHODS
 @click.option("--backend", default=None, help="trainer backend that carries the plan out; the search covers only "
               "its methods and platforms [default: sagemaker for --platform sagemaker, skypilot for ec2 if installed, "
               "else hf]")
+@click.option("--allow-long-context", is_flag=True, help="plan a --seq-len above the model's max_position_embeddings")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="learning rate [default: 2e-5 full, 2e-4 LoRA/QLoRA]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ftplan-plan.yaml"), show_default=True,
@@ -51,8 +52,8 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
               epochs: float, global_batch: int, budget: float | None, deadline: float | None, priority: str,
               task: str, region: str | None, spot: bool, spot_discount: float | None, platform: str | None,
               max_gpus: int, methods: str, instance_list: str | None, backend: str | None,
-              learning_rate: float | None, output: Path, yes: bool, force: bool, top: int, as_json: bool,
-              **settings) -> None:
+              allow_long_context: bool, learning_rate: float | None, output: Path, yes: bool, force: bool, top: int,
+              as_json: bool, **settings) -> None:
     """Search methods x instances x settings and recommend one plan; accepting writes the plan file.
 
     Give the data as --tokens N or --dataset FILE. The plan names the backend that carries it out:
@@ -71,6 +72,9 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
     choices = choices_from(settings)
     load_plugin_catalog()
     spec = resolve_model(model)
+    if (limit := spec.dims.max_positions) and choices.seq_len > limit and not allow_long_context:
+        raise PlannerError(f"--seq-len {choices.seq_len} is above {spec.name}'s max_position_embeddings ({limit}); "
+                           "use a shorter --seq-len, or pass --allow-long-context to plan it anyway")
     data = _token_budget(spec, tokens, dataset, tokenizer, packing, choices.seq_len)
     chosen, platform, method_list, why = backend_for(backend, platform, _methods(methods))
     request = SearchRequest(

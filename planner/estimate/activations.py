@@ -40,27 +40,34 @@ class Dtypes(BaseModel):
     quantized: bool   # QLoRA: 4-bit layers answer in their input's dtype
     device: Device
 
+    @property
+    def layer_norm_fp32(self) -> bool:
+        """CUDA autocast runs layer_norm in fp32 (an fp32 copy of its input, fp32 output); CPU autocast does not."""
+        return self.autocast and self.device == "cuda"
+
     def mask(self, input_bytes: int) -> int:
         """Bytes per element a dropout keeps: CUDA's fused kernel a bool mask, the CPU the scaled noise."""
         return 1 if self.device == "cuda" else input_bytes
 
 
 def step_dtypes(setup: TrainingSetup, device: Device = "cuda") -> Dtypes:
-    """Dtypes of a step: the residual stream follows the embedding's storage dtype.
+    """Dtypes of a step. `-mixed` precisions autocast, plain bf16/fp16 do not, for every method.
 
-    full bf16-mixed / fp16-mixed / fp32 keep fp32 weights, so the residual stream is fp32;
-    pure bf16/fp16 keeps everything in 2 bytes; LoRA's frozen base is bf16; QLoRA's embeddings
-    are upcast to fp32 by prepare_model_for_kbit_training, so its residual stream is fp32.
+    The residual stream follows the embedding's storage dtype: full bf16-mixed / fp16-mixed / fp32 keep
+    fp32 weights (fp32 stream); pure bf16/fp16 keeps everything in 2 bytes; LoRA's frozen base is stored in
+    half precision; QLoRA's embeddings are upcast to fp32 by prepare_model_for_kbit_training (fp32 stream).
+    The compute dtype is what matmuls and attention return: half precision under autocast or with half
+    weights, fp32 for QLoRA without autocast (its fp32 head, norms and 4-bit layers all answer in fp32).
     """
     half = setup.precision != "fp32"
-    compute = 2 if half else 4
+    autocast = setup.precision.endswith("-mixed")
     if setup.method == "full":
         residual = 2 if setup.precision in ("bf16", "fp16") else 4
-        autocast = setup.precision in ("bf16-mixed", "fp16-mixed")
+        compute = 2 if half else 4
     elif setup.method == "lora":
-        residual, autocast = (2, True) if half else (4, False)
+        residual = compute = 2 if half else 4
     else:
-        residual, autocast = 4, half
+        residual, compute = 4, 2 if autocast else 4
     return Dtypes(compute=compute, residual=residual, autocast=autocast, base_trainable=setup.method == "full",
                   quantized=setup.method == "qlora", device=device)
 
@@ -77,18 +84,28 @@ class LayerActivations(BaseModel):
 
 def _norm_saved(layout: ModelLayout, width: int, tokens: int, dt: Dtypes) -> int:
     """RMSNorm: fp32 copy of the input + 1/rms (+ the normalised input when its weight trains).
-    LayerNorm: its input (fp32 under autocast), mean and rstd."""
+    LayerNorm: its input (an fp32 copy under CUDA autocast), mean and rstd."""
     if layout.features.norm == "rms":
         weight_grad_input = tokens * width * dt.residual if dt.base_trainable else 0
         return tokens * width * 4 + tokens * 4 + weight_grad_input
-    input_bytes = 4 if dt.autocast else dt.residual
+    input_bytes = 4 if dt.layer_norm_fp32 else dt.residual
     return tokens * width * input_bytes + 2 * tokens * 4
+
+
+def _norms_saved(layout: ModelLayout, tokens: int, dt: Dtypes) -> int:
+    """Every norm of one layer. Parallel blocks whose two LayerNorms read the same residual keep one tensor for
+    both, unless CUDA autocast gives each its own fp32 copy."""
+    f = layout.features
+    total = f.norms_per_layer * _norm_saved(layout, layout.dims.hidden, tokens, dt)
+    if f.norm == "layer" and f.parallel_attn and f.norms_per_layer == 2 and not dt.layer_norm_fp32:
+        total -= tokens * layout.dims.hidden * dt.residual
+    return total
 
 
 def _input_bytes(role: str, dt: Dtypes, layout: ModelLayout) -> int:
     """Dtype of the tensor a linear of this role reads."""
     if role in ("attn_in", "mlp_in", "final"):
-        return 4 if (dt.autocast and layout.features.norm == "layer") else dt.residual
+        return 4 if (dt.layer_norm_fp32 and layout.features.norm == "layer") else dt.residual
     return dt.compute
 
 
@@ -139,8 +156,9 @@ def lora_saved(layout: ModelLayout, adapted: list[ModuleGroup], r: int, dropout:
     """Per adapted module: the compute-dtype input of lora_A, lora_A's output, the dropout mask
     (PEFT casts the input to the fp32 adapter dtype before dropout)."""
     total = 0
+    saved = dt.compute if dt.autocast else 4  # without autocast lora_A runs on PEFT's fp32 copy of its input
     for g in adapted:
-        total += tokens * g.in_features * dt.compute + tokens * r * g.lora_rank_factor * dt.compute
+        total += tokens * g.in_features * saved + tokens * r * g.lora_rank_factor * saved
         if dropout > 0:
             total += tokens * g.in_features * dt.mask(4)
     return total
@@ -164,14 +182,31 @@ def attention_saved(layout: ModelLayout, setup: TrainingSetup, dt: Dtypes) -> di
         terms["attn_qk_norm"] = t * (d.q_dim + d.kv_dim) * 4 + t * (d.heads + d.kv_heads) * 4
     if setup.attention == "eager":
         repeat = 2 * t * (d.q_dim - d.kv_dim) * c if d.kv_heads != d.heads else 0
-        softcap = 2 * b * d.heads * s * s * c if f.softcap else 0
+        softcap = b * d.heads * s * s * c if f.softcap else 0  # tanh(scores / cap) keeps its output
         # softmax runs in fp32 and is cast back: both copies are saved.
         terms["attn_scores"] = b * d.heads * s * s * (4 + c) + repeat + softcap
         if layout_dropout(layout, "attention") > 0:
             terms["attn_dropout"] = b * d.heads * s * s * dt.mask(c)
+    elif sdpa_math_path(layout, dt):
+        # SDPA's math path: on the CPU it upcasts q, k and v to fp32 (allowFP16BF16ReductionMathSDP is off) and
+        # keeps the softmax (plus, with dropout, its noise and output); k and v are expanded to every head
+        # when the model hands SDPA fewer kv heads without enable_gqa (Falcon-7B's multi-query attention)
+        width = 4 if dt.device == "cpu" else c
+        kv = d.q_dim if d.kv_heads != d.heads else d.kv_dim
+        dropped = layout_dropout(layout, "attention") > 0
+        terms["attn_qkv"] = t * (d.q_dim + 2 * kv) * width
+        terms["attn_math_scores"] = (3 if dropped else 1) * b * d.heads * s * s * width
     else:
         terms["attn_kernel_out"] = t * d.q_dim * c + b * d.heads * s * 4  # output + logsumexp
     return terms
+
+
+def sdpa_math_path(layout: ModelLayout, dt: Dtypes) -> bool:
+    """Where SDPA cannot use a fused kernel and runs its math path: on the CPU with attention dropout (the
+    CPU's flash kernel refuses dropout; CUDA's drops out inside the kernel), and everywhere when the model
+    passes fewer key/value heads than query heads without enable_gqa (Falcon's own attention, multi-query)."""
+    cpu_dropout = dt.device == "cpu" and layout_dropout(layout, "attention") > 0
+    return cpu_dropout or (layout.model_type == "falcon" and layout.dims.kv_heads != layout.dims.heads)
 
 
 def layout_dropout(layout: ModelLayout, where: str) -> float:
@@ -187,11 +222,32 @@ def mlp_saved(layout: ModelLayout, tokens: int, dt: Dtypes) -> dict[str, int]:
     width = _output_bytes(layout, role, dt)
     per_token = (3 if layout.features.gated_mlp else 1) * d.intermediate * width
     if d.experts:
+        # transformers 5's fused experts (grouped_mm): per routed token the gate_up output, act(gate) and the
+        # down output (weighted by the router after); trained experts also keep down's input and the gathered
+        # hidden state for their weight gradients
         c = dt.compute
         routed = tokens * d.experts_per_token
-        return {"mlp_experts": routed * (per_token + d.intermediate * c + 2 * d.hidden * c),
+        trained = (d.intermediate + d.hidden) * c if dt.base_trainable else 0
+        return {"mlp_experts": routed * (3 * d.intermediate * c + d.hidden * c + trained),
                 "mlp_router": tokens * d.experts * 4 * 2}
-    return {"mlp_intermediate": tokens * per_token}
+    terms = {"mlp_intermediate": tokens * per_token}
+    if layout.features.activation in TANH_GELU_CHAINS:
+        terms["mlp_gelu_chain"] = gelu_chain(tokens * d.intermediate, dt)
+    return terms
+
+
+# activations transformers writes as a chain of elementwise ops, each intermediate kept by autograd
+# (gelu_new: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))); gelu_pytorch_tanh is one fused op
+TANH_GELU_CHAINS = {"gelu_new", "gelu_fast"}
+
+
+def gelu_chain(elements: int, dt: Dtypes) -> int:
+    """What gelu_new keeps beyond its input: tanh's output, 1 + tanh and 0.5 * x (the final product is the next
+    linear's input). CUDA autocast runs pow in fp32, which makes the first two fp32; the CPU keeps them in the
+    compute dtype."""
+    if dt.device == "cuda" and dt.autocast:
+        return elements * (4 + 4 + dt.compute)
+    return elements * 3 * dt.compute
 
 
 def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
@@ -202,7 +258,7 @@ def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[M
     layer_groups = [g for g in layout.modules if g.per_layer]
     adapted_here = [g for g in adapted if g.per_layer]
     r = setup.lora.r if setup.lora else 0
-    terms = {"norms": layout.features.norms_per_layer * _norm_saved(layout, h, t, dt)}
+    terms = {"norms": _norms_saved(layout, t, dt)}
     terms["linear_inputs"] = linear_inputs_saved(layout, layer_groups, t, dt)
     terms["weight_copies"] = autocast_weight_copies(layer_groups, dt, r, adapted_here)
     terms.update(attention_saved(layout, setup, dt))
@@ -256,14 +312,26 @@ def head_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[Mo
              "head_weight_copy": autocast_weight_copies(top_level, dt, r, adapted_top)}
     if adapted_top:
         terms["lora_top_level"] = lora_saved(layout, adapted_top, r, setup.lora.dropout, t, dt)
+    if layout_dropout(layout, "embedding") > 0:  # GPT-2's embd_pdrop, once per model
+        terms["embedding_dropout"] = t * d.hidden * dt.mask(dt.residual)
     terms["log_softmax"] = t * head.out_features * 4
     return terms
 
 
 def loss_transients(layout: ModelLayout, setup: TrainingSetup) -> tuple[int, int]:
-    """Extra bytes around the loss, (forward, backward): the bf16 logits and their fp32 copy at
-    the end of forward; in backward the fp32 gradients of log-softmax's output and input."""
+    """Extra bytes around the loss, (forward, backward): the logits and the fp32 copy the loss makes of
+    half-precision logits (fp32 logits need none) at the end of forward; in backward the fp32 gradients of
+    log-softmax's output and input."""
     dt = step_dtypes(setup)
     vocab_bytes = setup.tokens * layout.dims.vocab
-    softcap = 2 * vocab_bytes * 4 if layout.features.softcap else 0
-    return vocab_bytes * (dt.compute + 4) + softcap, vocab_bytes * 8 + softcap
+    # Gemma-2's final-logit softcapping (logits / cap, tanh, * cap in the compute dtype): tanh keeps its output
+    softcap = vocab_bytes * dt.compute if layout.features.softcap else 0
+    upcast = 4 if dt.compute != 4 else 0
+    return vocab_bytes * (dt.compute + upcast) + softcap, vocab_bytes * 8 + softcap
+
+
+def logits_kept(layout: ModelLayout, setup: TrainingSetup) -> int:
+    """A plain PyTorch/accelerate loop keeps `outputs` (the logits, in the compute dtype) until the next forward
+    rebinds it: through backward, the optimizer step and the next forward - resident, in effect. The Trainer
+    keeps only the loss."""
+    return setup.tokens * layout.dims.vocab * step_dtypes(setup).compute if setup.loop == "custom" else 0

@@ -26,7 +26,7 @@ class InstanceFit(BaseModel):
 
 def gpu_supports(gpu: catalog.Gpu, setup: TrainingSetup) -> str:
     """'' if the GPU can run `setup`, else why not."""
-    if setup.attention == "flash" and not gpu.supports_flash_attention:
+    if setup.attention == "flash_attention_2" and not gpu.supports_flash_attention:
         return f"{gpu.name} has no FlashAttention-2 support (needs Ampere or newer)"
     if setup.precision.startswith("bf16") and not gpu.supports_bf16:
         return f"{gpu.name} has no bf16"

@@ -14,15 +14,16 @@ from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
 from ftplan.estimate import activations as act
+from ftplan.estimate import optimizer as opt
 from ftplan.estimate.params import ParamCounts, adapted_groups, count_params, lora_params
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.layout import QUANTIZED_KINDS, UNQUANTIZED_MATMUL_KINDS, ModelLayout, ModuleGroup
 
 NF4_BLOCK = 64                 # bitsandbytes 4-bit blocksize
 NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 absmax bytes
-OPTIM_8BIT_BLOCK = 256         # bitsandbytes blockwise 8-bit optimizer states
-OPTIM_8BIT_MIN_NUMEL = 4096    # smaller tensors keep 32-bit states (bnb min_8bit_size)
 END_OF_BACKWARD = "end of backward (all gradients)"
+FIRST_LAYER = "backward through the first layer"
+OPTIMIZER_STEP = "optimizer step (gradients + its temporaries)"
 
 
 class MemoryBreakdown(BaseModel):
@@ -34,6 +35,8 @@ class MemoryBreakdown(BaseModel):
     gradients_bytes: int
     optimizer_bytes: int = Field(description="optimizer states in the PyTorch allocator")
     paged_optimizer_bytes: int = Field(description="paged optimizer states (CUDA unified memory, can spill to host)")
+    optimizer_step_bytes: int = Field(0, description="temporaries the optimizer allocates while it steps")
+    logits_kept_bytes: int = Field(0, description="custom loop: outputs.logits kept until the next forward")
     activations_bytes: int = Field(description="saved for backward, whole model, at the end of forward")
     activations_per_layer_bytes: int
     activation_terms: dict[str, int] = Field(description="per-layer activation terms (bytes, one layer)")
@@ -96,56 +99,30 @@ def unquantized_matmul_params(layout: ModelLayout) -> int:
     return sum(g.weight_numel * layout.instances(g) for g in layout.modules if g.kind in UNQUANTIZED_MATMUL_KINDS)
 
 
-def trainable_tensors(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup]) -> list[tuple[int, ...]]:
-    """Shapes of every trainable tensor (for optimizers whose state depends on shape)."""
-    shapes: list[tuple[int, ...]] = []
+def trainable_tensors(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup]) -> list[opt.Trainable]:
+    """Every trainable tensor's shape, and whether it is an nn.Embedding weight (for optimizers whose state
+    depends on shape and module)."""
+    tensors: list[opt.Trainable] = []
     if setup.method == "full":
         for g in layout.modules:
             for _ in range(layout.instances(g)):
                 if not g.shared_weight:
                     if g.kind == "norm" or g.weight_numel == g.out_features:  # vectors
-                        shapes.append((g.weight_numel,))
+                        shape: tuple[int, ...] = (g.weight_numel,)
                     elif g.kind == "experts":
                         experts = layout.dims.experts
-                        shapes.append((experts, g.weight_numel // experts))
+                        shape = (experts, g.weight_numel // experts)
                     else:
-                        shapes.append((g.out_features, g.weight_numel // max(g.out_features, 1)))
+                        shape = (g.out_features, g.weight_numel // max(g.out_features, 1))
+                    tensors.append(opt.Trainable(shape, g.kind == "embedding"))
                 if g.bias:
-                    shapes.append((g.bias,))
-        return shapes
+                    tensors.append(opt.Trainable((g.bias,)))
+        return tensors
     r = setup.lora.r
     for g in adapted:
         rank = r * g.lora_rank_factor
-        shapes += [(rank, g.in_features), (g.out_features, rank)] * layout.instances(g)
-    return shapes
-
-
-def _state_bytes_per_element(setup: TrainingSetup) -> int:
-    """AdamW keeps states in the parameter's dtype: 2 bytes only for pure bf16/fp16 full training."""
-    return 2 if setup.method == "full" and setup.precision in ("bf16", "fp16") else 4
-
-
-def optimizer_bytes(shapes: list[tuple[int, ...]], setup: TrainingSetup) -> int:
-    """Optimizer state bytes for the trainable tensors.
-
-    adamw: exp_avg + exp_avg_sq; *_8bit: bitsandbytes blockwise 8-bit states for tensors of
-    at least 4096 elements (fp32 below); sgd (no momentum, the Trainer default): none;
-    adafactor: factored row + column second moments for matrices, full for vectors.
-    """
-    name, size = setup.optimizer, _state_bytes_per_element(setup)
-    total = 0
-    for shape in shapes:
-        numel = math.prod(shape)
-        if name in ("adamw", "paged_adamw_32bit"):
-            total += 2 * numel * (size if name == "adamw" else 4)
-        elif name in ("adamw_8bit", "paged_adamw_8bit"):
-            if numel >= OPTIM_8BIT_MIN_NUMEL:
-                total += 2 * numel + 2 * math.ceil(numel / OPTIM_8BIT_BLOCK) * 4
-            else:
-                total += 2 * numel * 4
-        elif name == "adafactor":
-            total += (sum(shape[-2:]) if len(shape) >= 2 else numel) * size
-    return total
+        tensors += [opt.Trainable((rank, g.in_features)), opt.Trainable((g.out_features, rank))] * layout.instances(g)
+    return tensors
 
 
 def _grads_not_yet_at_first_layer(layout: ModelLayout, counts: ParamCounts, adapted: list[ModuleGroup], lora,
@@ -160,12 +137,19 @@ def _grads_not_yet_at_first_layer(layout: ModelLayout, counts: ParamCounts, adap
     return (layer + embedding) * grad_size
 
 
+def tied_embedding_backward(layout: ModelLayout, setup: TrainingSetup) -> int:
+    """Full fine-tuning of a tied embedding: the head's gradient already sits in the shared weight's .grad when
+    the embedding's backward allocates its dense vocab x hidden gradient to add to it (measured 4 bytes per
+    element with fp32 and with bf16 gradients)."""
+    return 4 * layout.dims.vocab * layout.dims.hidden if setup.method == "full" and layout.dims.tied_embeddings else 0
+
+
 def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None,
                     device: act.Device = "cuda") -> MemoryBreakdown:
     """Itemised per-GPU memory of one training step of `layout` under `setup`.
 
-    `device="cpu"` models the CPU's kernels instead (dropout keeps its noise, not a bool mask),
-    which is what `ftplan measure --device cpu` compares with.
+    `device="cpu"` models the CPU's kernels instead (dropout keeps its noise, not a bool mask; the optimizers'
+    CPU code paths), which is what `ftplan measure --device cpu` compares with.
     """
     counts = counts or count_params(layout, setup.method, setup.lora)
     adapted = adapted_groups(layout, counts.targets) if counts.targets else []
@@ -173,11 +157,39 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     adapter = counts.adapter_params * 4
     grad_size = 4 if setup.method != "full" else (2 if setup.precision in ("bf16", "fp16") else 4)
     gradients = counts.trainable_params * grad_size
-    shapes = trainable_tensors(layout, setup, adapted)
-    states = optimizer_bytes(shapes, setup)
-    paged = states if setup.optimizer.startswith("paged_") else 0
+    tensors = trainable_tensors(layout, setup, adapted)
+    states = opt.state_bytes(tensors, setup)
+    paged = states if opt.paged(setup) else 0
     states -= paged
+    logits = act.logits_kept(layout, setup)
+    static = sum(weights.values()) + adapter + states + logits
+    phases, activations, layer, head = _phases(layout, setup, counts, adapted, device, gradients, grad_size,
+                                               opt.step_transient(tensors, setup, device))
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    held, transient = phases[phase]
+    first_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
+    grads_held = {END_OF_BACKWARD: gradients, OPTIMIZER_STEP: gradients, FIRST_LAYER: phases[FIRST_LAYER][0] - first_held}
+    phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
+    peak = static + held + transient
+    slack, context = outside_allocator(peak)
+    return MemoryBreakdown(
+        weights_bytes=sum(weights.values()), weights_by_dtype=weights, adapter_bytes=adapter,
+        gradients_bytes=gradients, optimizer_bytes=states, paged_optimizer_bytes=paged,
+        optimizer_step_bytes=phases[OPTIMIZER_STEP][1], logits_kept_bytes=logits,
+        activations_bytes=activations, activations_per_layer_bytes=layer.total, activation_terms=layer.terms,
+        head_terms=head, transient_bytes=transient,
+        peak_phase=phase, held_gradient_bytes=grads_held.get(phase, 0), phase_bytes=phase_bytes,
+        peak_allocated_bytes=peak, cuda_context_bytes=context,
+        allocator_slack_bytes=slack, required_bytes=peak + slack + context + paged,
+    )
 
+
+def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adapted: list[ModuleGroup],
+            device: act.Device, gradients: int, grad_size: int, optimizer_step: int):
+    """Candidates for the peak, each as (what is held, what is transient on top), beyond the static bytes.
+
+    The backward pass frees activations layer by layer while gradients accumulate, so within it the peak is at
+    one end: just after the loss (all activations) or at the end (all gradients); then the optimizer steps."""
     layer = act.layer_activations(layout, setup, adapted, device)
     head = act.head_activations(layout, setup, adapted, device)
     layers = layout.dims.layers
@@ -191,7 +203,6 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
         kept = layers * layer.total - act.first_layer_savings(layout, setup, adapted, device)
         forward_only, recompute = 0, 0
     activations = kept + sum(head.values())
-
     dequant = 0
     if setup.method == "qlora":
         quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
@@ -200,31 +211,13 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
     grads_at_first_layer = gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora, grad_size)
     loss_forward, loss_backward = act.loss_transients(layout, setup)
-    static = sum(weights.values()) + adapter + states
-    # Candidates for the peak, each as (what is held, what is transient on top). The backward pass
-    # frees activations layer by layer while gradients accumulate, so within it the peak is at
-    # one end: just after the loss (all activations) or at the optimizer step (all gradients).
     phases = {
         "end of forward (activations + logits)": (activations, forward_only + loss_forward),
         "backward start (activations + loss gradients)": (activations, loss_backward),
         "backward through the last layer": (activations - head["log_softmax"], layer_backward + recompute),
         # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
-        "backward through the first layer": (grads_at_first_layer + first_layer_held, layer_backward + recompute),
-        END_OF_BACKWARD: (gradients, layer_backward),
+        FIRST_LAYER: (grads_at_first_layer + first_layer_held, layer_backward + recompute),
+        END_OF_BACKWARD: (gradients, max(layer_backward, tied_embedding_backward(layout, setup))),
+        OPTIMIZER_STEP: (gradients, optimizer_step),
     }
-    phase = max(phases, key=lambda k: sum(phases[k]))
-    held, transient = phases[phase]
-    grads_held = {END_OF_BACKWARD: gradients, "backward through the first layer": grads_at_first_layer}
-    phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
-    held_gradients = grads_held.get(phase, 0)
-    peak = static + held + transient
-    slack, context = outside_allocator(peak)
-    return MemoryBreakdown(
-        weights_bytes=sum(weights.values()), weights_by_dtype=weights, adapter_bytes=adapter,
-        gradients_bytes=gradients, optimizer_bytes=states, paged_optimizer_bytes=paged,
-        activations_bytes=activations, activations_per_layer_bytes=layer.total, activation_terms=layer.terms,
-        head_terms=head, transient_bytes=transient,
-        peak_phase=phase, held_gradient_bytes=held_gradients, phase_bytes=phase_bytes, peak_allocated_bytes=peak,
-        cuda_context_bytes=context,
-        allocator_slack_bytes=slack, required_bytes=peak + slack + context + paged,
-    )
+    return phases, activations, layer, head

@@ -126,7 +126,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     bf16 = gpu_info.supports_bf16 if gpu_info else True
     estimates = []
     warnings: list[str] = []
-    setups = [resolve(m, choices, bf16_supported=bf16) for m in methods]
+    setups = [resolve(m, choices, bf16_supported=bf16, model_type=layout.model_type) for m in methods]
     for setup in setups:
         counts = count_params(layout, setup.method, setup.lora)
         memory = estimate_memory(layout, setup, counts, device)
@@ -151,6 +151,9 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                                              min_gpus=gpus // nodes, region=region),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
         ))
+    if (limit := spec.dims.max_positions) and choices.seq_len > limit:
+        warnings.append(f"--seq-len {choices.seq_len} is above the model's max_position_embeddings ({limit}): it "
+                        "was not trained on sequences this long (recommend refuses it without --allow-long-context)")
     for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
         warnings.append(f"sharded: {note}")
     shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}

@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
+
+from ftplan.model.architectures import attention_for
 
 Method = Literal["full", "lora", "qlora"]
+# -mixed: autocast over the stored weights (TrainingArguments(bf16=True)); bf16/fp16: the weights are
+# half precision and nothing autocasts (a model loaded in bf16, trained without bf16=True); fp32: neither
+PRECISION_HELP = {
+    "bf16-mixed": "autocast to bf16 - TrainingArguments(bf16=True); full fine-tuning keeps fp32 master "
+                  "weights, LoRA/QLoRA a bf16 (or 4-bit) base",
+    "bf16": "weights in bf16, no autocast - a model loaded with dtype=torch.bfloat16, trained without bf16=True",
+    "fp16-mixed": "autocast to fp16 - TrainingArguments(fp16=True)",
+    "fp16": "weights in fp16, no autocast",
+    "fp32": "everything in fp32, no autocast",
+}
 Precision = Literal["bf16-mixed", "bf16", "fp16-mixed", "fp16", "fp32"]
-Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"]
-Attention = Literal["sdpa", "eager", "flash"]
+# Hugging Face TrainingArguments.optim names; ftplan's earlier names stay accepted as aliases
+OPTIMIZER_ALIASES = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit"}
+Optimizer = Annotated[Literal["adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit",
+                              "paged_adamw_32bit", "adafactor", "sgd"],
+                      BeforeValidator(lambda v: OPTIMIZER_ALIASES.get(v, v) if isinstance(v, str) else v)]
+# attention as transformers' attn_implementation names it; "flash" stays accepted
+ATTENTION_ALIASES = {"flash": "flash_attention_2"}
+Attention = Annotated[Literal["sdpa", "eager", "flash_attention_2"],
+                      BeforeValidator(lambda v: ATTENTION_ALIASES.get(v, v) if isinstance(v, str) else v)]
+# trainer: the Trainer's step, which keeps only the loss of the forward; custom: a plain PyTorch or accelerate
+# loop (outputs = model(**batch); outputs.loss.backward()), which keeps outputs.logits until the next forward
+Loop = Literal["trainer", "custom"]
 QuantType = Literal["nf4", "fp4"]
 
 METHODS: tuple[Method, ...] = ("full", "lora", "qlora")
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
-OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
-ATTENTIONS: tuple[str, ...] = Attention.__args__  # type: ignore[attr-defined]
+OPTIMIZERS: tuple[str, ...] = Optimizer.__origin__.__args__  # type: ignore[attr-defined]
+ATTENTIONS: tuple[str, ...] = Attention.__origin__.__args__  # type: ignore[attr-defined]
+LOOPS: tuple[str, ...] = Loop.__args__  # type: ignore[attr-defined]
+DEFAULT_OPTIMIZER = {"full": "adamw_torch_fused", "lora": "adamw_torch_fused", "qlora": "paged_adamw_32bit"}
 
 
 def _require_positive(value: int, label: str) -> int:
@@ -52,9 +76,10 @@ class TrainingSetup(BaseModel):
     batch_size: int = Field(1, description="micro-batch per GPU (sequences)")
     seq_len: int = Field(2048, description="tokens per sequence")
     precision: Precision = "bf16-mixed"
-    optimizer: Optimizer = "adamw"
+    optimizer: Optimizer = "adamw_torch_fused"
     grad_ckpt: bool = False
     attention: Attention = "sdpa"
+    loop: Loop = "trainer"
     lora: LoraSettings | None = None
     quant_type: QuantType = "nf4"
     double_quant: bool = True
@@ -83,7 +108,8 @@ class SetupChoices(BaseModel):
     precision: Precision | None = None
     optimizer: Optimizer | None = None
     grad_ckpt: bool | None = None
-    attention: Attention = "sdpa"
+    attention: Attention | None = Field(None, description="None: what transformers uses for the architecture")
+    loop: Loop = "trainer"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quant_type: QuantType = "nf4"
     double_quant: bool = True
@@ -97,21 +123,24 @@ def for_gpu(precision: str, bf16_supported: bool) -> str:
     return precision if bf16_supported else HALF_PRECISION_FALLBACK.get(precision, precision)
 
 
-def resolve(method: Method, choices: SetupChoices, *, bf16_supported: bool = True) -> TrainingSetup:
+def resolve(method: Method, choices: SetupChoices, *, bf16_supported: bool = True,
+            model_type: str | None = None) -> TrainingSetup:
     """Complete `choices` for `method` with the Hugging Face recipe defaults.
 
-    full: bf16 mixed precision (fp32 master weights, grads and AdamW states), no checkpointing;
-    lora: frozen base in bf16, fp32 adapters, AdamW, no checkpointing;
+    full: bf16 mixed precision (fp32 master weights, grads and AdamW states), fused AdamW, no checkpointing;
+    lora: frozen base in bf16 under bf16 autocast, fp32 adapters, fused AdamW, no checkpointing;
     qlora: NF4 with double quantization, bf16 compute, paged 32-bit AdamW (the QLoRA recipe),
     gradient checkpointing on (prepare_model_for_kbit_training enables it).
-    Without bf16 support (V100, T4) bf16 becomes fp16.
+    Without bf16 support (V100, T4) bf16 becomes fp16. The attention implementation defaults to what
+    transformers uses for `model_type` (SDPA, eager for Gemma-2 and BLOOM).
     """
     precision = for_gpu(choices.precision or "bf16-mixed", bf16_supported)
-    optimizer = choices.optimizer or ("paged_adamw_32bit" if method == "qlora" else "adamw")
+    optimizer = choices.optimizer or DEFAULT_OPTIMIZER[method]
     grad_ckpt = choices.grad_ckpt if choices.grad_ckpt is not None else method == "qlora"
     return TrainingSetup(
         method=method, batch_size=choices.batch_size, seq_len=choices.seq_len, precision=precision,
-        optimizer=optimizer, grad_ckpt=grad_ckpt, attention=choices.attention,
+        optimizer=optimizer, grad_ckpt=grad_ckpt, attention=attention_for(model_type or "", choices.attention),
+        loop=choices.loop,
         lora=None if method == "full" else choices.lora, quant_type=choices.quant_type,
         double_quant=choices.double_quant,
     )

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ftplan.errors import PlannerError
-from ftplan.estimate.memory import END_OF_BACKWARD, MemoryBreakdown, outside_allocator
+from ftplan.estimate.memory import END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP, MemoryBreakdown, outside_allocator
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.layout import ModelLayout
 
@@ -31,7 +31,6 @@ SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
 OFFLOADS: tuple[str, ...] = Offload.__args__  # type: ignore[attr-defined]
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default; two buckets in flight
 PARAM_SHARDED = {"zero3", "fsdp", "fsdp-hybrid"}
-FIRST_LAYER = "backward through the first layer"
 
 
 class ShardedMemory(BaseModel):
@@ -92,9 +91,13 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     if sharding in PARAM_SHARDED and copies and gpus > 1:
         # FSDP's mixed-precision policy and ZeRO-3 gather weights in bf16: autocast keeps no bf16 copy of
         # every weight (the gathered units are counted below instead)
-        phases = {k: (grads, max(0, other - copies) if k not in (END_OF_BACKWARD, FIRST_LAYER) else other)
+        phases = {k: (grads, max(0, other - copies) if k not in (END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP)
+                      else other)
                   for k, (grads, other) in phases.items()}
         notes.append("no autocast weight copies: sharded weights are gathered in bf16 by the mixed-precision policy")
+    if OPTIMIZER_STEP in phases and sharding not in ("none", "ddp"):  # each GPU steps only its shard of the states
+        grads, step = phases[OPTIMIZER_STEP]
+        phases[OPTIMIZER_STEP] = (grads, step // group)
     phase = max(phases, key=lambda k: phases[k][0] // grad_divisor + phases[k][1])
     g, other = phases[phase][0] // grad_divisor, phases[phase][1]
     if sharding in ("zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"):

@@ -1,8 +1,10 @@
 """`ftplan measure`: run real training steps on random tokens and compare memory with the estimate.
 
-The model is built by planner.modelbuild, the same code the Hugging Face backend uses. On CUDA
-the peak is `torch.cuda.max_memory_allocated()` after a warm-up step; on the CPU it is the
-high-water mark of live tensor storage (planner.memtrack), which counts the same thing.
+The model is built by ftplan.train.build, the code the Hugging Face backend trains with. On CUDA the peak is
+`torch.cuda.max_memory_allocated()` after a warm-up step. On the CPU three independent instruments measure it
+(measure/instruments.py): the live-tensor tracker, the c10 allocator through the profiler, and the resident
+set of a child process; they are reported side by side, a disagreement over 2% is flagged, and the estimate
+is compared with RSS.
 """
 
 from __future__ import annotations
@@ -15,15 +17,25 @@ from pydantic import BaseModel, Field
 from ftplan.estimate.memory import MemoryBreakdown
 from ftplan.estimate.report import ModelInfo, estimate
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup
+from ftplan.measure.session import nbytes
 from ftplan.model.spec import ModelSpec
 
 
 class MeasuredMemory(BaseModel):
     """What the steps allocated, in bytes, and how fast they ran."""
 
-    peak_allocated_bytes: int
+    peak_allocated_bytes: int = Field(description="the reference peak: RSS where it was measured, else the "
+                                                  "allocator's (CPU), else max_memory_allocated (CUDA)")
+    peak_tracker_bytes: int | None = Field(None, description="CPU: live tensor storages (dispatch-level tracker)")
+    peak_allocator_bytes: int | None = Field(None, description="CPU: every block of the c10 allocator (profiler)")
+    peak_rss_bytes: int | None = Field(None, description="CPU: resident set of a child process (VmHWM)")
+    allocator_peak_at: str = Field("", description="the op path of the allocation that reached the peak")
+    allocator_live_by_op: dict[str, int] = Field({}, description="bytes allocated during the measured steps and "
+                                                                 "live at the allocator's peak, by op")
+    instruments_disagree_percent: float | None = Field(
+        None, description="(largest - smallest) / smallest x 100 over the CPU instruments; flagged above 2")
     resident_bytes: int = Field(description="held between steps: weights, buffers, quantization state, "
-                                            "optimizer states")
+                                            "optimizer states, a custom loop's kept outputs")
     weights_bytes: int = Field(description="parameters, buffers and quantization state")
     optimizer_bytes: int
     gradients_bytes: int = Field(description="gradients alive at the end of backward")
@@ -51,24 +63,17 @@ class MeasureReport(BaseModel):
     calibration_file: str | None = Field(None, description="where the utilisation was recorded, if it was")
 
 
-def _nbytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+DISAGREEMENT_FLAG = 2.0  # percent
 
 
 class _CpuMeter:
-    """Live tensor bytes on the CPU, counted by planner.memtrack while the steps run."""
+    """Live tensor bytes on the CPU, counted by the tracker while the steps run."""
 
-    def __init__(self, model, optimizer) -> None:
-        from ftplan.measure.memtrack import LiveBytes, resident_tensors
+    def __init__(self, session) -> None:
+        from ftplan.measure.memtrack import LiveBytes
 
         self.tracker = LiveBytes()
-        for tensor in resident_tensors(model, optimizer):
+        for tensor in session.resident_tensors():
             self.tracker.track(tensor)
         self.tracker.reset_peak()
 
@@ -85,7 +90,7 @@ class _CpuMeter:
 class _CudaMeter:
     """The CUDA caching allocator's own counters."""
 
-    def __init__(self, model, optimizer) -> None:
+    def __init__(self, session) -> None:
         import torch
 
         self.cuda = torch.cuda
@@ -103,47 +108,65 @@ class _CudaMeter:
         return contextlib.nullcontext()
 
 
-def _run(model, optimizer, batch, setup: TrainingSetup, steps: int, device: str) -> MeasuredMemory:
+def _run(session, steps: int) -> MeasuredMemory:
     from ftplan.measure.memtrack import resident_tensors, tensors_of
-    from ftplan.train.build import train_step
 
-    meter = (_CudaMeter if device == "cuda" else _CpuMeter)(model, optimizer)
+    meter = (_CudaMeter if session.device == "cuda" else _CpuMeter)(session)
     resident = meter.current()
-    weights = _nbytes(resident_tensors(model))
-    optimizer_bytes = _nbytes(tensors_of(optimizer.state))
+    weights = nbytes(resident_tensors(session.model))
+    optimizer_bytes = nbytes(tensors_of(session.optimizer.state))
     marks: dict[str, int] = {}
     start = time.perf_counter()
     with meter.session():
         for _ in range(steps):
-            loss = train_step(model, optimizer, batch, setup, device,
-                              on_forward_end=lambda: marks.__setitem__("forward", meter.current()),
-                              on_backward_end=lambda: marks.__setitem__("grads", _grad_bytes(model)))
+            loss = session.step(on_forward_end=lambda: marks.__setitem__("forward", meter.current()),
+                                on_backward_end=lambda: marks.__setitem__("grads", _grad_bytes(session.model)))
     peak = meter.peak()
     elapsed = (time.perf_counter() - start) / steps
-    return MeasuredMemory(peak_allocated_bytes=peak, resident_bytes=resident, weights_bytes=weights,
-                          optimizer_bytes=optimizer_bytes, gradients_bytes=marks["grads"],
-                          activations_bytes=marks["forward"] - resident, step_seconds=elapsed,
-                          tokens_per_second=setup.tokens / elapsed, loss=loss)
+    return MeasuredMemory(peak_allocated_bytes=peak, peak_tracker_bytes=peak if session.device == "cpu" else None,
+                          resident_bytes=resident, weights_bytes=weights, optimizer_bytes=optimizer_bytes,
+                          gradients_bytes=marks["grads"], activations_bytes=marks["forward"] - resident,
+                          step_seconds=elapsed, tokens_per_second=session.setup.tokens / elapsed, loss=loss)
 
 
 def _grad_bytes(model) -> int:
-    return _nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    return nbytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def _cpu_instruments(measured: MeasuredMemory, session, spec: ModelSpec, seed: int, rss: bool) -> None:
+    """Add the allocator and RSS instruments' peaks; the reference becomes RSS where measured, else the
+    allocator's; flag instruments that disagree by more than 2%."""
+    from ftplan.measure import instruments
+
+    measured.peak_allocator_bytes, measured.allocator_peak_at, measured.allocator_live_by_op = \
+        instruments.allocator_peak(session)
+    if rss and instruments.rss_supported():
+        child = instruments.rss_in_child({"config": spec.config, "name": spec.name, "seed": seed,
+                                          "setup": session.setup.model_dump(mode="json")})
+        measured.peak_rss_bytes = child["resident_bytes"] + child["extra_bytes"]
+    peaks = [p for p in (measured.peak_tracker_bytes, measured.peak_allocator_bytes, measured.peak_rss_bytes) if p]
+    measured.instruments_disagree_percent = 100 * (max(peaks) - min(peaks)) / min(peaks)
+    measured.peak_allocated_bytes = measured.peak_rss_bytes or measured.peak_allocator_bytes
 
 
 def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: int = 1, device: str = "cpu",
-            seed: int = 0, calibrate: bool = False) -> MeasureReport:
+            seed: int = 0, calibrate: bool = False, rss: bool = True) -> MeasureReport:
     """Build `spec` for `method`, run one warm-up and `steps` measured steps, compare with the estimate.
 
-    On CUDA the measured throughput gives the utilisation of the counted FLOPs; with `calibrate`
-    it is recorded in the calibration file, where recommend's time estimates pick it up.
+    On the CPU three instruments measure the peak (tracker, allocator, and with `rss` the resident set of a
+    child process); the estimate is compared with RSS (else the allocator). On CUDA the measured throughput
+    gives the utilisation of the counted FLOPs; with `calibrate` it is recorded in the calibration file, where
+    recommend's time estimates pick it up.
     """
     import torch
 
     from ftplan.errors import PlannerError
-    from ftplan.train.build import build_model, build_optimizer, random_batch, train_step
+    from ftplan.measure.session import prepare
 
     if steps <= 0:
         raise PlannerError(f"--steps must be positive, got {steps}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise PlannerError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     gpu_bf16 = device != "cuda" or torch.cuda.is_bf16_supported()
@@ -151,12 +174,10 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     setup = report.estimates[0].setup
     if not gpu_bf16 and setup.precision.startswith("bf16"):
         raise PlannerError("this GPU has no bf16: pass --precision fp16-mixed")
-    torch.manual_seed(seed)
-    model = build_model(spec, setup, device=device)
-    optimizer = build_optimizer(model, setup)
-    batch = random_batch(spec.dims.vocab, setup, device)
-    train_step(model, optimizer, batch, setup, device)  # warm-up: optimizer states exist from here on
-    measured = _run(model, optimizer, batch, setup, steps, device)
+    session = prepare(spec, setup, device, seed)
+    measured = _run(session, steps)
+    if device == "cpu":
+        _cpu_instruments(measured, session, spec, seed, rss)
     memory = report.estimates[0].memory
     compared = memory.peak_allocated_bytes + (memory.paged_optimizer_bytes if device == "cpu" else 0)
     result = MeasureReport(model=report.model, setup=setup, device=device, steps=steps, estimated=memory,

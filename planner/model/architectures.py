@@ -206,6 +206,21 @@ BUILDERS: dict[str, Callable[[ModelSpec], ModelLayout]] = {
 }
 
 
+# transformers 5 has no SDPA path for these (their PreTrainedModel leaves _supports_sdpa False): left alone it
+# runs eager attention, and an explicit attn_implementation="sdpa" raises
+NO_SDPA = {"gemma2": "transformers has no SDPA path for Gemma-2 (SDPA cannot softcap attention scores)",
+           "bloom": "transformers has no SDPA path for BLOOM (its ALiBi attention)"}
+
+
+def attention_for(model_type: str, requested: str | None) -> str:
+    """The attention implementation a run uses: the one asked for, else what transformers picks for the
+    architecture (SDPA, or eager where it has none); PlannerError for SDPA where transformers refuses it."""
+    if requested == "sdpa" and model_type in NO_SDPA:
+        raise PlannerError(f"--attn sdpa: {NO_SDPA[model_type]}; use --attn eager (its default) or "
+                           "flash_attention_2")
+    return requested or ("eager" if model_type in NO_SDPA else "sdpa")
+
+
 def is_analytic(model_type: str) -> bool:
     """Whether ftplan counts this architecture without torch."""
     return model_type in BUILDERS
@@ -220,14 +235,37 @@ def build_layout(spec: ModelSpec) -> ModelLayout:
     if spec.model_type == "mixtral" and not spec.dims.experts:
         raise PlannerError(f"{spec.name}: a mixtral config needs 'num_local_experts'; fix the config.json")
     layout = builder(spec)
-    layout.features.dropout = _dropouts(spec.config)
+    layout.features.dropout = _dropouts(spec.config, spec.model_type)
+    layout.features.activation = _activation(spec)
     return layout
 
 
-def _dropouts(config: dict) -> dict[str, float]:
-    """Dropout probabilities a config turns on during training (HF models train in .train() mode)."""
-    def first(*keys: str) -> float:
-        return next((float(config[k]) for k in keys if isinstance(config.get(k), (int, float))), 0.0)
+# transformers' config-class defaults where a config leaves dropout out (every other type defaults to 0)
+DROPOUT_DEFAULTS = {"gpt2": {"attention": 0.1, "hidden": 0.1, "embedding": 0.1}, "opt": {"hidden": 0.1}}
 
-    return {"attention": first("attention_dropout", "attn_pdrop"),
-            "hidden": first("resid_pdrop", "hidden_dropout", "dropout")}
+
+def _dropouts(config: dict, model_type: str) -> dict[str, float]:
+    """Dropout probabilities a config turns on during training (HF models train in .train() mode)."""
+    defaults = DROPOUT_DEFAULTS.get(model_type, {})
+
+    def first(where: str, *keys: str) -> float:
+        return next((float(config[k]) for k in keys if isinstance(config.get(k), (int, float))),
+                    defaults.get(where, 0.0))
+
+    return {"attention": first("attention", "attention_dropout", "attn_pdrop"),
+            "hidden": first("hidden", "resid_pdrop", "hidden_dropout", "dropout"),
+            "embedding": first("embedding", "embd_pdrop")}
+
+
+# transformers' config-class defaults where a config leaves the activation out
+ACTIVATION_DEFAULTS = {"gpt2": "gelu_new", "phi": "gelu_new", "opt": "relu", "falcon": "gelu", "gpt_neox": "gelu",
+                       "bloom": "bloom_gelu", "gemma": "gelu_pytorch_tanh", "gemma2": "gelu_pytorch_tanh"}
+
+
+def _activation(spec: ModelSpec) -> str:
+    """The MLP activation (it decides which elementwise intermediates autograd keeps)."""
+    if spec.model_type == "bloom":  # BloomGelu trains through its own autograd function, whatever the config
+        return "bloom_gelu"
+    value = spec.config.get("activation_function") or spec.config.get("hidden_act") or \
+        spec.config.get("hidden_activation")
+    return value if isinstance(value, str) else ACTIVATION_DEFAULTS.get(spec.model_type, "silu")

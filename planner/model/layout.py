@@ -72,7 +72,8 @@ class ArchFeatures(BaseModel):
     embedding_scale: bool = False
     embedding_norm: bool = False
     softcap: bool = False
-    dropout: dict[str, float] = {}  # 'attention' / 'hidden' probabilities active in training
+    dropout: dict[str, float] = {}  # 'attention' / 'hidden' / 'embedding' probabilities active in training
+    activation: str = "silu"  # the MLP's activation as transformers names it (config hidden_act / activation_function)
 
 
 class ModelLayout(BaseModel):

@@ -13,13 +13,13 @@ from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolv
 from ftplan.recommend.models import SearchRequest
 
 
-def setting_grid(choices: SetupChoices, methods: list[Method], fixed: set[str]) -> list[TrainingSetup]:
+def setting_grid(choices: SetupChoices, methods: list[Method], fixed: set[str], model_type: str) -> list[TrainingSetup]:
     """Every setting to evaluate: per method, optimizers (full: AdamW and 8-bit AdamW) x checkpointing x
     LoRA targets (PEFT's default and all-linear), each only where the user did not pin it."""
     grid = []
     for method in methods:
-        base = resolve(method, choices)
-        optimizers = [base.optimizer] if "optimizer" in fixed or method != "full" else ["adamw", "adamw_8bit"]
+        base = resolve(method, choices, model_type=model_type)
+        optimizers = [base.optimizer] if "optimizer" in fixed or method != "full" else ["adamw_torch_fused", "adamw_bnb_8bit"]
         ckpts = [base.grad_ckpt] if "grad_ckpt" in fixed else [False, True]
         target_sets = [choices.lora.targets] if method == "full" or "targets" in fixed else [None, ["all-linear"]]
         for opt in optimizers:

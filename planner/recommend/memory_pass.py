@@ -47,7 +47,7 @@ def memory_pass(layout: ModelLayout, request: SearchRequest, choices: SetupChoic
     count_cache: dict[tuple, ParamCounts] = {}
     max_world = grid.largest_world(request.max_gpus)
     micros = grid.micro_batches(request)
-    for setup in grid.setting_grid(choices, request.methods, fixed):
+    for setup in grid.setting_grid(choices, request.methods, fixed, layout.model_type):
         key = (setup.method, tuple(setup.lora.targets or ()) if setup.lora else None)
         counts = count_cache.get(key) or count_cache.setdefault(key, count_params(layout, setup.method, setup.lora))
         st = Setting(setup, counts, _targets_label(counts), counts.targets.peft_value() if counts.targets else None)

@@ -208,8 +208,12 @@ def measure_table(report) -> Table:
     table.add_row("optimizer states", gib(est.optimizer_bytes + est.paged_optimizer_bytes), gib(got.optimizer_bytes))
     table.add_row("gradients (end of backward)", gib(est.gradients_bytes), gib(got.gradients_bytes))
     table.add_row("activations (end of forward)", gib(est.activations_bytes), gib(got.activations_bytes))
-    table.add_row(Text("peak allocated", style="bold"), gib(report.estimated_compared_bytes),
-                  gib(got.peak_allocated_bytes))
+    table.add_row(Text("peak", style="bold"), gib(report.estimated_compared_bytes), gib(got.peak_allocated_bytes))
+    for label, value in (("  tracker (live tensors)", got.peak_tracker_bytes),
+                         ("  allocator (profiler)", got.peak_allocator_bytes),
+                         ("  resident set (RSS)", got.peak_rss_bytes)):
+        if value is not None:
+            table.add_row(label, "", gib(value))
     table.add_row("error", f"{report.error_percent:+.1f}%", "")
     table.add_row("step time / throughput", "", f"{got.step_seconds:.2f} s, {got.tokens_per_second:,.0f} tokens/s")
     return table
@@ -217,6 +221,11 @@ def measure_table(report) -> Table:
 
 def print_measure(report, console: Console) -> None:
     console.print(measure_table(report))
+    got = report.measured
+    if got.instruments_disagree_percent is not None and got.instruments_disagree_percent > 2:
+        console.print(Text(f"- the CPU instruments disagree by {got.instruments_disagree_percent:.1f}% (over 2%): the "
+                           "tracker misses what ops allocate inside themselves, which the allocator and RSS see; "
+                           f"the peak was reached in {got.allocator_peak_at or 'an unnamed op'}", style="yellow"))
     if report.device == "cpu" and report.estimated.paged_optimizer_bytes:
         console.print("[dim]- paged optimizer states are counted in the peak on the CPU (no paged memory there)[/]")
     console.print("[dim]- activations measured include the loss; estimated excludes the loss's transient buffers[/]")

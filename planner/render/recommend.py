@@ -22,7 +22,8 @@ CHART_WIDTH, CHART_HEIGHT = 56, 12
 
 def _settings(c: Candidate) -> str:
     s = c.setup
-    parts = [s.optimizer.replace("paged_adamw_", "paged-").replace("adamw_8bit", "adamw8"),
+    parts = [s.optimizer.replace("adamw_torch_fused", "adamw").replace("paged_adamw_", "paged-")
+             .replace("adamw_bnb_8bit", "adamw8"),
              "ckpt" if s.grad_ckpt else "no-ckpt"]
     if c.method != "full":
         parts.append(f"r{s.lora.r} {c.targets}")

@@ -18,7 +18,6 @@ from ftplan.estimate.params import TargetResolution, resolve_targets
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.spec import ModelSpec
 
-ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 LEARNING_RATE = 2e-4  # measuring memory and speed: any rate would do; the plan carries the recipe's
 
 
@@ -55,10 +54,9 @@ def compute_dtype(setup: TrainingSetup):
 
 
 def uses_autocast(setup: TrainingSetup) -> bool:
-    """The Trainer autocasts with bf16/fp16 mixed precision, and for adapters over a half-precision base."""
-    if setup.method == "full":
-        return setup.precision.endswith("-mixed")
-    return setup.precision != "fp32"
+    """Autocast for the -mixed precisions (TrainingArguments(bf16=True) / fp16=True), for every method; plain
+    bf16/fp16 keep the weights in half precision and do not autocast."""
+    return setup.precision.endswith("-mixed")
 
 
 def autocast(setup: TrainingSetup, device: str):
@@ -79,7 +77,7 @@ def hf_config(spec: ModelSpec, setup: TrainingSetup):
         config = AutoConfig.for_model(model_type, **values)
     except (ValueError, KeyError) as exc:
         raise PlannerError(f"transformers cannot build model_type '{model_type}': {exc}") from None
-    config._attn_implementation = ATTN_IMPLEMENTATION[setup.attention]
+    config._attn_implementation = setup.attention  # transformers' own names
     config.use_cache = False
     return config
 
@@ -99,7 +97,7 @@ def _load_quantized(source: str, setup: TrainingSetup, device: str, trust_remote
     return AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=weight_dtype(setup),
                                                 device_map=device, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code,
-                                                attn_implementation=ATTN_IMPLEMENTATION[setup.attention])
+                                                attn_implementation=setup.attention)
 
 
 def _quantized_from_config(config, setup: TrainingSetup, device: str, trust_remote_code: bool):
@@ -177,13 +175,15 @@ def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", p
 
 
 def build_optimizer(model, setup: TrainingSetup):
-    """The optimizer the Trainer would create for `setup.optimizer`, over the trainable parameters."""
+    """The optimizer the Trainer creates for `setup.optimizer` (a TrainingArguments.optim name), over the
+    trainable parameters - with its override that keeps nn.Embedding weights at 32-bit states under 8-bit
+    bitsandbytes optimizers."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     name = setup.optimizer
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True)
+    if name in ("adamw_torch_fused", "adamw_torch"):  # adamw_torch: foreach on CUDA, a loop on the CPU
+        return torch.optim.AdamW(params, lr=LEARNING_RATE, fused=name == "adamw_torch_fused" or None)
     if name == "sgd":
         return torch.optim.SGD(params, lr=LEARNING_RATE)
     if name == "adafactor":
@@ -194,9 +194,14 @@ def build_optimizer(model, setup: TrainingSetup):
         import bitsandbytes as bnb
     except ImportError:
         raise PlannerError(f"--optimizer {name} needs bitsandbytes: pip install 'ftplan[train]'") from None
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
-    return cls(params, lr=LEARNING_RATE)
+    bits = 8 if name in ("adamw_bnb_8bit", "paged_adamw_8bit") else 32
+    optimizer = bnb.optim.AdamW(params, lr=LEARNING_RATE, optim_bits=bits, is_paged=name.startswith("paged_"))
+    if bits == 8:
+        manager = bnb.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
 
 
 def random_batch(vocab: int, setup: TrainingSetup, device: str, generator=None) -> dict[str, Any]:
@@ -207,15 +212,22 @@ def random_batch(vocab: int, setup: TrainingSetup, device: str, generator=None) 
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def train_step(model, optimizer, batch: dict, setup: TrainingSetup, device: str, *, on_forward_end=None,
-               on_backward_end=None) -> float:
-    """One optimizer step the way the Trainer does it: the loss alone outlives the forward
-    (the model's outputs, logits included, are dropped), backward, clip to norm 1, step, zero.
-    The callbacks let a measurement look at memory between the phases."""
+def train_step(model, optimizer, batch: dict, setup: TrainingSetup, device: str, *, kept: dict | None = None,
+               on_forward_end=None, on_backward_end=None) -> float:
+    """One optimizer step, as `setup.loop` says: the Trainer's, where the loss alone outlives the forward (the
+    model's outputs, logits included, are dropped), or a plain loop's (`outputs = model(**batch)`), whose outputs
+    stay bound until the next forward returns - `kept` holds them across calls. Then backward, clip to the
+    recipe's max grad norm, step, zero. The callbacks let a measurement look at memory between the phases."""
     import torch
 
     with autocast(setup, device):
-        loss = model(**batch).loss
+        if setup.loop == "custom":
+            outputs = model(**batch)  # the previous step's outputs are still bound while this forward runs
+            if kept is not None:
+                kept["outputs"] = outputs
+            loss = outputs.loss
+        else:
+            loss = model(**batch).loss
     if on_forward_end is not None:
         on_forward_end()
     loss.backward()

@@ -107,7 +107,7 @@ class HuggingFaceBackend(TrainerBackend):
             problems.append(Problem(message="the plan trains in bf16 and this GPU has none",
                                     fix="re-plan for this GPU (ftplan recommend --instances ...) or edit "
                                         "training.setup.precision to fp16-mixed"))
-        if setup.attention == "flash" and (not on_gpu or importlib.util.find_spec("flash_attn") is None):
+        if setup.attention == "flash_attention_2" and (not on_gpu or importlib.util.find_spec("flash_attn") is None):
             problems.append(Problem(message="the plan uses FlashAttention-2, which needs a CUDA GPU and flash-attn",
                                     fix="pip install flash-attn on a GPU machine, or edit training.setup.attention "
                                         "to sdpa"))
