@@ -205,7 +205,7 @@ class FakeSky:
 
     def install(self, monkeypatch) -> None:
         sky = self.sky
-        for name in ("launch", "stream_and_get", "get", "tail_logs", "down", "cancel"):
+        for name in ("launch", "stream_and_get", "get", "tail_logs", "down", "cancel", "api_cancel"):
             monkeypatch.setattr(sky, name, getattr(self, name))
         for name in ("launch", "tail_logs", "cancel"):
             monkeypatch.setattr(sky.jobs, name, getattr(self, "jobs_" + name))
@@ -255,6 +255,10 @@ class FakeSky:
     def cancel(self, cluster_name, job_ids=None, **_):
         self.calls.append(("cancel", {"cluster_name": cluster_name, "job_ids": job_ids}))
         return "rid-cancel"
+
+    def api_cancel(self, request_ids=None, **_):
+        self.calls.append(("api_cancel", {"request_ids": request_ids}))
+        return "rid-api-cancel"
 
     def jobs_cancel(self, job_ids=None, **_):
         self.calls.append(("jobs.cancel", {"job_ids": job_ids}))
@@ -361,6 +365,29 @@ def test_detach_leaves_the_job_running(sky, work, tmp_path, aws, monkeypatch):
     summary, _ = start(work, tmp_path / "out", plan="spot.yaml", on_interrupt="detach")
     assert fake.names() == ["jobs.launch", "jobs.tail_logs"]
     assert any("detached" in n and "sky jobs logs 3" in n for n in summary.result.notes)
+
+
+def test_detaching_from_a_cluster_leaves_it_up(sky, work, tmp_path, aws, monkeypatch):
+    def interrupted(stream):
+        raise KeyboardInterrupt
+
+    fake = FakeSky(sky, aws, tail=interrupted)
+    fake.install(monkeypatch)
+    summary, _ = start(work, tmp_path / "out", on_interrupt="detach")
+    assert fake.names() == ["launch", "tail_logs"] and summary.result.interrupted
+
+
+def test_ctrl_c_while_provisioning_cancels_the_launch_request_and_the_cluster(sky, work, tmp_path, aws, monkeypatch):
+    fake = FakeSky(sky, aws)
+    fake.install(monkeypatch)
+
+    def provisioning(request_id, output_stream=None, **_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sky, "stream_and_get", provisioning)
+    summary, _ = start(work, tmp_path / "out")
+    assert fake.names() == ["launch", "api_cancel", "down"] and summary.result.interrupted
+    assert fake.calls[1][1] == {"request_ids": "rid-launch"}
 
 
 def test_a_failed_job_says_so_with_its_last_lines_and_the_cluster_still_goes(sky, work, tmp_path, aws, monkeypatch):

@@ -38,7 +38,8 @@ from ftplan.api import plan_to_yaml as to_yaml
 from . import cloud, storage, task
 
 RECORD = "skypilot.json"   # the launched job: name, kind, id, bucket prefix; read by --resume
-TASK_YAML = "task.yaml"    # the exact task launched, for the record (sky launch task.yaml reruns it by hand)
+TASK_YAML = "task.yaml"    # the exact task launched, for the record
+STAGED = "<staged at launch: src/ftplan, pyproject.toml, plan.yaml>"  # the workdir, a temporary folder
 
 
 class SkyPilotOptions(BackendOptions):
@@ -129,8 +130,7 @@ class SkyPilotBackend(TrainerBackend):
     def dry_run(self, plan: Plan, request: RunRequest, options: SkyPilotOptions) -> dict:
         name = task.run_name(plan)
         bucket_uri = storage.location(options.bucket, plan.hardware.region, name, None)
-        described = self.describe(plan, request, options, name=name, workdir="<staged at launch: src/ftplan, "
-                                  "pyproject.toml, plan.yaml>", bucket_uri=bucket_uri)
+        described = self.describe(plan, request, options, name=name, workdir=STAGED, bucket_uri=bucket_uri)
         described["secrets"] = ["HF_TOKEN (from this environment, when set)"]
         return described
 
@@ -163,14 +163,14 @@ class SkyPilotBackend(TrainerBackend):
         follower = Follower(progress, request.resume_step if request.resume else None)
         staged = Path(tempfile.mkdtemp(prefix="ftplan-skypilot-"))
         started = time.monotonic()
-        launched = False
+        launched, how, code = False, "failed", None
         try:
             task.stage(staged, to_yaml(plan))
             described = self.describe(plan, request, options, name=name, workdir=str(staged),
                                       bucket_uri=record["bucket_uri"])
             import yaml  # here, not at import: `ftplan plugins` loads this module and has no use for YAML
 
-            (out / TASK_YAML).write_text(yaml.safe_dump({**described["task"], "workdir": "."}, sort_keys=False))
+            (out / TASK_YAML).write_text(yaml.safe_dump({**described["task"], "workdir": STAGED}, sort_keys=False))
             secrets = {"HF_TOKEN": os.environ["HF_TOKEN"]} if os.environ.get("HF_TOKEN") else {}
             sky_task = cloud.build_task(described["task"], secrets)
             (out / RECORD).write_text(json.dumps(record, indent=1))
@@ -183,7 +183,7 @@ class SkyPilotBackend(TrainerBackend):
             code, how = self._follow(record, follower, options)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-            if launched and not managed and not options.keep:
+            if launched and not managed and not options.keep and how != "detached":
                 _teardown(name, follower)
         wall = time.monotonic() - started
         return self._result(plan, request, record, clients, follower, code, how, wall)

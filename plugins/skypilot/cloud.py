@@ -68,13 +68,19 @@ def launch(task, *, name: str, managed: bool, autostop_minutes: int, keep: bool,
     import sky
 
     stream = LogLines(on_line)
+    request = sky.jobs.launch(task, name=name) if managed else \
+        sky.launch(task, cluster_name=name, idle_minutes_to_autostop=autostop_minutes, down=not keep)
+    try:
+        started = sky.stream_and_get(request, output_stream=stream)
+    except KeyboardInterrupt:  # the launch runs on in SkyPilot's API server unless it is cancelled there
+        sky.get(sky.api_cancel(request, silent=True))
+        raise
     if managed:
-        job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=name), output_stream=stream)
+        job_ids = started[0] if started else None
         if not job_ids:
             raise PlannerError(f"SkyPilot did not start the managed job {name}")
         return int(job_ids[0])
-    job_id, _ = sky.stream_and_get(sky.launch(task, cluster_name=name, idle_minutes_to_autostop=autostop_minutes,
-                                              down=not keep), output_stream=stream)
+    job_id = started[0] if started else None
     if job_id is None:
         raise PlannerError(f"SkyPilot started cluster {name} but no job on it")
     return int(job_id)
