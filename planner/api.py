@@ -23,7 +23,7 @@ ftplan.backends.sagemaker) import nothing else from ftplan.
 
 from ftplan import __version__
 from ftplan.data.aws import aws_error
-from ftplan.data.catalog import CatalogModel, Gpu, Instance, Price, get_gpu, get_instance
+from ftplan.data.catalog import CatalogModel, Gpu, Instance, Price, ec2_quotas, get_gpu, get_instance, sagemaker_images
 from ftplan.data.catalog import pricing as pricing_rules
 from ftplan.data.dataset import check_training_data, example_text, is_saved_dataset, read_records
 from ftplan.data.files import atomic_write_text, user_dir
@@ -49,7 +49,7 @@ from ftplan.run.execute import prepare as prepare_run
 from ftplan.run.hookspecs import hookimpl
 from ftplan.train.build import build_model, build_optimizer, uses_autocast
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # 1.1: TrainerBackend.notices, RunResult.wall_clock_seconds, sagemaker_images, ec2_quotas
 
 __all__ = [
     "API_VERSION", "__version__",
@@ -58,6 +58,8 @@ __all__ = [
     "ProgressCallback", "Plan", "PlannerError",
     # catalog entries (register_catalog_entries) and lookups
     "CatalogModel", "Gpu", "Instance", "Price", "get_gpu", "get_instance", "pricing_rules",
+    # clouds: SageMaker's training images, EC2's vCPU quota codes
+    "sagemaker_images", "ec2_quotas",
     # plans, files and data
     "load_plan", "plan_to_yaml", "weights_source", "user_dir", "atomic_write_text", "read_records",
     "check_training_data", "is_saved_dataset", "example_text",

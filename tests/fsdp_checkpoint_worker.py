@@ -49,7 +49,12 @@ def step(model, optimizer, scheduler, rank: int, n: int) -> float:
 def main(out: Path, ckpt_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    procs = checkpoint.Processes(rank=rank, count=dist.get_world_size(), barrier=dist.barrier)
+    def gather(obj):
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    procs = checkpoint.Processes(rank=rank, count=dist.get_world_size(), barrier=dist.barrier, gather=gather)
     model, optimizer, scheduler = build()
     torch.manual_seed(1234 + rank)  # each process its own stream, as accelerate's set_seed + rank would
     for n in (1, 2):

@@ -55,7 +55,8 @@ def workspace(tmp_path_factory):
     os.chdir(ws)
     try:
         code = call(["recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "64", "--global-batch", "4",
-                     "--methods", "lora", "--max-gpus", "1", "--yes", "-o", "plan.yaml", "--json"])
+                     "--methods", "lora", "--max-gpus", "1", "--backend", "hf", "--yes", "-o", "plan.yaml",
+                     "--json"])  # trains here: the run cases are the hf backend's
     finally:
         os.chdir(cwd)
     assert code == 0
@@ -73,6 +74,7 @@ def workspace(tmp_path_factory):
     variant("plan_python_backend.yaml", lambda d: d.update(backend="os:system"))
     variant("plan_sagemaker.yaml", lambda d: d["hardware"].update(platform="sagemaker"))
     variant("plan_flash.yaml", lambda d: d["training"]["setup"].update(attention="flash"))
+    variant("plan_two_nodes.yaml", lambda d: d["hardware"].update(instance_count=2))
     variant("plan_method.yaml", lambda d: d["training"].update(method="dora"))
     variant("plan_extra.yaml", lambda d: d.update(run_this="rm -rf /"))
     write(ws / "plan_list.yaml", "- 1\n- 2\n")
@@ -249,6 +251,10 @@ CASES = [
     ("run-max-steps", [*RUN, "--max-steps", "0"], "0 is not in the range"),
     ("run-save-every", [*RUN, "--save-every", "-1"], "-1 is not in the range"),
     ("run-option-form", [*RUN, "--option", "noequals"], "must look like KEY=VALUE"),
+    ("run-two-nodes-here", ["run", "plan_two_nodes.yaml", "--data", "train.jsonl"],
+     "this is one machine (backend hf trains on this machine) (fix: run it where it was planned with --backend skypilot"),
+    ("run-skypilot-option", [*RUN, "--backend", "skypilot", "--option", "on_interrupt=never"],
+     "--option on_interrupt: Input should be 'ask', 'cancel' or 'detach' of backend 'skypilot'"),
     ("run-option-unknown", [*RUN, "--option", "speed=11"], "--option speed: is not an option of backend 'hf' (its options: processes"),
     ("run-device", [*RUN, "--device", "tpu"], "'tpu' is not one of"),
 ]

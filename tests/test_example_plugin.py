@@ -84,7 +84,7 @@ def test_recommend_with_the_backend_plans_for_its_platform_and_a_run_trains_thro
     written = plan.read_text()
     assert "backend: slurm" in written and "platform: onprem" in written and "region: dc1" in written
     assert "instance_type: onprem-a100x1" in written
-    dry = run_cli("run", "plan.yaml", "--data", "train.jsonl", "--dry-run", cwd=work, env=env)
+    dry = run_cli("run", "plan.yaml", "--data", "train.jsonl", "--dry-run", "--json", cwd=work, env=env)
     assert dry.returncode == 0, dry.stderr
     script = json.loads(dry.stdout)["script"]
     assert "#SBATCH --gpus-per-node=1" in script and "--backend hf --here" in script

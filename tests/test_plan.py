@@ -23,7 +23,7 @@ def accepted(tmp_path_factory):
 
 def test_yes_writes_a_plan_that_plan_show_displays(accepted):
     plan = load(accepted)
-    assert plan.model.name == "llama2-7b" and plan.backend == "hf" and plan.estimates.cost_usd <= 50
+    assert plan.model.name == "llama2-7b" and plan.backend == "skypilot" and plan.estimates.cost_usd <= 50
     assert plan.training.global_batch == plan.training.setup.batch_size * plan.training.grad_accum * (
         plan.hardware.instance_count * plan.hardware.gpus_per_instance)
     shown = run_cli("plan", "show", cwd=accepted.parent)
@@ -62,10 +62,16 @@ def test_json_output_is_the_documented_recommendation(tmp_path):
     result = run_cli(*RECOMMEND, "--json", cwd=tmp_path)
     data = json.loads(result.stdout)
     assert data["schema_version"] == 2 and data["recommended"]["cost_usd"] <= 50
-    assert data["backend"] == "hf" and data["backend_reason"] == "hf_without_skypilot"
+    assert data["backend"] == "skypilot" and data["backend_reason"] == "skypilot"  # bundled, with ftplan[skypilot]
     assert all(set(r) == {"code", "figures"} for r in data["reasons"] + data["assumptions"])
     assert {"candidates", "frontier", "reasons", "why_not", "rejections", "assumptions"} <= set(data)
     assert not (tmp_path / "ftplan-plan.yaml").exists()   # --json without --yes writes nothing
+
+
+def test_ec2_plans_name_hf_with_a_note_when_skypilot_is_not_there(tmp_path):
+    result = run_cli(*RECOMMEND, "--json", cwd=tmp_path, env={"FTPLAN_PLUGINS": "hf,sagemaker"})
+    data = json.loads(result.stdout)
+    assert data["backend"] == "hf" and data["backend_reason"] == "hf_without_skypilot"
 
 
 def edited(accepted, tmp_path, change):

@@ -58,10 +58,10 @@ def test_bundled_backend_comes_through_the_public_hook(registry):
 
 
 def test_a_registered_fake_backend_is_listed_then_gone(fake):
-    assert set(fake.backends()) == {"hf", "sagemaker", "lora-only"}
+    assert set(fake.backends()) == {"hf", "sagemaker", "skypilot", "lora-only"}
     assert fake.plugins["fake"].backends == ["lora-only"]
     fake.unregister("fake")
-    assert set(fake.backends()) == {"hf", "sagemaker"}
+    assert set(fake.backends()) == {"hf", "sagemaker", "skypilot"}
 
 
 def test_check_refuses_a_method_the_backend_does_not_train(fake, tmp_path):
@@ -111,7 +111,7 @@ def test_broken_plugins_are_reported_by_name_and_the_rest_keep_working(fake):
     for name, plugin in (("raises", Raises()), ("garbage", Garbage()), ("dup", Duplicate())):
         fake.register(plugin, name)
     assert fake.register(UnknownHook(), "unknown") is False
-    assert set(fake.backends()) == {"hf", "sagemaker", "lora-only"}
+    assert set(fake.backends()) == {"hf", "sagemaker", "skypilot", "lora-only"}
     broken = fake.broken()
     assert "RuntimeError: boom" in broken["raises"][0]
     assert "not a TrainerBackend" in broken["garbage"][0]

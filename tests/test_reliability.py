@@ -103,7 +103,7 @@ def test_secrets_in_the_environment_never_reach_output_files_or_plans(tmp_path):
     env = {"HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_SESSION_TOKEN": SECRET}
     results = [
         run_cli("recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "32", "--global-batch", "2",
-                "--methods", "lora", "--max-gpus", "1", "--yes", env=env, cwd=tmp_path),
+                "--methods", "lora", "--max-gpus", "1", "--backend", "hf", "--yes", env=env, cwd=tmp_path),
         run_cli("run", "--data", "train.jsonl", "--max-steps", "2", env=env, cwd=tmp_path),
         run_cli("plan", "show", env=env, cwd=tmp_path),
         run_cli("recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "32", "--platform", "sagemaker",
@@ -130,7 +130,7 @@ def test_hostile_paths_in_a_plan_cannot_write_outside_the_output_directory(tmp_p
     tiny_model.make_model(work / "tiny")
     tiny_model.text_data(work / "train.jsonl", n=8)
     assert run_cli("recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "32", "--global-batch", "2",
-                   "--methods", "lora", "--max-gpus", "1", "--yes", cwd=work).returncode == 0
+                   "--methods", "lora", "--max-gpus", "1", "--backend", "hf", "--yes", cwd=work).returncode == 0
     plan = yaml.safe_load((work / "ftplan-plan.yaml").read_text())
     plan["model"]["name"] = "../../../escaped"
     plan["training"]["data_source"] = "/etc/passwd"

@@ -25,8 +25,9 @@ from ftplan.run.backend import RunRequest  # noqa: E402
 from ftplan.run.execute import execute, prepare  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
+# --backend hf: these plans train here (with skypilot installed, an EC2 plan would name skypilot)
 PLAN_ARGS = ("--seq-len", "64", "--global-batch", "4", "--instances", "g5.xlarge", "--max-gpus", "1",
-             "--lr", "3e-3", "--priority", "cost", "--yes")
+             "--lr", "3e-3", "--priority", "cost", "--backend", "hf", "--yes")
 
 
 @pytest.fixture(scope="module")

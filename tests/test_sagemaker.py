@@ -42,8 +42,8 @@ def plans(tmp_path_factory):
 def test_dry_run_prints_the_exact_request_and_writes_nothing(plans):
     plan = load(plans / "spot.yaml")
     before = sorted(p.name for p in plans.iterdir())
-    result = run_cli("run", "spot.yaml", "--data", "train.jsonl", "--dry-run", "--option", f"role={ROLE}", "--option",
-                     "bucket=ftplan-test", "--option", "job_name=ftplan-test-job", cwd=plans)
+    result = run_cli("run", "spot.yaml", "--data", "train.jsonl", "--dry-run", "--json", "--option", f"role={ROLE}",
+                     "--option", "bucket=ftplan-test", "--option", "job_name=ftplan-test-job", cwd=plans)
     assert result.returncode == 0, result.stderr
     request = json.loads(result.stdout)["create_training_job"]
     base = "s3://ftplan-test/ftplan/ftplan-test-job"
@@ -64,14 +64,18 @@ def test_dry_run_prints_the_exact_request_and_writes_nothing(plans):
     assert request["RoleArn"] == ROLE
     tags = {t["Key"]: t["Value"] for t in request["Tags"]}
     assert tags["ftplan:model"] == "llama2-7b" and tags["ftplan:method"] == plan.training.method
-    assert request["AlgorithmSpecification"]["TrainingImage"].startswith(
-        "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:")
+    # a published image (catalogs/sagemaker_images.json), not a tag built from the versions installed here
+    newest = "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:" \
+        "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
+    assert request["AlgorithmSpecification"]["TrainingImage"] == newest
+    image = json.loads(result.stdout)["image"]
+    assert image["uri"] == newest and "transformers >= 5.0" in image["why"] and "requirements.txt" in image["why"]
     assert sorted(p.name for p in plans.iterdir()) == before
 
 
 def test_on_demand_plans_have_no_spot_settings(plans):
-    result = run_cli("run", "ondemand.yaml", "--data", "train.jsonl", "--dry-run", "--option", f"role={ROLE}", "--option",
-                     "bucket=b", cwd=plans)
+    result = run_cli("run", "ondemand.yaml", "--data", "train.jsonl", "--dry-run", "--json", "--option",
+                     f"role={ROLE}", "--option", "bucket=b", cwd=plans)
     request = json.loads(result.stdout)["create_training_job"]
     assert request["EnableManagedSpotTraining"] is False
     assert "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
@@ -93,6 +97,45 @@ def test_check_names_what_stops_the_job(plans, tmp_path, monkeypatch):
                              cwd=tmp_path)
     assert no_credentials.returncode == 2 and "no AWS credentials found" in no_credentials.stderr
     assert not (tmp_path / "ftplan-output").exists()
+
+
+def test_the_image_is_the_newest_published_one_the_region_and_gpu_allow(plans, monkeypatch):
+    from ftplan.api import sagemaker_images
+
+    catalog = sagemaker_images()
+    plan = load(plans / "spot.yaml")
+    tags = {i.tag for i in catalog.images}
+    assert all(uri.split(":")[-1] in tags for uri in [job.choose_image(plan)[0]])
+    # another region's registry and DNS suffix
+    beijing = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"region": "cn-north-1"})})
+    assert job.choose_image(beijing)[0].startswith("727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/")
+    nowhere = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"region": "xx-nowhere-1"})})
+    with pytest.raises(PlannerError, match="no Hugging Face training image is published in xx-nowhere-1"):
+        job.choose_image(nowhere)
+    # with a lower requirement the choice is still the newest; Blackwell keeps only CUDA >= 12.8 images
+    monkeypatch.setattr(job, "train_minimums", lambda: {"torch": (2, 0)})
+    b200 = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"gpu": "B200"})})
+    uri, why = job.choose_image(b200)
+    assert "cu130" in uri and "Blackwell" in why
+    older = [i for i in catalog.images if i.cuda_number < 128]
+    monkeypatch.setattr(job, "sagemaker_images", lambda: catalog.model_copy(update={"images": older}))
+    with pytest.raises(PlannerError, match="CUDA >= 12.8"):
+        job.choose_image(b200)
+    assert "cu12" in job.choose_image(plan)[0] or "cu11" in job.choose_image(plan)[0]
+
+
+def test_image_uri_option_overrides_the_choice(plans):
+    result = run_cli("run", "spot.yaml", "--data", "train.jsonl", "--dry-run", "--json", "--option", f"role={ROLE}",
+                     "--option", "bucket=b", "--option", "image_uri=example.com/mine:1", cwd=plans)
+    described = json.loads(result.stdout)
+    assert described["create_training_job"]["AlgorithmSpecification"]["TrainingImage"] == "example.com/mine:1"
+    assert described["image"]["why"] == "--option image_uri"
+
+
+def test_the_job_installs_ftplans_requirements_with_their_bounds():
+    wanted = job.requirements()
+    assert "peft>=0.18" in wanted and "accelerate>=1.0" in wanted and "pydantic>=2.6" in wanted
+    assert not any(r.startswith(("torch", "transformers", "pytest", "skypilot")) for r in wanted)
 
 
 class Recording:

@@ -26,6 +26,15 @@ for command in (estimate.estimate, estimate.measure, estimate.models, estimate.i
     cli.add_command(command)
 
 
+def usage_message(exc: click.UsageError) -> str:
+    """click's message, worded the same under click 8.1 and 8.2+ (the skypilot extra pins click<8.2, whose
+    unknown-option message reads "No such option: --x")."""
+    if isinstance(exc, click.exceptions.NoSuchOption):
+        hint = f" Did you mean {', '.join(sorted(exc.possibilities))}?" if exc.possibilities else ""
+        return f"No such option '{exc.option_name}'.{hint}"
+    return exc.format_message()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -40,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:
         if debug:
             raise
-        click.echo(f"ftplan: error: {exc.format_message()}" + (
+        click.echo(f"ftplan: error: {usage_message(exc)}" + (
             f" (see ftplan {exc.ctx.command.name} --help)" if exc.ctx and exc.ctx.command.name != "cli" else
             " (see ftplan --help)"), err=True)
         sys.exit(EXIT_BAD_INPUT)

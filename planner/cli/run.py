@@ -28,7 +28,8 @@ from ftplan.cli.options import console, key_values
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own Python code (off by default)")
 @click.option("--here", is_flag=True, help="train on this machine even where its hardware differs from the plan's "
               "(the summary records it)")
-@click.option("--dry-run", is_flag=True, help="print the exact request a cloud backend would send; send nothing")
+@click.option("--dry-run", is_flag=True, help="print what a cloud backend would launch (YAML; JSON with --json); "
+              "start nothing")
 @click.option("--json", "as_json", is_flag=True, help="print summary.json instead of the progress display")
 def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None, output: Path,
         model_path: str | None, max_steps: int | None, save_every: int, resume: bool, force: bool, device: str,
@@ -40,18 +41,24 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
     Backend options (--option KEY=VALUE; e.g. --option role=ARN for sagemaker) are listed by ftplan plugins.
     """
     from ftplan.run.backend import RunRequest
-    from ftplan.run.execute import describe, execute, prepare
+    from ftplan.run.execute import describe, execute, notices, prepare
 
     request = RunRequest(data=data, eval_data=eval_data, output_dir=output, model_path=model_path,
                          max_steps=max_steps, save_every=save_every, resume=resume,
                          trust_remote_code=trust_remote_code, device=device, here=here, dry_run=dry_run)
     plan, chosen, options = prepare(plan_file, request, backend_name=backend, raw_options=key_values(raw_options),
                                     force=force)
-    if dry_run:
-        import json as json_mod
+    if dry_run:  # YAML to read (a SkyPilot task is YAML anyway), JSON with --json
+        described = describe(plan, chosen, options, request)
+        if as_json:
+            import json as json_mod
 
-        click.echo(json_mod.dumps(describe(plan, chosen, options, request), indent=2))
+            click.echo(json_mod.dumps(described, indent=2))
+        else:
+            click.echo(_yaml(described), nl=False)
         return
+    for line in notices(plan, chosen, options, request):
+        click.echo(f"ftplan: warning: {line}", err=True)
     if as_json:
         summary = execute(plan, chosen, options, request, lambda event: None)
     else:
@@ -68,6 +75,20 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
         click.echo(f"ftplan: interrupted after step {summary.result.steps}; a checkpoint is saved. Continue with: "
                    f"ftplan run {plan_file} --data {data} --output {output} --resume", err=True)
         sys.exit(130)
+
+
+def _yaml(data: dict) -> str:
+    """YAML with multi-line strings (scripts) as literal blocks, as they would be written by hand."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value: str):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=120)
 
 
 @click.command("plugins")

@@ -198,6 +198,22 @@ def pricing() -> rules.Pricing:
 
 
 @cache
+def sagemaker_images():
+    """The Hugging Face training images for SageMaker, with their registries (catalogs/sagemaker_images.json)."""
+    from ftplan.data import cloud_rules
+
+    return cloud_rules.TrainingImages.model_validate(_load("sagemaker_images.json"))
+
+
+@cache
+def ec2_quotas():
+    """EC2 vCPU quota codes per instance family (catalogs/ec2_quotas.json)."""
+    from ftplan.data import cloud_rules
+
+    return cloud_rules.Ec2Quotas.model_validate(_load("ec2_quotas.json"))
+
+
+@cache
 def quality() -> planning_rules.Quality:
     """Published evidence on each method's quality per task (catalogs/quality.json)."""
     from ftplan.data import planning_rules  # its classes are built only when recommend needs them

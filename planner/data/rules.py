@@ -27,12 +27,6 @@ class KnownRate(_Rules):
     usd_per_hour: float = Field(gt=0)
 
 
-class Images(_Rules):
-    account: str
-    repository: str
-    source: str
-
-
 class SageMakerRules(_Rules):
     uplift_over_ec2: float = Field(gt=0)
     source: str
@@ -41,7 +35,6 @@ class SageMakerRules(_Rules):
     known_date: str
     training_instance_types: list[str]
     training_instance_types_source: str
-    images: Images
 
 
 class Billing(_Rules):

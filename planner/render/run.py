@@ -59,6 +59,11 @@ def print_summary(summary, console: Console) -> None:
     else:
         console.print(f"  CPU run: peak resident memory {gib(r.peak_rss_bytes or 0)} (the plan's GPU estimate of "
                       f"{gib(summary.estimated_peak_allocated_bytes)} is not comparable)")
+    if r.wall_clock_seconds is not None or r.billed_usd is not None:
+        wall = f"wall-clock {hours(r.wall_clock_seconds / 3600)}" if r.wall_clock_seconds is not None else ""
+        billed = f"billed ~${r.billed_usd:,.2f}" if r.billed_usd is not None else ""
+        console.print(f"  {', '.join(x for x in (wall, billed) if x)} (plan: {hours(summary.estimated_hours or 0)}, "
+                      f"${summary.estimated_cost_usd or 0:,.2f})")
     if summary.calibration is not None:
         console.print(f"  recorded utilisation {summary.calibration.utilization:.0%} on {summary.calibration.gpu} "
                       "as calibration for later estimates")

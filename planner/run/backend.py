@@ -99,6 +99,8 @@ class RunResult(BaseModel):
     interrupted: bool = False
     resumed_from_step: int | None = None
     billed_usd: float | None = Field(None, description="what the run cost, where the backend knows it")
+    wall_clock_seconds: float | None = Field(None, ge=0, description="from launch to the end, provisioning and setup "
+                                                                      "included, where the backend knows it")
     notes: list[str] = []
 
 
@@ -172,6 +174,11 @@ class TrainerBackend(ABC):
     def check(self, plan: Plan, request: RunRequest, options: BackendOptions) -> list[Problem]:
         """Everything that stops this backend from running `plan` here and now; [] when it can.
         Implementations should start from `self.supports(plan)`."""
+
+    def notices(self, plan: Plan, request: RunRequest, options: BackendOptions) -> list[str]:
+        """What `ftplan run` should say before the run starts (it goes on): e.g. that a GPU plan trains on this
+        machine's CPU. Asked after `check` passed; a backend records them in its RunResult's notes too."""
+        return []
 
     def checkpoint_step(self, request: RunRequest, options: BackendOptions) -> int | None:
         """The optimizer step of the newest intact checkpoint `run` would resume from (asked for

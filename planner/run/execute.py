@@ -39,6 +39,9 @@ class RunSummary(BaseModel):
     estimated_tokens_per_second_per_gpu: float
     memory_error_percent: float | None = Field(description="(estimated - measured) / measured x 100; CUDA runs only")
     throughput_ratio: float | None = Field(description="measured / estimated tokens per second per GPU; CUDA only")
+    estimated_hours: float | None = Field(None, description="the plan's billed hours, to compare with the result's "
+                                                            "wall-clock")
+    estimated_cost_usd: float | None = Field(None, description="the plan's cost, to compare with billed_usd")
     calibration: calib.Calibration | None = None
 
 
@@ -109,6 +112,12 @@ def describe(plan: Plan, backend: TrainerBackend, options: BackendOptions, reque
         raise
     except Exception as exc:
         raise _failure(backend, "dry_run", exc) from exc
+
+
+def notices(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest) -> list[str]:
+    """What the backend says before the run starts (warnings; the run goes on)."""
+    said = _backend_call(backend, "notices", lambda: backend.notices(plan, request, options))
+    return [str(line) for line in said or []]
 
 
 class MetricsLog:
@@ -243,4 +252,5 @@ def summarize(plan: Plan, backend: str, result: RunResult) -> RunSummary:
             calib.record(entry)
     return RunSummary(backend=backend, plan=plan, result=result, estimated_peak_allocated_bytes=est_peak,
                       estimated_tokens_per_second_per_gpu=est_tps, memory_error_percent=memory_error,
-                      throughput_ratio=ratio, calibration=entry)
+                      throughput_ratio=ratio, calibration=entry, estimated_hours=plan.estimates.hours,
+                      estimated_cost_usd=plan.estimates.cost_usd)

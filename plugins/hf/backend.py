@@ -20,6 +20,8 @@ from ftplan.api import (
     weights_source,
 )
 
+from . import hardware
+
 TRAIN_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
 
 
@@ -46,6 +48,9 @@ class HuggingFaceOptions(BackendOptions):
                                                            "else 1]")
     machine_rank: int = Field(0, ge=0, description="this node's rank in a multi-node plan")
     main_process_ip: str | None = Field(None, description="rank 0's address, required for multi-node plans")
+    main_process_port: int = Field(29500, gt=0, lt=65536, description="rank 0's rendezvous port (multi-node)")
+    machines: int | None = Field(None, gt=0, description="machines in the rendezvous [default: the plan's "
+                                                          "instance count]; with main_process_ip")
 
 
 def load_for_training(plan: Plan, request: RunRequest):
@@ -72,7 +77,7 @@ class HuggingFaceBackend(TrainerBackend):
     (DDP, FSDP or DeepSpeed, as the plan's sharding says)."""
 
     name = "hf"
-    description = "transformers + PEFT + bitsandbytes + accelerate on this machine (CPU or one CUDA GPU)"
+    description = "transformers + PEFT + bitsandbytes + accelerate on this machine (CPU or its CUDA GPUs)"
     methods = ("full", "lora", "qlora")
     platforms = ("any",)  # it trains where it runs: here, inside a SageMaker job, on a node SkyPilot or Slurm started
     options_model = HuggingFaceOptions
@@ -86,8 +91,23 @@ class HuggingFaceBackend(TrainerBackend):
         path, _ = newest_intact(request.output_dir)
         return step_of(path) if path is not None else None
 
+    def fit(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> hardware.Fit:
+        """The plan's hardware against this machine's."""
+        machines = (options.machines or plan.hardware.instance_count) if options.main_process_ip else None
+        return hardware.compare(plan, request, hardware.gpus_here(), node_of=machines)
+
+    def notices(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[str]:
+        fit = self.fit(plan, request, options)
+        return fit.warnings + [f"--here: {m}; training here anyway" for m in fit.mismatches if request.here]
+
     def check(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
         problems = self.supports(plan)
+        fit = self.fit(plan, request, options)
+        if fit.mismatches and not request.here:  # before anything loads: the plan was made for other hardware
+            return problems + [Problem(
+                message="; ".join(fit.mismatches) + " (backend hf trains on this machine)",
+                fix="run it where it was planned with --backend skypilot (EC2 plans), or pass --here to train on "
+                    "this machine anyway (the summary records it)")]
         setup = plan.training.setup
         missing = [p for p in TRAIN_PACKAGES if importlib.util.find_spec(p) is None]
         if (setup.method == "qlora" or "8bit" in setup.optimizer or "paged" in setup.optimizer) \
@@ -117,10 +137,9 @@ class HuggingFaceBackend(TrainerBackend):
                                     fix="pass --model-path DIR or a Hugging Face id"))
         elif Path(source).expanduser().exists():
             problems += _local_problems(Path(source).expanduser())
-        if plan.hardware.instance_count > 1 and (options.processes or 0) > 1 and not options.main_process_ip:
-            problems.append(Problem(message=f"the plan spans {plan.hardware.instance_count} instances",
-                                    fix="pass --option main_process_ip=RANK0_ADDRESS and --option machine_rank=N "
-                                        "on every node"))
+        if options.machines and options.machine_rank >= options.machines:
+            problems.append(Problem(message=f"machine_rank {options.machine_rank} is not below machines "
+                                            f"{options.machines}", fix="number the nodes 0 to machines - 1"))
         return problems
 
     def processes(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> tuple[int, bool]:
@@ -136,14 +155,22 @@ class HuggingFaceBackend(TrainerBackend):
 
     def run(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions,
             progress: ProgressCallback) -> RunResult:
+        said = self.notices(plan, request, options)  # the summary records what was said at the start
         processes, cpu = self.processes(plan, request, options)
-        if processes > 1 or plan.hardware.instance_count > 1 and options.main_process_ip:
+        machines = (options.machines or plan.hardware.instance_count) if options.main_process_ip else 1
+        if processes > 1 or machines > 1:
             from .launch import launch
 
-            return launch(plan, request, processes=processes, cpu=cpu, progress=progress,
-                          machines=plan.hardware.instance_count if options.main_process_ip else 1,
-                          machine_rank=options.machine_rank, main_ip=options.main_process_ip or "127.0.0.1")
-        from .loop import train
+            result = launch(plan, request, processes=processes, cpu=cpu, progress=progress, machines=machines,
+                            machine_rank=options.machine_rank, main_ip=options.main_process_ip or "127.0.0.1",
+                            main_port=options.main_process_port)
+        else:
+            from .loop import train
 
-        spec, source, tokenizer = load_for_training(plan, request)
-        return train(plan, spec, source, tokenizer, request, progress)
+            spec, source, tokenizer = load_for_training(plan, request)
+            result = train(plan, spec, source, tokenizer, request, progress)
+        if machines > 1:
+            said.append(f"node {options.machine_rank} of {machines} (rendezvous at {options.main_process_ip}:"
+                        f"{options.main_process_port})")
+        result.notes = said + result.notes
+        return result

@@ -35,6 +35,8 @@ class Processes:
     rank: int = 0
     count: int = 1
     barrier: Callable[[], None] = lambda: None
+    # every process's object, in rank order, on every process (torch.distributed.all_gather_object)
+    gather: Callable[[Any], list] = lambda obj: [obj]
 
     @property
     def main(self) -> bool:
@@ -110,16 +112,17 @@ def save(output_dir: Path, step: int, *, model, full: bool, optimizer, scheduler
     tmp = output_dir / f".checkpoint-{step:06d}.tmp"
     sharded = procs.count > 1 and is_sharded(model)
     gathered = _gathered(model, optimizer) if sharded else None
-    if procs.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    procs.barrier()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    save_file(rng, str(tmp / f"rng-rank{procs.rank}.safetensors"))
-    procs.barrier()
+    # every process's RNG state travels to process 0, which writes the whole checkpoint: the processes of a
+    # multi-node run need not share a disk (a node restores the checkpoint from a bucket to resume)
+    rngs = procs.gather(rng)
     if procs.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for rank, rng_state in enumerate(rngs):
+            save_file(rng_state, str(tmp / f"rng-rank{rank}.safetensors"))
         _write_main(tmp, model, full, optimizer, scheduler, scaler, state, step, procs.count, gathered)
         if final.exists():
             shutil.rmtree(final)

@@ -54,29 +54,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(config_path: Path, processes: int, cpu: bool, worker_args: list[str], port: int) -> list[str]:
+def command(config_path: Path, processes: int, cpu: bool, worker_args: list[str], port: int, *, machines: int = 1,
+            machine_rank: int = 0, main_ip: str = "127.0.0.1") -> list[str]:
+    """The launch command on this machine: accelerate's on GPUs (the config says machines, rank and address),
+    torch's launcher with a static rendezvous on the CPU."""
     if cpu:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-                str(port), "-m", "ftplan.backends.hf.worker", *worker_args]
+        nodes = ["--nnodes", str(machines), "--node_rank", str(machine_rank), "--master_addr", main_ip] \
+            if machines > 1 else []
+        return [sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc_per_node", str(processes),
+                "--master_port", str(port), "-m", "ftplan.backends.hf.worker", *worker_args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path), "-m",
             "ftplan.backends.hf.worker", *worker_args]
 
 
 def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machines: int = 1, machine_rank: int = 0,
-           main_ip: str = "127.0.0.1", progress: ProgressCallback) -> RunResult:
-    """Start `processes` workers, follow metrics.jsonl for progress, and return process 0's result."""
+           main_ip: str = "127.0.0.1", main_port: int = 29500, progress: ProgressCallback) -> RunResult:
+    """Start `processes` workers here (one machine of `machines`), follow process 0's progress, and return this
+    machine's first process's result (process 0's on machine 0)."""
     import yaml
 
     out = request.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port() if machines == 1 else 29500
+    port = free_port() if machines == 1 else main_port
     config = accelerate_config(plan, processes=processes * machines, machines=machines, machine_rank=machine_rank,
                                main_ip=main_ip, main_port=port, cpu=cpu)
     (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     request_file = out / ".request.json"
     request_file.write_text(request.model_dump_json())
     args = ["--plan", str(out / "plan.yaml"), "--request", str(request_file)]
-    cmd = command(out / CONFIG, processes, cpu, args, port)
+    cmd = command(out / CONFIG, processes, cpu, args, port, machines=machines, machine_rank=machine_rank,
+                  main_ip=main_ip)
     (out / COMMAND).write_text("#!/bin/sh\n# rerun this plan's launch by hand (on every node, with its machine_rank)\n"
                                + " ".join(shlex.quote(c) for c in cmd) + "\n")
     (out / RESULT).unlink(missing_ok=True)
@@ -98,7 +105,7 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     events.unlink(missing_ok=True)
     if not (out / RESULT).exists():
         tail = " | ".join(line for line in logs.strip().splitlines()[-3:])
-        raise PlannerError(f"the {processes} training processes failed (exit {proc.returncode}): {tail[:400]}")
+        raise PlannerError(f"the {processes} training process(es) here failed (exit {proc.returncode}): {tail[:400]}")
     result = RunResult.model_validate_json((out / RESULT).read_text())
     (out / RESULT).unlink()
     result.artifacts += [CONFIG, COMMAND]

@@ -151,6 +151,17 @@ class Session:
         return self.accelerator.device
 
 
+def _gather_objects(obj) -> list:
+    """Every process's `obj` in rank order (one process: just its own)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def _start(plan: Plan, request: RunRequest) -> Session:
     """The accelerator (device, mixed precision, processes) and the seed; stale temporary checkpoints go."""
     import warnings
@@ -165,7 +176,7 @@ def _start(plan: Plan, request: RunRequest) -> Session:
     cpu = request.device == "cpu" or (request.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=mixed_precision(plan), cpu=cpu)
     procs = checkpoint.Processes(rank=accelerator.process_index, count=accelerator.num_processes,
-                                 barrier=accelerator.wait_for_everyone)
+                                 barrier=accelerator.wait_for_everyone, gather=_gather_objects)
     if procs.main:
         request.output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(request.output_dir)

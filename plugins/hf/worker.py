@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(event.model_dump_json() + "\n")
 
     result = train(plan, spec, source, tokenizer, request, record)
-    if int(os.environ.get("RANK", "0")) == 0:
+    # each machine's first process reports to the `ftplan run` that launched it (process 0's result is the run's;
+    # another node's says what that node did), so every node's run ends cleanly
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
         tmp = request.output_dir / (RESULT + ".tmp")
         tmp.write_text(result.model_dump_json())
         os.replace(tmp, request.output_dir / RESULT)

@@ -36,8 +36,8 @@ class SageMakerOptions(BackendOptions):
     bucket: str | None = Field(None, description="S3 bucket [default: FTPLAN_SAGEMAKER_BUCKET, else "
                                                  "sagemaker-<region>-<account>]")
     prefix: str = "ftplan"
-    image_uri: str | None = Field(None, description="training image [default: the Hugging Face DLC for the "
-                                                    "installed torch and transformers]")
+    image_uri: str | None = Field(None, description="training image [default: the newest catalogued Hugging Face "
+                                                    "training DLC for the region and GPU]")
     volume_gb: int = Field(100, gt=0)
     runtime_margin: float = Field(1.5, ge=1.0, description="MaxRuntime = planned hours x this")
     job_name: str | None = Field(None, pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -123,16 +123,11 @@ class SageMakerBackend(TrainerBackend):
             return []
         return []
 
-    def _image(self, plan: Plan, options: SageMakerOptions) -> str:
+    def _image(self, plan: Plan, options: SageMakerOptions) -> tuple[str, str]:
+        """The training image and why it was chosen."""
         if options.image_uri:
-            return options.image_uri
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return job.image_uri(plan.hardware.region, version("torch"), version("transformers"))
-        except PackageNotFoundError:
-            raise PlannerError("cannot pick the Hugging Face training image without torch and transformers "
-                               "installed; pass --option image_uri=...") from None
+            return options.image_uri, "--option image_uri"
+        return job.choose_image(plan)
 
     def _bucket(self, plan: Plan, options: SageMakerOptions, sts) -> str:
         if options.bucket:
@@ -142,18 +137,22 @@ class SageMakerBackend(TrainerBackend):
         account = sts.get_caller_identity()["Account"]
         return f"sagemaker-{plan.hardware.region}-{account}"
 
-    def _request(self, plan: Plan, request: RunRequest, options: SageMakerOptions, sts) -> tuple[dict, Path | None]:
+    def _request(self, plan: Plan, request: RunRequest, options: SageMakerOptions,
+                 sts) -> tuple[dict, Path | None, str]:
+        """The create_training_job request, the local model directory to upload (if any), why that image."""
         source = weights_source(plan, request.model_path)
         model_dir = Path(source).expanduser() if source and Path(source).expanduser().is_dir() else None
         name = options.job_name or job.job_name(plan)
+        image, why = self._image(plan, options)
         return job.training_request(plan, name=name, role=options.role or "", bucket=self._bucket(plan, options, sts),
-                                    prefix=options.prefix, image=self._image(plan, options),
-                                    volume_gb=options.volume_gb, runtime_margin=options.runtime_margin,
-                                    model_channel=model_dir is not None), model_dir
+                                    prefix=options.prefix, image=image, volume_gb=options.volume_gb,
+                                    runtime_margin=options.runtime_margin, model_channel=model_dir is not None), \
+            model_dir, why
 
     def dry_run(self, plan: Plan, request: RunRequest, options: SageMakerOptions) -> dict:
-        spec, model_dir = self._request(plan, request, options, sts=None)
-        return {"create_training_job": spec, "uploads": {
+        spec, model_dir, why = self._request(plan, request, options, sts=None)
+        return {"create_training_job": spec, "image": {
+            "uri": spec["AlgorithmSpecification"]["TrainingImage"], "why": why}, "uploads": {
             "data": str(request.data), "plan": "plan.yaml", "model": str(model_dir) if model_dir else None,
             "source": "ftplan's packages + ftplan_entry.py + requirements.txt"}}
 
@@ -163,11 +162,12 @@ class SageMakerBackend(TrainerBackend):
         c = clients(plan.hardware.region)
         notes: list[str] = []
         try:
-            spec, model_dir = self._request(plan, request, options, c["sts"])
+            spec, model_dir, why = self._request(plan, request, options, c["sts"])
             job.stage(c["s3"], spec, to_yaml(plan), request.data, model_dir)
             c["sagemaker"].create_training_job(**spec)
             name = spec["TrainingJobName"]
-            notes.append(f"training job {name} in {plan.hardware.region}")
+            image = spec["AlgorithmSpecification"]["TrainingImage"]
+            notes.append(f"training job {name} in {plan.hardware.region}; image {image}: {why}")
             if not options.wait:
                 return RunResult(output_dir=request.output_dir, artifacts=[], steps=0, total_steps=0, first_loss=None,
                                  final_loss=None, tokens=0, seconds=0, tokens_per_second=0, peak_memory_bytes=None,

@@ -50,7 +50,8 @@ def main(input_dir: Path = INPUT, checkpoints: Path = CHECKPOINTS, model_dir: Pa
     model_channel = input_dir / "model"
     request = RunRequest(data=data_file(input_dir / "train"), output_dir=run_dir,
                          model_path=str(model_channel) if model_channel.exists() else None,
-                         resume=resuming(run_dir), save_every=int(os.environ.get("FTPLAN_SAVE_EVERY", "50")))
+                         resume=resuming(run_dir), save_every=int(os.environ.get("FTPLAN_SAVE_EVERY", "50")),
+                         here=True)  # the job's instance is the plan's hardware: no refusal over the instance count
     plan, backend, options = prepare(input_dir / "plan" / "plan.yaml", request, backend_name="hf", raw_options={},
                                      force=False)
     summary = execute(plan, backend, options, request,

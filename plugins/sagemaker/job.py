@@ -11,13 +11,42 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ftplan.api import Plan, PlannerError, ProgressEvent, __version__, dist_info_files, pricing_rules, source_files
+from ftplan.api import (
+    Plan,
+    PlannerError,
+    ProgressEvent,
+    __version__,
+    dist_info_files,
+    get_gpu,
+    sagemaker_images,
+    source_files,
+)
 
 MAX_RUNTIME = 28 * 24 * 3600      # SageMaker's ceiling for a training job
 MIN_RUNTIME = 3600
 ENTRY = "ftplan_entry.py"
+# installed on top of the image when this ftplan's metadata cannot be read; torch and transformers are the image's
 REQUIREMENTS = ("peft", "bitsandbytes", "accelerate", "safetensors", "pydantic>=2.6", "click", "rich", "pluggy",
                 "PyYAML", "huggingface_hub")
+IMAGE_PROVIDES = ("torch", "transformers")
+
+
+def requirements() -> list[str]:
+    """requirements.txt for the job: ftplan's dependencies and train extra as installed here, with their version
+    bounds (the image's own peft or accelerate may be older than ftplan needs), less what the image provides."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("ftplan") or []
+    except metadata.PackageNotFoundError:
+        return list(REQUIREMENTS)
+    kept = []
+    for line in requires:
+        requirement, _, marker = line.partition(";")
+        name = re.match(r"[A-Za-z0-9_.\-]+", requirement.strip()).group(0).lower()
+        if name not in IMAGE_PROVIDES and (not marker.strip() or re.search(r"""extra\s*==\s*["']train["']""", marker)):
+            kept.append(requirement.strip())
+    return kept or list(REQUIREMENTS)
 
 
 def job_name(plan: Plan, now: datetime | None = None) -> str:
@@ -27,14 +56,53 @@ def job_name(plan: Plan, now: datetime | None = None) -> str:
     return f"ftplan-{model}-{plan.training.method}-{stamp}"[:63].rstrip("-")
 
 
-def image_uri(region: str, torch_version: str, transformers_version: str, python: str = "py311",
-              cuda: str = "cu124") -> str:
-    """The Hugging Face training Deep Learning Container for the installed versions."""
-    images = pricing_rules().sagemaker.images
-    torch_short = ".".join(torch_version.split("+")[0].split(".")[:3])
-    tf = transformers_version.split("+")[0]
-    return (f"{images.account}.dkr.ecr.{region}.amazonaws.com/{images.repository}:"
-            f"{torch_short}-transformers{tf}-gpu-{python}-{cuda}-ubuntu22.04")
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def train_minimums() -> dict[str, tuple[int, ...]]:
+    """The lowest torch and transformers ftplan's `train` extra accepts, from this installation's metadata
+    (nothing when it cannot be read: then every catalogued image qualifies)."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("ftplan") or []
+    except metadata.PackageNotFoundError:
+        return {}
+    found = {}
+    for line in requires:
+        match = re.match(r"^(torch|transformers)\s*>=\s*([\d.]+)", line)
+        if match and "train" in line:
+            found[match.group(1)] = _version(match.group(2))
+    return found
+
+
+def choose_image(plan: Plan) -> tuple[str, str]:
+    """The training image for the plan, and why: the newest catalogued Hugging Face training DLC published in the
+    plan's region whose PyTorch and transformers meet ftplan's train extra and whose CUDA runs the plan's GPU."""
+    catalog = sagemaker_images()
+    region = plan.hardware.region
+    if region not in catalog.registries:
+        raise PlannerError(f"no Hugging Face training image is published in {region} (catalogs/sagemaker_images.json); "
+                           "pass --option image_uri=... or re-plan in another --region")
+    minimums = train_minimums()
+    images = [i for i in catalog.images if _version(i.pytorch) >= minimums.get("torch", ())
+              and _version(i.transformers) >= minimums.get("transformers", ())]
+    reasons = [f"PyTorch >= {'.'.join(map(str, minimums['torch']))}" if "torch" in minimums else "",
+               f"transformers >= {'.'.join(map(str, minimums['transformers']))}" if "transformers" in minimums else ""]
+    gpu = get_gpu(plan.hardware.gpu)
+    if gpu.architecture == "blackwell":
+        images = [i for i in images if i.cuda_number >= catalog.blackwell_min_cuda]
+        reasons.append(f"CUDA >= {catalog.blackwell_min_cuda / 10:.1f} for the {gpu.name} (Blackwell)")
+    if not images:
+        raise PlannerError(f"no catalogued Hugging Face training image has {', '.join(r for r in reasons if r)}; "
+                           "pass --option image_uri=...")
+    image = max(images, key=lambda i: (_version(i.pytorch), _version(i.transformers)))
+    needs = ", ".join(r for r in reasons if r)
+    why = (f"the newest Hugging Face training image in {region} ({image.tag}, catalogued {catalog.date})"
+           + (f" with {needs} (ftplan's train extra and the plan's GPU)" if needs else "")
+           + "; ftplan's other requirements are installed on top from requirements.txt")
+    return catalog.uri(image, region), why
 
 
 def ml_type(plan: Plan) -> str:
@@ -104,7 +172,7 @@ def source_tarball() -> bytes:
         for path, name in source_files():
             tar.add(path, arcname=name)
         tar.add(Path(__file__).with_name("entry.py"), arcname=ENTRY)
-        texts = {**dist_info_files(), "requirements.txt": "\n".join(REQUIREMENTS) + "\n"}
+        texts = {**dist_info_files(), "requirements.txt": "\n".join(requirements()) + "\n"}
         for name, text in texts.items():
             data = text.encode()
             info = tarfile.TarInfo(name)
