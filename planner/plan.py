@@ -22,6 +22,7 @@ from ftplan.errors import PlannerError
 from ftplan.estimate.cost import HourlyPrice, Market, Platform
 from ftplan.estimate.settings import Method, TrainingSetup
 from ftplan.estimate.sharding import Sharding
+from ftplan.estimate.timing import StepTime
 from ftplan.model.spec import ModelSpec
 from ftplan.names import Name
 from ftplan.recommend.models import Assumption
@@ -84,9 +85,13 @@ class PlanEstimates(_Strict):
     train_hours: float
     cost_usd: float
     price: HourlyPrice
-    tokens_per_second: float
+    tokens_per_second: float = Field(description="all GPUs, padding included")
+    data_tokens_per_second: float | None = Field(None, description="all GPUs, the data's own tokens (what "
+                                                                    "`ftplan run` counts)")
     utilization: float
     utilization_source: str
+    time: StepTime | None = Field(None, description="one optimizer step on one GPU, term by term (absent in plans "
+                                                    "written by ftplan 0.1)")
     assumptions: list[Assumption]
 
 
@@ -146,8 +151,10 @@ def plan_from(spec: ModelSpec, rec, *, backend: str = "hf", seed: int = 42,
         estimates=PlanEstimates(required_bytes_per_gpu=c.required_bytes, peak_allocated_bytes=c.peak_allocated_bytes,
                                 gpu_memory_bytes=c.gpu_memory_bytes,
                                 hours=c.hours, train_hours=c.train_hours, cost_usd=c.cost_usd, price=c.price,
-                                tokens_per_second=c.tokens_per_second, utilization=c.utilization,
-                                utilization_source=c.utilization_source, assumptions=rec.assumptions),
+                                tokens_per_second=c.tokens_per_second,
+                                data_tokens_per_second=c.data_tokens_per_second, utilization=c.utilization,
+                                utilization_source=c.utilization_source, time=c.time,
+                                assumptions=rec.assumptions),
     )
 
 

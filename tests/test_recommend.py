@@ -7,11 +7,11 @@ import pytest
 from ftplan.data import calibration, catalog
 from ftplan.data.dataset import from_token_count
 from ftplan.errors import PlannerError
-from ftplan.estimate.compute import step_time
 from ftplan.estimate.memory import estimate_memory
 from ftplan.estimate.params import count_params
 from ftplan.estimate.settings import LoraSettings, SetupChoices
 from ftplan.estimate.sharding import shard
+from ftplan.estimate.timing import step_time
 from ftplan.model.inventory import layout_for
 from ftplan.model.resolve import from_catalog
 from ftplan.recommend.search import SearchRequest, search
@@ -79,9 +79,11 @@ def test_time_and_cost_of_one_fixed_plan_by_hand():
               instances=["g6e.xlarge"], micro_batch=1, max_gpus=1, priority="cost")
     c = rec.recommended
     gpu = catalog.get_gpu("L40S")
-    t = step_time(LAYOUT, c.setup, count_params(LAYOUT, "lora", c.setup.lora), gpu, micro_batch=1,
-                  tokens_per_sequence=2048)
-    seconds = 10 * 16 * t.seconds + 600
+    counts = count_params(LAYOUT, "lora", c.setup.lora)
+    t = step_time(LAYOUT, c.setup, counts, gpu, estimate_memory(LAYOUT, c.setup, counts), tokens_per_sequence=2048,
+                  accum=16)
+    assert t.seconds == pytest.approx(16 * t.micro_seconds + t.optimizer_seconds)
+    seconds = 10 * t.seconds + 600
     assert (c.instance_count, c.grad_accum, c.optimizer_steps) == (1, 16, 10)
     assert c.hours == pytest.approx(seconds / 3600)
     assert c.cost_usd == pytest.approx(math.ceil(seconds) / 3600 * 1.861)
@@ -90,11 +92,21 @@ def test_time_and_cost_of_one_fixed_plan_by_hand():
 def test_a_calibration_replaces_the_default_utilisation():
     args = dict(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost")
     before = run(**args).recommended
-    calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.66,
-                                               source="ftplan measure", date="2026-11-28"))
+    calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5,
+                                               u_max=0.66, tokens_per_micro_batch=2048, source="ftplan measure",
+                                               date="2026-11-28"))
     after = run(**args).recommended
-    assert after.utilization == 0.66 and after.utilization_source.startswith("calibrated by ftplan measure")
-    assert after.train_hours == pytest.approx(before.train_hours * before.utilization / 0.66)
+    assert after.time.u_max == 0.66 and after.utilization_source.startswith("calibrated by ftplan measure")
+    assert before.time.u_max == 0.414
+    compute = before.time.grad_accum * before.time.compute_seconds * before.optimizer_steps / 3600
+    assert after.train_hours == pytest.approx(before.train_hours - compute * (1 - 0.414 / 0.66))
+
+
+def test_a_calibration_from_ftplan_0_1_is_taken_as_the_ceiling():
+    calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5,
+                                               source="ftplan run out", date="2026-11-28"))
+    got = run(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost").recommended
+    assert got.time.u_max == 0.5
 
 
 def test_spot_and_sagemaker_change_the_price_not_the_plan_shape():

@@ -15,16 +15,25 @@ from ftplan.data.files import atomic_write_text, read_user_file, user_dir
 
 
 class Calibration(BaseModel):
-    """One measured utilisation of the FLOPs ftplan counts (recomputation included)."""
+    """One measured utilisation of the FLOPs ftplan counts (recomputation included), and the utilisation
+    ceiling of the time model that reproduces it."""
 
     gpu: str
     model: str
     method: str
-    utilization: float = Field(gt=0, le=1)
+    utilization: float = Field(gt=0, le=1, description="measured: counted FLOPs x tokens/s / dense peak")
+    u_max: float | None = Field(None, gt=0, le=1, description="the time model's ceiling that gives the measured "
+                                                              "step time (absent in files from ftplan 0.1)")
+    tokens_per_micro_batch: float | None = Field(None, gt=0, description="tokens of one micro-batch on one GPU "
+                                                                         "when it was measured")
     tokens_per_second: float | None = None
     peak_memory_bytes: int | None = None
     source: str = Field(description="what measured it: 'ftplan measure' or 'ftplan run <dir>'")
     date: str
+
+    def ceiling(self) -> float:
+        """The utilisation ceiling to plan with (an entry from ftplan 0.1 has only the measured utilisation)."""
+        return self.u_max or self.utilization
 
 
 class CalibrationFile(BaseModel):

@@ -9,28 +9,54 @@ from ftplan.data.rules import _Rules
 
 
 # -- throughput.json ------------------------------------------------------------------------------
-class UtilizationDefault(_Rules):
-    architecture: str
-    full: float = Field(gt=0, le=1)
-    lora: float = Field(gt=0, le=1)
-    qlora: float = Field(gt=0, le=1)
+class GpuUtilization(_Rules):
+    gpu: str
+    u_max: float = Field(gt=0, le=1)
     source: str
 
-    def for_method(self, method: str) -> float:
-        return getattr(self, method)
+
+class ArchitectureUtilization(_Rules):
+    architecture: str
+    u_max: float = Field(gt=0, le=1)
+    source: str
 
 
 class Utilization(_Rules):
     about: str
-    defaults: list[UtilizationDefault]
-    fallback: float = Field(gt=0, le=1, description="for a GPU architecture with no row")
+    kappa: float = Field(gt=0, description="t_half = kappa x peak FLOP/s / memory bytes/s, in tokens")
+    kappa_source: str
+    gpus: list[GpuUtilization]
+    architectures: list[ArchitectureUtilization]
+    fallback: float = Field(gt=0, le=1, description="u_max for a GPU architecture with no row")
     fallback_source: str
+
+    def u_max(self, gpu: str, architecture: str) -> tuple[float, str]:
+        """The ceiling for a GPU: its own fitted row, else its architecture's, else the fallback; with the source."""
+        for row in self.gpus:
+            if row.gpu.lower() == gpu.lower():
+                return row.u_max, f"fitted for {row.gpu}: {row.source}"
+        for arch in self.architectures:
+            if arch.architecture == architecture:
+                return arch.u_max, f"{architecture} default: {arch.source}"
+        return self.fallback, self.fallback_source
+
+
+class LaunchFloor(_Rules):
+    about: str
+    seconds_per_layer_pass: float = Field(ge=0)
+    source: str
 
 
 class Dequantization(_Rules):
     about: str
     bytes_per_weight: float = Field(gt=0)
     bandwidth_efficiency: float = Field(gt=0, le=1)
+    source: str
+
+
+class OptimizerStep(_Rules):
+    about: str
+    passes_per_byte: float = Field(ge=0)
     source: str
 
 
@@ -43,6 +69,10 @@ class Communication(_Rules):
     inter_node_source: str
     network_floor_gbytes_per_s: float = Field(gt=0)
     network_floor_source: str
+    fsdp_gathers_per_micro_batch: int = Field(ge=1)
+    allreduce_overlap: float = Field(ge=0, le=1, description="share of one micro-batch's compute that hides the "
+                                                             "gradient all-reduce")
+    overlap_source: str
 
 
 class Overhead(_Rules):
@@ -53,12 +83,15 @@ class Overhead(_Rules):
 
 
 class Throughput(_Rules):
-    """catalogs/throughput.json."""
+    """catalogs/throughput.json: the time model's constants, each with its source."""
 
     schema_: int = Field(alias="schema")
     retrieved: str
+    about: str
     utilization: Utilization
+    launch_floor: LaunchFloor
     dequantization: Dequantization
+    optimizer_step: OptimizerStep
     communication: Communication
     overhead: Overhead
 

@@ -60,6 +60,8 @@ class MeasureReport(BaseModel):
     error_percent: float = Field(description="(estimated - measured) / measured x 100")
     gpu: str | None = Field(None, description="the catalogued GPU measured on (cuda only)")
     utilization: float | None = Field(None, description="measured utilisation of the FLOPs ftplan counts (cuda)")
+    predicted_tokens_per_second: float | None = Field(None, description="the time model's throughput for this "
+                                                                        "step on the GPU (cuda)")
     calibration_file: str | None = Field(None, description="where the utilisation was recorded, if it was")
 
 
@@ -193,8 +195,8 @@ def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetu
     import torch
 
     from ftplan.data import calibration
-    from ftplan.estimate.compute import flops_per_token, peak_flops
     from ftplan.estimate.params import count_params
+    from ftplan.estimate.timing import calibrated_u_max, step_time
     from ftplan.model.inventory import layout_for
 
     props = torch.cuda.get_device_properties(0)
@@ -202,13 +204,17 @@ def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetu
     if gpu is None:
         return
     layout, _ = layout_for(spec)
-    flops = flops_per_token(layout, setup, count_params(layout, setup.method, setup.lora), setup.seq_len).total
+    step = step_time(layout, setup, count_params(layout, setup.method, setup.lora), gpu, result.estimated,
+                     tokens_per_sequence=setup.seq_len)
+    measured = result.measured.tokens_per_second
     result.gpu = gpu.name
-    result.utilization = calibration.utilization_from(flops, result.measured.tokens_per_second, peak_flops(gpu, setup))
+    result.utilization = step.flops_per_token.total * measured / step.peak_flops
+    result.predicted_tokens_per_second = step.tokens_per_micro_batch / step.seconds
     if calibrate and 0 < result.utilization <= 1:
         path = calibration.record(calibration.Calibration(
             gpu=gpu.name, model=spec.name, method=setup.method, utilization=result.utilization,
-            tokens_per_second=result.measured.tokens_per_second,
+            u_max=calibrated_u_max(step, step.tokens_per_micro_batch / measured),
+            tokens_per_micro_batch=step.tokens_per_micro_batch, tokens_per_second=measured,
             peak_memory_bytes=result.measured.peak_allocated_bytes, source="ftplan measure",
             date=calibration.today()))
         result.calibration_file = str(path)

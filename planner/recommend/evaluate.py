@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 from ftplan.data import calibration, catalog
 from ftplan.data.dataset import TokenBudget
-from ftplan.estimate.compute import allreduce_seconds, gather_seconds, step_time
+from ftplan.estimate.compute import flops_per_token
 from ftplan.estimate.cost import HourlyPrice, cost_usd, hourly_price
 from ftplan.estimate.fit import gpu_supports
 from ftplan.estimate.settings import TrainingSetup, for_gpu
 from ftplan.estimate.sharding import loading_bytes_per_node, shard
+from ftplan.estimate.timing import Parallel, StepTime, step_time
 from ftplan.model.layout import ModelLayout
 from ftplan.model.spec import ModelSpec
 from ftplan.recommend import grid
@@ -87,7 +88,7 @@ class _Context:
     optimizer_steps: int
     calibrations: calibration.CalibrationFile
     total_params: int
-    caches: dict = field(default_factory=lambda: {"time": {}, "shard": {}, "setup": {}})
+    caches: dict = field(default_factory=lambda: {"time": {}, "shard": {}, "setup": {}, "tokens": {}})
 
 
 def evaluate(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: SearchRequest,
@@ -195,13 +196,9 @@ def _candidate(ctx: _Context, st: Setting, setup: TrainingSetup, inst: catalog.I
     skey = (id(st), micro, setup.precision)
     micro_setup = ctx.caches["setup"].get(skey) or ctx.caches["setup"].setdefault(
         skey, setup.model_copy(update={"batch_size": micro}))
-    timing = _timing(ctx, st, micro_setup, gpu, micro)
-    comm = allreduce_seconds(st.memory[micro].gradients_bytes, inst, count) if world > 1 else 0.0
-    if scheme == "fsdp":  # every micro-batch gathers the weights (twice, thrice with recomputation)
-        passes = 3 if setup.grad_ckpt else 2
-        comm += accum * gather_seconds(passes * ctx.total_params * 2, inst, count)
-    step_seconds = accum * timing.seconds + comm
-    train = ctx.optimizer_steps * step_seconds
+    timing = _timing(ctx, st, micro_setup, gpu, micro, accum, Parallel(instance=inst, count=count, sharding=scheme))
+    train = ctx.optimizer_steps * timing.seconds
+    tokens_per_second = world * timing.tokens_per_micro_batch * accum / timing.seconds
     overhead = catalog.throughput().overhead
     setup_seconds = overhead.setup_seconds + (overhead.cluster_launch_seconds if count > 1 else 0)
     total = train + setup_seconds
@@ -213,18 +210,26 @@ def _candidate(ctx: _Context, st: Setting, setup: TrainingSetup, inst: catalog.I
         grad_accum=accum, required_bytes=need[0], peak_allocated_bytes=need[1], gpu_memory_bytes=gpu.memory_bytes,
         hours=total / 3600, train_hours=train / 3600, setup_hours=setup_seconds / 3600,
         cost_usd=cost_usd(total, price, count), price=price,
-        tokens_per_second=world * timing.tokens / step_seconds * accum, utilization=timing.utilization,
-        utilization_source=timing.utilization_source, optimizer_steps=ctx.optimizer_steps,
+        tokens_per_second=tokens_per_second,
+        data_tokens_per_second=tokens_per_second * ctx.data.tokens / _processed(ctx, micro),
+        utilization=timing.utilization, utilization_source=timing.u_max_source, time=timing,
+        optimizer_steps=ctx.optimizer_steps,
         quality_tier=tier.tier, quality_basis=basis, quality_evidence=tier.evidence)
 
 
-def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, micro: int):
-    key = (id(st), micro, gpu.name, setup.precision)
-    cached = ctx.caches["time"].get(key)
-    if cached is None:
-        calib = ctx.calibrations.find(gpu.name, ctx.spec.name, setup.method)
-        util = (calib.utilization, f"calibrated by {calib.source} on {calib.date}") if calib else None
-        per_seq = ctx.data.processed_tokens(micro) / ctx.data.sequences()
-        cached = ctx.caches["time"][key] = step_time(ctx.layout, setup, st.counts, gpu, micro_batch=micro,
-                                                     tokens_per_sequence=per_seq, utilization=util)
-    return cached
+def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, micro: int, accum: int,
+            parallel: Parallel) -> StepTime:
+    per_seq = _processed(ctx, micro) / ctx.data.sequences()
+    key = (id(st), micro, setup.precision)
+    flops = ctx.caches["time"].get(key) or ctx.caches["time"].setdefault(
+        key, flops_per_token(ctx.layout, setup, st.counts, per_seq))
+    calib = ctx.calibrations.find(gpu.name, ctx.spec.name, setup.method)
+    u_max = (calib.ceiling(), f"calibrated by {calib.source} on {calib.date}") if calib else None
+    return step_time(ctx.layout, setup, st.counts, gpu, st.memory[micro], tokens_per_sequence=per_seq,
+                     accum=accum, parallel=parallel, u_max=u_max, flops=flops)
+
+
+def _processed(ctx: _Context, micro: int) -> int:
+    """Tokens processed per epoch at this micro-batch, padding included (summing the padding is O(examples))."""
+    cache = ctx.caches["tokens"]
+    return cache[micro] if micro in cache else cache.setdefault(micro, ctx.data.processed_tokens(micro))

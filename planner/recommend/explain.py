@@ -116,11 +116,22 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
     out = [
         Assumption(code="data", figures={"tokens": data.tokens, "source": data.source, "counting": data.counting,
                                          "packing": data.packing}),
-        Assumption(code="time_model", figures={"utilization": best.utilization, "source": best.utilization_source}),
-        Assumption(code="dequantization", figures={"bytes_per_weight": rules.dequantization.bytes_per_weight,
-                                                   "bandwidth_efficiency": rules.dequantization.bandwidth_efficiency}),
-        Assumption(code="host_ram", figures={}),
-        Assumption(code="parallelism", figures={}),
+        Assumption(code="time_model", figures={
+            "utilization": best.utilization, "u_max": best.time.u_max, "source": best.utilization_source,
+            "t_half_tokens": best.time.t_half_tokens, "tokens_per_micro_batch": best.time.tokens_per_micro_batch,
+            "bound": best.time.bound, "optimizer_seconds": best.time.optimizer_seconds,
+            "launch_floor_seconds_per_layer_pass": rules.launch_floor.seconds_per_layer_pass}),
+    ]
+    if best.setup.method == "qlora":
+        out.append(Assumption(code="dequantization", figures={
+            "bytes_per_weight": rules.dequantization.bytes_per_weight,
+            "bandwidth_efficiency": rules.dequantization.bandwidth_efficiency}))
+    out.append(Assumption(code="host_ram", figures={}))
+    if best.gpus_total > 1:
+        out.append(Assumption(code="parallelism", figures={
+            "sharding": best.sharding, "allreduce_overlap": rules.communication.allreduce_overlap,
+            "gathers_per_micro_batch": rules.communication.fsdp_gathers_per_micro_batch}))
+    out += [
         Assumption(code="setup", figures={"setup_seconds": rules.overhead.setup_seconds,
                                           "cluster_launch_seconds": rules.overhead.cluster_launch_seconds}),
         Assumption(code="global_batch", figures={"sequences": request.global_batch}),

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from ftplan.data.dataset import TokenBudget
 from ftplan.estimate.cost import HourlyPrice, Market, Platform
 from ftplan.estimate.settings import Method, TrainingSetup
+from ftplan.estimate.timing import StepTime
 
 Priority = Literal["cost", "balanced", "quality"]
 Task = Literal["instruction", "domain-adaptation", "continued-pretraining"]
@@ -61,8 +62,10 @@ class Candidate(BaseModel):
     cost_usd: float = Field(description="every instance's billed hours x its hourly price")
     price: HourlyPrice
     tokens_per_second: float = Field(description="all GPUs together, padding included")
-    utilization: float
-    utilization_source: str
+    data_tokens_per_second: float = Field(description="all GPUs together, the data's own tokens (padding excluded)")
+    utilization: float = Field(description="achieved share of the dense peak over a whole optimizer step")
+    utilization_source: str = Field(description="where the utilisation ceiling u_max comes from")
+    time: StepTime = Field(description="one optimizer step on one GPU, term by term")
     optimizer_steps: int
     quality_tier: int = Field(description="0 is the best the literature reached for the task; each judgement "
                                           "recommend makes about quality is this tier")

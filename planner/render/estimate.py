@@ -230,7 +230,9 @@ def print_measure(report, console: Console) -> None:
         console.print("[dim]- paged optimizer states are counted in the peak on the CPU (no paged memory there)[/]")
     console.print("[dim]- activations measured include the loss; estimated excludes the loss's transient buffers[/]")
     if report.utilization is not None:
-        console.print(f"utilisation on {report.gpu}: {report.utilization:.0%} of the dense peak"
+        predicted = report.predicted_tokens_per_second
+        console.print(f"utilisation on {report.gpu}: {report.utilization:.0%} of the dense peak, "
+                      f"{report.measured.tokens_per_second:,.0f} tokens/s (time model: {predicted:,.0f})"
                       + (f"; recorded in {report.calibration_file} for recommend" if report.calibration_file else
                          " (not recorded: --layers measures a cut-down model)"))
 

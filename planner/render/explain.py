@@ -79,17 +79,25 @@ def assumption(a: Assumption) -> str:
         "data": lambda: (f"data: {f['tokens']:,} tokens per epoch from {f['source']} ({f['counting']}), "
                          + ("packed into full sequences" if f["packing"] else
                             "one example per sequence, padded per micro-batch")),
-        "time_model": lambda: ("time = FLOPs (forward, backward, recomputation, attention) / (dense peak x "
-                               f"utilisation); recommended plan's utilisation {f['utilization']:.0%}: {f['source']}"),
+        "time_model": lambda: (
+            "time per micro-batch = FLOPs (forward, backward, recomputation, attention) / (dense peak x u), where "
+            f"utilisation u = u_max x T / (T + t_half) rises with the tokens T of a micro-batch and saturates; "
+            f"this plan: u_max {f['u_max']:.0%} ({f['source']}), T {f['tokens_per_micro_batch']:,.0f}, t_half "
+            f"{f['t_half_tokens']:,.0f} tokens, {f['utilization']:.0%} of peak over the whole step, "
+            f"{f['bound']}-bound; each step adds the optimizer's memory-bound update "
+            f"({f['optimizer_seconds']:.2f} s) and no micro-batch is shorter than "
+            f"{f['launch_floor_seconds_per_layer_pass'] * 1000:.2f} ms of kernel launches per layer and pass"),
         "dequantization": lambda: ("QLoRA adds the memory-bound dequantization of every 4-bit weight in each pass "
                                    f"({f['bytes_per_weight']} bytes per weight at {f['bandwidth_efficiency']:.0%} of "
                                    "peak bandwidth)"),
         "host_ram": lambda: "host RAM must hold the checkpoint as loaded: once per process, or once per node with FSDP",
-        "parallelism": lambda: ("several GPUs: data parallel with a whole replica per GPU (DDP) when it fits, else "
-                                "FSDP with parameters, gradients and optimizer states sharded over all GPUs (weights "
-                                "gathered in bf16 every forward, backward and recomputation); gradients all-reduced "
-                                "once per optimizer step; NVLink/NVSwitch or PCIe inside an instance, the instance "
-                                "network between instances (half of it without EFA)"),
+        "parallelism": lambda: (
+            f"several GPUs ({f['sharding']}): data parallel with a whole replica per GPU (DDP) when it fits, else "
+            "FSDP with parameters, gradients and optimizer states sharded over all GPUs; FSDP gathers the weights "
+            f"{f['gathers_per_micro_batch']} times per micro-batch as stored (4-bit weights as 4-bit, fp32 ones in "
+            "the compute dtype), prefetched behind compute; gradients all-reduced once per optimizer step, "
+            f"{f['allreduce_overlap']:.0%} of it hidden behind the last backward; NVLink/NVSwitch or PCIe inside "
+            "an instance, the whole instance network between instances (half of it without EFA)"),
         "setup": lambda: (f"billed time adds {f['setup_seconds'] / 60:.0f} minutes of setup per instance (boot, "
                           f"model download and load), and {f['cluster_launch_seconds'] / 60:.0f} more per instance "
                           "of a multi-instance plan; per-second billing"),

@@ -50,8 +50,10 @@ def print_summary(summary, console: Console) -> None:
     if r.first_loss is not None:
         console.print(f"  loss {r.first_loss:.4f} -> {r.final_loss:.4f}"
                       + (f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""))
-    console.print(f"  {r.tokens:,} tokens, {r.tokens_per_second:,.0f} tokens/s (plan: "
-                  f"{summary.estimated_tokens_per_second_per_gpu:,.0f} per GPU)")
+    gpus = summary.plan.hardware.instance_count * summary.plan.hardware.gpus_per_instance
+    per_gpu = summary.estimated_tokens_per_second_per_gpu
+    console.print(f"  {r.tokens:,} tokens, {r.tokens_per_second:,.0f} tokens/s (plan: {per_gpu * gpus:,.0f}"
+                  + (f", {per_gpu:,.0f} per GPU)" if gpus > 1 else ")"))
     if summary.memory_error_percent is not None:
         console.print(f"  peak memory {gib(r.peak_memory_bytes)} measured vs "
                       f"{gib(summary.estimated_peak_allocated_bytes)}"

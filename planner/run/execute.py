@@ -21,6 +21,7 @@ from ftplan.data import calibration as calib
 from ftplan.data.dataset import check_training_data
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
+from ftplan.estimate.timing import calibrated_u_max
 from ftplan.plan import Plan, config_hash, load, to_yaml, weights_source
 from ftplan.run import output, registry
 from ftplan.run.backend import BackendOptions, ProgressCallback, ProgressEvent, RunRequest, RunResult, TrainerBackend
@@ -36,7 +37,7 @@ class RunSummary(BaseModel):
     plan: Plan
     result: RunResult
     estimated_peak_allocated_bytes: int
-    estimated_tokens_per_second_per_gpu: float
+    estimated_tokens_per_second_per_gpu: float = Field(description="the data's own tokens (padding excluded)")
     memory_error_percent: float | None = Field(description="(estimated - measured) / measured x 100; CUDA runs only")
     throughput_ratio: float | None = Field(description="measured / estimated tokens per second per GPU; CUDA only")
     estimated_hours: float | None = Field(None, description="the plan's billed hours, to compare with the result's "
@@ -234,23 +235,31 @@ def execute(plan: Plan, backend: TrainerBackend, options: BackendOptions, reques
 def summarize(plan: Plan, backend: str, result: RunResult) -> RunSummary:
     """Measured against estimated; on a catalogued CUDA GPU the throughput becomes a calibration."""
     gpus = plan.hardware.instance_count * plan.hardware.gpus_per_instance
-    est_tps = plan.estimates.tokens_per_second / gpus
+    # the backend counts the data's own tokens over every GPU; plans from ftplan 0.1 carry padded tokens only
+    est_tps = (plan.estimates.data_tokens_per_second or plan.estimates.tokens_per_second) / gpus
     est_peak = plan.estimates.peak_allocated_bytes
     memory_error = ratio = None
     entry = None
     if result.device == "cuda" and result.peak_memory_bytes:
         memory_error = 100 * (est_peak - result.peak_memory_bytes) / result.peak_memory_bytes
-        ratio = result.tokens_per_second / est_tps if est_tps else None
+        ratio = result.tokens_per_second / gpus / est_tps if est_tps else None
         gpu = calib.gpu_for_device(result.gpu_name or "", plan.estimates.gpu_memory_bytes)
         if gpu is not None and ratio and not result.interrupted:
-            # time is inversely proportional to utilisation: scale the planned one by what was measured
-            utilization = min(1.0, plan.estimates.utilization * ratio)
-            entry = calib.Calibration(gpu=gpu.name, model=plan.model.name, method=plan.training.method,
-                                      utilization=utilization, tokens_per_second=result.tokens_per_second,
-                                      peak_memory_bytes=result.peak_memory_bytes,
-                                      source=f"ftplan run {result.output_dir}", date=calib.today())
+            entry = _calibration(plan, gpu.name, ratio, result)
             calib.record(entry)
     return RunSummary(backend=backend, plan=plan, result=result, estimated_peak_allocated_bytes=est_peak,
                       estimated_tokens_per_second_per_gpu=est_tps, memory_error_percent=memory_error,
                       throughput_ratio=ratio, calibration=entry, estimated_hours=plan.estimates.hours,
                       estimated_cost_usd=plan.estimates.cost_usd)
+
+
+def _calibration(plan: Plan, gpu: str, ratio: float, result: RunResult) -> calib.Calibration:
+    """What the run measured, as a calibration: utilisation scales with throughput, and the time model's
+    ceiling is the one under which the planned step takes the measured time."""
+    step = plan.estimates.time
+    u_max = calibrated_u_max(step, step.seconds / ratio) if step else None
+    return calib.Calibration(gpu=gpu, model=plan.model.name, method=plan.training.method,
+                             utilization=min(1.0, plan.estimates.utilization * ratio), u_max=u_max,
+                             tokens_per_micro_batch=step.tokens_per_micro_batch if step else None,
+                             tokens_per_second=result.tokens_per_second, peak_memory_bytes=result.peak_memory_bytes,
+                             source=f"ftplan run {result.output_dir}", date=calib.today())

@@ -1,0 +1,194 @@
+"""How long one optimizer step takes on one GPU, term by term.
+
+    micro-batch = max(max(compute + dequantization, launch floor), FSDP gathers)   (prefetch hides gathers)
+    compute     = FLOPs per token x (T + t_half) / (peak x u_max),   t_half = kappa x peak / bandwidth
+    step        = accumulation x micro-batch + optimizer step + exposed gradient all-reduce
+
+T is the tokens of one micro-batch on one GPU, so utilisation u(T) = u_max x T / (T + t_half) rises with
+the micro-batch and saturates. The constants and their sources are in catalogs/throughput.json; the form
+was fitted to, and is validated against, published runs (benchmarks/TIME-ACCURACY.md).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ftplan.data import catalog
+from ftplan.estimate.compute import FlopsPerToken, flops_per_token, peak_flops
+from ftplan.estimate.memory import MemoryBreakdown
+from ftplan.estimate.network import allreduce_seconds, gather_seconds
+from ftplan.estimate.params import ParamCounts
+from ftplan.estimate.settings import TrainingSetup
+from ftplan.estimate.sharding import PARAM_SHARDED, Sharding
+from ftplan.model.layout import QUANTIZED_KINDS, ModelLayout
+
+
+class Parallel(BaseModel):
+    """How a step is spread: `count` instances, and what each GPU holds (sharding as ftplan.estimate.sharding
+    names it: ZeRO-1/2 shard the optimizer states of replicas; FSDP and ZeRO-3 shard the weights too, and
+    gather them every micro-batch - PyTorch FSDP prefetches the gathers behind compute, ZeRO-3 waits for them)."""
+
+    instance: catalog.Instance
+    count: int = Field(1, ge=1)
+    sharding: Sharding = "ddp"
+
+    @property
+    def gpus(self) -> int:
+        return self.instance.gpu_count * self.count
+
+    @property
+    def shards(self) -> int:
+        """GPUs the optimizer states are split over."""
+        if self.sharding in ("none", "ddp"):
+            return 1
+        return self.instance.gpu_count if self.sharding == "fsdp-hybrid" else self.gpus
+
+
+class StepTime(BaseModel):
+    """One optimizer step on one GPU. Per-micro-batch terms are seconds of one micro-batch."""
+
+    flops_per_token: FlopsPerToken
+    peak_flops: float = Field(description="dense peak of the GPU in the setup's precision, FLOP/s")
+    bandwidth_bytes_per_s: float = Field(description="the GPU's peak memory bandwidth")
+    u_max: float = Field(description="utilisation ceiling of the counted FLOPs at long micro-batches")
+    u_max_source: str
+    t_half_tokens: float = Field(description="tokens per micro-batch at which utilisation is half of u_max")
+    tokens_per_micro_batch: float = Field(description="tokens of one micro-batch on one GPU, padding included")
+    grad_accum: int
+    compute_seconds: float = Field(description="per micro-batch: the counted FLOPs at u(T)")
+    dequant_seconds: float = Field(description="per micro-batch: QLoRA dequantizing its 4-bit weights")
+    launch_floor_seconds: float = Field(description="per micro-batch: the least time to launch its kernels")
+    gather_seconds: float = Field(description="per micro-batch: FSDP weight gathers (and gradient reduce-scatter "
+                                              "for full fine-tuning), hidden behind compute when shorter")
+    optimizer_seconds: float = Field(description="per optimizer step: the memory-bound update")
+    sync_seconds: float = Field(description="per optimizer step: gradient all-reduce not hidden by backward")
+
+    gathers_hidden: bool = Field(True, description="prefetched gathers overlap compute (PyTorch FSDP), else they "
+                                                   "add to it (DeepSpeed ZeRO-3)")
+
+    @property
+    def busy_seconds(self) -> float:
+        """What the GPU itself spends on one micro-batch."""
+        return max(self.compute_seconds + self.dequant_seconds, self.launch_floor_seconds)
+
+    @property
+    def micro_seconds(self) -> float:
+        if self.gathers_hidden:
+            return max(self.busy_seconds, self.gather_seconds)
+        return self.busy_seconds + self.gather_seconds
+
+    @property
+    def seconds(self) -> float:
+        """One optimizer step."""
+        return self.grad_accum * self.micro_seconds + self.optimizer_seconds + self.sync_seconds
+
+    @property
+    def bound(self) -> Literal["compute", "launch", "communication"]:
+        """What sets a micro-batch's time."""
+        if self.gather_seconds > (self.busy_seconds if self.gathers_hidden else 0.0):
+            return "communication"
+        return "launch" if self.launch_floor_seconds > self.compute_seconds + self.dequant_seconds else "compute"
+
+    @property
+    def utilization(self) -> float:
+        """Achieved share of the dense peak, counting ftplan's FLOPs over the whole step."""
+        work = self.flops_per_token.total * self.tokens_per_micro_batch * self.grad_accum
+        return work / (self.seconds * self.peak_flops)
+
+
+def t_half_tokens(gpu: catalog.Gpu, peak: float) -> float:
+    """Tokens per micro-batch at half the utilisation ceiling: kappa x the roofline ridge point."""
+    return catalog.throughput().utilization.kappa * peak / (gpu.memory_bandwidth_gbps * 1e9)
+
+
+def default_u_max(gpu: catalog.Gpu) -> tuple[float, str]:
+    """The catalogued utilisation ceiling for the GPU, with its source."""
+    return catalog.throughput().utilization.u_max(gpu.name, gpu.architecture)
+
+
+def passes(setup: TrainingSetup) -> int:
+    """Passes over the weights per micro-batch: forward and backward, and recomputation with checkpointing."""
+    return 3 if setup.grad_ckpt else 2
+
+
+def dequant_seconds(layout: ModelLayout, setup: TrainingSetup, gpu: catalog.Gpu) -> float:
+    """QLoRA: one dequantization of every 4-bit weight per pass, memory-bound."""
+    if setup.method != "qlora":
+        return 0.0
+    rules = catalog.throughput().dequantization
+    weights = sum(g.weight_numel * layout.instances(g) for g in layout.modules if g.kind in QUANTIZED_KINDS)
+    bandwidth = gpu.memory_bandwidth_gbps * 1e9 * rules.bandwidth_efficiency
+    return passes(setup) * weights * rules.bytes_per_weight / bandwidth
+
+
+def launch_floor_seconds(layout: ModelLayout, setup: TrainingSetup) -> float:
+    """The host's kernel launches for one micro-batch: a fixed cost per decoder layer and pass."""
+    return catalog.throughput().launch_floor.seconds_per_layer_pass * layout.dims.layers * passes(setup)
+
+
+def update_bytes(setup: TrainingSetup, memory: MemoryBreakdown) -> int:
+    """What the optimizer step reads and writes: trained weights, their gradients and the optimizer states."""
+    trained = memory.weights_bytes if setup.method == "full" else memory.adapter_bytes
+    return trained + memory.gradients_bytes + memory.optimizer_bytes + memory.paged_optimizer_bytes
+
+
+def travelling_weight_bytes(setup: TrainingSetup, memory: MemoryBreakdown) -> int:
+    """Weight bytes an FSDP gather moves: 4-bit weights as stored; fp32 ones in bf16/fp16 under a -mixed
+    policy (the weights travel in the compute dtype)."""
+    weights = memory.weights_bytes + memory.adapter_bytes
+    if setup.precision.endswith("-mixed"):
+        weights -= (memory.weights_by_dtype.get("fp32", 0) + memory.adapter_bytes) // 2
+    return weights
+
+
+def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gpu: catalog.Gpu,
+              memory: MemoryBreakdown, *, tokens_per_sequence: float, accum: int = 1,
+              parallel: Parallel | None = None, u_max: tuple[float, str] | None = None,
+              flops: FlopsPerToken | None = None) -> StepTime:
+    """One optimizer step of `accum` micro-batches of `setup.batch_size` sequences of mean length
+    `tokens_per_sequence`, on one GPU of `parallel` (one GPU alone when None). `memory` is the single-GPU
+    breakdown; `u_max` (with its source) replaces the catalogued ceiling, e.g. from a calibration; `flops`,
+    when given, is flops_per_token() of the same arguments (computed once for many instances)."""
+    flops = flops or flops_per_token(layout, setup, counts, tokens_per_sequence)
+    peak = peak_flops(gpu, setup)
+    ceiling, source = u_max or default_u_max(gpu)
+    t_half = t_half_tokens(gpu, peak)
+    tokens = setup.batch_size * tokens_per_sequence
+    compute = flops.total * (tokens + t_half) / (peak * ceiling)
+    bandwidth = gpu.memory_bandwidth_gbps * 1e9
+    optimizer = catalog.throughput().optimizer_step.passes_per_byte * update_bytes(setup, memory) / bandwidth
+    gather = sync = 0.0
+    if parallel is not None and parallel.gpus > 1:
+        comm = catalog.throughput().communication
+        inst, count = parallel.instance, parallel.count
+        optimizer /= parallel.shards  # each GPU steps its shard of the states
+        sharded = parallel.sharding in PARAM_SHARDED
+        if sharded:
+            moved = comm.fsdp_gathers_per_micro_batch * travelling_weight_bytes(setup, memory)
+            if setup.method == "full":  # gradients reduce-scattered every micro-batch
+                moved += memory.gradients_bytes
+            gather = gather_seconds(moved, inst, count)
+        if not sharded or setup.method != "full":  # once per optimizer step, overlapping the last backward
+            reduce = allreduce_seconds(memory.gradients_bytes, inst, count)
+            sync = max(0.0, reduce - comm.allreduce_overlap * compute)
+    hidden = parallel is None or parallel.sharding != "zero3"
+    return StepTime(flops_per_token=flops, peak_flops=peak, bandwidth_bytes_per_s=bandwidth, u_max=ceiling,
+                    u_max_source=source, t_half_tokens=t_half, tokens_per_micro_batch=tokens, grad_accum=accum,
+                    compute_seconds=compute, dequant_seconds=dequant_seconds(layout, setup, gpu),
+                    launch_floor_seconds=launch_floor_seconds(layout, setup), gather_seconds=gather,
+                    optimizer_seconds=optimizer, sync_seconds=sync, gathers_hidden=hidden)
+
+
+def calibrated_u_max(step: StepTime, measured_seconds: float) -> float:
+    """The utilisation ceiling under which `step` takes `measured_seconds` per optimizer step.
+
+    When compute sets the micro-batch time, only the compute term moves with u_max and the other terms stay
+    as modelled; otherwise (launch- or communication-bound, or the other terms already exceed the
+    measurement) the ceiling scales with the whole step."""
+    compute = step.grad_accum * step.compute_seconds
+    measured_compute = measured_seconds - (step.seconds - compute)
+    if step.bound == "compute" and measured_compute > 0.25 * measured_seconds:
+        return min(1.0, step.u_max * compute / measured_compute)
+    return min(1.0, step.u_max * step.seconds / measured_seconds)
