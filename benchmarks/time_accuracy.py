@@ -1,0 +1,333 @@
+"""ftplan's training-time model against published, measured runs, written to TIME-ACCURACY.md.
+
+Each run of benchmarks/published_runs.jsonl is predicted with ftplan's current model and catalogs, the step
+assembled as `recommend` assembles a candidate's (benchmarks/time_runs.py). Writes benchmarks/TIME-ACCURACY.md
+and catalogs/time_validation.json (what `recommend` cites for the nearest runs).
+
+Usage: python benchmarks/time_accuracy.py            write both files
+       python benchmarks/time_accuracy.py --fit      refit the fitted constants on the training split, print them
+       python benchmarks/time_accuracy.py --check    exit 1 if catalogs/time_validation.json is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import time_runs as runs  # noqa: E402 - benchmarks/ is not a package
+
+from ftplan.data import catalog  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+REPORT = HERE / "TIME-ACCURACY.md"
+VALIDATION = ROOT / "catalogs" / "time_validation.json"
+COMMAND = "python benchmarks/time_accuracy.py"
+WITHIN = 1.25
+SPLITS = ("train", "held-out")
+# u_max groups fitted as one value: the same SMs (t_half carries the bandwidth difference)
+GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "L4": ("L4",), "L40S": ("L40S",),
+          "RTX 4090": ("RTX 4090",)}
+# The study that fitted the form, quoted as context (ftplan 0.1 at 67436ee, constant utilisation per architecture)
+OLD_MODEL = {"study": "research study /work/research/time (TIME-MODEL.md), ftplan at 67436ee: a constant "
+                      "utilisation per GPU architecture and method, no optimizer step, QLoRA dequantization at 0.6 "
+                      "of bandwidth, FSDP gathers in bf16, 1/8 of the instance network per GPU",
+             "rows": [("train", 30, "x1.584", "4/30", "0.33-3.24"), ("held-out", 13, "x1.443", "3/13", "0.36-2.12"),
+                      ("all used", 43, "x1.567", "7/43", "0.33-3.24")]}
+
+SMALL_MODELS = ("Out of the set, the study's check on the rest of the Qwen README LoRA sweep (1 x A100-80GB, batch 1 x "
+                "accumulation 8, checkpointing) found the 7B and 14B rows within 0.84-1.12 but Qwen-1.8B at 2k-8k "
+                "tokens predicted 1.6x too fast (ratios 0.59-0.64): small hidden sizes, a 152k vocabulary and the "
+                "LoRA path's elementwise traffic make models of 2B parameters or fewer less efficient than u_max "
+                "says, and no run of the set pins it down. `recommend` warns about it for such models.")
+
+# -- predictions and statistics -----------------------------------------------------------------------------
+def stats(ratios: list[float]) -> dict:
+    """n, median factor (exp of the median |ln ratio|), runs within 1.25x, range."""
+    if not ratios:
+        return {"n": 0, "median_factor": None, "within_1_25": 0, "min_ratio": None, "max_ratio": None}
+    logs = [abs(math.log(r)) for r in ratios]
+    return {"n": len(ratios), "median_factor": round(math.exp(statistics.median(logs)), 3),
+            "within_1_25": sum(x <= math.log(WITHIN) + 1e-12 for x in logs),
+            "min_ratio": round(min(ratios), 3), "max_ratio": round(max(ratios), 3)}
+
+
+def predictions(cases: list[runs.Case]) -> list[tuple[runs.Case, object, float]]:
+    """(case, StepTime, predicted / measured) for every run."""
+    out = []
+    for c in cases:
+        step = runs.predict(c)
+        out.append((c, step, step.seconds / c.measured_seconds))
+    return out
+
+
+def sig(x: float, digits: int = 4) -> float:
+    """Rounded to `digits` significant figures: the file stays stable across platforms' last bits."""
+    return float(f"{x:.{digits}g}")
+
+
+def validation(preds: list, date: str) -> dict:
+    """catalogs/time_validation.json: every used run with its prediction, and the summary per split."""
+    rows, exact = [], {}
+    for c, step, ratio in preds:
+        if not c.used:
+            continue
+        rec, exact[c.id] = c.rec, ratio
+        rows.append({
+            "id": c.id, "source": rec["source_short"], "source_title": rec["source_title"],
+            "model": runs.display_name(rec["model"]), "params": c.layout.total_params(), "method": rec["method"],
+            "gpu": c.gpu.name, "gpu_architecture": c.gpu.architecture, "gpus": c.parallel.gpus,
+            "tokens_per_micro_batch": sig(c.tokens_per_micro_batch), "split": c.split,
+            "predicted_seconds": sig(step.seconds), "measured_seconds": sig(c.measured_seconds),
+            "ratio": sig(ratio, 3)})
+    summary = {s: stats([exact[r["id"]] for r in rows if r["split"] == s]) for s in SPLITS}
+    summary["all"] = stats(list(exact.values()))
+    return {"schema": 1, "date": date,
+            "about": "ftplan's predicted against published, measured seconds per optimizer step (ratio = "
+                     "predicted / measured; below 1 the run was slower than predicted). Generated by "
+                     f"`{COMMAND}` from benchmarks/published_runs.jsonl; benchmarks/TIME-ACCURACY.md reports it.",
+            "source": "benchmarks/published_runs.jsonl (sources and quoted figures per run)",
+            "runs": rows, "summary": summary}
+
+
+# -- the report ---------------------------------------------------------------------------------------------
+def _fmt(s: dict) -> str:
+    if not s["n"]:
+        return "| 0 | - | - | - |"
+    return (f"| {s['n']} | x{s['median_factor']:.3f} | {s['within_1_25']}/{s['n']} | "
+            f"{s['min_ratio']:.2f}-{s['max_ratio']:.2f} |")
+
+
+def _run_table(preds: list, split: str) -> list[str]:
+    lines = ["| id | model | method | GPUs | tokens/micro | accum | measured s/step | predicted s/step | ratio | "
+             "bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c, step, ratio in sorted((p for p in preds if p[0].split == split), key=lambda p: (p[0].gpu.name, p[0].id)):
+        lines.append(f"| {c.id} | {runs.display_name(c.rec['model'])} | {c.rec['method']} | {c.parallel.gpus} x "
+                     f"{c.gpu.name} | {c.tokens_per_micro_batch:,.0f} | {c.accum} | {c.measured_seconds:.4g} | "
+                     f"{step.seconds:.4g} | {ratio:.2f} | {step.bound} |")
+    return lines
+
+
+def _misses(preds: list) -> list[str]:
+    lines = ["| run | split | ratio | cause |", "|---|---|---|---|"]
+    for c, _, ratio in preds:
+        if c.used and abs(math.log(ratio)) > math.log(WITHIN):
+            cause = c.rec.get("known_miss_cause") or "no cause recorded in published_runs.jsonl"
+            lines.append(f"| {c.id} | {c.split} | {ratio:.2f} | {cause} |")
+    return lines
+
+
+def _sources(preds: list) -> list[str]:
+    groups: dict[str, dict] = {}
+    for c, _, _ in preds:
+        g = groups.setdefault(c.rec["source_short"], {"used": 0, "rejected": 0, "refs": {}})
+        g["used" if c.used else "rejected"] += 1
+        g["refs"].setdefault(c.rec["source"], c.rec["source_title"])
+    lines = []
+    for name, g in groups.items():
+        lines.append(f"- {name} ({g['used']} used, {g['rejected']} rejected)")
+        lines += [f"  - {title}: {ref}" for ref, title in g["refs"].items()]
+    return lines
+
+
+def _rejected(preds: list) -> list[str]:
+    lines = ["| run | ratio (information) | reason |", "|---|---|---|"]
+    lines += [f"| {c.id} | {ratio:.2f} | {c.rec['reject_reason']} |" for c, _, ratio in preds if not c.used]
+    return lines
+
+
+def report(preds: list, doc: dict) -> str:
+    s = doc["summary"]
+    used = [p for p in preds if p[0].used]
+    lines = [
+        "# Training time against published runs", "",
+        f"Generated {doc['date']} by `{COMMAND}` (ftplan's current model and catalogs; `--fit` refits the "
+        "constants, `--check` verifies catalogs/time_validation.json).", "",
+        "## Method", "",
+        f"{len(used)} published, measured training runs are used and {len(preds) - len(used)} rejected (reasons "
+        "below); each one's source, quoted figures and every modelling decision are in "
+        "benchmarks/published_runs.jsonl. Each run is predicted with its own GPU, GPUs per node, nodes, "
+        "micro-batch, accumulation, checkpointing, precision, LoRA targets and sharding, the step assembled as "
+        "`recommend` assembles a candidate's (benchmarks/time_runs.py). Measurements are turned into seconds per "
+        "optimizer step on each GPU: step times as given; tokens/s over all GPUs as tokens per step / tokens/s; "
+        "wall clock / optimizer steps; a correction (with its reason in the file) replaces a figure that "
+        "includes work outside the steps. Ratio = predicted / measured (below 1: the run was slower than "
+        "predicted). The median factor is exp(median |ln ratio|).", "",
+        "Split, fixed before any fit: among the used runs of each GPU, ordered by id, every third one "
+        "(index % 3 == 2) is held out. The fitted constants of catalogs/throughput.json (u_max per GPU, kappa, "
+        "the optimizer's passes per byte) come from the training split only; `--fit` reproduces them.", "",
+        "## Summary", "",
+        "| split | n | median factor | within 1.25x | range |", "|---|---|---|---|---|",
+        f"| train {_fmt(s['train'])}", f"| held-out {_fmt(s['held-out'])}", f"| all used {_fmt(s['all'])}", "",
+        f"For context, the {OLD_MODEL['study']}, on the same runs:", "",
+        "| split | n | median factor | within 1.25x | range |", "|---|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in OLD_MODEL["rows"]], "",
+        "## Training split", "", *_run_table(preds, "train"), "",
+        "## Held-out split", "", *_run_table(preds, "held-out"), "",
+        "## Runs outside 1.25x, and why", "", *_misses(preds), "",
+        SMALL_MODELS, "",
+        "## Rejected runs", "", *_rejected(preds), "",
+        "## Sources", "", *_sources(preds), "",
+    ]
+    return "\n".join(lines)
+
+
+# -- the fit ------------------------------------------------------------------------------------------------
+PARAMS = [f"u_max[{g}]" for g in GROUPS] + ["kappa", "passes_per_byte"]
+
+
+def current_values() -> list[float]:
+    rules = catalog.throughput()
+    ceilings = {row.gpu: row.u_max for row in rules.utilization.gpus}
+    return [ceilings[names[0]] for names in GROUPS.values()] + [rules.utilization.kappa,
+                                                                 rules.optimizer_step.passes_per_byte]
+
+
+def with_values(values: list[float]):
+    """A copy of catalog.throughput() with the fitted constants replaced."""
+    rules = catalog.throughput().model_copy(deep=True)
+    by_gpu = {gpu: v for v, names in zip(values, GROUPS.values()) for gpu in names}
+    for row in rules.utilization.gpus:
+        if row.gpu in by_gpu:
+            row.u_max = by_gpu[row.gpu]
+    rules.utilization.kappa = values[len(GROUPS)]
+    rules.optimizer_step.passes_per_byte = values[len(GROUPS) + 1]
+    return rules
+
+
+@contextmanager
+def overridden(values: list[float]):
+    """The time model reads catalog.throughput() on every call: serve it the trial constants meanwhile."""
+    original = catalog.throughput
+    trial = with_values(values)
+    catalog.throughput = lambda: trial
+    try:
+        yield
+    finally:
+        catalog.throughput = original
+
+
+def residuals(x: list[float], cases: list[runs.Case]) -> list[float]:
+    """ln(predicted / measured) per case, at constants exp(x) (fitting in logs keeps them positive)."""
+    with overridden([math.exp(v) for v in x]):
+        return [math.log(runs.predict(c).seconds / c.measured_seconds) for c in cases]
+
+
+def solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """a x = b by Gaussian elimination with partial pivoting (small, dense)."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(n):
+            if r != col and m[col][col]:
+                f = m[r][col] / m[col][col]
+                m[r] = [vr - f * vc for vr, vc in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def jacobian(x: list[float], cases: list[runs.Case], r0: list[float], h: float = 1e-6) -> list[list[float]]:
+    cols = []
+    for j in range(len(x)):
+        xh = x[:]
+        xh[j] += h
+        cols.append([(a - b) / h for a, b in zip(residuals(xh, cases), r0)])
+    return [[cols[j][i] for j in range(len(x))] for i in range(len(r0))]
+
+
+def _normal(jac: list[list[float]], r: list[float]) -> tuple[list[list[float]], list[float]]:
+    k = len(jac[0])
+    jtj = [[sum(row[a] * row[b] for row in jac) for b in range(k)] for a in range(k)]
+    jtr = [sum(row[a] * ri for row, ri in zip(jac, r)) for a in range(k)]
+    return jtj, jtr
+
+
+def fit(cases: list[runs.Case], start: list[float] | None = None, iterations: int = 100) -> dict:
+    """Levenberg-Marquardt on ln(predicted / measured) over `cases`, numeric derivatives."""
+    x = [math.log(v) for v in (start or current_values())]
+    r = residuals(x, cases)
+    sse, lam = sum(v * v for v in r), 1e-3
+    for _ in range(iterations):
+        jtj, jtr = _normal(jacobian(x, cases, r), r)
+        damped = [[v + (lam * jtj[i][i] if i == j else 0.0) for j, v in enumerate(row)] for i, row in enumerate(jtj)]
+        step = solve(damped, [-v for v in jtr])
+        trial = [a + b for a, b in zip(x, step)]
+        rt = residuals(trial, cases)
+        st = sum(v * v for v in rt)
+        if st < sse:
+            done = sse - st < 1e-12 * max(1.0, sse)
+            x, r, sse, lam = trial, rt, st, lam / 10
+            if done:
+                break
+        else:
+            lam *= 10
+            if lam > 1e10:
+                break
+    jtj, _ = _normal(jacobian(x, cases, r), r)
+    dof = max(1, len(cases) - len(x))
+    s2 = sse / dof
+    cov = [solve(jtj, [1.0 if i == j else 0.0 for i in range(len(x))]) for j in range(len(x))]
+    se = [math.sqrt(max(0.0, cov[i][i] * s2)) for i in range(len(x))]
+    return {"values": [math.exp(v) for v in x], "factor_1sigma": [math.exp(min(s, 50.0)) for s in se],
+            "rms_log": math.sqrt(s2), "n": len(cases), "dof": dof}
+
+
+def print_fit(cases: list[runs.Case]) -> None:
+    train = [c for c in cases if c.used and c.split == "train"]
+    result = fit(train)
+    current = current_values()
+    print(f"Fit on the training split: {result['n']} runs, {len(PARAMS)} constants, rms |ln ratio| "
+          f"{result['rms_log']:.3f}")
+    print(f"{'constant':<20} {'fitted':>9} {'1-sigma':>8} {'throughput.json':>16} {'change':>8}")
+    for name, v, f, c in zip(PARAMS, result["values"], result["factor_1sigma"], current):
+        print(f"{name:<20} {v:>9.4g} {'x' + format(f, '.2f'):>8} {c:>16.4g} {v / c - 1:>+8.1%}")
+    with overridden(result["values"]):
+        preds = predictions([c for c in cases if c.used])
+    for split in SPLITS:
+        s = stats([r for c, _, r in preds if c.split == split])
+        print(f"at the fitted constants, {split}: n {s['n']}, median x{s['median_factor']:.3f}, within 1.25x "
+              f"{s['within_1_25']}/{s['n']}, range {s['min_ratio']:.2f}-{s['max_ratio']:.2f}")
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+def comparable(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k != "date"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fit", action="store_true", help="refit the fitted constants on the training split")
+    ap.add_argument("--check", action="store_true", help="exit 1 if catalogs/time_validation.json is stale")
+    args = ap.parse_args(argv)
+    cases = runs.load()
+    if args.fit:
+        print_fit(cases)
+        return 0
+    preds = predictions(cases)
+    doc = validation(preds, datetime.date.today().isoformat())
+    if args.check:
+        stored = json.loads(VALIDATION.read_text(encoding="utf-8")) if VALIDATION.exists() else {}
+        if comparable(stored) != comparable(doc):
+            print(f"catalogs/time_validation.json is not what the current time model gives; run: {COMMAND}")
+            return 1
+        return 0
+    VALIDATION.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    REPORT.write_text(report(preds, doc), encoding="utf-8")
+    s = doc["summary"]
+    for split in SPLITS:
+        print(f"{split}: n {s[split]['n']}, median x{s[split]['median_factor']}, within 1.25x "
+              f"{s[split]['within_1_25']}/{s[split]['n']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
