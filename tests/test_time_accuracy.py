@@ -1,0 +1,120 @@
+"""The published-runs validation of the time model: the data set's shape, its split, the fit's inputs, and the
+stored validation catalog agreeing with the current model (a model change without regenerating it fails)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftplan.data import catalog
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _module(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+runs = _module("time_runs")
+accuracy = _module("time_accuracy")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return runs.load()
+
+
+def test_the_stored_validation_is_what_the_current_model_gives(capsys):
+    assert accuracy.main(["--check"]) == 0
+
+
+def test_a_model_change_without_regenerating_fails_the_check(capsys):
+    changed = accuracy.current_values()
+    changed[0] *= 1.1  # A100's ceiling
+    with accuracy.overridden(changed):
+        assert accuracy.main(["--check"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "time_accuracy.py" in out[0]
+
+
+def test_every_line_parses_and_every_used_run_states_what_the_prediction_needs():
+    recs = runs.records()
+    used = [r for r in recs if r["record"] == "run" and r["use"]]
+    assert len(used) >= 15
+    for r in used:
+        missing = [k for k in runs.REQUIRED if r.get(k) in (None, "")]
+        assert not missing, (r["id"], missing)
+        assert r["measured"]["kind"] in ("step_seconds", "tokens_per_second", "wall_clock_seconds")
+        assert r["measured"]["value"] > 0
+        if r["method"] != "full":
+            assert r["lora_r"] and r["lora_targets"], r["id"]
+        if isinstance(r["model"], dict):  # models outside the catalog carry their config and its source
+            assert r["model"]["config"]["model_type"] and r["model"]["source"]
+        else:
+            assert catalog.find_model(r["model"]), r["id"]
+        if r.get("correction"):
+            assert r["correction"]["step_seconds"] > 0 and r["correction"]["reason"]
+    rejected = [r for r in recs if r["record"] == "run" and not r["use"]]
+    assert all(r["reject_reason"] and r["split"] == "rejected" for r in rejected)
+
+
+def test_gpus_outside_the_catalog_are_defined_with_their_source():
+    recs = runs.records()
+    inline = runs.inline_gpus(recs)
+    for r in recs:
+        if r["record"] == "run":
+            assert r["gpu"].lower() in catalog.gpus() or r["gpu"] in inline, r["id"]
+    assert all(g.source and g.memory_source for g in inline.values())
+
+
+def test_the_split_follows_the_stated_rule():
+    recs = runs.records()
+    held = runs.held_out_ids(recs)
+    for r in recs:
+        if r["record"] == "run" and r["use"]:
+            assert r["split"] == ("held-out" if r["id"] in held else "train"), r["id"]
+    a100 = sorted(r["id"] for r in recs if r["record"] == "run" and r["use"] and r["gpu"] == "A100-80GB")
+    assert [i for i, rid in enumerate(a100) if rid in held] == list(range(2, len(a100), 3))
+
+
+def test_the_fit_sees_only_the_training_split(cases, monkeypatch, capsys):
+    seen = []
+    real_fit = accuracy.fit
+
+    def spy(fitted, *args, **kwargs):
+        seen.extend(fitted)
+        return real_fit(fitted, *args, **kwargs)
+
+    monkeypatch.setattr(accuracy, "fit", spy)
+    accuracy.print_fit(cases)
+    assert seen and all(c.used and c.split == "train" for c in seen)
+    assert {c.id for c in seen} == {c.id for c in cases if c.used and c.split == "train"}
+
+
+def test_the_catalogued_constants_are_the_training_split_fit(cases):
+    result = accuracy.fit([c for c in cases if c.used and c.split == "train"])
+    for name, fitted, stored in zip(accuracy.PARAMS, result["values"], accuracy.current_values()):
+        assert fitted == pytest.approx(stored, rel=0.03), name
+
+
+def test_the_fit_does_not_leak_the_overridden_constants(cases):
+    before = catalog.throughput().utilization.kappa
+    accuracy.residuals([0.0] * len(accuracy.PARAMS), cases[:2])
+    assert catalog.throughput().utilization.kappa == before
+
+
+def test_validation_catalog_summarises_each_split():
+    doc = json.loads(accuracy.VALIDATION.read_text())
+    for split in ("train", "held-out"):
+        rows = [r for r in doc["runs"] if r["split"] == split]
+        assert doc["summary"][split]["n"] == len(rows) > 0
+        assert doc["summary"][split]["within_1_25"] <= len(rows)
