@@ -190,6 +190,14 @@ def throughput() -> planning_rules.Throughput:
 
 
 @cache
+def time_validation() -> planning_rules.TimeValidation:
+    """The time model against published runs (catalogs/time_validation.json, by benchmarks/time_accuracy.py)."""
+    from ftplan.data import planning_rules  # its classes are built only when recommend needs them
+
+    return planning_rules.TimeValidation.model_validate(_load("time_validation.json"))
+
+
+@cache
 def pricing() -> rules.Pricing:
     """Spot discount, SageMaker rates and images, billing rules (catalogs/pricing.json)."""
     from ftplan.data import rules  # its classes are built only when a rule is needed

@@ -1,7 +1,9 @@
 """Typed models of the catalogued rules only recommend and the time model read: throughput, quality, the search
-grid and recipes. Loaded once by ftplan.data.catalog."""
+grid and recipes, and the time model's validation. Loaded once by ftplan.data.catalog."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -154,3 +156,50 @@ class Planning(_Rules):
     dataset: DatasetRules
     recipes: Recipes
     multi_instance: MultiInstance
+
+
+# -- time_validation.json -------------------------------------------------------------------------
+class ValidatedRun(_Rules):
+    """One published run the time model was checked against (ratio = predicted / measured step time)."""
+
+    id: str
+    source: str = Field(description="short name of the source, e.g. 'Qwen README'")
+    source_title: str
+    model: str
+    params: int = Field(gt=0)
+    method: str
+    gpu: str
+    gpu_architecture: str
+    gpus: int = Field(ge=1)
+    tokens_per_micro_batch: float = Field(gt=0, description="per GPU, padding included")
+    split: Literal["train", "held-out"]
+    predicted_seconds: float = Field(gt=0)
+    measured_seconds: float = Field(gt=0)
+    ratio: float = Field(gt=0)
+
+
+class SplitSummary(_Rules):
+    n: int = Field(ge=0)
+    median_factor: float | None = Field(description="exp of the median |ln ratio|")
+    within_1_25: int = Field(ge=0)
+    min_ratio: float | None
+    max_ratio: float | None
+
+
+class SmallModels(_Rules):
+    max_params: int = Field(gt=0, description="models this size or smaller get the caveat")
+    about: str
+    source: str
+
+
+class TimeValidation(_Rules):
+    """catalogs/time_validation.json, written by benchmarks/time_accuracy.py: the time model against
+    published runs, per run and per split."""
+
+    schema_: int = Field(alias="schema")
+    date: str
+    about: str
+    source: str
+    runs: list[ValidatedRun]
+    summary: dict[str, SplitSummary]
+    small_models: SmallModels
