@@ -11,6 +11,7 @@ from ftplan.data.dataset import TokenBudget
 from ftplan.estimate.cost import HourlyPrice, Market, Platform
 from ftplan.estimate.settings import Method, TrainingSetup
 from ftplan.estimate.timing import StepTime
+from ftplan.recommend.evidence import TimeEvidence
 
 Priority = Literal["cost", "balanced", "quality"]
 Task = Literal["instruction", "domain-adaptation", "continued-pretraining"]
@@ -122,6 +123,8 @@ class Recommendation(BaseModel):
     rejections: dict[str, int] = Field(description="combinations dropped, by reason code")
     why_not: list[WhyNot]
     assumptions: list[Assumption]
+    time_evidence: TimeEvidence | None = Field(None, description="how far the time model was off on the "
+                                                                 "published runs nearest the recommended plan")
     backend: str | None = Field(None, description="the trainer backend the plan names")
     backend_reason: Literal["requested", "platform", "skypilot", "hf_without_skypilot", "plugin_platform"] | None = \
         Field(None, description="why that backend: --backend, the platform's own (sagemaker), skypilot installed "

@@ -14,7 +14,7 @@ from ftplan.estimate.cost import check_region
 from ftplan.estimate.settings import SetupChoices
 from ftplan.model.layout import ModelLayout
 from ftplan.model.spec import ModelSpec
-from ftplan.recommend import explain, grid
+from ftplan.recommend import evidence, explain, grid
 from ftplan.recommend.evaluate import evaluate
 from ftplan.recommend.memory_pass import memory_pass
 from ftplan.recommend.models import Recommendation, SearchRequest
@@ -44,4 +44,6 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
         candidates=choice.ranked[:10], frontier=frontier(outcome.feasible), reasons=explain.reasons(choice, request),
         evaluated=outcome.evaluated, kept=len(outcome.feasible), rejections=outcome.rejections,
         why_not=explain.why_not(choice, request, outcome, settings, largest),
-        assumptions=explain.assumptions(request, data, best))
+        assumptions=explain.assumptions(request, data, best),
+        time_evidence=evidence.for_plan(best.gpu, best.method, layout.total_params(),
+                                        best.time.tokens_per_micro_batch))

@@ -101,6 +101,8 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
                   f"({c.gpus_total} x {c.gpu}), {hours(c.hours)}, [bold]${c.cost_usd:,.2f}[/]")
     for r in rec.reasons:
         console.print(f"  - {words.reason(r)}")
+    for line in time_evidence_lines(rec):
+        console.print(line)
     single = rec.best_single_instance
     if single is not None and single is not c and c.instance_count > 1:
         console.print(f"  Best on one instance: {single.method} on 1 x {single.instance_type}, {hours(single.hours)}, "
@@ -123,6 +125,24 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
                   f"{p.date}{'; ' + p.derived if p.derived else ''}[/]")
     if p.warning:
         console.print(f"[yellow]Warning: {p.warning}[/]")
+
+
+def time_evidence_lines(rec: Recommendation) -> list[str]:
+    """How far the time model was off on the published runs nearest the plan; a caveat for small models."""
+    ev = rec.time_evidence
+    if ev is None or not ev.nearest:
+        return []
+    label = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
+    runs = ", ".join(f"x{r.ratio:.2f} ({r.model} {label.get(r.method, r.method)}, {r.gpus} x {r.gpu}, {r.source})"
+                     for r in ev.nearest)
+    lines = [f"  Time model on the nearest published runs: {runs} [dim](predicted / measured step time; "
+             "benchmarks/TIME-ACCURACY.md)[/]"]
+    if ev.small_model_runs:
+        small = ", ".join(f"x{r.ratio:.2f} ({r.model} {label.get(r.method, r.method)}, {r.gpus} x {r.gpu})"
+                          for r in ev.small_model_runs)
+        lines.append(f"  [yellow]Caveat: published runs of models of {ev.small_model_max_params / 1e9:g}B "
+                     f"parameters or fewer ran slower than predicted ({small}); this time may be optimistic.[/]")
+    return lines
 
 
 def print_plan(plan: Plan, path: str, console: Console) -> None:
