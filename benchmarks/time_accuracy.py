@@ -37,7 +37,7 @@ SPLITS = ("train", "held-out")
 GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "L4": ("L4",), "L40S": ("L40S",),
           "RTX 4090": ("RTX 4090",)}
 # The study that fitted the form, quoted as context (ftplan 0.1 at 67436ee, constant utilisation per architecture)
-OLD_MODEL = {"study": "research study /work/research/time (TIME-MODEL.md), ftplan at 67436ee: a constant "
+OLD_MODEL = {"study": "the study that preceded this model (its figures quoted here), ftplan at 67436ee: a constant "
                       "utilisation per GPU architecture and method, no optimizer step, QLoRA dequantization at 0.6 "
                       "of bandwidth, FSDP gathers in bf16, 1/8 of the instance network per GPU",
              "rows": [("train", 30, "x1.584", "4/30", "0.33-3.24"), ("held-out", 13, "x1.443", "3/13", "0.36-2.12"),
