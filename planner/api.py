@@ -27,6 +27,8 @@ from ftplan.data.catalog import CatalogModel, Gpu, Instance, Price, get_gpu, get
 from ftplan.data.catalog import pricing as pricing_rules
 from ftplan.data.dataset import check_training_data, example_text, is_saved_dataset, read_records
 from ftplan.data.files import atomic_write_text, user_dir
+from ftplan.data.jsonl import iter_offsets as iter_record_offsets
+from ftplan.data.jsonl import open_dataset, record_at
 from ftplan.errors import PlannerError
 from ftplan.model.resolve import resolve_model
 from ftplan.model.spec import ModelSpec
@@ -49,7 +51,7 @@ from ftplan.run.execute import prepare as prepare_run
 from ftplan.run.hookspecs import hookimpl
 from ftplan.train.build import build_model, build_optimizer, uses_autocast
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # 1.1 added iter_record_offsets, open_dataset, record_at
 
 __all__ = [
     "API_VERSION", "__version__",
@@ -61,6 +63,8 @@ __all__ = [
     # plans, files and data
     "load_plan", "plan_to_yaml", "weights_source", "user_dir", "atomic_write_text", "read_records",
     "check_training_data", "is_saved_dataset", "example_text",
+    # JSONL read in constant memory (1.1): (line, byte offset, record, text) per line; a record by offset
+    "iter_record_offsets", "open_dataset", "record_at",
     # remote backends: ftplan's own source as it imports, running a plan where the data landed, AWS errors
     "source_files", "dist_info_files", "prepare_run", "execute_run", "aws_error",
     # the Hugging Face stack (torch imported when called)

@@ -69,7 +69,7 @@ class Stream:
         epoch, index = divmod(position, self.per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, micro_batch_order(len(self.examples), self.micro, self.seed, epoch)
-        return data.collate([self.examples[i] for i in self._order[index]], self.pad_id)
+        return data.collate(self.examples.take(self._order[index]), self.pad_id)
 
 
 def mixed_precision(plan: Plan) -> str:
@@ -87,9 +87,10 @@ def _eval_loss(model, examples, micro: int, pad_id: int, accelerator) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), micro):
-            batch = {k: v.to(accelerator.device) for k, v in data.collate(examples[i:i + micro], pad_id).items()}
-            total += float(model(**batch).loss) * len(examples[i:i + micro])
-            count += len(examples[i:i + micro])
+            rows = examples.take(list(range(i, min(i + micro, len(examples)))))
+            batch = {k: v.to(accelerator.device) for k, v in data.collate(rows, pad_id).items()}
+            total += float(model(**batch).loss) * len(rows)
+            count += len(rows)
     model.train()
     return total / count
 
@@ -132,7 +133,7 @@ class Session:
     cpu: bool
     notes: list[str] = field(default_factory=list)
     stream: Stream | None = None
-    eval_examples: list | None = None
+    eval_examples: data.Examples | None = None
     accum: int = 1
     steps_per_epoch: int = 1
     total: int = 1
@@ -178,12 +179,11 @@ def _data(s: Session, tokenizer) -> None:
     """Tokenized examples as a stream of micro-batches, the accumulation that keeps the plan's global batch on
     this many processes, and the step count."""
     t, setup, request = s.plan.training, s.plan.training.setup, s.request
-    examples = data.tokenize(data.read_records(request.data), tokenizer, setup.seq_len, str(request.data))
+    examples = data.Examples(request.data, tokenizer, setup.seq_len)
     if t.packing:
-        examples = data.pack(examples, setup.seq_len)
+        examples = data.Packed(examples, setup.seq_len)
     if request.eval_data is not None:
-        s.eval_examples = data.tokenize(data.read_records(request.eval_data), tokenizer, setup.seq_len,
-                                        str(request.eval_data))
+        s.eval_examples = data.Examples(request.eval_data, tokenizer, setup.seq_len)
     world, processes = s.plan.hardware.instance_count * s.plan.hardware.gpus_per_instance, s.procs.count
     if (t.grad_accum * world) % processes:
         raise PlannerError(f"{processes} processes cannot split the plan's global batch ({t.global_batch} = "
