@@ -32,7 +32,7 @@ from ftplan.data.jsonl import open_dataset, record_at
 from ftplan.errors import PlannerError
 from ftplan.model.resolve import resolve_model
 from ftplan.model.spec import ModelSpec
-from ftplan.plan import Plan, weights_source
+from ftplan.plan import Plan, check_targets, weights_source
 from ftplan.plan import load as load_plan
 from ftplan.plan import to_yaml as plan_to_yaml
 from ftplan.run.backend import (
@@ -51,7 +51,7 @@ from ftplan.run.execute import prepare as prepare_run
 from ftplan.run.hookspecs import hookimpl
 from ftplan.train.build import build_model, build_optimizer, uses_autocast
 
-API_VERSION = "1.1"  # 1.1 added iter_record_offsets, open_dataset, record_at
+API_VERSION = "1.1"  # 1.1 added iter_record_offsets, open_dataset, record_at, check_targets
 
 __all__ = [
     "API_VERSION", "__version__",
@@ -61,7 +61,8 @@ __all__ = [
     # catalog entries (register_catalog_entries) and lookups
     "CatalogModel", "Gpu", "Instance", "Price", "get_gpu", "get_instance", "pricing_rules",
     # plans, files and data
-    "load_plan", "plan_to_yaml", "weights_source", "user_dir", "atomic_write_text", "read_records",
+    "load_plan", "plan_to_yaml", "weights_source", "check_targets", "user_dir", "atomic_write_text",
+    "read_records",
     "check_training_data", "is_saved_dataset", "example_text",
     # JSONL read in constant memory (1.1): (line, byte offset, record, text) per line; a record by offset
     "iter_record_offsets", "open_dataset", "record_at",

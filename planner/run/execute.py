@@ -21,7 +21,7 @@ from ftplan.data import calibration as calib
 from ftplan.data.dataset import check_training_data
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
-from ftplan.plan import Plan, config_hash, load, to_yaml, weights_source
+from ftplan.plan import Plan, check_targets, config_hash, load, to_yaml, weights_source
 from ftplan.run import output, registry
 from ftplan.run.backend import BackendOptions, ProgressCallback, ProgressEvent, RunRequest, RunResult, TrainerBackend
 
@@ -43,18 +43,20 @@ class RunSummary(BaseModel):
 
 
 def check_model(plan: Plan, source: str | None) -> None:
-    """The weights must be the architecture the plan was made for (compared by config hash)."""
+    """The weights must be the architecture the plan was made for (compared by config hash), and the plan's
+    LoRA targets modules of it."""
     if source is None:
         return
     from ftplan.model.resolve import resolve_model
 
     path = Path(source).expanduser()
     if not path.exists() and plan.model.local_dir is None and source == plan.model.hf_id:
-        return  # a Hub id the plan was made from: its config hash is already the plan's
+        return  # a Hub id the plan was made from: its config hash is already the plan's (the backend checks targets)
     spec = resolve_model(str(path) if path.exists() else source)
     if config_hash(spec) != plan.model.config_sha256:
         raise PlannerError(f"the model at {source} is not the architecture the plan was made for "
                            f"({plan.model.name}, {plan.model.model_type}); re-plan with: ftplan recommend {source}")
+    check_targets(plan, spec)
 
 
 def _failure(backend: TrainerBackend, what: str, exc: Exception) -> PlannerError:

@@ -16,6 +16,7 @@ from ftplan.api import (
     RunRequest,
     RunResult,
     TrainerBackend,
+    check_targets,
     resolve_model,
     weights_source,
 )
@@ -56,6 +57,7 @@ def load_for_training(plan: Plan, request: RunRequest):
     path = Path(source).expanduser()
     where = str(path) if path.exists() else source
     spec = resolve_model(where)
+    check_targets(plan, spec)  # before any weights load: a hand-edited target must not train something else
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=request.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -117,11 +119,24 @@ class HuggingFaceBackend(TrainerBackend):
                                     fix="pass --model-path DIR or a Hugging Face id"))
         elif Path(source).expanduser().exists():
             problems += _local_problems(Path(source).expanduser())
+        problems += self._split_problems(plan, request, options)
         if plan.hardware.instance_count > 1 and (options.processes or 0) > 1 and not options.main_process_ip:
             problems.append(Problem(message=f"the plan spans {plan.hardware.instance_count} instances",
                                     fix="pass --option main_process_ip=RANK0_ADDRESS and --option machine_rank=N "
                                         "on every node"))
         return problems
+
+    def _split_problems(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
+        """Every process takes whole micro-batches: the plan's accumulation x GPUs must divide among them (said
+        here, before the launcher starts, rather than by a worker's traceback)."""
+        t, count = plan.training, self.processes(plan, request, options)[0]
+        world = plan.hardware.instance_count * plan.hardware.gpus_per_instance
+        if count <= 1 or (t.grad_accum * world) % count == 0:
+            return []
+        return [Problem(message=f"{count} processes cannot split the plan's global batch ({t.global_batch} = "
+                                f"micro-batch {t.setup.batch_size} x {t.grad_accum} accumulation x {world} GPU(s))",
+                        fix=f"use --option processes=N with N dividing {t.grad_accum * world}, or re-plan with a "
+                            "global batch that divides")]
 
     def processes(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> tuple[int, bool]:
         """How many processes to start here, and whether on the CPU."""
