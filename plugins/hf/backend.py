@@ -60,8 +60,10 @@ def load_for_training(plan: Plan, request: RunRequest):
     check_targets(plan, spec)  # before any weights load: a hand-edited target must not train something else
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=request.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise PlannerError(f"cannot load the tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # tokenizers raises its own types for a damaged tokenizer.json
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PlannerError(f"cannot load the tokenizer from {source}: {type(exc).__name__}"
+                           + (f": {detail}" if detail else "") + "; check its tokenizer files") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # the usual recipe for causal LMs without a pad token
     if tokenizer.pad_token_id is None:
@@ -120,11 +122,30 @@ class HuggingFaceBackend(TrainerBackend):
         elif Path(source).expanduser().exists():
             problems += _local_problems(Path(source).expanduser())
         problems += self._split_problems(plan, request, options)
+        problems += self._resume_problems(plan, request)
         if plan.hardware.instance_count > 1 and (options.processes or 0) > 1 and not options.main_process_ip:
             problems.append(Problem(message=f"the plan spans {plan.hardware.instance_count} instances",
                                     fix="pass --option main_process_ip=RANK0_ADDRESS and --option machine_rank=N "
                                         "on every node"))
         return problems
+
+    def _resume_problems(self, plan: Plan, request: RunRequest) -> list[Problem]:
+        """--resume continues the checkpoint's run: the same data, plan and method, or it is refused here,
+        before anything is written, with the difference named."""
+        if not request.resume:
+            return []
+        from . import fingerprint
+        from .checkpoint import newest_intact, read_state
+
+        path, _ = newest_intact(request.output_dir)
+        if path is None:
+            return []
+        differs = fingerprint.difference(read_state(path).get("fingerprint"), fingerprint.of(plan, request))
+        if not differs:
+            return []
+        return [Problem(message=f"--resume: {path.name} {differs}",
+                        fix="resume with the plan and --data the checkpoint was trained with, or start a new run "
+                            "(another --output, or --force without --resume)")]
 
     def _split_problems(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
         """Every process takes whole micro-batches: the plan's accumulation x GPUs must divide among them (said

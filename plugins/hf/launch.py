@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from ftplan.api import Plan, PlannerError, ProgressCallback, ProgressEvent, RunRequest, RunResult
@@ -48,6 +51,23 @@ def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank
     return config
 
 
+def write_new(path: Path, text: str, *, append: bool = False) -> None:
+    """Write `path` inside the output directory without ever following a link there: whatever holds the
+    name is unlinked first (unless appending), and the file is created with O_EXCL | O_NOFOLLOW."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    if append:
+        flags |= os.O_APPEND
+    else:
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        flags |= os.O_EXCL
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,47 +92,101 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     port = free_port() if machines == 1 else 29500
     config = accelerate_config(plan, processes=processes * machines, machines=machines, machine_rank=machine_rank,
                                main_ip=main_ip, main_port=port, cpu=cpu)
-    (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    write_new(out / CONFIG, yaml.safe_dump(config, sort_keys=False))
     request_file = out / ".request.json"
-    request_file.write_text(request.model_dump_json())
+    write_new(request_file, request.model_dump_json())
     args = ["--plan", str(out / "plan.yaml"), "--request", str(request_file)]
     cmd = command(out / CONFIG, processes, cpu, args, port)
-    (out / COMMAND).write_text("#!/bin/sh\n# rerun this plan's launch by hand (on every node, with its machine_rank)\n"
-                               + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    write_new(out / COMMAND, "#!/bin/sh\n# rerun this plan's launch by hand (on every node, with its machine_rank)\n"
+              + " ".join(shlex.quote(c) for c in cmd) + "\n")
     (out / RESULT).unlink(missing_ok=True)
     events = out / EVENTS
     events.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = 0
-    try:
-        while proc.poll() is None:
-            seen = _follow(events, seen, progress)
-            time.sleep(0.2)
-    except KeyboardInterrupt:  # pass Ctrl-C on: the workers save a checkpoint together
-        proc.send_signal(2)
-        proc.wait()
-    _follow(events, seen, progress)
-    logs = proc.stdout.read() if proc.stdout else ""
+    proc, logs = _start(cmd)
+    interrupted = _supervise(proc, events, progress)
     request_file.unlink(missing_ok=True)
     events.unlink(missing_ok=True)
     if not (out / RESULT).exists():
-        tail = " | ".join(line for line in logs.strip().splitlines()[-3:])
-        raise PlannerError(f"the {processes} training processes failed (exit {proc.returncode}): {tail[:400]}")
+        if interrupted:  # stopped before the workers could report: ftplan treats it as Ctrl-C
+            raise KeyboardInterrupt
+        from .worker import ERROR_PREFIX
+
+        said = [line.split(ERROR_PREFIX, 1)[1].strip() for line in logs if ERROR_PREFIX in line]
+        detail = said[0] if said else " | ".join(list(logs)[-3:])
+        raise PlannerError(f"the {processes} training processes failed (exit {proc.returncode}): {detail[:400]}")
     result = RunResult.model_validate_json((out / RESULT).read_text())
     (out / RESULT).unlink()
     result.artifacts += [CONFIG, COMMAND]
     return result
 
 
-def _follow(events: Path, seen: int, progress: ProgressCallback) -> int:
-    if not events.exists():
-        return seen
-    lines = events.read_text(encoding="utf-8").splitlines()
-    for line in lines[seen:]:
+def _start(cmd: list[str]) -> tuple[subprocess.Popen, deque]:
+    """The launcher in a session of its own - so a signal can reach every worker at once (killpg) and a
+    terminal's Ctrl-C reaches only ftplan, which forwards it once - with SIGINT ignored by the launcher itself
+    (the workers install their own handlers; torchrun would otherwise tear them down on a timer). Its output is
+    drained by a thread, the last lines kept for the error message."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGHUP,SIGQUIT"}
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec by the launcher only
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    logs: deque = deque(maxlen=200)
+    threading.Thread(target=lambda: logs.extend(line.rstrip() for line in proc.stdout), daemon=True).start()
+    return proc, logs
+
+
+def _supervise(proc: subprocess.Popen, events: Path, progress: ProgressCallback) -> bool:
+    """Follow process 0's events until the launcher exits; on KeyboardInterrupt (Ctrl-C, or SIGTERM as ftplan
+    delivers it) pass SIGINT to every process of the group and wait for them to save together; a second
+    interrupt kills them. Returns whether it was interrupted; no process outlives it."""
+    follower, interrupted = _Follower(events, progress), False
+    try:
+        while proc.poll() is None:
+            follower.read()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        interrupted = True
+        _signal_group(proc, signal.SIGINT)
         try:
-            progress(ProgressEvent.model_validate(json.loads(line)))
-        except ValueError:
-            return seen  # a line being written; read it next time
-        seen += 1
-    return seen
+            while proc.poll() is None:
+                follower.read()
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    finally:
+        if proc.poll() is None:  # an unexpected error here: leave no orphans
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    follower.read()
+    return interrupted
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the launcher leads its session: its group holds every worker
+    except ProcessLookupError:
+        pass
+
+
+class _Follower:
+    """Progress events appended by process 0, read from where the last read stopped (complete lines only)."""
+
+    def __init__(self, path: Path, progress: ProgressCallback) -> None:
+        self.path, self.progress, self.offset = path, progress, 0
+
+    def read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        for line in complete.decode("utf-8", errors="replace").split("\n"):
+            if line.strip():
+                self.progress(ProgressEvent.model_validate(json.loads(line)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from ftplan.api import (
     uses_autocast,
 )
 
-from . import checkpoint, data
+from . import checkpoint, data, fingerprint
 
 
 @contextmanager
@@ -107,16 +106,12 @@ def _save_final(model, tokenizer, output_dir: Path, full: bool, procs: checkpoin
     name = "model" if full else "adapter"
     if procs.main:
         tmp = output_dir / f".{name}.tmp"
-        if tmp.is_symlink():
-            tmp.unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
+        checkpoint.clear(tmp)  # a link there is unlinked, never written through
+        tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         final = output_dir / name
-        if final.is_symlink():
-            final.unlink()
-        elif final.exists():
-            shutil.rmtree(final)
+        checkpoint.clear(final)
         os.replace(tmp, final)
     procs.barrier()
     return [name]
@@ -132,6 +127,7 @@ class Session:
     procs: checkpoint.Processes
     cpu: bool
     notes: list[str] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)
     stream: Stream | None = None
     eval_examples: data.Examples | None = None
     accum: int = 1
@@ -172,7 +168,8 @@ def _start(plan: Plan, request: RunRequest) -> Session:
         checkpoint.remove_partial(request.output_dir)
     procs.barrier()
     set_seed(plan.training.seed)
-    return Session(plan=plan, request=request, accelerator=accelerator, procs=procs, cpu=cpu)
+    return Session(plan=plan, request=request, accelerator=accelerator, procs=procs, cpu=cpu,
+                   fingerprint=fingerprint.of(plan, request))
 
 
 def _data(s: Session, tokenizer) -> None:
@@ -219,23 +216,39 @@ def _build(s: Session, spec: ModelSpec, source: str) -> None:
 
 def _resume(s: Session) -> tuple[dict, int | None]:
     """The trainer state to start from: fresh, or the newest intact checkpoint's (older ones when newer ones are
-    damaged or do not load, each skip said in the notes)."""
-    state = {"tokens": 0, "first_loss": None, "elapsed": 0.0, "step": 0}
+    damaged or do not load, each skip said in the notes) - refused when it is another run's."""
+    state = {"tokens": 0, "first_loss": None, "elapsed": 0.0, "step": 0, "fingerprint": s.fingerprint,
+             "total_steps": s.total}
     if not s.request.resume:
         return state, None
     path, skipped = checkpoint.newest_intact(s.request.output_dir)
     s.notes += skipped
     while path is not None:
+        _check_same_run(s, path, checkpoint.read_state(path))
         try:
             state = checkpoint.load(path, model=s.unwrapped, full=s.full, optimizer=s.optimizer,
                                     scheduler=s.scheduler, scaler=s.scaler, device=s.device, procs=s.procs)
-            return state, state["step"]
+            return {**state, "fingerprint": s.fingerprint, "total_steps": s.total}, state["step"]
         except (ValueError, KeyError, OSError) as exc:
             s.notes.append(f"{path.name} cannot be resumed ({exc}); skipped")
             older = [p for p in checkpoint.complete(s.request.output_dir) if p.name < path.name]
             path = next((p for p in reversed(older) if not checkpoint.damage(p)), None)
     raise PlannerError(f"--resume: no intact checkpoint in {s.request.output_dir} loads into this plan's model ("
                        + "; ".join(s.notes[-2:]) + "); run without --resume to start over")
+
+
+def _check_same_run(s: Session, path, saved: dict) -> None:
+    """Before anything loads: the checkpoint must be this run's - same data, plan and method, and a step within
+    the same number of steps (the learning-rate schedule depends on it)."""
+    differs = fingerprint.difference(saved.get("fingerprint"), s.fingerprint)
+    step, total = saved.get("step"), saved.get("total_steps", s.total)
+    if not differs and isinstance(step, int) and step > s.total:
+        differs = f"is at step {step}, beyond this run's {s.total} steps"
+    elif not differs and total != s.total:
+        differs = f"belongs to a run of {total} steps, this one has {s.total} (--max-steps or the data changed)"
+    if differs:
+        raise PlannerError(f"--resume: {path.name} {differs}; resume with the checkpoint's plan, data and "
+                           "--max-steps, or start a new run")
 
 
 def _micro_step(s: Session, position: int) -> tuple:
