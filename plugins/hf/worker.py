@@ -8,7 +8,6 @@ import signal
 import sys
 from pathlib import Path
 
-
 ERROR_PREFIX = "ftplan-worker: error:"
 
 
