@@ -289,6 +289,7 @@ CASES = [
     ("run-force-foreign", [*RUN, "--output", "nonempty", "--force"], "ftplan did not write (notes.txt)"),
     ("run-resume-nothing", [*RUN, "--output", "fresh", "--resume"], "has no checkpoint"),
     ("run-max-steps", [*RUN, "--max-steps", "0"], "0 is not in the range"),
+    ("run-max-steps-absurd", [*RUN, "--max-steps", "1" + "0" * 30], "max_steps: Input should be less than"),
     ("run-save-every", [*RUN, "--save-every", "-1"], "-1 is not in the range"),
     ("run-option-form", [*RUN, "--option", "noequals"], "must look like KEY=VALUE"),
     ("run-option-unknown", [*RUN, "--option", "speed=11"], "--option speed: is not an option of backend 'hf' (its options: processes"),
