@@ -36,29 +36,8 @@ def write(path: Path, content: str | bytes) -> None:
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """Models, plans, configs and datasets - good and bad - in one directory the cases must not touch."""
-    from examples import tiny_model
-
-    ws = tmp_path_factory.mktemp("bad-input")
-    tiny_model.make_model(ws / "tiny")
-    tiny_model.text_data(ws / "train.jsonl", n=16)
-    shutil.copytree(ws / "tiny", ws / "other")
-    config = json.loads((ws / "other" / "config.json").read_text())
-    (ws / "other" / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
-    (ws / "pickled").mkdir()
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ws / "tiny" / f, ws / "pickled" / f)
-    write(ws / "pickled" / "pytorch_model.bin", b"\x80\x04not really a pickle")
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        code = call(["recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "64", "--global-batch", "4",
-                     "--methods", "lora", "--max-gpus", "1", "--yes", "-o", "plan.yaml", "--json"])
-    finally:
-        os.chdir(cwd)
-    assert code == 0
+def write_plan_variants(ws: Path) -> None:
+    """plan.yaml edited by hand in every way a plan can be wrong."""
     plan = yaml.safe_load((ws / "plan.yaml").read_text())
 
     def variant(name: str, change) -> None:
@@ -87,6 +66,10 @@ def workspace(tmp_path_factory):
     write(ws / "plan_list.yaml", "- 1\n- 2\n")
     write(ws / "plan_badyaml.yaml", "schema_version: [1\n")
     write(ws / "plan_binary.yaml", b"\xff\xfe\x00garbage")
+
+
+def write_datasets(ws: Path) -> None:
+    """JSONL files, each wrong in one way (and one that is right in an unusual way)."""
     write(ws / "empty.jsonl", "")
     write(ws / "blank.jsonl", "\n\n   \n")
     write(ws / "malformed.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": \n')
@@ -101,6 +84,10 @@ def workspace(tmp_path_factory):
     write(ws / "bigint.jsonl", '{"text": "a", "n": ' + "9" * 5000 + "}\n")
     write(ws / "nested.jsonl", '{"text": "a", "n": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     write(ws / "separators.jsonl", json.dumps({"text": "one\u2028two\x85three"}, ensure_ascii=False) + "\n")
+
+
+def write_configs(ws: Path) -> None:
+    """config.json files, malformed, wrong-typed, absurd, or of models that are not causal LMs."""
     write(ws / "configs" / "malformed.json", '{"model_type": "llama", "hidden_size": ')
     write(ws / "configs" / "array.json", "[1, 2]")
     write(ws / "configs" / "nohidden.json", '{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, '
@@ -117,6 +104,34 @@ def workspace(tmp_path_factory):
         write(ws / "configs" / f"{arch}.json", json.dumps({**base, "model_type": arch}))
     write(ws / "configs" / "latin1.json", '{"model_type": "llama", "name": "caf\xe9"}'.encode("latin-1"))
     (ws / "configs" / "emptydir").mkdir()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Models, plans, configs and datasets - good and bad - in one directory the cases must not touch."""
+    from examples import tiny_model
+
+    ws = tmp_path_factory.mktemp("bad-input")
+    tiny_model.make_model(ws / "tiny")
+    tiny_model.text_data(ws / "train.jsonl", n=16)
+    shutil.copytree(ws / "tiny", ws / "other")
+    config = json.loads((ws / "other" / "config.json").read_text())
+    (ws / "other" / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    (ws / "pickled").mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ws / "tiny" / f, ws / "pickled" / f)
+    write(ws / "pickled" / "pytorch_model.bin", b"\x80\x04not really a pickle")
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        code = call(["recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "64", "--global-batch", "4",
+                     "--methods", "lora", "--max-gpus", "1", "--yes", "-o", "plan.yaml", "--json"])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    write_plan_variants(ws)
+    write_datasets(ws)
+    write_configs(ws)
     write(ws / "existing.yaml", "precious")
     write(ws / "afile", "a file")
     write(ws / "nonempty" / "notes.txt", "mine")
