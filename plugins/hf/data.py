@@ -190,6 +190,7 @@ class Packed:
         return len(self.chunks)
 
     def take(self, indices: list[int]) -> list[tuple[list[int], list[int]]]:
+        """The packed sequences at `indices`, assembled from the examples they overlap."""
         out = []
         for i in indices:
             a = self.chunks[i] * self.seq_len
