@@ -6,7 +6,7 @@ conversation). Examples are truncated to the plan's sequence length.
 
 Memory does not hold the raw file, nor its tokens: one pass indexes the data (where each record
 is, how many tokens it keeps, how many of those are prompt), tokenizing in batches; a micro-batch
-then re-reads and re-tokenizes its own records when it is drawn. The index costs 20 bytes per
+then re-reads and re-tokenizes its own records when it is drawn. The index costs 16 bytes per
 example, whatever the file's size; packing adds the list of packed sequences that have labels.
 """
 
@@ -129,7 +129,7 @@ class Examples:
 
     def __init__(self, path: Path, tokenizer, seq_len: int) -> None:
         self.records, self.tokenizer, self.seq_len, self.source = Records(path), tokenizer, seq_len, str(path)
-        self.keys, self.lengths, self.prompts = array("q"), array("l"), array("l")
+        self.keys, self.lengths, self.prompts = array("q"), array("i"), array("i")
         batch: list[tuple[int, dict, str]] = []
         size = 0
         for key, record, where, chars in self.records.scan():

@@ -48,12 +48,12 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def micro_batch_order(n: int, micro: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch: a permutation fixed by (seed, epoch), so resume sees the same order."""
+def epoch_order(n: int, seed: int, epoch: int):
+    """The order of one epoch's examples: a permutation fixed by (seed, epoch), so resume sees the same order. A
+    tensor (8 bytes an example): a million examples as Python lists of micro-batches cost 100 MB."""
     import torch
 
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [perm[i:i + micro] for i in range(0, n, micro)]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
 class Stream:
@@ -62,13 +62,14 @@ class Stream:
     def __init__(self, examples, micro: int, seed: int, pad_id: int) -> None:
         self.examples, self.micro, self.seed, self.pad_id = examples, micro, seed, pad_id
         self.per_epoch = math.ceil(len(examples) / micro)
-        self._epoch, self._order = -1, []
+        self._epoch, self._order = -1, None
 
     def batch(self, position: int) -> dict:
         epoch, index = divmod(position, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, micro_batch_order(len(self.examples), self.micro, self.seed, epoch)
-        return data.collate(self.examples.take(self._order[index]), self.pad_id)
+            self._epoch, self._order = epoch, epoch_order(len(self.examples), self.seed, epoch)
+        indices = self._order[index * self.micro:(index + 1) * self.micro].tolist()
+        return data.collate(self.examples.take(indices), self.pad_id)
 
 
 def mixed_precision(plan: Plan) -> str:
