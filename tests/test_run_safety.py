@@ -206,11 +206,11 @@ def test_a_run_that_fails_after_preparing_leaves_the_output_as_it_was(ws, tmp_pa
     shutil.copytree(ws / "tiny", broken)
     (broken / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')  # passes the check, fails to load
     for extra in ([], ["--option", "processes=2"]):  # one process, and torchrun with two workers
-        out = tmp_path / f"out{len(extra)}"
+        out = tmp_path / f"new{len(extra)}" / "out"
         code, err = run_here(ws, capsys, "plan.yaml", "--data", "train.jsonl", "--output", str(out),
                              "--model-path", str(broken), *extra)
         assert code == 2, err
-        assert not out.exists(), sorted(p.name for p in out.iterdir())  # created by the run, so removed with it
+        assert not out.parent.exists(), sorted(p.name for p in out.iterdir())  # created by the run: removed too
     (tmp_path / "kept").mkdir()
     code, err = run_here(ws, capsys, "plan.yaml", "--data", "train.jsonl", "--output", str(tmp_path / "kept"),
                          "--model-path", str(broken))

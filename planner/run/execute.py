@@ -207,14 +207,16 @@ def execute(plan: Plan, backend: TrainerBackend, options: BackendOptions, reques
     """Run the plan under the contract; returns the summary written to summary.json. A fresh run that fails or
     is interrupted before its first step leaves --output as it found it (the next run needs no --force)."""
     out = request.output_dir
-    created = not out.exists()
-    before = set() if created else {p.name for p in out.iterdir()}
+    made = [] if out.exists() else [out, *(p for p in out.absolute().parents if not p.exists())]
+    before = set() if made else {p.name for p in out.iterdir()}
     try:
         with output.lock(out):
             return _execute_locked(plan, backend, options, request, progress, before)
     finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for directory in made:  # the directories this run created, innermost first, while they are empty
+            if not directory.is_dir() or any(directory.iterdir()):
+                break
+            directory.rmdir()
 
 
 def _execute_locked(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest,
