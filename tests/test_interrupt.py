@@ -121,3 +121,24 @@ def test_a_second_run_on_an_output_in_use_is_refused_and_touches_nothing(ws, cap
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
     assert first.returncode == 130, first.stderr.read()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds processes through /proc")
+def test_workers_of_a_launcher_that_dies_are_killed_not_orphaned(tmp_path):
+    """torchrun's workers lead sessions of their own; a launcher killed from outside leaves them to init, still
+    training. The supervisor must remember them while the launcher lives and kill them when it is gone."""
+    from ftplan.backends.hf.launch import _start, _supervise
+
+    pid_file = tmp_path / "worker.pid"
+    worker = "import time; time.sleep(120)"
+    launcher = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {worker!r}], "
+                f"start_new_session=True); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(3)")
+    proc, _ = _start([sys.executable, "-c", launcher])
+    assert _supervise(proc, tmp_path / "events.jsonl", lambda event: None) is False
+    orphan = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while Path(f"/proc/{orphan}").exists() and "Z" not in Path(f"/proc/{orphan}/stat").read_text().split()[2] \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    alive = Path(f"/proc/{orphan}").exists() and Path(f"/proc/{orphan}/stat").read_text().split()[2] != "Z"
+    assert not alive, "the worker outlived its launcher and ftplan"

@@ -120,56 +120,107 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     return result
 
 
+SHUTDOWN_TIMEOUT_S = 900  # how long torchrun lets interrupted workers save before it kills them (its default: 30)
+
+
 def _start(cmd: list[str]) -> tuple[subprocess.Popen, deque]:
-    """The launcher in a session of its own - so a signal can reach every worker at once (killpg) and a
-    terminal's Ctrl-C reaches only ftplan, which forwards it once - with SIGINT ignored by the launcher itself
-    (the workers install their own handlers; torchrun would otherwise tear them down on a timer). Its output is
-    drained by a thread, the last lines kept for the error message."""
+    """The launcher, in a session of its own so a terminal's Ctrl-C reaches only ftplan, which forwards it once.
+    torchrun starts each worker in a session of its own too, and forwards SIGINT to every one of them; it is
+    given time for them to save. Its output is drained by a thread, the last lines kept for error messages."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGHUP,SIGQUIT"}
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec by the launcher only
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S), "PET_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
     logs: deque = deque(maxlen=200)
     threading.Thread(target=lambda: logs.extend(line.rstrip() for line in proc.stdout), daemon=True).start()
     return proc, logs
 
 
 def _supervise(proc: subprocess.Popen, events: Path, progress: ProgressCallback) -> bool:
-    """Follow process 0's events until the launcher exits; on KeyboardInterrupt (Ctrl-C, or SIGTERM as ftplan
-    delivers it) pass SIGINT to every process of the group and wait for them to save together; a second
-    interrupt kills them. Returns whether it was interrupted; no process outlives it."""
-    follower, interrupted = _Follower(events, progress), False
+    """Follow process 0's events until the launcher exits. On KeyboardInterrupt (Ctrl-C, or SIGTERM as ftplan
+    delivers it) send SIGINT to the launcher, which passes it to every worker, and wait while they stop after
+    their step and save one checkpoint together; a second interrupt kills the launcher and every process under
+    it. Returns whether it was interrupted; no process outlives it."""
+    follower, tree, interrupted = _Follower(events, progress), _Tree(proc), False
     try:
-        while proc.poll() is None:
+        while tree.alive():
             follower.read()
             time.sleep(0.2)
     except KeyboardInterrupt:
         interrupted = True
-        _signal_group(proc, signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
         try:
-            while proc.poll() is None:
+            while tree.alive():
                 follower.read()
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
+            pass
     finally:
-        if proc.poll() is None:  # an unexpected error here: leave no orphans
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
+        tree.kill()  # after a second interrupt, an unexpected error, or a launcher that died before its workers
     follower.read()
     return interrupted
 
 
-def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+class _Tree:
+    """The launcher and every process under it. torchrun's workers lead sessions of their own, so no process-group
+    signal reaches them, and a launcher that dies leaves them to init: they are found through /proc while the
+    launcher lives (unreaped, so its PID cannot be reused), and remembered with their start times so that a PID
+    the system has since given to another process is never killed."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.known, self.scanned = proc, {}, 0.0
+
+    def alive(self) -> bool:
+        """Whether the launcher still runs; it is not reaped here (WNOWAIT), only in kill()."""
+        if self.proc.returncode is not None:
+            return False
+        try:
+            exited = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            exited = True
+        if not exited and time.monotonic() - self.scanned > 1.0:  # workers start once and live long: 1 s is enough
+            self.known.update(_descendants(self.proc.pid))
+            self.scanned = time.monotonic()
+        return not exited
+
+    def kill(self) -> None:
+        """SIGKILL whatever is left of the tree, then reap the launcher."""
+        if self.proc.returncode is None:
+            self.known.update(_descendants(self.proc.pid))  # still unreaped: its PID is still its own
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        for pid, started in self.known.items():
+            if _start_time(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+def _start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot; /proc/PID/stat field 22), or None when there is no such process."""
     try:
-        os.killpg(proc.pid, sig)  # the launcher leads its session: its group holds every worker
-    except ProcessLookupError:
-        pass
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """Every process under `pid` with its start time (Linux /proc; empty where there is none)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, stack = {}, [pid]
+    while stack:
+        for child, started in children.get(stack.pop(), []):
+            found[child] = started
+            stack.append(child)
+    return found
 
 
 class _Follower:
