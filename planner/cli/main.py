@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from ftplan import __version__
 from ftplan.cli import estimate, plan, prices, recommend, run
 from ftplan.cli.options import validation_message
-from ftplan.errors import PlannerError
+from ftplan.errors import PlannerError, printable
 
 EXIT_BAD_INPUT = 2
 
@@ -24,6 +24,11 @@ def cli() -> None:
 for command in (estimate.estimate, estimate.measure, estimate.models, estimate.instances, recommend.recommend,
                 plan.plan, run.run, run.plugins_command, prices.prices):
     cli.add_command(command)
+
+
+def _line(message: str) -> str:
+    # messages quote paths, names and values from outside: no control character and no line break gets through
+    return " ".join(printable(message).split("\n"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,17 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:
         if debug:
             raise
-        click.echo(f"ftplan: error: {exc.format_message()}" + (
+        click.echo("ftplan: error: " + _line(exc.format_message()) + (
             f" (see ftplan {exc.ctx.command.name} --help)" if exc.ctx and exc.ctx.command.name != "cli" else
             " (see ftplan --help)"), err=True)
         sys.exit(EXIT_BAD_INPUT)
     except PlannerError as exc:
         if debug:
             raise
-        click.echo(f"ftplan: error: {exc}", err=True)
+        click.echo(f"ftplan: error: {_line(str(exc))}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     except ValidationError as exc:
         if debug:
             raise
-        click.echo(f"ftplan: error: {validation_message(exc)}", err=True)
+        click.echo(f"ftplan: error: {_line(validation_message(exc))}", err=True)
         sys.exit(EXIT_BAD_INPUT)
