@@ -233,3 +233,23 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(ws, tmp_path, monke
     assert code == 2 and "the loss became nan at step 2; training stopped without saving a checkpoint" in line
     assert "lower training.learning_rate (0.003)" in line
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000001"]  # none of diverged weights
+
+
+def test_crash_leftovers_never_block_force_and_are_removed(ws, tmp_path, capsys):
+    """What a kill mid-write leaves (temporary files and directories of every writer, a lock nobody holds) is
+    ftplan's own: --force replaces the output instead of refusing "files ftplan did not write"."""
+    out = tmp_path / "out"
+    shutil.copytree(ws / "base", out)
+    leftovers = [".plan.yaml.k2j4h1.tmp", ".metrics.jsonl.a8x0q.tmp", ".summary.json.zz91.tmp",
+                 "..ftplan-run.json.p0p0.tmp", ".result.json.tmp"]  # atomic_write_text: .NAME.XXXX.tmp
+    for name in leftovers:
+        (out / name).write_text("half")
+    for name in (".adapter.tmp", ".model.tmp", ".tokenizer.tmp", ".checkpoint-000006.tmp"):
+        (out / name).mkdir()
+        (out / name / "part.safetensors").write_text("half")
+        leftovers.append(name)
+    code, err = run_here(ws, capsys, "plan.yaml", "--data", "train.jsonl", "--output", str(out), "--force",
+                         "--max-steps", "1")
+    assert code == 0, err
+    assert not [name for name in leftovers if (out / name).exists()]
+    assert (out / "plan.yaml").exists() and (out / "summary.json").exists()
