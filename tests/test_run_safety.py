@@ -253,3 +253,17 @@ def test_crash_leftovers_never_block_force_and_are_removed(ws, tmp_path, capsys)
     assert code == 0, err
     assert not [name for name in leftovers if (out / name).exists()]
     assert (out / "plan.yaml").exists() and (out / "summary.json").exists()
+
+
+def test_resume_past_a_damaged_newest_checkpoint_falls_back_to_the_older_one_and_says_so(ws, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(ws / "base", out)
+    states = out / "checkpoint-000004" / "states.safetensors"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # a disk that filled mid-save
+    code, err = run_here(ws, capsys, "plan.yaml", "--data", "train.jsonl", "--output", str(out), "--resume",
+                         "--max-steps", "5")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())["result"]
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
+    assert any("checkpoint-000004 is damaged" in note for note in summary["notes"]), summary["notes"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
