@@ -142,3 +142,30 @@ def test_workers_of_a_launcher_that_dies_are_killed_not_orphaned(tmp_path):
         time.sleep(0.1)
     alive = Path(f"/proc/{orphan}").exists() and Path(f"/proc/{orphan}/stat").read_text().split()[2] != "Z"
     assert not alive, "the worker outlived its launcher and ftplan"
+
+
+def test_the_lock_is_the_kernels_not_the_files(tmp_path):
+    """A lock taken by another process that has not yet written its PID is still a lock (it used to be removed
+    as stale); a lock file left by a killed run, naming a PID that now belongs to some live process, is not."""
+    from ftplan.errors import PlannerError
+    from ftplan.run import output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(60)", str(out / output.LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for attempt in (lambda: output.refuse_busy(out), lambda: output.lock(out).__enter__()):
+            with pytest.raises(PlannerError, match="is in use by another ftplan run"):
+                attempt()
+        assert (out / output.LOCK).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / output.LOCK).write_text(str(os.getppid()))  # a live PID, but no lock held: a killed run's leftover
+    output.refuse_busy(out)
+    with output.lock(out):
+        assert (out / output.LOCK).read_text() == str(os.getpid())
+    assert not (out / output.LOCK).exists()

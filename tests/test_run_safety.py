@@ -244,6 +244,8 @@ def test_crash_leftovers_never_block_force_and_are_removed(ws, tmp_path, capsys)
                  "..ftplan-run.json.p0p0.tmp", ".result.json.tmp"]  # atomic_write_text: .NAME.XXXX.tmp
     for name in leftovers:
         (out / name).write_text("half")
+    (out / ".ftplan.lock").write_text(str(os.getppid()))  # a killed run's lock, naming a PID alive again
+    leftovers.append(".ftplan.lock")
     for name in (".adapter.tmp", ".model.tmp", ".tokenizer.tmp", ".checkpoint-000006.tmp"):
         (out / name).mkdir()
         (out / name / "part.safetensors").write_text("half")

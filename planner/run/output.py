@@ -5,15 +5,18 @@ file a run wrote, the backend's artifacts included) into `--output`. `--force` r
 what the manifest, the core and the backend's declared patterns own - never anything else - and
 refuses symbolic links, so nothing outside the directory can be touched: a link among the names a run
 writes is refused before any run starts, resumed or not. Two runs cannot share a directory: the first
-holds `.ftplan.lock` (with its PID), the second is refused - before --force removes anything.
+holds an flock on `.ftplan.lock` (which names its PID), the second is refused - before --force removes
+anything. The kernel drops the flock when its holder dies, so a lock file left behind blocks nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,11 +103,18 @@ def refuse_busy(output: Path) -> None:
     """PlannerError naming the PID when a live run holds `output`'s lock (checked before --force removes anything
     or --resume reads a checkpoint another run is writing)."""
     path = output / LOCK
-    if path.exists() and not path.is_symlink():
-        holder = _holder(path)
-        if holder is not None and holder != os.getpid() and _alive(holder):
-            raise PlannerError(f"--output {output} is in use by another ftplan run (PID {holder}); wait for it "
-                               "or choose another directory")
+    if path.is_symlink() or not path.exists() or _holder(path) == os.getpid():
+        return  # a link is refused by check_output_dir; our own lock is no obstacle
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(output, path) from None
+    finally:
+        os.close(fd)
 
 
 def _has_link(path: Path) -> bool:
@@ -130,27 +140,46 @@ def inside(output: Path, relative: str) -> Path:
 
 @contextmanager
 def lock(output: Path):
-    """Hold `output/.ftplan.lock` for the run; PlannerError naming the holder's PID when another run has it."""
+    """Hold `output/.ftplan.lock` for the run; PlannerError naming the holder's PID when another run has it.
+
+    An flock, not the file's existence, is the lock: the kernel releases it when its process dies however it
+    dies, so a lock file left by a killed run, or naming a PID the system has since reused, blocks nothing;
+    the PID inside is only for the message."""
     output.mkdir(parents=True, exist_ok=True)
     path = output / LOCK
-    for _ in range(2):
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(output, path) from None
+        try:
+            current = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
             break
-        except FileExistsError:
-            holder = _holder(path)
-            if holder is not None and _alive(holder):
-                raise PlannerError(f"--output {output} is in use by another ftplan run (PID {holder}); wait for it "
-                                   "or choose another directory") from None
-            path.unlink(missing_ok=True)  # a stale lock: its process is gone
-    else:  # pragma: no cover - a race lost twice
+        os.close(fd)  # its holder removed this file as we opened it: lock the one that holds the name now
+    else:  # pragma: no cover - lost that race five times
         raise PlannerError(f"--output {output}: cannot take the lock {path}")
     try:
+        os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
         yield
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # before the flock goes, so no one can lock a file about to be unlinked
+        os.close(fd)
+
+
+def _busy(output: Path, path: Path) -> PlannerError:
+    holder = None
+    for _ in range(20):  # the holder writes its PID just after taking the lock
+        if (holder := _holder(path)) is not None:
+            break
+        time.sleep(0.05)
+    return PlannerError(f"--output {output} is in use by another ftplan run (PID {holder or 'unknown'}); wait for "
+                        "it or choose another directory")
 
 
 def _holder(path: Path) -> int | None:
@@ -158,15 +187,3 @@ def _holder(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
