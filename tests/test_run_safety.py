@@ -3,6 +3,7 @@ failures after preparing, checkpoints from another run, a loss that diverges. Ea
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -67,9 +68,18 @@ def one_line(err: str) -> str:
 # Every name a run writes in --output (core, checkpoints, final weights, the multi-process launch files), and
 # one file inside a checkpoint it reads back.
 WRITTEN = ["plan.yaml", "metrics.jsonl", "summary.json", ".ftplan-run.json", ".ftplan.lock", "checkpoint-000004",
-           ".checkpoint-000006.tmp", "adapter", ".adapter.tmp", "model", ".model.tmp", "tokenizer",
+           ".checkpoint-000006.tmp", "adapter", ".adapter.tmp", "model", ".model.tmp", "tokenizer", ".tokenizer.tmp",
            "accelerate_config.yaml", "launch.sh", ".request.json", ".result.json", ".result.json.tmp",
            ".events.jsonl", "checkpoint-000004/trainer_state.json"]
+
+
+def test_every_name_a_run_writes_is_attacked():
+    """WRITTEN cannot fall behind the writers: every core file and every name the hf backend declares is in it."""
+    from ftplan.backends.hf.backend import HuggingFaceBackend
+    from ftplan.run import output
+
+    for pattern in (*output.CORE_FILES, output.LOCK, *HuggingFaceBackend.owned_patterns):
+        assert any(fnmatch.fnmatchcase(name, pattern) for name in WRITTEN), pattern
 
 
 @pytest.mark.parametrize("name", WRITTEN)
