@@ -135,13 +135,7 @@ def test_workers_of_a_launcher_that_dies_are_killed_not_orphaned(tmp_path):
                 f"start_new_session=True); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(3)")
     proc, _ = _start([sys.executable, "-c", launcher])
     assert _supervise(proc, tmp_path / "events.jsonl", lambda event: None) is False
-    orphan = int(pid_file.read_text())
-    deadline = time.time() + 10
-    while Path(f"/proc/{orphan}").exists() and "Z" not in Path(f"/proc/{orphan}/stat").read_text().split()[2] \
-            and time.time() < deadline:
-        time.sleep(0.1)
-    alive = Path(f"/proc/{orphan}").exists() and Path(f"/proc/{orphan}/stat").read_text().split()[2] != "Z"
-    assert not alive, "the worker outlived its launcher and ftplan"
+    assert gone(int(pid_file.read_text())), "the worker outlived its launcher and ftplan"
 
 
 def test_the_lock_is_the_kernels_not_the_files(tmp_path):
@@ -169,3 +163,44 @@ def test_the_lock_is_the_kernels_not_the_files(tmp_path):
     with output.lock(out):
         assert (out / output.LOCK).read_text() == str(os.getpid())
     assert not (out / output.LOCK).exists()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds processes through /proc")
+def test_a_second_interrupt_kills_the_launcher_and_its_workers(tmp_path, monkeypatch):
+    """The first Ctrl-C asks the launcher to stop (it waits for its workers to save); the second must not wait."""
+    from ftplan.backends.hf import launch
+
+    pid_file = tmp_path / "worker.pid"
+    worker = "import time; time.sleep(120)"
+    launcher = (f"import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+                f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    proc, _ = launch._start([sys.executable, "-c", launcher])
+    deadline = time.time() + 30
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # the supervisor scans for workers once a second
+    presses = iter([False, False, True, True])  # two quiet reads, then Ctrl-C, then Ctrl-C again
+
+    def read(self):
+        if next(presses, False):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch._Follower, "read", read)
+    started = time.time()
+    assert launch._supervise(proc, tmp_path / "events.jsonl", lambda event: None) is True
+    assert time.time() - started < 30 and proc.returncode is not None
+    assert gone(int(pid_file.read_text())), "the worker outlived a second Ctrl-C"
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    """Whether `pid` has ended (or is a zombie) within `timeout`: SIGKILL takes effect when the process next runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
