@@ -27,10 +27,12 @@ from ftplan.data.catalog import CatalogModel, Gpu, Instance, Price, ec2_quotas, 
 from ftplan.data.catalog import pricing as pricing_rules
 from ftplan.data.dataset import check_training_data, example_text, is_saved_dataset, read_records
 from ftplan.data.files import atomic_write_text, user_dir
+from ftplan.data.jsonl import iter_offsets as iter_record_offsets
+from ftplan.data.jsonl import open_dataset, record_at
 from ftplan.errors import PlannerError
 from ftplan.model.resolve import resolve_model
 from ftplan.model.spec import ModelSpec
-from ftplan.plan import Plan, weights_source
+from ftplan.plan import Plan, check_targets, weights_source
 from ftplan.plan import load as load_plan
 from ftplan.plan import to_yaml as plan_to_yaml
 from ftplan.run.backend import (
@@ -49,7 +51,8 @@ from ftplan.run.execute import prepare as prepare_run
 from ftplan.run.hookspecs import hookimpl
 from ftplan.train.build import build_model, build_optimizer, uses_autocast
 
-API_VERSION = "1.1"  # 1.1: TrainerBackend.notices, RunResult.wall_clock_seconds, sagemaker_images, ec2_quotas
+API_VERSION = "1.1"  # 1.1: TrainerBackend.notices, RunResult.wall_clock_seconds, sagemaker_images, ec2_quotas,
+# iter_record_offsets, open_dataset, record_at, check_targets
 
 __all__ = [
     "API_VERSION", "__version__",
@@ -61,8 +64,11 @@ __all__ = [
     # clouds: SageMaker's training images, EC2's vCPU quota codes
     "sagemaker_images", "ec2_quotas",
     # plans, files and data
-    "load_plan", "plan_to_yaml", "weights_source", "user_dir", "atomic_write_text", "read_records",
+    "load_plan", "plan_to_yaml", "weights_source", "check_targets", "user_dir", "atomic_write_text",
+    "read_records",
     "check_training_data", "is_saved_dataset", "example_text",
+    # JSONL read in constant memory (1.1): (line, byte offset, record, text) per line; a record by offset
+    "iter_record_offsets", "open_dataset", "record_at",
     # remote backends: ftplan's own source as it imports, running a plan where the data landed, AWS errors
     "source_files", "dist_info_files", "prepare_run", "execute_run", "aws_error",
     # the Hugging Face stack (torch imported when called)

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftplan import __version__
 from ftplan.data import catalog
@@ -29,8 +29,10 @@ from ftplan.recommend.models import Assumption
 
 PLAN_SCHEMA_VERSION = 2
 DEFAULT_PLAN = Path("ftplan-plan.yaml")
-
-
+# Bounds past which a value is a typo, not a plan: they keep step counts and seeds within what runs
+MAX_EPOCHS = 1000
+MAX_LEARNING_RATE = 1.0
+MAX_OPTIMIZER_STEPS = 10**9
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -51,18 +53,39 @@ class PlanTraining(_Strict):
     setup: TrainingSetup = Field(description="micro-batch, sequence length, precision, optimizer, checkpointing, "
                                              "attention, LoRA and quantization settings")
     targets: str | list[str] | None = Field(description="LoraConfig.target_modules (None: full fine-tuning)")
-    global_batch: int = Field(gt=0)
-    grad_accum: int = Field(gt=0)
-    epochs: float = Field(gt=0)
-    optimizer_steps: int = Field(gt=0)
-    learning_rate: float = Field(gt=0)
+    global_batch: int = Field(gt=0, le=10**7)
+    grad_accum: int = Field(gt=0, le=10**7)
+    epochs: float = Field(gt=0, le=MAX_EPOCHS, allow_inf_nan=False)
+    optimizer_steps: int = Field(gt=0, le=MAX_OPTIMIZER_STEPS)
+    learning_rate: float = Field(gt=0, allow_inf_nan=False)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    max_grad_norm: float = Field(gt=0)
-    seed: int = 42
+    max_grad_norm: float = Field(gt=0, allow_inf_nan=False)
+    seed: int = Field(42, ge=0, lt=2**32, description="torch, numpy and random take seeds below 2**32")
     packing: bool
     data_source: str
     data_tokens: int = Field(ge=0)
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _sane_learning_rate(cls, value: float) -> float:
+        if value > MAX_LEARNING_RATE:
+            raise ValueError(f"{value:g} is beyond any learning rate that trains (at most {MAX_LEARNING_RATE:g}; "
+                             "2e-4 is usual for LoRA, 2e-5 for full fine-tuning)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_method(self) -> "PlanTraining":
+        """The method is written twice (training.method, training.setup.method): the run follows the setup, so
+        they must agree, and adapters need targets."""
+        if self.method != self.setup.method:
+            raise ValueError(f"training.method is {self.method} but training.setup.method is {self.setup.method}; "
+                             "make them the same")
+        if self.method == "full" and self.targets is not None:
+            raise ValueError("training.targets must be null for full fine-tuning (every weight trains)")
+        if self.method != "full" and not self.targets:
+            raise ValueError(f"training.targets is empty; {self.method} needs the modules that get adapters")
+        return self
 
 
 class PlanHardware(_Strict):
@@ -109,6 +132,17 @@ class Plan(_Strict):
     hardware: PlanHardware
     estimates: PlanEstimates
 
+    @model_validator(mode="after")
+    def _global_batch_adds_up(self) -> "Plan":
+        """global_batch = micro-batch x grad_accum x GPUs: the run takes the three, so the total must be theirs."""
+        t, hw = self.training, self.hardware
+        gpus = hw.instance_count * hw.gpus_per_instance
+        if t.global_batch != t.setup.batch_size * t.grad_accum * gpus:
+            raise ValueError(f"training.global_batch is {t.global_batch} but micro-batch {t.setup.batch_size} x "
+                             f"grad_accum {t.grad_accum} x {gpus} GPU(s) = {t.setup.batch_size * t.grad_accum * gpus}; "
+                             "make them agree")
+        return self
+
 
 def weights_source(plan: Plan, model_path: str | None = None) -> str | None:
     """Where a run takes the weights from: --model-path, else the plan's local directory, else its HF id."""
@@ -120,6 +154,31 @@ def config_hash(spec: ModelSpec) -> str:
     Keys that do not change the architecture (dtype, _name_or_path, transformers_version) do not count."""
     shape = {"model_type": spec.model_type, **spec.dims.model_dump()}
     return hashlib.sha256(json.dumps(shape, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_targets(plan: Plan, spec: ModelSpec) -> None:
+    """training.targets must name modules of this model and be what training.setup.lora.targets makes the run
+    adapt (the run follows the setup): otherwise a hand edit would silently train something else."""
+    t = plan.training
+    if t.method == "full" or t.setup.lora is None:
+        return
+    from ftplan.estimate.params import adapted_groups, resolve_targets
+    from ftplan.model.inventory import layout_for
+
+    layout = layout_for(spec)[0]
+    resolved = []
+    for key, requested in (("training.targets", [t.targets] if isinstance(t.targets, str) else t.targets),
+                           ("training.setup.lora.targets", t.setup.lora.targets)):
+        try:
+            resolved.append(resolve_targets(layout, requested))
+        except PlannerError as exc:
+            raise PlannerError(f"plan: {key}{str(exc).removeprefix('--lora-targets')}; fix the plan or write a new "
+                               "one with ftplan recommend") from None
+    planned, trained = ({g.path for g in adapted_groups(layout, r)} for r in resolved)
+    if planned != trained:
+        raise PlannerError(f"plan: training.targets ({resolved[0].peft_value()}) adapt other modules than "
+                           f"training.setup.lora.targets ({resolved[1].peft_value()}), which the run trains; make "
+                           "them the same")
 
 
 def platform_type(instance_type: str, platform: str) -> str:
@@ -203,5 +262,6 @@ def load(path: Path) -> Plan:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise PlannerError(f"plan file {path}: {key}: {first['msg'].removeprefix('Value error, ')}; fix the key or "
-                           "write a new plan with ftplan recommend") from None
+        raise PlannerError(f"plan file {path}: " + (f"{key}: " if key else "")
+                           + f"{first['msg'].removeprefix('Value error, ')}; fix the key or write a new plan with "
+                             "ftplan recommend") from None

@@ -36,6 +36,77 @@ def write(path: Path, content: str | bytes) -> None:
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
+def write_plan_variants(ws: Path) -> None:
+    """plan.yaml edited by hand in every way a plan can be wrong."""
+    plan = yaml.safe_load((ws / "plan.yaml").read_text())
+
+    def variant(name: str, change) -> None:
+        data = json.loads(json.dumps(plan))
+        change(data)
+        write(ws / name, yaml.safe_dump(data))
+
+    variant("plan_v1.yaml", lambda d: d.update(schema_version=1))
+    variant("plan_nonsense.yaml", lambda d: d["training"].update(grad_accum="many"))
+    variant("plan_negative.yaml", lambda d: d["training"].update(learning_rate=-1))
+    variant("plan_unknown_backend.yaml", lambda d: d.update(backend="nope"))
+    variant("plan_python_backend.yaml", lambda d: d.update(backend="os:system"))
+    variant("plan_sagemaker.yaml", lambda d: d["hardware"].update(platform="sagemaker"))
+    variant("plan_flash.yaml", lambda d: d["training"]["setup"].update(attention="flash"))
+    variant("plan_two_nodes.yaml", lambda d: d["hardware"].update(instance_count=2))
+    variant("plan_method.yaml", lambda d: d["training"].update(method="dora"))
+    variant("plan_extra.yaml", lambda d: d.update(run_this="rm -rf /"))
+    variant("plan_targets.yaml", lambda d: d["training"].update(targets=["foo_proj"]))
+    variant("plan_targets_other.yaml", lambda d: d["training"].update(targets=["q_proj", "v_proj"]))
+    variant("plan_two_methods.yaml", lambda d: d["training"].update(method="qlora"))
+    variant("plan_global_batch.yaml", lambda d: d["training"].update(global_batch=d["training"]["global_batch"] + 1))
+    variant("plan_lr.yaml", lambda d: d["training"].update(learning_rate=1e9))
+    variant("plan_epochs_inf.yaml", lambda d: d["training"].update(epochs=float("inf")))
+    variant("plan_seed.yaml", lambda d: d["training"].update(seed=10**20))
+    variant("plan_odd.yaml", lambda d: (d["training"].update(global_batch=3, grad_accum=3),
+                                        d["training"]["setup"].update(batch_size=1)))
+    write(ws / "plan_list.yaml", "- 1\n- 2\n")
+    write(ws / "plan_badyaml.yaml", "schema_version: [1\n")
+    write(ws / "plan_binary.yaml", b"\xff\xfe\x00garbage")
+
+
+def write_datasets(ws: Path) -> None:
+    """JSONL files, each wrong in one way (and one that is right in an unusual way)."""
+    write(ws / "empty.jsonl", "")
+    write(ws / "blank.jsonl", "\n\n   \n")
+    write(ws / "malformed.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    write(ws / "nofields.jsonl", '{"body": "x"}\n')
+    write(ws / "notobject.jsonl", '["a", "b"]\n')
+    write(ws / "badmessages.jsonl", '{"messages": [{"role": "user"}]}\n')
+    write(ws / "latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    write(ws / "huge.jsonl", b"{" + b"x" * 5_000_000)  # one enormous line, not JSON
+    (ws / "notadataset").mkdir()
+    write(ws / "blanktext.jsonl", '{"text": "ok"}\n{"text": "  \\t "}\n')
+    write(ws / "surrogate.jsonl", '{"text": "a\\ud800b"}\n')
+    write(ws / "bigint.jsonl", '{"text": "a", "n": ' + "9" * 5000 + "}\n")
+    write(ws / "nested.jsonl", '{"text": "a", "n": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    write(ws / "separators.jsonl", json.dumps({"text": "one\u2028two\x85three"}, ensure_ascii=False) + "\n")
+
+
+def write_configs(ws: Path) -> None:
+    """config.json files, malformed, wrong-typed, absurd, or of models that are not causal LMs."""
+    write(ws / "configs" / "malformed.json", '{"model_type": "llama", "hidden_size": ')
+    write(ws / "configs" / "array.json", "[1, 2]")
+    write(ws / "configs" / "nohidden.json", '{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, '
+                                            '"vocab_size": 100}')
+    base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 100, "intermediate_size": 128}
+    for name, change in (("wrongtype", {"hidden_size": "big"}), ("negative", {"num_hidden_layers": -2}),
+                         ("zero", {"vocab_size": 0}), ("absurd", {"num_hidden_layers": 10**9}),
+                         ("absurdvocab", {"vocab_size": 10**12}), ("heads", {"num_attention_heads": 5}),
+                         ("bool", {"hidden_size": True}), ("unknownarch", {"model_type": "banana"}),
+                         ("notype", {"model_type": None})):
+        write(ws / "configs" / f"{name}.json", json.dumps({**base, **change}))
+    for arch in ("llava", "qwen2_vl", "t5", "clip", "whisper"):
+        write(ws / "configs" / f"{arch}.json", json.dumps({**base, "model_type": arch}))
+    write(ws / "configs" / "latin1.json", '{"model_type": "llama", "name": "caf\xe9"}'.encode("latin-1"))
+    (ws / "configs" / "emptydir").mkdir()
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Models, plans, configs and datasets - good and bad - in one directory the cases must not touch."""
@@ -60,49 +131,9 @@ def workspace(tmp_path_factory):
     finally:
         os.chdir(cwd)
     assert code == 0
-    plan = yaml.safe_load((ws / "plan.yaml").read_text())
-
-    def variant(name: str, change) -> None:
-        data = json.loads(json.dumps(plan))
-        change(data)
-        write(ws / name, yaml.safe_dump(data))
-
-    variant("plan_v1.yaml", lambda d: d.update(schema_version=1))
-    variant("plan_nonsense.yaml", lambda d: d["training"].update(grad_accum="many"))
-    variant("plan_negative.yaml", lambda d: d["training"].update(learning_rate=-1))
-    variant("plan_unknown_backend.yaml", lambda d: d.update(backend="nope"))
-    variant("plan_python_backend.yaml", lambda d: d.update(backend="os:system"))
-    variant("plan_sagemaker.yaml", lambda d: d["hardware"].update(platform="sagemaker"))
-    variant("plan_flash.yaml", lambda d: d["training"]["setup"].update(attention="flash"))
-    variant("plan_two_nodes.yaml", lambda d: d["hardware"].update(instance_count=2))
-    variant("plan_method.yaml", lambda d: d["training"].update(method="dora"))
-    variant("plan_extra.yaml", lambda d: d.update(run_this="rm -rf /"))
-    write(ws / "plan_list.yaml", "- 1\n- 2\n")
-    write(ws / "plan_badyaml.yaml", "schema_version: [1\n")
-    write(ws / "plan_binary.yaml", b"\xff\xfe\x00garbage")
-    write(ws / "empty.jsonl", "")
-    write(ws / "blank.jsonl", "\n\n   \n")
-    write(ws / "malformed.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": \n')
-    write(ws / "nofields.jsonl", '{"body": "x"}\n')
-    write(ws / "notobject.jsonl", '["a", "b"]\n')
-    write(ws / "badmessages.jsonl", '{"messages": [{"role": "user"}]}\n')
-    write(ws / "latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"))
-    write(ws / "huge.jsonl", b"{" + b"x" * 5_000_000)  # one enormous line, not JSON
-    (ws / "notadataset").mkdir()
-    write(ws / "configs" / "malformed.json", '{"model_type": "llama", "hidden_size": ')
-    write(ws / "configs" / "array.json", "[1, 2]")
-    write(ws / "configs" / "nohidden.json", '{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, '
-                                            '"vocab_size": 100}')
-    base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "vocab_size": 100, "intermediate_size": 128}
-    for name, change in (("wrongtype", {"hidden_size": "big"}), ("negative", {"num_hidden_layers": -2}),
-                         ("zero", {"vocab_size": 0}), ("absurd", {"num_hidden_layers": 10**9}),
-                         ("absurdvocab", {"vocab_size": 10**12}), ("heads", {"num_attention_heads": 5}),
-                         ("bool", {"hidden_size": True}), ("unknownarch", {"model_type": "banana"}),
-                         ("notype", {"model_type": None})):
-        write(ws / "configs" / f"{name}.json", json.dumps({**base, **change}))
-    write(ws / "configs" / "latin1.json", '{"model_type": "llama", "name": "caf\xe9"}'.encode("latin-1"))
-    (ws / "configs" / "emptydir").mkdir()
+    write_plan_variants(ws)
+    write_datasets(ws)
+    write_configs(ws)
     write(ws / "existing.yaml", "precious")
     write(ws / "afile", "a file")
     write(ws / "nonempty" / "notes.txt", "mine")
@@ -153,6 +184,11 @@ CASES = [
     ("config-no-type", ["estimate", "configs/notype.json"], "has no 'model_type'"),
     ("config-not-utf8", ["estimate", "configs/latin1.json"], "cannot read it"),
     ("config-dir-without-config", ["estimate", "configs/emptydir"], "has no config.json"),
+    ("config-llava", ["estimate", "configs/llava.json"], "'llava' is not a causal language model"),
+    ("config-qwen2-vl", ["recommend", "configs/qwen2_vl.json", "--tokens", "1M"], "'qwen2_vl' is not a causal"),
+    ("config-t5", ["estimate", "configs/t5.json"], "'t5' is an encoder-decoder model"),
+    ("config-clip", ["estimate", "configs/clip.json"], "'clip' is not a causal language model"),
+    ("config-whisper", ["estimate", "configs/whisper.json"], "'whisper' is an encoder-decoder model"),
     ("config-missing-file", ["estimate", "configs/missing.json"], "no such file"),
     # measure, models, instances, plugins
     ("measure-steps", ["measure", "./tiny", "--steps", "0"], "--steps must be positive"),
@@ -185,6 +221,9 @@ CASES = [
     ("recommend-methods-empty", ["recommend", M, "--tokens", "1M", "--methods", ","], "unknown method(s) (none)"),
     ("recommend-spot-discount", ["recommend", M, "--tokens", "1M", "--spot", "--spot-discount", "1.5"], "spot_disc"),
     ("recommend-lr", ["recommend", M, "--tokens", "1M", "--lr", "0"], "0 is not in the range"),
+    ("recommend-lr-absurd", ["recommend", M, "--tokens", "1M", "--lr", "1e9"], "is not in the range"),
+    ("recommend-epochs-absurd", ["recommend", M, "--tokens", "1M", "--epochs", "1e300"], "epochs: Input should be"),
+    ("recommend-epochs-inf", ["recommend", M, "--tokens", "1M", "--epochs", "inf"], "epochs"),
     ("recommend-no-fit", ["recommend", "llama2-70b", "--tokens", "1M", "--methods", "full", "--instances",
                           "g5.xlarge"], "nothing fits: the smallest requirement"),
     ("recommend-unpacked-tokens", ["recommend", M, "--tokens", "1M", "--no-packing"], "counts packed sequences"),
@@ -207,6 +246,12 @@ CASES = [
     ("dataset-not-utf8", ["recommend", M, "--dataset", "latin1.jsonl"], "line 1: not UTF-8"),
     ("dataset-huge-line", ["recommend", M, "--dataset", "huge.jsonl"], "line 1: invalid JSON"),
     ("dataset-directory", ["recommend", M, "--dataset", "notadataset"], "is a directory"),
+    ("dataset-whitespace-text", ["recommend", M, "--dataset", "blanktext.jsonl"], "line 2: the example's text is empty"),
+    ("dataset-whitespace-tokenized", ["recommend", "./tiny", "--dataset", "blanktext.jsonl"], "text is empty"),
+    ("dataset-lone-surrogate", ["recommend", M, "--dataset", "surrogate.jsonl"], "line 1: the text holds a lone sur"),
+    ("dataset-huge-integer", ["recommend", M, "--dataset", "bigint.jsonl"], "line 1: invalid JSON (a number with"),
+    ("dataset-deep-nesting", ["recommend", M, "--dataset", "nested.jsonl"], "line 1: invalid JSON (nested too"),
+    ("dataset-dev-zero", ["recommend", M, "--dataset", "/dev/zero"], "is a character device, not a regular file"),
     # plan show
     ("plan-missing", ["plan", "show", "missing.yaml"], "does not exist; write one with"),
     ("plan-version", ["plan", "show", "plan_v1.yaml"], "schema_version 1"),
@@ -219,6 +264,15 @@ CASES = [
     ("plan-bad-yaml", ["plan", "show", "plan_badyaml.yaml"], "not valid YAML"),
     ("plan-binary", ["plan", "show", "plan_binary.yaml"], "not UTF-8"),
     ("plan-directory", ["plan", "show", "tiny"], "is a directory"),
+    ("plan-two-methods", ["plan", "show", "plan_two_methods.yaml"], "training.method is qlora but training.setup"),
+    ("plan-global-batch", ["plan", "show", "plan_global_batch.yaml"], "training.global_batch is 5 but micro-batch"),
+    ("plan-lr-absurd", ["plan", "show", "plan_lr.yaml"], "1e+09 is beyond any learning rate that trains"),
+    ("plan-epochs-inf", ["plan", "show", "plan_epochs_inf.yaml"], "training.epochs: Input should be a finite"),
+    ("plan-seed-huge", ["plan", "show", "plan_seed.yaml"], "training.seed: Input should be less than"),
+    ("run-targets-unknown", ["run", "plan_targets.yaml", "--data", "train.jsonl"], "has no module 'foo_proj'"),
+    ("run-targets-differ", ["run", "plan_targets_other.yaml", "--data", "train.jsonl"], "adapt other modules"),
+    ("run-processes-unsplittable", ["run", "plan_odd.yaml", "--data", "train.jsonl", "--option", "processes=2"],
+     "2 processes cannot split the plan's global batch (3 = micro-batch 1 x 3"),
     # run
     ("run-no-plan", ["run", "missing.yaml", "--data", "train.jsonl"], "does not exist; write one with"),
     ("run-no-data-flag", ["run", "plan.yaml"], "Missing option '--data'"),
@@ -241,6 +295,9 @@ CASES = [
     ("run-data-malformed", ["run", "plan.yaml", "--data", "malformed.jsonl"], "line 3: invalid JSON"),
     ("run-data-not-utf8", ["run", "plan.yaml", "--data", "latin1.jsonl"], "not UTF-8"),
     ("run-data-dir", ["run", "plan.yaml", "--data", "notadataset"], "not a saved Hugging Face dataset"),
+    ("run-data-dev-zero", ["run", "plan.yaml", "--data", "/dev/zero"], "not a regular file"),
+    ("run-data-surrogate", ["run", "plan.yaml", "--data", "surrogate.jsonl"], "lone surrogate"),
+    ("run-data-huge-integer", ["run", "plan.yaml", "--data", "bigint.jsonl"], "a number with too many digits"),
     ("run-eval-data", [*RUN, "--eval-data", "nofields.jsonl"], "no 'text'"),
     ("run-output-file", [*RUN, "--output", "afile"], "is a file; give a directory"),
     ("run-output-under-file", [*RUN, "--output", "afile/out"], "is a file"),
@@ -249,6 +306,7 @@ CASES = [
     ("run-force-foreign", [*RUN, "--output", "nonempty", "--force"], "ftplan did not write (notes.txt)"),
     ("run-resume-nothing", [*RUN, "--output", "fresh", "--resume"], "has no checkpoint"),
     ("run-max-steps", [*RUN, "--max-steps", "0"], "0 is not in the range"),
+    ("run-max-steps-absurd", [*RUN, "--max-steps", "1" + "0" * 30], "max_steps: Input should be less than"),
     ("run-save-every", [*RUN, "--save-every", "-1"], "-1 is not in the range"),
     ("run-option-form", [*RUN, "--option", "noequals"], "must look like KEY=VALUE"),
     ("run-two-nodes-here", ["run", "plan_two_nodes.yaml", "--data", "train.jsonl"],
@@ -286,6 +344,15 @@ def test_bad_input(workspace, case, args, expected, capsys, monkeypatch):
     assert len(lines[0]) < 600, "an error line must stay readable"
     assert snapshot(workspace) == before, "a failed command wrote or changed a file"
     assert (snapshot(home) if home.exists() else {}) == home_before
+
+
+def test_line_separators_inside_strings_are_data(workspace, capsys, monkeypatch):
+    """Valid JSONL may hold a raw U+2028 or U+0085 in a string: lines split on \\n only."""
+    monkeypatch.chdir(workspace)
+    code = call(["recommend", "./tiny", "--dataset", "separators.jsonl", "--methods", "lora", "--max-gpus", "1",
+                 "--json"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["data"]["examples"] == 1
 
 
 def test_the_matrix_is_big_enough():

@@ -1,6 +1,7 @@
 """Token budgets from --tokens and from JSONL datasets: counting, lengths, padding, packing, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,9 @@ def test_approximate_counting_from_all_three_formats(tmp_path):
 def test_packing_and_padding_waste(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a" * 4 * n} for n in (2, 8, 2, 8)])
     unpacked = from_dataset(path, seq_len=8)
-    assert unpacked.processed_tokens(2) == 32 and unpacked.padding_waste(2) == pytest.approx(1 - 20 / 32)
+    # training shuffles: of the 6 equally likely pairs only {2, 2} pads to 2, so E[longest] = (2 + 5 x 8) / 6 = 7
+    assert unpacked.processed_tokens(2) == 28 and unpacked.padding_waste(2) == pytest.approx(1 - 20 / 28)
+    assert unpacked.padded_tokens_unpacked == 32  # a micro-batch of 8 holds all four: 4 x 8
     packed = from_dataset(path, seq_len=8, packing=True)
     assert packed.sequences() == 3 and packed.processed_tokens(2) == 24
 
@@ -78,3 +81,82 @@ def test_bad_datasets_name_the_problem(tmp_path, content, message):
 def test_a_directory_is_not_a_dataset(tmp_path):
     with pytest.raises(PlannerError, match="is a directory"):
         from_dataset(tmp_path, seq_len=8)
+
+
+def test_expected_padding_is_the_mean_over_every_shuffle():
+    from itertools import permutations
+
+    from ftplan.data.dataset import expected_max
+
+    lengths = [3, 1, 4, 1, 5, 9, 2, 6]
+    histogram = {n: lengths.count(n) for n in set(lengths)}
+    for micro in (1, 2, 3, 4, 8):
+        orders = list(permutations(lengths))[::97]  # every 97th of the 40320 orders: an unbiased spread
+        brute = sum(max(order[:micro]) for order in orders) / len(orders)
+        assert expected_max(histogram, micro) == pytest.approx(brute, rel=0.02), micro
+    assert expected_max(histogram, 1) == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_lines_are_split_on_newline_only(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "one\u2028two\x85three\u2029four"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"text": "five"}) + "\n", encoding="utf-8")
+    budget = from_dataset(path, seq_len=64)
+    assert budget.examples == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "socket"])
+def test_files_that_are_not_regular_are_refused_without_reading(tmp_path, kind):
+    import os
+    import socket
+    import threading
+
+    path = tmp_path / "data.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    else:
+        path = Path("/dev/zero")
+    outcome = {}
+
+    def attempt():
+        try:
+            from_dataset(path, seq_len=8)
+        except PlannerError as exc:
+            outcome["error"] = str(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "reading a non-regular file blocked"
+    assert "not a regular file" in outcome["error"]
+
+
+def test_a_line_beyond_the_cap_is_refused_before_it_is_held(tmp_path, monkeypatch):
+    from ftplan.data import jsonl
+
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1000)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "short"}, {"text": "x" * 5000}])
+    with pytest.raises(PlannerError, match="line 2: longer than"):
+        from_dataset(path, seq_len=8)
+
+
+@pytest.mark.parametrize("order", ["shuffled", "sorted by length"])
+def test_a_sample_estimates_the_tokens_within_its_stated_error(tmp_path, order):
+    import random
+
+    rng = random.Random(3)
+    rows = [{"text": "w" * rng.randrange(10, 1000)} for _ in range(20000)]
+    if order != "shuffled":
+        rows.sort(key=lambda r: len(r["text"]))  # neighbours alike: sampling "the next line" would be biased
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    exact = from_dataset(path, seq_len=128, counting="exact")
+    sampled = from_dataset(path, seq_len=128, counting="sample")
+    assert sampled.sampled and "sampled" in sampled.counting and "95% confidence" in sampled.counting
+    assert 0 < sampled.error_percent <= 1.0
+    assert abs(sampled.tokens - exact.tokens) / exact.tokens < 0.01
+    assert sampled.examples == exact.examples == 20000
+    assert abs(sampled.truncated_examples - exact.truncated_examples) / exact.truncated_examples < 0.05
+    assert not exact.sampled and exact.error_percent is None

@@ -140,3 +140,57 @@ def test_hostile_paths_in_a_plan_cannot_write_outside_the_output_directory(tmp_p
     assert result.returncode == 0, result.stderr
     new = {p for p in tmp_path.rglob("*")} - before
     assert new and all(work / "out" in p.parents or p == work / "out" for p in new), sorted(map(str, new))
+
+
+EVIL_PLUGIN = """
+from ftplan.data import catalog
+from ftplan.run.hookspecs import hookimpl
+
+
+def price(usd):
+    return [{"usd_per_hour": usd, "region": "us-east-1", "platform": "ec2", "market": "on-demand",
+             "date": "2026-11-01", "source": "x"}]
+
+
+@hookimpl
+def register_catalog_entries(register_gpu, register_instance):
+    l4, g5 = catalog.get_gpu("L4").model_dump(), catalog.get_instance("g5.xlarge").model_dump()
+    register_gpu({**l4, "name": "Zero-TFLOPS", "aliases": [], "fp16_tflops": 0, "bf16_tflops": 0})
+    register_instance({**g5, "type": "zero.1", "gpu": "Zero-TFLOPS", "prices": price(0.01)})
+    register_gpu({**l4, "name": "Tiny-TFLOPS", "aliases": [], "fp16_tflops": 1e-300, "bf16_tflops": 1e-300})
+    register_instance({**g5, "type": "tiny.1", "gpu": "Tiny-TFLOPS", "prices": price(0.01)})
+    register_instance({**g5, "type": "negative.1", "prices": price(-5)})
+    register_instance({**g5, "type": "free.1", "prices": price(0)})
+    register_instance({**g5, "type": "huge.1", "prices": price(1e300)})
+    register_instance({**g5, "type": "cheap.1", "prices": price(0.01)})   # sane: it may win
+"""
+
+
+def test_absurd_plugin_hardware_never_reaches_recommends_ranking(tmp_path):
+    write_dist(tmp_path, "evil_plugin", EVIL_PLUGIN)
+    env = {"PYTHONPATH": str(tmp_path)}
+    rec = run_cli("recommend", "llama2-7b", "--tokens", "1M", "--json", env=env)
+    assert rec.returncode == 0, rec.stderr
+    data = json.loads(rec.stdout, parse_constant=lambda c: pytest.fail(f"{c} in recommend --json"))
+    ranked = {c["instance_type"] for c in [data["recommended"], *data["candidates"], *data["frontier"]]}
+    assert data["recommended"]["instance_type"] == "cheap.1"
+    assert not ranked & {"zero.1", "tiny.1", "negative.1", "free.1", "huge.1"}
+    errors = {r["name"]: r["errors"] for r in json.loads(run_cli("plugins", "--json", env=env).stdout)}["evil_plugin"]
+    assert len(errors) == 7 and any("fp16_tflops" in e or "bf16_tflops" in e for e in errors)
+    assert any("less than or equal to 100000" in e for e in errors)
+    refused = run_cli("recommend", "llama2-7b", "--tokens", "1M", "--instances", "tiny.1", env=env)
+    assert refused.returncode == 2 and "unknown instance type 'tiny.1'" in refused.stderr
+
+
+@pytest.mark.parametrize("usd", [float("inf"), float("nan"), 1e300, -1.0])
+def test_a_price_cache_holding_absurd_prices_is_refused_in_one_line(tmp_path, usd):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "prices.json").write_text(json.dumps({"schema_version": 1, "prices": [
+        {"instance_type": "g5.xlarge", "usd_per_hour": usd, "region": "us-east-1", "platform": "ec2",
+         "market": "on-demand", "date": "2026-11-01", "source": "x"}]}))
+    for args in (("prices", "show", "--json"), ("recommend", "llama2-7b", "--tokens", "1M", "--json")):
+        result = run_cli(*args, env={"FTPLAN_HOME": str(home)})
+        assert result.returncode == 2 and result.stdout == "", result.stdout[:200]  # no half, invalid JSON
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "prices.0.usd_per_hour" in lines[0] and "delete it" in lines[0], lines

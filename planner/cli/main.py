@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from ftplan import __version__
 from ftplan.cli import estimate, plan, prices, recommend, run
 from ftplan.cli.options import validation_message
-from ftplan.errors import PlannerError
+from ftplan.errors import PlannerError, printable
 
 EXIT_BAD_INPUT = 2
 
@@ -35,6 +35,11 @@ def usage_message(exc: click.UsageError) -> str:
     return exc.format_message()
 
 
+def _line(message: str) -> str:
+    # messages quote paths, names and values from outside: no control character and no line break gets through
+    return " ".join(printable(message).split("\n"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -49,17 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:
         if debug:
             raise
-        click.echo(f"ftplan: error: {usage_message(exc)}" + (
+        click.echo("ftplan: error: " + _line(usage_message(exc)) + (
             f" (see ftplan {exc.ctx.command.name} --help)" if exc.ctx and exc.ctx.command.name != "cli" else
             " (see ftplan --help)"), err=True)
         sys.exit(EXIT_BAD_INPUT)
     except PlannerError as exc:
         if debug:
             raise
-        click.echo(f"ftplan: error: {exc}", err=True)
+        click.echo(f"ftplan: error: {_line(str(exc))}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     except ValidationError as exc:
         if debug:
             raise
-        click.echo(f"ftplan: error: {validation_message(exc)}", err=True)
+        click.echo(f"ftplan: error: {_line(validation_message(exc))}", err=True)
         sys.exit(EXIT_BAD_INPUT)

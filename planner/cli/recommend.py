@@ -18,9 +18,12 @@ from ftplan.estimate.settings import METHODS
               help="JSONL with text, prompt/completion or messages: tokens are counted from it")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="tokenizer.json (or its directory) for counting --dataset [default: the model's, if local]")
+@click.option("--count", "counting", type=click.Choice(["auto", "exact", "sample"]), default="auto",
+              show_default=True, help="--dataset: tokenize every line (exact), a sample with its error stated "
+              "(sample), or exact up to 64 MiB and sampled above (auto)")
 @click.option("--packing/--no-packing", default=None, help="pack examples into full sequences "
               "[default: on for --tokens, off for --dataset]")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="passes over the data (at most 1000)")
 @click.option("--global-batch", type=int, default=16, show_default=True, help="sequences per optimizer step")
 @click.option("--budget", type=float, default=None, help="maximum cost in USD")
 @click.option("--deadline", type=float, default=None, help="maximum billed hours")
@@ -40,7 +43,7 @@ from ftplan.estimate.settings import METHODS
               "its methods and platforms [default: sagemaker for --platform sagemaker, skypilot for ec2 if installed, "
               "else hf]")
 @click.option("--allow-long-context", is_flag=True, help="plan a --seq-len above the model's max_position_embeddings")
-@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
               help="learning rate [default: 2e-5 full, 2e-4 LoRA/QLoRA]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("ftplan-plan.yaml"), show_default=True,
               help="plan file written on acceptance")
@@ -48,7 +51,8 @@ from ftplan.estimate.settings import METHODS
 @click.option("--force", is_flag=True, help="replace an existing plan file")
 @click.option("--top", type=click.IntRange(1, 50), default=8, show_default=True, help="candidates shown")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object (writes only with --yes)")
-def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: Path | None, packing: bool | None,
+def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: Path | None, counting: str,
+              packing: bool | None,
               epochs: float, global_batch: int, budget: float | None, deadline: float | None, priority: str,
               task: str, region: str | None, spot: bool, spot_discount: float | None, platform: str | None,
               max_gpus: int, methods: str, instance_list: str | None, backend: str | None,
@@ -75,7 +79,7 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
     if (limit := spec.dims.max_positions) and choices.seq_len > limit and not allow_long_context:
         raise PlannerError(f"--seq-len {choices.seq_len} is above {spec.name}'s max_position_embeddings ({limit}); "
                            "use a shorter --seq-len, or pass --allow-long-context to plan it anyway")
-    data = _token_budget(spec, tokens, dataset, tokenizer, packing, choices.seq_len)
+    data = _token_budget(spec, tokens, dataset, tokenizer, packing, choices.seq_len, counting)
     chosen, platform, method_list, why = backend_for(backend, platform, _methods(methods))
     request = SearchRequest(
         epochs=epochs, global_batch=global_batch, budget_usd=budget, deadline_hours=deadline, priority=priority,
@@ -142,7 +146,7 @@ def _methods(value: str) -> list[str]:
 
 
 def _token_budget(spec, tokens: int | None, dataset: Path | None, tokenizer: Path | None, packing: bool | None,
-                  seq_len: int):
+                  seq_len: int, counting: str = "auto"):
     """The data to plan for: --tokens (packed) or a JSONL --dataset counted with the model's tokenizer."""
     from ftplan.data import dataset as data_mod
 
@@ -155,4 +159,4 @@ def _token_budget(spec, tokens: int | None, dataset: Path | None, tokenizer: Pat
     tok = data_mod.find_tokenizer(tokenizer, Path(spec.local_dir) if spec.local_dir else None)
     if tokenizer is not None and tok is None:
         raise PlannerError(f"no tokenizer.json at {tokenizer}; pass the file or the directory holding it")
-    return data_mod.from_dataset(dataset, seq_len, packing=bool(packing), tokenizer=tok)
+    return data_mod.from_dataset(dataset, seq_len, packing=bool(packing), tokenizer=tok, counting=counting)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ftplan.cli.options import console, key_values
+from ftplan.errors import printable
 
 
 @click.command()
@@ -72,8 +73,8 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
     if as_json:
         click.echo(summary.model_dump_json(indent=2))
     if summary.result.interrupted:
-        click.echo(f"ftplan: interrupted after step {summary.result.steps}; a checkpoint is saved. Continue with: "
-                   f"ftplan run {plan_file} --data {data} --output {output} --resume", err=True)
+        click.echo(printable(f"ftplan: interrupted after step {summary.result.steps}; a checkpoint is saved. Continue "
+                             f"with: ftplan run {plan_file} --data {data} --output {output} --resume"), err=True)
         sys.exit(130)
 
 

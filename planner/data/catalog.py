@@ -33,19 +33,23 @@ class CatalogModel(BaseModel):
                                                "(model_type, sizes, tie_word_embeddings...)")
 
 
+# What a real GPU can be: a plugin's entry outside these bounds is a mistake, and would reach every figure
+MIN_TFLOPS, MAX_TFLOPS = 0.1, 100_000.0
+
+
 class Gpu(BaseModel):
     """One GPU type: memory as the driver reports it, dense peak throughput, capabilities."""
 
     name: str = Field(min_length=1, description="catalog name, e.g. A100-80GB")
     aliases: list[str] = Field([], description="other names it answers to, e.g. 'RTX 4090', 'GeForce RTX 4090'")
-    memory_bytes: int = Field(gt=0, description="usable memory in bytes (what torch's total_memory or the cloud "
+    memory_bytes: int = Field(ge=2**28, le=2**50, description="usable memory in bytes (what torch's total_memory or the cloud "
                                                 "API reports), against which required bytes are compared")
-    memory_gib_reported: float = Field(gt=0, allow_inf_nan=False, description="the same in GiB as shown to users")
-    bf16_tflops: float | None = Field(gt=0, allow_inf_nan=False, description="dense bf16 tensor-core peak with "
+    memory_gib_reported: float = Field(gt=0, le=2**20, allow_inf_nan=False, description="the same in GiB as shown to users")
+    bf16_tflops: float | None = Field(ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False, description="dense bf16 tensor-core peak with "
                                                                              "fp32 accumulate, TFLOP/s; null without bf16")
-    fp16_tflops: float = Field(gt=0, allow_inf_nan=False, description="dense fp16 tensor-core peak with fp32 "
+    fp16_tflops: float = Field(ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False, description="dense fp16 tensor-core peak with fp32 "
                                                                       "accumulate, TFLOP/s")
-    memory_bandwidth_gbps: float = Field(gt=0, allow_inf_nan=False, description="peak memory bandwidth, GB/s")
+    memory_bandwidth_gbps: float = Field(ge=1, le=10**6, allow_inf_nan=False, description="peak memory bandwidth, GB/s")
     architecture: str = Field(description="turing, volta, ampere, ada, hopper, blackwell... (utilisation defaults "
                                           "are per architecture)")
     supports_bf16: bool
@@ -59,9 +63,9 @@ class Instance(BaseModel):
 
     type: str = Field(min_length=1, description="instance type name, e.g. g5.2xlarge or onprem-a100x8")
     gpu: str = Field(description="catalogued GPU name (register the GPU first)")
-    gpu_count: int = Field(gt=0)
-    vcpus: int = Field(gt=0)
-    memory_gib: float = Field(gt=0, allow_inf_nan=False, description="host RAM in GiB (it must hold the checkpoint "
+    gpu_count: int = Field(gt=0, le=1024)
+    vcpus: int = Field(gt=0, le=10**5)
+    memory_gib: float = Field(gt=0, le=2**24, allow_inf_nan=False, description="host RAM in GiB (it must hold the checkpoint "
                                                                      "while loading)")
     network: str = Field(description="network performance as the provider states it, e.g. '100 Gb', 'up to 25 Gb'")
     interconnect: str = Field(description="between its GPUs: 'NVSwitch', 'NVLink', 'PCIe' (EFA noted here too)")

@@ -1,27 +1,30 @@
 """Training data as a token budget: how many tokens, how long the examples are, what padding costs.
 
-Reads JSONL with `text`, `prompt`/`completion` or chat `messages`. Tokens are counted with the
-model's tokenizer when one is available locally (a tokenizer.json, read with the `tokenizers`
-package), otherwise approximated from the character count - and the report says which.
+Reads JSONL with `text`, `prompt`/`completion` or chat `messages` (planner/data/jsonl.py: one line at a
+time, so memory does not grow with the file). Tokens are counted with the model's tokenizer when one is
+available locally (a tokenizer.json, read with the `tokenizers` package, in batches), otherwise
+approximated from the character count - and the report says which. A large file is sampled
+(planner/data/sampling.py) with the estimated error stated, unless an exact count is asked for.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+from typing import Callable, Iterable, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr
 
+from ftplan.data.jsonl import example_text, iter_records, open_dataset
 from ftplan.errors import PlannerError
 
+__all__ = ["TokenBudget", "LengthStats", "from_token_count", "from_dataset", "example_text", "read_records",
+           "iter_records", "check_training_data", "is_saved_dataset", "find_tokenizer", "padded_tokens",
+           "tokens_counter", "expected_max"]
 
-def _approximate(texts: list[str], why: str = "no tokenizer available locally") -> tuple[list[int], str]:
-    """Token counts from characters, at catalogs/planning.json's characters per token, labelled as approximate."""
-    from ftplan.data import catalog
-
-    per_token = catalog.planning().dataset.chars_per_token
-    return [math.ceil(len(t) / per_token) for t in texts], f"approximate: 1 token per {per_token:g} characters ({why})"
+Counting = Literal["auto", "exact", "sample"]
+EXACT_UP_TO_BYTES = 64 * 2**20  # `auto` counts every line of files up to this size, samples larger ones
+BATCH_CHARS = 2**20           # texts handed to the tokenizer at once: amortises the call, bounds what it returns
 
 
 class LengthStats(BaseModel):
@@ -39,16 +42,23 @@ class TokenBudget(BaseModel):
     """The data one epoch trains on, in sequences and tokens."""
 
     source: str = Field(description="'--tokens' or the dataset path")
-    counting: str = Field(description="how tokens were counted (tokenizer, approximation, or given)")
+    counting: str = Field(description="how tokens were counted (tokenizer, approximation, or given; sampled or "
+                                      "every line)")
     seq_len: int
     packing: bool
     examples: int = Field(description="examples in the file (for --tokens: packed sequences)")
     tokens: int = Field(description="tokens trained on per epoch, after truncation to seq_len")
     truncated_examples: int = 0
     lengths: LengthStats | None = None
-    padded_tokens_unpacked: int | None = Field(None, description="tokens processed with padding to the longest "
-                                                                  "example of each micro-batch of 8, without packing")
-    _lengths: list[int] = PrivateAttr(default_factory=list)
+    padded_tokens_unpacked: int | None = Field(None, description="tokens processed without packing when each "
+                                                                  "shuffled micro-batch of 8 is padded to its "
+                                                                  "longest example (expected value)")
+    sampled: bool = Field(False, description="tokens estimated from a sample of the file's lines")
+    error_percent: float | None = Field(None, description="sampled: the 95% confidence half-width of `tokens`, "
+                                                          "in percent")
+    # kept (truncated) length -> number of examples (or, sampled, estimated share): padding needs only this
+    _histogram: dict[int, float] = PrivateAttr(default_factory=dict)
+    _padded: dict[int, int] = PrivateAttr(default_factory=dict)
 
     def sequences(self) -> int:
         """Sequences per epoch: packed ones fill seq_len; otherwise one per example."""
@@ -56,9 +66,12 @@ class TokenBudget(BaseModel):
 
     def processed_tokens(self, micro_batch: int) -> int:
         """Tokens the GPUs process per epoch, padding included (the compute is spent on pads too)."""
-        if self.packing or not self._lengths:
+        if self.packing or not self._histogram:
             return self.sequences() * self.seq_len if self.packing else self.tokens
-        return padded_tokens(self._lengths, micro_batch)
+        if micro_batch not in self._padded:
+            self._padded[micro_batch] = round(self.examples * expected_max(self._histogram, micro_batch,
+                                                                           exact=not self.sampled))
+        return max(self.tokens, self._padded[micro_batch])
 
     def padding_waste(self, micro_batch: int) -> float:
         processed = self.processed_tokens(micro_batch)
@@ -66,9 +79,30 @@ class TokenBudget(BaseModel):
 
 
 def padded_tokens(lengths: list[int], micro_batch: int) -> int:
-    """Tokens after padding each micro-batch (in file order) to its longest example."""
+    """Tokens after padding each micro-batch (in the given order) to its longest example."""
     return sum(max(lengths[i:i + micro_batch]) * len(lengths[i:i + micro_batch])
                for i in range(0, len(lengths), micro_batch))
+
+
+def expected_max(histogram: dict[int, float], draws: int, *, exact: bool = True) -> float:
+    """The expected longest of `draws` examples drawn at random (training shuffles them): without
+    replacement from these counts when `exact`, else with replacement from this distribution (a sample)."""
+    total = sum(histogram.values())
+    if total <= 0:
+        return 0.0
+    draws = max(1, min(draws, int(total))) if exact else max(1, draws)
+    expected, below, previous = 0.0, 0.0, 0.0
+    for length in sorted(histogram):
+        below += histogram[length]
+        if exact:  # P(all draws <= length) = C(below, draws) / C(total, draws)
+            p = 1.0
+            for j in range(draws):
+                p *= max(0.0, below - j) / (total - j)
+        else:
+            p = (below / total) ** draws
+        expected += length * (p - previous)
+        previous = p
+    return expected
 
 
 def from_token_count(tokens: int, seq_len: int) -> TokenBudget:
@@ -79,62 +113,13 @@ def from_token_count(tokens: int, seq_len: int) -> TokenBudget:
                        examples=math.ceil(tokens / seq_len), tokens=tokens)
 
 
-def example_text(record: object, where: str) -> str:
-    """The text an example trains on: `text`, `prompt` + `completion`, or the `messages` contents."""
-    if not isinstance(record, dict):
-        raise PlannerError(f"{where}: expected a JSON object with 'text', 'prompt'/'completion' or 'messages', "
-                           f"got {type(record).__name__}")
-    if isinstance(record.get("text"), str):
-        return record["text"]
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-        return record["prompt"] + record["completion"]
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages:
-        parts = []
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise PlannerError(f"{where}: messages[{i}] needs string 'role' and 'content'")
-            parts.append(f"{m['role']}: {m['content']}\n")
-        return "".join(parts)
-    raise PlannerError(f"{where}: no 'text', 'prompt'+'completion' or 'messages' field (keys: "
-                       f"{', '.join(sorted(record)) or 'none'}); use one of those formats")
-
-
 def read_records(path: Path) -> list[dict]:
     """Every record of a JSONL file, each checked to hold a training format; PlannerError naming the
-    line for anything malformed."""
-    if path.is_dir():
-        raise PlannerError(f"dataset {path} is a directory; pass a .jsonl file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PlannerError(f"dataset {path} does not exist; check the path") from None
-    except OSError as exc:
-        raise PlannerError(f"cannot read dataset {path}: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise PlannerError(f"dataset {path}, line {line}: not UTF-8 text; re-encode the file as UTF-8") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PlannerError(f"dataset {path}, line {number}: invalid JSON ({exc.msg}); "
-                               "each line must be one JSON object") from None
-        example_text(record, f"dataset {path}, line {number}")  # raises for a record with no known format
-        records.append(record)
+    line for anything malformed. Holds the whole file: for small files - iterate `iter_records` otherwise."""
+    records = [record for _, record, _ in iter_records(path)]
     if not records:
         raise PlannerError(f"dataset {path} is empty; it needs one JSON object per line")
     return records
-
-
-def read_examples(path: Path) -> list[str]:
-    """Every example's text from a JSONL file."""
-    return [example_text(r, str(path)) for r in read_records(path)]
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -142,14 +127,18 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def check_training_data(path: Path) -> None:
-    """Validate training data before anything is written: every JSONL line, or a saved datasets directory."""
+def check_training_data(path: Path) -> int:
+    """Validate training data before anything is written: every JSONL line (read one at a time), or a saved
+    datasets directory. Returns the number of JSONL examples (0 for a datasets directory)."""
     if path.is_dir():
         if not is_saved_dataset(path):
             raise PlannerError(f"{path} is a directory but not a saved Hugging Face dataset (no dataset_info.json); "
                                "pass a .jsonl file or a save_to_disk directory")
-        return
-    read_records(path)
+        return 0
+    count = sum(1 for _ in iter_records(path))
+    if not count:
+        raise PlannerError(f"dataset {path} is empty; it needs one JSON object per line")
+    return count
 
 
 def find_tokenizer(*candidates: Path | None) -> Path | None:
@@ -163,36 +152,95 @@ def find_tokenizer(*candidates: Path | None) -> Path | None:
     return None
 
 
-def count_tokens(texts: list[str], tokenizer: Path | None) -> tuple[list[int], str]:
-    """Token count of each text, and how it was counted."""
-    if tokenizer is not None:
-        try:
-            from tokenizers import Tokenizer  # a Rust library, no torch; present with transformers
-        except ImportError:
-            return _approximate(texts, "no tokenizer available locally; install tokenizers")
-        try:
-            tok = Tokenizer.from_file(str(tokenizer))
-        except Exception as exc:  # the Rust error types are not importable; any failure is unreadable input
-            raise PlannerError(f"cannot read tokenizer {tokenizer}: {exc}") from None
-        return [len(e.ids) for e in tok.encode_batch(texts)], f"tokenizer {tokenizer}"
-    return _approximate(texts)
+def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[str]], list[int]], str]:
+    """A function giving the token count of each text of a batch, and how it counts."""
+    from ftplan.data import catalog
+
+    per_token = catalog.planning().dataset.chars_per_token
+    approximate = (lambda texts: [math.ceil(len(t) / per_token) for t in texts])  # noqa: E731
+    if tokenizer is None:
+        return approximate, f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
+    try:
+        from tokenizers import Tokenizer  # a Rust library, no torch; present with transformers
+    except ImportError:
+        return approximate, (f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally; "
+                             "install tokenizers)")
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as exc:  # the Rust error types are not importable; any failure is unreadable input
+        raise PlannerError(f"cannot read tokenizer {tokenizer}: {str(exc).splitlines()[0][:200]}") from None
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips the offsets nobody reads here
+    return (lambda texts: [len(e) for e in encode(texts)]), f"tokenizer {tokenizer}"
 
 
-def _percentile(sorted_values: list[int], q: float) -> int:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+def _batches(path: Path) -> Iterable[list[str]]:
+    """The example texts of every line, in batches of about BATCH_CHARS characters."""
+    batch, size = [], 0
+    for _, _, text in iter_records(path):
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
-def from_dataset(path: Path, seq_len: int, *, packing: bool = False, tokenizer: Path | None = None) -> TokenBudget:
-    """The token budget of a JSONL dataset, truncating each example to `seq_len`."""
-    lengths, counting = count_tokens(read_examples(path), tokenizer)
-    kept = [min(n, seq_len) for n in lengths]
-    ordered = sorted(lengths)
-    budget = TokenBudget(
-        source=str(path), counting=counting, seq_len=seq_len, packing=packing, examples=len(lengths),
-        tokens=sum(kept), truncated_examples=sum(n > seq_len for n in lengths),
-        lengths=LengthStats(min=ordered[0], p50=_percentile(ordered, 0.5), p90=_percentile(ordered, 0.9),
-                            p99=_percentile(ordered, 0.99), max=ordered[-1], mean=sum(lengths) / len(lengths)),
-        padded_tokens_unpacked=padded_tokens(kept, 8),
-    )
-    budget._lengths = kept
+def _percentile(histogram: dict[int, float], q: float) -> int:
+    total, seen = sum(histogram.values()), 0.0
+    for length in sorted(histogram):
+        seen += histogram[length]
+        if seen > q * total:
+            return length
+    return max(histogram)
+
+
+def _stats(raw: dict[int, float]) -> LengthStats:
+    total = sum(raw.values())
+    return LengthStats(min=min(raw), p50=_percentile(raw, 0.5), p90=_percentile(raw, 0.9),
+                       p99=_percentile(raw, 0.99), max=max(raw), mean=sum(k * v for k, v in raw.items()) / total)
+
+
+def exact_histogram(path: Path, count: Callable[[list[str]], list[int]]) -> dict[int, float]:
+    """Token length -> number of examples, over every line (read and tokenized in batches)."""
+    raw: dict[int, float] = {}
+    for batch in _batches(path):
+        for n in count(batch):
+            raw[n] = raw.get(n, 0) + 1
+    return raw
+
+
+def from_dataset(path: Path, seq_len: int, *, packing: bool = False, tokenizer: Path | None = None,
+                 counting: Counting = "auto") -> TokenBudget:
+    """The token budget of a JSONL dataset, truncating each example to `seq_len`: every line counted, or
+    (`sample`, or `auto` above EXACT_UP_TO_BYTES) a sample of lines with the error it implies."""
+    with open_dataset(path) as handle:  # a FIFO, device or directory is refused here, before anything is read
+        size = handle.seek(0, 2)
+    count, how = tokens_counter(tokenizer)
+    sampled = counting == "sample" or (counting == "auto" and size > EXACT_UP_TO_BYTES)
+    error = tokens = None
+    if sampled:
+        from ftplan.data.sampling import sample_histogram
+
+        raw, examples, tokens, error, note = sample_histogram(path, count, seq_len)
+        how += f"; {note}"
+    else:
+        raw = exact_histogram(path, count)
+        examples = int(sum(raw.values()))
+        how += "; every line counted"
+    if not examples or not raw:
+        raise PlannerError(f"dataset {path} is empty; it needs one JSON object per line")
+    share = examples / sum(raw.values())  # 1 when exact; sampled weights scale to the examples in the file
+    kept: dict[int, float] = {}
+    for n, weight in raw.items():
+        kept[min(n, seq_len)] = kept.get(min(n, seq_len), 0) + weight * share
+    if tokens is None:  # every line counted; a sample's total comes from its own (lower-variance) estimator
+        tokens = round(sum(k * v for k, v in kept.items()))
+    if tokens <= 0:
+        raise PlannerError(f"dataset {path}: its examples hold no tokens; check the file and the tokenizer")
+    budget = TokenBudget(source=str(path), counting=how, seq_len=seq_len, packing=packing, examples=examples,
+                         tokens=tokens, truncated_examples=round(sum(v for n, v in raw.items() if n > seq_len) * share),
+                         lengths=_stats(raw), sampled=sampled, error_percent=error)
+    budget._histogram = kept
+    budget.padded_tokens_unpacked = budget.processed_tokens(8)
     return budget

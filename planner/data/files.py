@@ -32,7 +32,11 @@ def read_user_file(path: Path, model: type[Model], what: str, fix: str) -> Model
         return model()
     try:
         return model.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, ValidationError):
+    except ValidationError as exc:  # valid JSON, refused values (a price of Infinity): name the field
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise PlannerError(f"{what} {path} is refused ({where}: {first.get('msg', 'invalid')}); {fix}") from None
+    except (OSError, ValueError):
         raise PlannerError(f"{what} {path} is unreadable; {fix}") from None
 
 

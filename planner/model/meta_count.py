@@ -38,10 +38,30 @@ def build_meta_model(config: dict[str, Any], *, trust_remote_code: bool = False)
         raise PlannerError(f"transformers {transformers_version()} does not know model_type '{model_type}' and "
                            "ftplan has no analytic layout for it; check the config.json, or upgrade transformers "
                            "if the architecture is new") from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    _require_causal_lm(model_type, hf_config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, RuntimeError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PlannerError(f"transformers {transformers_version()} cannot build model_type '{model_type}' from this "
+                           f"config ({detail}); check the config.json") from exc
     model.tie_weights()
     return model
+
+
+def _require_causal_lm(model_type: str, hf_config) -> None:
+    """ftplan plans decoder-only language models: encoder-decoder, vision-language, vision and speech models
+    (t5, whisper, llava, qwen2_vl, clip...) are refused by name before anything is built."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise PlannerError(f"model_type '{model_type}' is an encoder-decoder model, not a causal language model; "
+                           "ftplan plans decoder-only LLMs (Llama, Mistral, Qwen...)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise PlannerError(f"model_type '{model_type}' is not a causal language model (transformers has no "
+                           "AutoModelForCausalLM for it: a vision-language, vision or speech model); ftplan plans "
+                           "decoder-only LLMs - for a vision-language model, plan its text model's config")
 
 
 def count_total(model) -> int:

@@ -22,7 +22,7 @@ SCHEMA_VERSION = 2
 class SearchRequest(BaseModel):
     """What the user asked `recommend` for. None means 'search it'."""
 
-    epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
+    epochs: float = Field(1.0, gt=0, le=1000, allow_inf_nan=False, description="passes over the data")
     global_batch: int = Field(16, gt=0, description="sequences per optimizer step, across all GPUs")
     budget_usd: float | None = Field(None, gt=0, allow_inf_nan=False)
     deadline_hours: float | None = Field(None, gt=0, allow_inf_nan=False)

@@ -9,6 +9,7 @@ from rich.text import Text
 from ftplan.data import catalog
 from ftplan.estimate.memory import END_OF_BACKWARD
 from ftplan.estimate.report import EstimateReport, MethodEstimate
+from ftplan.render.console import styled
 
 GIB = 2**30
 BAR_WIDTH = 40
@@ -83,7 +84,8 @@ def comparison_table(report: EstimateReport) -> Table:
 
 def bars(report: EstimateReport) -> Table:
     scale = max(e.memory.peak_allocated_bytes for e in report.estimates)
-    table = Table(title="peak allocated, by term: " + "  ".join(f"[{c}]█[/] {n}" for n, c in SEGMENTS),
+    legend = [part for n, c in SEGMENTS for part in (("█", c), f" {n}  ")]
+    table = Table(title=styled("peak allocated, by term: ", *legend),
                   show_header=False, box=None, title_justify="left")
     for e in report.estimates:
         table.add_row(e.method, stacked_bar(e, scale), gib(e.memory.peak_allocated_bytes))
@@ -176,9 +178,9 @@ def smallest_counts_line(report: EstimateReport) -> list[str]:
 
 def print_estimate(report: EstimateReport, console: Console) -> None:
     m = report.model
-    console.print(f"[bold]{m.name}[/] ({m.hf_id or 'no HF id'}), {m.model_type}, {m.layers} layers, "
+    console.print(styled((m.name, "bold"), f" ({m.hf_id or 'no HF id'}), {m.model_type}, {m.layers} layers, "
                   f"hidden {m.hidden_size}, vocab {m.vocab_size:,}; from {m.source}; counted {m.counting}"
-                  + (f"; licence: {m.license}" if m.license else ""))
+                  + (f"; licence: {m.license}" if m.license else "")))
     console.print(comparison_table(report))
     console.print(bars(report))
     for line in selected_lines(report):
@@ -188,12 +190,12 @@ def print_estimate(report: EstimateReport, console: Console) -> None:
         console.print(table)
     for line in smallest_counts_line(report):
         console.print(line)
-    console.print("[dim]Assumptions:[/]")
+    console.print("Assumptions:", style="dim")
     for note in report.assumptions + quantization_notes(report):
-        console.print(f"[dim]- {note}[/]")
+        console.print(f"- {note}", style="dim")
     prices = {f.price_source for e in report.estimates for f in e.cheapest_instances if f.price_source}
     for source in sorted(prices):
-        console.print(f"[dim]Prices: {source}[/]")
+        console.print(f"Prices: {source}", style="dim")
 
 
 def measure_table(report) -> Table:
@@ -227,8 +229,8 @@ def print_measure(report, console: Console) -> None:
                            "tracker misses what ops allocate inside themselves, which the allocator and RSS see; "
                            f"the peak was reached in {got.allocator_peak_at or 'an unnamed op'}", style="yellow"))
     if report.device == "cpu" and report.estimated.paged_optimizer_bytes:
-        console.print("[dim]- paged optimizer states are counted in the peak on the CPU (no paged memory there)[/]")
-    console.print("[dim]- activations measured include the loss; estimated excludes the loss's transient buffers[/]")
+        console.print("- paged optimizer states are counted in the peak on the CPU (no paged memory there)", style="dim")
+    console.print("- activations measured include the loss; estimated excludes the loss's transient buffers", style="dim")
     if report.utilization is not None:
         predicted = report.predicted_tokens_per_second
         console.print(f"utilisation on {report.gpu}: {report.utilization:.0%} of the dense peak, "

@@ -5,16 +5,18 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from ftplan.render.console import styled
+
 
 def print_refresh(report, console: Console) -> None:
     console.print(f"Refreshed {len(report.updated)} price(s)" + (f" into {report.path}" if report.path else ""))
     for p in report.updated:
         console.print(f"  {p.instance_type:<20} {p.region:<14} {p.platform:<9} {p.market:<9} ${p.usd_per_hour:,.4f}/h")
     if report.missing:
-        console.print(f"[dim]No product for {len(report.missing)}: {', '.join(report.missing[:8])}"
-                      + (" ..." if len(report.missing) > 8 else "") + " (the bundled price, if any, stays)[/]")
+        console.print(f"No product for {len(report.missing)}: {', '.join(report.missing[:8])}"
+                      + (" ..." if len(report.missing) > 8 else "") + " (the bundled price, if any, stays)", style="dim")
     for e in report.errors:
-        console.print(f"[yellow]Skipped a malformed row: {e}[/]")
+        console.print(f"Skipped a malformed row: {e}", style="yellow")
 
 
 def prices_table(rows: list[dict]) -> Table:
@@ -23,5 +25,5 @@ def prices_table(rows: list[dict]) -> Table:
         table.add_column(col)
     for r in rows:
         table.add_row(r["instance_type"], r["region"], r["platform"], r["market"], f"{r['usd_per_hour']:,.4f}",
-                      r["date"] + (" [yellow](old)[/]" if r["warning"] else ""), r["source"])
+                      styled(r["date"], (" (old)", "yellow") if r["warning"] else ""), r["source"])
     return table

@@ -12,6 +12,7 @@ from ftplan.data.dataset import TokenBudget
 from ftplan.plan import Plan
 from ftplan.recommend.models import Candidate, Recommendation
 from ftplan.render import explain as words
+from ftplan.render.console import styled
 from ftplan.render.estimate import gib
 from ftplan.render.explain import hours
 
@@ -97,8 +98,8 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
         console.print(line)
     console.print(candidates_table(rec, limit))
     console.print(frontier_chart(rec))
-    console.print(f"[bold]Recommended:[/] {c.method} on {c.instance_count} x {c.instance_type} "
-                  f"({c.gpus_total} x {c.gpu}), {hours(c.hours)}, [bold]${c.cost_usd:,.2f}[/]")
+    console.print(styled(("Recommended:", "bold"), f" {c.method} on {c.instance_count} x {c.instance_type} "
+                         f"({c.gpus_total} x {c.gpu}), {hours(c.hours)}, ", (f"${c.cost_usd:,.2f}", "bold")))
     for r in rec.reasons:
         console.print(f"  - {words.reason(r)}")
     for line in time_evidence_lines(rec):
@@ -108,23 +109,23 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
         console.print(f"  Best on one instance: {single.method} on 1 x {single.instance_type}, {hours(single.hours)}, "
                       f"${single.cost_usd:,.2f}")
     if rec.why_not:
-        console.print("[bold]Why not the others:[/]")
+        console.print("Why not the others:", style="bold")
         for w in rec.why_not:
             console.print(f"  - {words.why_not(w)}")
     if rec.rejections:
-        console.print(f"[dim]{rec.evaluated:,} combinations evaluated, {rec.kept:,} kept; dropped: " + ", ".join(
-            f"{words.rejection(code)}: {n}" for code, n in sorted(rec.rejections.items(), key=lambda kv: -kv[1]))
-            + "[/]")
-    console.print("[dim]Assumptions:[/]")
+        console.print(f"{rec.evaluated:,} combinations evaluated, {rec.kept:,} kept; dropped: " + ", ".join(
+            f"{words.rejection(code)}: {n}" for code, n in sorted(rec.rejections.items(), key=lambda kv: -kv[1])),
+            style="dim")
+    console.print("Assumptions:", style="dim")
     for note in rec.assumptions:
-        console.print(f"[dim]- {words.assumption(note)}[/]")
+        console.print(f"- {words.assumption(note)}", style="dim")
     if line := words.backend_line(rec.backend, rec.backend_reason):
         console.print(line)
     p = c.price
-    console.print(f"[dim]Price: ${p.usd_per_hour:,.4f}/h {p.platform} {p.market} {p.region}, {p.source}, dated "
-                  f"{p.date}{'; ' + p.derived if p.derived else ''}[/]")
+    console.print(f"Price: ${p.usd_per_hour:,.4f}/h {p.platform} {p.market} {p.region}, {p.source}, dated "
+                  f"{p.date}{'; ' + p.derived if p.derived else ''}", style="dim")
     if p.warning:
-        console.print(f"[yellow]Warning: {p.warning}[/]")
+        console.print(f"Warning: {p.warning}", style="yellow")
 
 
 def time_evidence_lines(rec: Recommendation) -> list[str]:
@@ -172,6 +173,6 @@ def print_plan(plan: Plan, path: str, console: Console) -> None:
     table.add_row("cost", f"${e.cost_usd:,.2f} at ${e.price.usd_per_hour:,.4f}/h ({e.price.source}, {e.price.date})")
     table.add_row("backend", plan.backend)
     console.print(table)
-    console.print("[dim]Assumptions:[/]")
+    console.print("Assumptions:", style="dim")
     for note in e.assumptions:
-        console.print(f"[dim]- {words.assumption(note)}[/]")
+        console.print(f"- {words.assumption(note)}", style="dim")

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ftplan.render.console import styled
 from ftplan.render.estimate import gib
 from ftplan.render.explain import hours
 from ftplan.run.backend import ProgressEvent
@@ -15,8 +16,8 @@ from ftplan.run.backend import ProgressEvent
 
 def print_run_start(plan, backend, request, console: Console) -> None:
     t, h = plan.training, plan.hardware
-    console.print(f"[bold]Running[/] {plan.model.name} {t.method} with backend '{backend.name}' "
-                  f"({backend.description})")
+    console.print(styled(("Running", "bold"), f" {plan.model.name} {t.method} with backend '{backend.name}' "
+                                               f"({backend.description})"))
     console.print(f"  micro-batch {t.setup.batch_size} x {t.setup.seq_len}, accumulation {t.grad_accum}, "
                   f"{t.setup.precision}, {t.setup.optimizer}, lr {t.learning_rate:g} {t.lr_scheduler}; "
                   f"planned for {h.instance_count} x {h.instance_type}")
@@ -27,7 +28,8 @@ def print_run_start(plan, backend, request, console: Console) -> None:
 @contextmanager
 def progress_display(console: Console):
     """A progress bar with step, loss, tokens/s, ETA and peak memory; yields the callback."""
-    columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
+    columns = (TextColumn("step {task.completed}/{task.total}", markup=False), BarColumn(),
+               TextColumn("{task.fields[status]}", markup=False),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=None, status="starting")
@@ -44,9 +46,9 @@ def progress_display(console: Console):
 def print_summary(summary, console: Console) -> None:
     r = summary.result
     state = "interrupted" if r.interrupted else "finished"
-    console.print(f"[bold]{state}[/] after {r.steps} of {r.total_steps} steps in {r.seconds:,.1f} s on {r.device}"
-                  + (f" ({r.gpu_name})" if r.gpu_name else "")
-                  + (f", resumed from step {r.resumed_from_step}" if r.resumed_from_step else ""))
+    console.print(styled((state, "bold"), f" after {r.steps} of {r.total_steps} steps in {r.seconds:,.1f} s on "
+                         f"{r.device}" + (f" ({r.gpu_name})" if r.gpu_name else "")
+                         + (f", resumed from step {r.resumed_from_step}" if r.resumed_from_step else "")))
     if r.first_loss is not None:
         console.print(f"  loss {r.first_loss:.4f} -> {r.final_loss:.4f}"
                       + (f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""))
@@ -70,7 +72,7 @@ def print_summary(summary, console: Console) -> None:
         console.print(f"  recorded utilisation {summary.calibration.utilization:.0%} on {summary.calibration.gpu} "
                       "as calibration for later estimates")
     for note in r.notes:
-        console.print(f"  [dim]{note}[/]")
+        console.print(styled("  ", (note, "dim")))
     console.print(f"  outputs in {r.output_dir}: {', '.join(r.artifacts)}")
 
 
@@ -84,6 +86,6 @@ def plugins_table(rows: list[dict], allowed: set[str] | None) -> Table:
                              for b in row["backends"]) or "-"
         if row["catalog_entries"]:
             backends += f"\n+{row['catalog_entries']} catalog entries"
-        status = "[red]" + "; ".join(row["errors"]) + "[/]" if row["errors"] else "ok"
+        status = styled(("; ".join(row["errors"]), "red")) if row["errors"] else "ok"
         table.add_row(row["name"], row["version"] or "-", row["source"], backends, status)
     return table

@@ -51,7 +51,7 @@ class RunRequest(BaseModel):
     eval_data: Path | None = None
     output_dir: Path
     model_path: str | None = Field(None, description="local directory or Hugging Face id overriding the plan's")
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=10**9, description="stop after N optimizer steps")
     save_every: int = Field(100, gt=0, description="optimizer steps between checkpoints")
     log_every: int = Field(1, gt=0)
     resume: bool = False

@@ -10,6 +10,7 @@ written in the manifest, so a later --force may replace it.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from ftplan.data.dataset import check_training_data
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
 from ftplan.estimate.timing import calibrated_u_max
-from ftplan.plan import Plan, config_hash, load, to_yaml, weights_source
+from ftplan.plan import Plan, check_targets, config_hash, load, to_yaml, weights_source
 from ftplan.run import output, registry
 from ftplan.run.backend import BackendOptions, ProgressCallback, ProgressEvent, RunRequest, RunResult, TrainerBackend
 
@@ -47,18 +48,20 @@ class RunSummary(BaseModel):
 
 
 def check_model(plan: Plan, source: str | None) -> None:
-    """The weights must be the architecture the plan was made for (compared by config hash)."""
+    """The weights must be the architecture the plan was made for (compared by config hash), and the plan's
+    LoRA targets modules of it."""
     if source is None:
         return
     from ftplan.model.resolve import resolve_model
 
     path = Path(source).expanduser()
     if not path.exists() and plan.model.local_dir is None and source == plan.model.hf_id:
-        return  # a Hub id the plan was made from: its config hash is already the plan's
+        return  # a Hub id the plan was made from: its config hash is already the plan's (the backend checks targets)
     spec = resolve_model(str(path) if path.exists() else source)
     if config_hash(spec) != plan.model.config_sha256:
         raise PlannerError(f"the model at {source} is not the architecture the plan was made for "
                            f"({plan.model.name}, {plan.model.model_type}); re-plan with: ftplan recommend {source}")
+    check_targets(plan, spec)
 
 
 def _failure(backend: TrainerBackend, what: str, exc: Exception) -> PlannerError:
@@ -84,6 +87,8 @@ def prepare(plan_path: Path, request: RunRequest, *, backend_name: str | None, r
     plan = load(plan_path)
     backend = registry.get_backend(backend_name or plan.backend)
     options = backend.parse_options(raw_options)
+    if not request.dry_run and request.output_dir.is_dir() and not request.output_dir.is_symlink():
+        output.refuse_busy(request.output_dir)  # first: a running run's checkpoints are not ours to read or remove
     for path in (request.data, request.eval_data):
         if path is not None:
             check_training_data(path)
@@ -122,30 +127,38 @@ def notices(plan: Plan, backend: TrainerBackend, options: BackendOptions, reques
 
 
 class MetricsLog:
-    """metrics.jsonl, one ProgressEvent per line, appended and flushed as events arrive."""
+    """metrics.jsonl, one ProgressEvent per line, appended and flushed as events arrive. Opened once, without
+    following a link: a link planted during the run cannot redirect the appends."""
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
         kept = read_metrics(path) if resume_step is not None else []
         kept = [e for e in kept if e.step <= resume_step] if resume_step is not None else []
         atomic_write_text(path, "".join(e.model_dump_json() + "\n" for e in kept))
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
         self.events = kept
 
     def append(self, event: ProgressEvent) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(event.model_dump_json() + "\n")
+        os.write(self._fd, (event.model_dump_json() + "\n").encode("utf-8"))
         self.events.append(event)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def read_metrics(path: Path) -> list[ProgressEvent]:
     """The events of a metrics.jsonl; a line that does not parse (a kill mid-append) and all after it are
     dropped."""
     events = []
+    if path.is_symlink():
+        return []
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     except FileNotFoundError:
         return []
     for line in lines:
+        if not line.strip():
+            continue
         try:
             events.append(ProgressEvent.model_validate_json(line))
         except ValueError:
@@ -201,34 +214,52 @@ def validate_result(backend: TrainerBackend, result, out: Path) -> RunResult:
 
 def execute(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest,
             progress: ProgressCallback) -> RunSummary:
-    """Run the plan under the contract; returns the summary written to summary.json."""
+    """Run the plan under the contract; returns the summary written to summary.json. A fresh run that fails or
+    is interrupted before its first step leaves --output as it found it (the next run needs no --force)."""
     out = request.output_dir
-    with output.lock(out):
-        fresh = not request.resume
-        atomic_write_text(out / "plan.yaml", to_yaml(plan))
-        output.record(out, ["plan.yaml", METRICS])
-        metrics = MetricsLog(out / METRICS, request.resume_step if request.resume else None)
+    made = [] if out.exists() else [out, *(p for p in out.absolute().parents if not p.exists())]
+    before = set() if made else {p.name for p in out.iterdir()}
+    try:
+        with output.lock(out):
+            return _execute_locked(plan, backend, options, request, progress, before)
+    finally:
+        for directory in made:  # the directories this run created, innermost first, while they are empty
+            if not directory.is_dir() or any(directory.iterdir()):
+                break
+            directory.rmdir()
 
-        def on_event(event: ProgressEvent) -> None:
-            metrics.append(event)
-            progress(event)
 
-        try:
-            with sigterm_as_interrupt():
-                result = backend.run(plan, request, options, on_event)
-        except KeyboardInterrupt:
-            result = _interrupted_result(request, metrics.events)
-        except Exception as exc:
-            if fresh and not metrics.events:  # nothing happened: leave the directory as it was
-                for name in ("plan.yaml", METRICS, output.MANIFEST):
-                    (out / name).unlink(missing_ok=True)
-            if isinstance(exc, PlannerError):
-                raise
-            raise _failure(backend, "run", exc) from exc
-        result = validate_result(backend, result, out)
-        output.record(out, [*result.artifacts, "summary.json"])
-        summary = summarize(plan, backend.name, result)
-        atomic_write_text(out / "summary.json", summary.model_dump_json(indent=2))
+def _execute_locked(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest,
+                    progress: ProgressCallback, before: set[str]) -> RunSummary:
+    out, fresh = request.output_dir, not request.resume
+    atomic_write_text(out / "plan.yaml", to_yaml(plan))
+    output.record(out, ["plan.yaml", METRICS])
+    metrics = MetricsLog(out / METRICS, request.resume_step if request.resume else None)
+
+    def on_event(event: ProgressEvent) -> None:
+        metrics.append(event)
+        progress(event)
+
+    try:
+        with sigterm_as_interrupt():
+            result = backend.run(plan, request, options, on_event)
+    except KeyboardInterrupt:
+        if fresh and not metrics.events:  # stopped before a step: nothing to resume, so nothing to keep
+            output.remove_new(out, before, backend.owned_patterns)
+            raise
+        result = _interrupted_result(request, metrics.events)
+    except Exception as exc:
+        if fresh and not metrics.events:  # nothing happened: leave the directory as it was
+            output.remove_new(out, before, backend.owned_patterns)
+        if isinstance(exc, PlannerError):
+            raise
+        raise _failure(backend, "run", exc) from exc
+    finally:
+        metrics.close()
+    result = validate_result(backend, result, out)
+    output.record(out, [*result.artifacts, "summary.json"])
+    summary = summarize(plan, backend.name, result)
+    atomic_write_text(out / "summary.json", summary.model_dump_json(indent=2))
     return summary
 
 

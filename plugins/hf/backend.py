@@ -16,6 +16,7 @@ from ftplan.api import (
     RunRequest,
     RunResult,
     TrainerBackend,
+    check_targets,
     resolve_model,
     weights_source,
 )
@@ -61,10 +62,13 @@ def load_for_training(plan: Plan, request: RunRequest):
     path = Path(source).expanduser()
     where = str(path) if path.exists() else source
     spec = resolve_model(where)
+    check_targets(plan, spec)  # before any weights load: a hand-edited target must not train something else
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=request.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise PlannerError(f"cannot load the tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # tokenizers raises its own types for a damaged tokenizer.json
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PlannerError(f"cannot load the tokenizer from {source}: {type(exc).__name__}"
+                           + (f": {detail}" if detail else "") + "; check its tokenizer files") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # the usual recipe for causal LMs without a pad token
     if tokenizer.pad_token_id is None:
@@ -140,7 +144,39 @@ class HuggingFaceBackend(TrainerBackend):
         if options.machines and options.machine_rank >= options.machines:
             problems.append(Problem(message=f"machine_rank {options.machine_rank} is not below machines "
                                             f"{options.machines}", fix="number the nodes 0 to machines - 1"))
+        problems += self._split_problems(plan, request, options)
+        problems += self._resume_problems(plan, request)
         return problems
+
+    def _resume_problems(self, plan: Plan, request: RunRequest) -> list[Problem]:
+        """--resume continues the checkpoint's run: the same data, plan and method, or it is refused here,
+        before anything is written, with the difference named."""
+        if not request.resume:
+            return []
+        from . import fingerprint
+        from .checkpoint import newest_intact, read_state
+
+        path, _ = newest_intact(request.output_dir)
+        if path is None:
+            return []
+        differs = fingerprint.difference(read_state(path).get("fingerprint"), fingerprint.of(plan, request))
+        if not differs:
+            return []
+        return [Problem(message=f"--resume: {path.name} {differs}",
+                        fix="resume with the plan and --data the checkpoint was trained with, or start a new run "
+                            "(another --output, or --force without --resume)")]
+
+    def _split_problems(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
+        """Every process takes whole micro-batches: the plan's accumulation x GPUs must divide among them (said
+        here, before the launcher starts, rather than by a worker's traceback)."""
+        t, count = plan.training, self.processes(plan, request, options)[0]
+        world = plan.hardware.instance_count * plan.hardware.gpus_per_instance
+        if count <= 1 or (t.grad_accum * world) % count == 0:
+            return []
+        return [Problem(message=f"{count} processes cannot split the plan's global batch ({t.global_batch} = "
+                                f"micro-batch {t.setup.batch_size} x {t.grad_accum} accumulation x {world} GPU(s))",
+                        fix=f"use --option processes=N with N dividing {t.grad_accum * world}, or re-plan with a "
+                            "global batch that divides")]
 
     def processes(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> tuple[int, bool]:
         """How many processes to start here, and whether on the CPU."""

@@ -119,13 +119,12 @@ def save(output_dir: Path, step: int, *, model, full: bool, optimizer, scheduler
     # multi-node run need not share a disk (a node restores the checkpoint from a bucket to resume)
     rngs = procs.gather(rng)
     if procs.main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        clear(tmp)
         tmp.mkdir(parents=True)
         for rank, rng_state in enumerate(rngs):
             save_file(rng_state, str(tmp / f"rng-rank{rank}.safetensors"))
         _write_main(tmp, model, full, optimizer, scheduler, scaler, state, step, procs.count, gathered)
-        if final.exists():
-            shutil.rmtree(final)
+        clear(final)
         os.replace(tmp, final)
         for old in complete(output_dir)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
@@ -186,11 +185,23 @@ def damage(path: Path) -> str:
             return f"{name} is not listed"
     for name, entry in files.items():
         file = path / name
-        if "/" in name or not file.is_file():
+        if "/" in name or file.is_symlink() or not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != entry.get("bytes") or _sha256(file) != entry.get("sha256"):
             return f"{name} does not match its manifest (truncated or changed)"
+    step = read_state(path).get("step")
+    if step != manifest["step"]:  # edited consistently with its manifest entry, yet not the step it claims
+        return f"trainer_state.json names step {step!r}, its manifest {manifest['step']}"
     return ""
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json ({} when unreadable: damage() reports why)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def complete(output_dir: Path) -> list[Path]:
@@ -213,11 +224,20 @@ def newest_intact(output_dir: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
+def clear(path: Path) -> None:
+    """Remove `path` so a new file or directory can take its name: a symbolic link is unlinked itself, never
+    followed (a planted `.checkpoint-*.tmp -> ../victim` must not send the checkpoint outside --output)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def remove_partial(output_dir: Path) -> None:
-    """Drop temporary checkpoint directories a crash left behind."""
+    """Drop temporary checkpoint directories a crash left behind (links by that name are unlinked, not
+    followed)."""
     for p in output_dir.glob(".checkpoint-*.tmp"):
-        if not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
+        clear(p)
 
 
 def load(path: Path, *, model, full: bool, optimizer, scheduler, scaler, device,
@@ -227,7 +247,7 @@ def load(path: Path, *, model, full: bool, optimizer, scheduler, scaler, device,
     import torch
     from safetensors.torch import load_file
 
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    trainer_state = read_state(path)
     written_by = trainer_state.get("processes", 1)
     if written_by != procs.count:
         raise ValueError(f"{path.name} was written by {written_by} process(es); resume with the same number "

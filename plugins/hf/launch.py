@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from ftplan.api import Plan, PlannerError, ProgressCallback, ProgressEvent, RunRequest, RunResult
@@ -48,6 +51,23 @@ def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank
     return config
 
 
+def write_new(path: Path, text: str, *, append: bool = False) -> None:
+    """Write `path` inside the output directory without ever following a link there: whatever holds the
+    name is unlinked first (unless appending), and the file is created with O_EXCL | O_NOFOLLOW."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    if append:
+        flags |= os.O_APPEND
+    else:
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        flags |= os.O_EXCL
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,48 +98,153 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     port = free_port() if machines == 1 else main_port
     config = accelerate_config(plan, processes=processes * machines, machines=machines, machine_rank=machine_rank,
                                main_ip=main_ip, main_port=port, cpu=cpu)
-    (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    write_new(out / CONFIG, yaml.safe_dump(config, sort_keys=False))
     request_file = out / ".request.json"
-    request_file.write_text(request.model_dump_json())
+    write_new(request_file, request.model_dump_json())
     args = ["--plan", str(out / "plan.yaml"), "--request", str(request_file)]
     cmd = command(out / CONFIG, processes, cpu, args, port, machines=machines, machine_rank=machine_rank,
                   main_ip=main_ip)
-    (out / COMMAND).write_text("#!/bin/sh\n# rerun this plan's launch by hand (on every node, with its machine_rank)\n"
-                               + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    write_new(out / COMMAND, "#!/bin/sh\n# rerun this plan's launch by hand (on every node, with its machine_rank)\n"
+              + " ".join(shlex.quote(c) for c in cmd) + "\n")
     (out / RESULT).unlink(missing_ok=True)
     events = out / EVENTS
     events.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = 0
-    try:
-        while proc.poll() is None:
-            seen = _follow(events, seen, progress)
-            time.sleep(0.2)
-    except KeyboardInterrupt:  # pass Ctrl-C on: the workers save a checkpoint together
-        proc.send_signal(2)
-        proc.wait()
-    _follow(events, seen, progress)
-    logs = proc.stdout.read() if proc.stdout else ""
+    proc, logs = _start(cmd)
+    interrupted = _supervise(proc, events, progress)
     request_file.unlink(missing_ok=True)
     events.unlink(missing_ok=True)
     if not (out / RESULT).exists():
-        tail = " | ".join(line for line in logs.strip().splitlines()[-3:])
-        raise PlannerError(f"the {processes} training process(es) here failed (exit {proc.returncode}): {tail[:400]}")
+        if interrupted:  # stopped before the workers could report: ftplan treats it as Ctrl-C
+            raise KeyboardInterrupt
+        from .worker import ERROR_PREFIX
+
+        said = [line.split(ERROR_PREFIX, 1)[1].strip() for line in logs if ERROR_PREFIX in line]
+        detail = said[0] if said else " | ".join(list(logs)[-3:])
+        raise PlannerError(f"the {processes} training process(es) here failed (exit {proc.returncode}): {detail[:400]}")
     result = RunResult.model_validate_json((out / RESULT).read_text())
     (out / RESULT).unlink()
     result.artifacts += [CONFIG, COMMAND]
     return result
 
 
-def _follow(events: Path, seen: int, progress: ProgressCallback) -> int:
-    if not events.exists():
-        return seen
-    lines = events.read_text(encoding="utf-8").splitlines()
-    for line in lines[seen:]:
+SHUTDOWN_TIMEOUT_S = 900  # how long torchrun lets interrupted workers save before it kills them (its default: 30)
+
+
+def _start(cmd: list[str]) -> tuple[subprocess.Popen, deque]:
+    """The launcher, in a session of its own so a terminal's Ctrl-C reaches only ftplan, which forwards it once.
+    torchrun starts each worker in a session of its own too, and forwards SIGINT to every one of them; it is
+    given time for them to save. Its output is drained by a thread, the last lines kept for error messages."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S), "PET_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+    logs: deque = deque(maxlen=200)
+    threading.Thread(target=lambda: logs.extend(line.rstrip() for line in proc.stdout), daemon=True).start()
+    return proc, logs
+
+
+def _supervise(proc: subprocess.Popen, events: Path, progress: ProgressCallback) -> bool:
+    """Follow process 0's events until the launcher exits. On KeyboardInterrupt (Ctrl-C, or SIGTERM as ftplan
+    delivers it) send SIGINT to the launcher, which passes it to every worker, and wait while they stop after
+    their step and save one checkpoint together; a second interrupt kills the launcher and every process under
+    it. Returns whether it was interrupted; no process outlives it."""
+    follower, tree, interrupted = _Follower(events, progress), _Tree(proc), False
+    try:
+        while tree.alive():
+            follower.read()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        interrupted = True
+        proc.send_signal(signal.SIGINT)
         try:
-            progress(ProgressEvent.model_validate(json.loads(line)))
-        except ValueError:
-            return seen  # a line being written; read it next time
-        seen += 1
-    return seen
+            while tree.alive():
+                follower.read()
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        tree.kill()  # after a second interrupt, an unexpected error, or a launcher that died before its workers
+    follower.read()
+    return interrupted
+
+
+class _Tree:
+    """The launcher and every process under it. torchrun's workers lead sessions of their own, so no process-group
+    signal reaches them, and a launcher that dies leaves them to init: they are found through /proc while the
+    launcher lives (unreaped, so its PID cannot be reused), and remembered with their start times so that a PID
+    the system has since given to another process is never killed."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.known, self.scanned = proc, {}, 0.0
+
+    def alive(self) -> bool:
+        """Whether the launcher still runs; it is not reaped here (WNOWAIT), only in kill()."""
+        if self.proc.returncode is not None:
+            return False
+        try:
+            exited = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            exited = True
+        if not exited and time.monotonic() - self.scanned > 1.0:  # workers start once and live long: 1 s is enough
+            self.known.update(_descendants(self.proc.pid))
+            self.scanned = time.monotonic()
+        return not exited
+
+    def kill(self) -> None:
+        """SIGKILL whatever is left of the tree, then reap the launcher."""
+        if self.proc.returncode is None:
+            self.known.update(_descendants(self.proc.pid))  # still unreaped: its PID is still its own
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        for pid, started in self.known.items():
+            if _start_time(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+def _start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot; /proc/PID/stat field 22), or None when there is no such process."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """Every process under `pid` with its start time (Linux /proc; empty where there is none)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, stack = {}, [pid]
+    while stack:
+        for child, started in children.get(stack.pop(), []):
+            found[child] = started
+            stack.append(child)
+    return found
+
+
+class _Follower:
+    """Progress events appended by process 0, read from where the last read stopped (complete lines only)."""
+
+    def __init__(self, path: Path, progress: ProgressCallback) -> None:
+        self.path, self.progress, self.offset = path, progress, 0
+
+    def read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        for line in complete.decode("utf-8", errors="replace").split("\n"):
+            if line.strip():
+                self.progress(ProgressEvent.model_validate(json.loads(line)))

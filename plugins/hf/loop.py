@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from ftplan.api import (
     uses_autocast,
 )
 
-from . import checkpoint, data
+from . import checkpoint, data, fingerprint
 
 
 @contextmanager
@@ -49,12 +48,12 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def micro_batch_order(n: int, micro: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch: a permutation fixed by (seed, epoch), so resume sees the same order."""
+def epoch_order(n: int, seed: int, epoch: int):
+    """The order of one epoch's examples: a permutation fixed by (seed, epoch), so resume sees the same order. A
+    tensor (8 bytes an example): a million examples as Python lists of micro-batches cost 100 MB."""
     import torch
 
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [perm[i:i + micro] for i in range(0, n, micro)]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
 class Stream:
@@ -63,13 +62,14 @@ class Stream:
     def __init__(self, examples, micro: int, seed: int, pad_id: int) -> None:
         self.examples, self.micro, self.seed, self.pad_id = examples, micro, seed, pad_id
         self.per_epoch = math.ceil(len(examples) / micro)
-        self._epoch, self._order = -1, []
+        self._epoch, self._order = -1, None
 
     def batch(self, position: int) -> dict:
         epoch, index = divmod(position, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, micro_batch_order(len(self.examples), self.micro, self.seed, epoch)
-        return data.collate([self.examples[i] for i in self._order[index]], self.pad_id)
+            self._epoch, self._order = epoch, epoch_order(len(self.examples), self.seed, epoch)
+        indices = self._order[index * self.micro:(index + 1) * self.micro].tolist()
+        return data.collate(self.examples.take(indices), self.pad_id)
 
 
 def mixed_precision(plan: Plan) -> str:
@@ -87,9 +87,10 @@ def _eval_loss(model, examples, micro: int, pad_id: int, accelerator) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), micro):
-            batch = {k: v.to(accelerator.device) for k, v in data.collate(examples[i:i + micro], pad_id).items()}
-            total += float(model(**batch).loss) * len(examples[i:i + micro])
-            count += len(examples[i:i + micro])
+            rows = examples.take(list(range(i, min(i + micro, len(examples)))))
+            batch = {k: v.to(accelerator.device) for k, v in data.collate(rows, pad_id).items()}
+            total += float(model(**batch).loss) * len(rows)
+            count += len(rows)
     model.train()
     return total / count
 
@@ -106,16 +107,12 @@ def _save_final(model, tokenizer, output_dir: Path, full: bool, procs: checkpoin
     name = "model" if full else "adapter"
     if procs.main:
         tmp = output_dir / f".{name}.tmp"
-        if tmp.is_symlink():
-            tmp.unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
+        checkpoint.clear(tmp)  # a link there is unlinked, never written through
+        tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         final = output_dir / name
-        if final.is_symlink():
-            final.unlink()
-        elif final.exists():
-            shutil.rmtree(final)
+        checkpoint.clear(final)
         os.replace(tmp, final)
     procs.barrier()
     return [name]
@@ -131,8 +128,9 @@ class Session:
     procs: checkpoint.Processes
     cpu: bool
     notes: list[str] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)
     stream: Stream | None = None
-    eval_examples: list | None = None
+    eval_examples: data.Examples | None = None
     accum: int = 1
     steps_per_epoch: int = 1
     total: int = 1
@@ -182,19 +180,19 @@ def _start(plan: Plan, request: RunRequest) -> Session:
         checkpoint.remove_partial(request.output_dir)
     procs.barrier()
     set_seed(plan.training.seed)
-    return Session(plan=plan, request=request, accelerator=accelerator, procs=procs, cpu=cpu)
+    return Session(plan=plan, request=request, accelerator=accelerator, procs=procs, cpu=cpu,
+                   fingerprint=fingerprint.of(plan, request))
 
 
 def _data(s: Session, tokenizer) -> None:
     """Tokenized examples as a stream of micro-batches, the accumulation that keeps the plan's global batch on
     this many processes, and the step count."""
     t, setup, request = s.plan.training, s.plan.training.setup, s.request
-    examples = data.tokenize(data.read_records(request.data), tokenizer, setup.seq_len, str(request.data))
+    examples = data.Examples(request.data, tokenizer, setup.seq_len)
     if t.packing:
-        examples = data.pack(examples, setup.seq_len)
+        examples = data.Packed(examples, setup.seq_len)
     if request.eval_data is not None:
-        s.eval_examples = data.tokenize(data.read_records(request.eval_data), tokenizer, setup.seq_len,
-                                        str(request.eval_data))
+        s.eval_examples = data.Examples(request.eval_data, tokenizer, setup.seq_len)
     world, processes = s.plan.hardware.instance_count * s.plan.hardware.gpus_per_instance, s.procs.count
     if (t.grad_accum * world) % processes:
         raise PlannerError(f"{processes} processes cannot split the plan's global batch ({t.global_batch} = "
@@ -230,23 +228,39 @@ def _build(s: Session, spec: ModelSpec, source: str) -> None:
 
 def _resume(s: Session) -> tuple[dict, int | None]:
     """The trainer state to start from: fresh, or the newest intact checkpoint's (older ones when newer ones are
-    damaged or do not load, each skip said in the notes)."""
-    state = {"tokens": 0, "first_loss": None, "elapsed": 0.0, "step": 0}
+    damaged or do not load, each skip said in the notes) - refused when it is another run's."""
+    state = {"tokens": 0, "first_loss": None, "elapsed": 0.0, "step": 0, "fingerprint": s.fingerprint,
+             "total_steps": s.total}
     if not s.request.resume:
         return state, None
     path, skipped = checkpoint.newest_intact(s.request.output_dir)
     s.notes += skipped
     while path is not None:
+        _check_same_run(s, path, checkpoint.read_state(path))
         try:
             state = checkpoint.load(path, model=s.unwrapped, full=s.full, optimizer=s.optimizer,
                                     scheduler=s.scheduler, scaler=s.scaler, device=s.device, procs=s.procs)
-            return state, state["step"]
+            return {**state, "fingerprint": s.fingerprint, "total_steps": s.total}, state["step"]
         except (ValueError, KeyError, OSError) as exc:
             s.notes.append(f"{path.name} cannot be resumed ({exc}); skipped")
             older = [p for p in checkpoint.complete(s.request.output_dir) if p.name < path.name]
             path = next((p for p in reversed(older) if not checkpoint.damage(p)), None)
     raise PlannerError(f"--resume: no intact checkpoint in {s.request.output_dir} loads into this plan's model ("
                        + "; ".join(s.notes[-2:]) + "); run without --resume to start over")
+
+
+def _check_same_run(s: Session, path, saved: dict) -> None:
+    """Before anything loads: the checkpoint must be this run's - same data, plan and method, and a step within
+    the same number of steps (the learning-rate schedule depends on it)."""
+    differs = fingerprint.difference(saved.get("fingerprint"), s.fingerprint)
+    step, total = saved.get("step"), saved.get("total_steps", s.total)
+    if not differs and isinstance(step, int) and step > s.total:
+        differs = f"is at step {step}, beyond this run's {s.total} steps"
+    elif not differs and total != s.total:
+        differs = f"belongs to a run of {total} steps, this one has {s.total} (--max-steps or the data changed)"
+    if differs:
+        raise PlannerError(f"--resume: {path.name} {differs}; resume with the checkpoint's plan, data and "
+                           "--max-steps, or start a new run")
 
 
 def _micro_step(s: Session, position: int) -> tuple:
