@@ -279,3 +279,20 @@ def test_resume_past_a_damaged_newest_checkpoint_falls_back_to_the_older_one_and
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
     assert any("checkpoint-000004 is damaged" in note for note in summary["notes"]), summary["notes"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_force_refused_for_bad_input_removes_nothing(ws, tmp_path, capsys):
+    """--force empties the output only once everything else has been checked: a run refused for its model
+    leaves the previous run's files in place."""
+    out = tmp_path / "out"
+    shutil.copytree(ws / "base", out)
+    broken = tmp_path / "broken"
+    shutil.copytree(ws / "tiny", broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] * 2}))
+    before = snapshot(out)
+    code, err = run_here(ws, capsys, "plan.yaml", "--data", "train.jsonl", "--output", str(out), "--force",
+                         "--model-path", str(broken))
+    assert code == 2, err
+    one_line(err)
+    assert snapshot(out) == before

@@ -98,13 +98,15 @@ def prepare(plan_path: Path, request: RunRequest, *, backend_name: str | None, r
             raise PlannerError(f"--resume: backend '{backend.name}' has no checkpoint in {request.output_dir}; run "
                                "without --resume to start")
         request.resume_step = step
+    doomed: list[Path] = []
     if not request.dry_run:  # a dry run writes nothing, so where it would write does not matter yet
-        output.check_output_dir(request.output_dir, resume=request.resume, force=force,
-                                patterns=backend.owned_patterns)
+        doomed = output.check_output_dir(request.output_dir, resume=request.resume, force=force,
+                                         patterns=backend.owned_patterns)
     problems = _backend_call(backend, "check", lambda: backend.check(plan, request, options))
     if problems:
         raise PlannerError(f"backend '{backend.name}' cannot run {plan_path}: " + "; ".join(map(str, problems)))
     check_model(plan, weights_source(plan, request.model_path))
+    output.empty(request.output_dir, doomed)  # last: input refused above leaves the previous run in place
     return plan, backend, options
 
 

@@ -55,17 +55,18 @@ def owned(output: Path, patterns: tuple[str, ...]) -> list[Path]:
             if p.name in manifest or any(fnmatch.fnmatchcase(p.name, pat) for pat in every)]
 
 
-def check_output_dir(output: Path, *, resume: bool, force: bool, patterns: tuple[str, ...] = ()) -> None:
-    """A new run needs an empty (or absent) directory it can write; `force` empties what runs own there.
-    Whatever the mode: a directory another live run holds is refused, and so is any symbolic link among the
-    names a run writes or reads back (nothing is ever written through one, so nothing lands outside)."""
+def check_output_dir(output: Path, *, resume: bool, force: bool, patterns: tuple[str, ...] = ()) -> list[Path]:
+    """A new run needs an empty (or absent) directory it can write; with `force`, returns what runs own there,
+    for `empty` to remove once every other check has passed. Whatever the mode: a directory another live run
+    holds is refused, and so is any symbolic link among the names a run writes or reads back (nothing is ever
+    written through one, so nothing lands outside)."""
     if output.is_symlink():
         raise PlannerError(f"--output {output} is a symbolic link; give a real directory")
     if output.exists() and not output.is_dir():
         raise PlannerError(f"--output {output} is a file; give a directory")
     check_writable(output, f"--output {output}")
     if not output.is_dir():
-        return
+        return []
     refuse_busy(output)
     mine = owned(output, patterns)
     links = sorted(p.name for p in [*mine, output / LOCK] if _has_link(p))
@@ -74,7 +75,7 @@ def check_output_dir(output: Path, *, resume: bool, force: bool, patterns: tuple
                            "writes and removes only inside --output, never through a link - delete the link or "
                            "choose another directory")
     if resume or not any(output.iterdir()):
-        return
+        return []
     if not force:
         raise PlannerError(f"--output {output} is not empty; pass --force to replace a previous run there, "
                            "--resume to continue it, or choose another directory")
@@ -82,9 +83,20 @@ def check_output_dir(output: Path, *, resume: bool, force: bool, patterns: tuple
     if others:
         raise PlannerError(f"--force: {output} holds files ftplan did not write ({', '.join(others[:3])}); "
                            "choose another directory")
-    with lock(output):  # no other run may start here while its predecessor's files go
-        for p in mine:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return mine
+
+
+def empty(output: Path, doomed: list[Path]) -> None:
+    """Remove `doomed` (check_output_dir's answer under --force) from `output`, under the lock: no other run may
+    start there while its predecessor's files go."""
+    if not doomed:
+        return
+    with lock(output):
+        for p in doomed:
+            if p.is_symlink() or not p.is_dir():
+                p.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p)
 
 
 def remove_new(output: Path, before: set[str], patterns: tuple[str, ...]) -> None:
