@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ftplan.cli.options import choices_from, console, load_plugin_catalog, setting_options, with_plugin_catalog
+from ftplan.cli.options import (
+    MemorySize,
+    choices_from,
+    console,
+    load_plugin_catalog,
+    setting_options,
+    with_plugin_catalog,
+)
 from ftplan.errors import PlannerError
 from ftplan.estimate.settings import METHODS
 from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
@@ -14,7 +21,10 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
 @click.argument("model")
 @click.option("--method", type=click.Choice([*METHODS, "all"]), default="all", show_default=True)
 @setting_options()
-@click.option("--gpu", default=None, help="judge this GPU (e.g. A100-80GB); lists instances with it")
+@click.option("--gpu", default=None, help="judge this GPU (e.g. A100-80GB, 'RTX 4090'; any case, spaces and dashes "
+              "ignored); lists instances with it")
+@click.option("--gpu-memory", type=MemorySize(), default=None,
+              help="judge a GPU ftplan does not know by its memory: 24GiB, 24GB (10^9 bytes) or 24576MiB; no price")
 @click.option("--instance", default=None, help="judge this AWS instance type (e.g. g5.2xlarge)")
 @click.option("--layers", type=int, default=None, help="keep every width but use N layers (as measure does)")
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs in total (data parallel)")
@@ -30,7 +40,8 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
               "us-east-1 for the bundled catalog, a plugin's region for its hardware]")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code (fallback counting only)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
-def estimate(model: str, method: str, gpu: str | None, instance: str | None, layers: int | None, gpus: int,
+def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, instance: str | None,
+             layers: int | None, gpus: int,
              nodes: int, sharding: str | None, offload: str, device: str, region: str | None,
              trust_remote_code: bool, as_json: bool, **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
@@ -41,8 +52,8 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
     from ftplan.model.resolve import resolve_model
     from ftplan.model.spec import with_layers
 
-    if gpu and instance:
-        raise PlannerError("pass either --gpu or --instance, not both")
+    if sum(x is not None for x in (gpu, instance, gpu_memory)) > 1:
+        raise PlannerError("pass either --gpu, --gpu-memory or --instance, not several")
     choices = choices_from(settings)
     spec = with_plugin_catalog(lambda: resolve_model(model))
     if layers is not None:
@@ -51,7 +62,8 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
     report = with_plugin_catalog(lambda: run_estimate(spec, methods, choices, gpu=gpu, instance=instance,
                                                       trust_remote_code=trust_remote_code, gpus=gpus, nodes=nodes,
                                                       sharding=sharding, offload=offload, region=region,
-                                                      device="cpu" if device == "cpu" else "cuda"))
+                                                      device="cpu" if device == "cpu" else "cuda",
+                                                      gpu_memory_bytes=gpu_memory))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
@@ -103,14 +115,16 @@ def models(query: str | None, as_json: bool) -> None:
     from ftplan.data import catalog
 
     load_plugin_catalog()
-    rows = [m for m in catalog.models() if not query or query.lower() in
-            f"{m.name} {m.hf_id} {m.config['model_type']} {' '.join(m.aliases)}".lower()]
+    rows = [m for m in catalog.models() if not query or query.lower() in " ".join(
+            [m.name, m.hf_id, m.config["model_type"], *m.aliases, *(x for v in m.variants for x in (v.name, v.hf_id))]
+            ).lower()]
     if as_json:
         click.echo("[" + ",\n".join(m.model_dump_json() for m in rows) + "]")
         return
-    from ftplan.render.estimate import models_table
+    from ftplan.render.catalog import models_table
 
-    console().print(models_table(rows))
+    out = console()
+    out.print(models_table(rows, out.width))
 
 
 @click.command()
@@ -130,16 +144,18 @@ def instances(gpu: str | None, min_gpu_memory: float | None, region: str | None,
         if region not in known:
             raise PlannerError(f"no prices for region '{region}'.{catalog.suggest(region, sorted(known))} Catalogued "
                                f"prices cover: {', '.join(sorted(known))}")
-    if gpu:
-        catalog.get_gpu(gpu)
+    wanted = catalog.get_gpu(gpu).name.lower() if gpu else None
     rows = [i for i in catalog.instances().values()
-            if (not gpu or i.gpu.lower() == gpu.lower())
+            if (not wanted or i.gpu.lower() == wanted)
             and (min_gpu_memory is None or catalog.gpu_of(i).memory_gib_reported >= min_gpu_memory)]
     if as_json:
         click.echo("[" + ",\n".join(i.model_dump_json() for i in rows) + "]")
         return
-    from ftplan.render.estimate import instances_list
+    from ftplan.render.catalog import instances_list, unpriced_lines
 
-    console().print(instances_list(rows, region))
+    out = console()
+    out.print(instances_list(rows, region, out.width))
+    for text in unpriced_lines(rows, region):
+        out.print(text)
 
 

@@ -142,6 +142,26 @@ class TokenCount(click.ParamType):
         return int(number * scale)
 
 
+class MemorySize(click.ParamType):
+    """A memory size: 24GiB, 24GB (10^9 bytes), 24576MiB, or a plain number of GiB."""
+
+    name = "size"
+    UNITS = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "tb": 10**12, "gb": 10**9, "mb": 10**6, "": 2**30}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "").replace(",", "")
+        number, unit = text.rstrip("abcdefghijklmnopqrstuvwxyz"), text.lstrip("0123456789.")
+        try:
+            size = float(number) * self.UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"'{value}' is not a memory size; write e.g. 24GiB, 24GB or 24576MiB", param, ctx)
+        if not math.isfinite(size) or not 2**20 <= size <= 2**50:
+            self.fail(f"'{value}' is not a GPU memory size; write e.g. 24GiB", param, ctx)
+        return int(size)
+
+
 def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
-from ftplan.estimate.fit import InstanceFit, cheapest_fits, judge
+from ftplan.estimate.fit import InstanceFit, cheapest_fits, hypothetical_gpu_name, judge, judge_gpu
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, unquantized_matmul_params
 from ftplan.estimate.params import TargetResolution, count_params, over_ranked
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
@@ -59,6 +59,8 @@ class EstimateReport(BaseModel):
     model: ModelInfo
     settings: SetupChoices
     gpu: str | None
+    gpu_memory_bytes: int | None = Field(None, description="--gpu-memory: the hypothetical GPU judged (null "
+                                                           "otherwise)")
     instance: str | None
     region: str | None = Field(description="the price region asked for; null: each instance in its own region "
                                            "(us-east-1 for the bundled catalog)")
@@ -114,10 +116,12 @@ FALLBACK_NOTE = ("counted by building the model with transformers on the meta de
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
              instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
              nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none",
-             region: str | None = None) -> EstimateReport:
+             region: str | None = None, gpu_memory_bytes: int | None = None) -> EstimateReport:
     """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures).
 
-    `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure --device cpu`.
+    `gpu` (a catalogued GPU), `instance` or `gpu_memory_bytes` (a hypothetical GPU of that memory, unpriced)
+    add a verdict per method. `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure
+    --device cpu`.
     """
     validate(gpus, nodes, sharding or ("ddp" if gpus > 1 else "none"), offload)
     selected_instance = catalog.get_instance(instance) if instance else None
@@ -141,6 +145,8 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
         selected = None
         if selected_instance:
             selected = judge(selected_instance, need, setup, region)
+        elif gpu_info or gpu_memory_bytes:
+            selected = judge_gpu(gpu_info, need, setup, memory_bytes=gpu_memory_bytes)
         estimates.append(MethodEstimate(
             method=setup.method, setup=setup, total_params=counts.total_params,
             trainable_params=counts.trainable_params,
@@ -154,6 +160,9 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     if (limit := spec.dims.max_positions) and choices.seq_len > limit:
         warnings.append(f"--seq-len {choices.seq_len} is above the model's max_position_embeddings ({limit}): it "
                         "was not trained on sequences this long (recommend refuses it without --allow-long-context)")
+    if gpu_memory_bytes:
+        warnings.append(f"--gpu-memory: a hypothetical {hypothetical_gpu_name(gpu_memory_bytes)}, assumed to run bf16 "
+                        "and FlashAttention-2; no price")
     for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
         warnings.append(f"sharded: {note}")
     shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
@@ -162,6 +171,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                      license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
                      vocab_size=spec.dims.vocab, counting=counting)
     return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
+                          gpu_memory_bytes=gpu_memory_bytes,
                           instance=selected_instance.type if selected_instance else None, region=region,
                           assumptions=assumptions(setups, region) + ([FALLBACK_NOTE] if counting != "analytic" else [])
                           + warnings,
