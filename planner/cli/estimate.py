@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ftplan.cli.options import (
+    DEVICES,
     MemorySize,
     choices_from,
     console,
@@ -33,7 +34,7 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
               help="how state is split over the GPUs [default: none for 1 GPU, ddp for more]")
 @click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
               help="move optimizer states (ZeRO) or parameters (ZeRO-3, FSDP) to host RAM")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="whose kernels the memory model follows: cuda (auto: what GPUs run) or cpu (to compare with "
                    "ftplan measure --device cpu)")
 @click.option("--region", default=None, help="price instances in this region [default: each in its own - "
@@ -80,7 +81,7 @@ def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, i
 @click.option("--steps", type=int, default=1, show_default=True, help="measured steps after one warm-up step")
 @click.option("--rss/--no-rss", default=True, show_default=True,
               help="CPU: also measure the resident set of a child process (builds the model a second time)")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="where to run the steps (auto: cuda when torch sees a GPU, else cpu)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of a table")
 def measure(model: str, method: str, layers: int | None, steps: int, rss: bool, device: str, as_json: bool,

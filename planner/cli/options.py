@@ -162,6 +162,10 @@ class MemorySize(click.ParamType):
         return int(size)
 
 
+# --device is one choice list wherever it appears (estimate, measure, run): a user learns it once
+DEVICES = ("auto", "cuda", "cpu")
+
+
 def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 

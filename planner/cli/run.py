@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ftplan.cli.options import console, key_values
+from ftplan.cli.options import DEVICES, console, key_values
 
 
 @click.command()
@@ -23,7 +23,8 @@ from ftplan.cli.options import console, key_values
               help="optimizer steps between checkpoints")
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in --output")
 @click.option("--force", is_flag=True, help="replace a previous run's outputs in --output")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="where to train (auto: cuda when torch sees a GPU, else cpu)")
 @click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE", help="backend-specific option")
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own Python code (off by default)")
 @click.option("--here", is_flag=True, help="train on this machine even where its hardware differs from the plan's "
