@@ -79,9 +79,14 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[
            "params (prepare_model_for_kbit_training)" if s.method == "qlora" else "")
         for s in setups
     ]
+    methods = {s.method for s in setups}
+    # only what applies to the methods shown: a QLoRA base is 4-bit (said above), full fine-tuning has no adapters
+    if methods & {"lora", "qlora"}:
+        notes.append("LoRA adapters are fp32 as PEFT creates them" + ("; LoRA's frozen base is bf16 (fp16 on GPUs "
+                                                                      "without bf16)" if "lora" in methods else ""))
+    if any(s.optimizer == "adamw_torch_fused" for s in setups):
+        notes.append("fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries")
     notes += [
-        "LoRA adapters are fp32 as PEFT creates them; the frozen base is bf16 (fp16 on GPUs without bf16)",
-        "fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries",
         "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
         f"required = peak allocated + {rules.allocator_slack:.0%} allocator slack + "
         f"{rules.cuda_context_bytes // 2**20} MiB CUDA context + paged optimizer states",
