@@ -24,6 +24,7 @@ from ftplan.errors import PlannerError
 from ftplan.plan import Plan, config_hash, load, to_yaml, weights_source
 from ftplan.run import output, registry
 from ftplan.run.backend import BackendOptions, ProgressCallback, ProgressEvent, RunRequest, RunResult, TrainerBackend
+from ftplan.run.datanotes import data_notes
 
 METRICS = "metrics.jsonl"
 
@@ -117,7 +118,7 @@ def describe(plan: Plan, backend: TrainerBackend, options: BackendOptions, reque
 def notices(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest) -> list[str]:
     """What the backend says before the run starts (warnings; the run goes on)."""
     said = _backend_call(backend, "notices", lambda: backend.notices(plan, request, options))
-    return [str(line) for line in said or []]
+    return data_notes(plan, request) + [str(line) for line in said or []]
 
 
 class MetricsLog:
@@ -225,6 +226,8 @@ def execute(plan: Plan, backend: TrainerBackend, options: BackendOptions, reques
                 raise
             raise _failure(backend, "run", exc) from exc
         result = validate_result(backend, result, out)
+        # what was said about the data at the start, kept with the figures it qualifies
+        result.notes = [*(n for n in data_notes(plan, request) if n not in result.notes), *result.notes]
         output.record(out, [*result.artifacts, "summary.json"])
         summary = summarize(plan, backend.name, result)
         atomic_write_text(out / "summary.json", summary.model_dump_json(indent=2))
