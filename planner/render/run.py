@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from ftplan.render.estimate import gib
@@ -25,23 +25,23 @@ def print_run_start(plan, backend, request, console: Console) -> None:
 
 
 def remaining(seconds: float) -> str:
-    """A time left: seconds below a minute (a tiny run's '0 min' said nothing), else as `hours` words it."""
+    """A duration: seconds below a minute (a tiny run's '0 min' said nothing), else as `hours` words it."""
     return f"{seconds:.0f} s" if seconds < 60 else hours(seconds / 3600)
 
 
 @contextmanager
 def progress_display(console: Console):
     """A progress bar with step, loss, tokens/s, time left, peak memory and time elapsed; yields the callback."""
-    # every figure named: the remaining time estimated from the steps so far, then the time elapsed
-    columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
-               TextColumn("elapsed"), TimeElapsedColumn())
+    # every figure named; elapsed is the training's own clock (the summary's "in N s"), not the display's,
+    # which would count loading the model too
+    columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=None, status="starting")
 
         def show(event: ProgressEvent) -> None:
             memory = f", peak {gib(event.peak_memory_bytes)}" if event.peak_memory_bytes else ""
             status = (f"loss {event.loss:.4f}, {event.tokens_per_second:,.0f} tok/s, "
-                      f"{remaining(event.eta_seconds)} left{memory},")
+                      f"{remaining(event.eta_seconds)} left, {remaining(event.elapsed_seconds)} elapsed{memory}")
             progress.update(task, total=event.total_steps, completed=event.step, status=status)
 
         yield show
