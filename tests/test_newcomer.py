@@ -140,7 +140,7 @@ def test_progress_line_labels_its_figures():
         show(ProgressEvent(step=3, total_steps=10, epoch=0.3, loss=2.5, learning_rate=1e-4, tokens=900,
                            tokens_per_second=300, elapsed_seconds=3, eta_seconds=23, peak_memory_bytes=None))
     text = console.export_text()
-    assert "23 s left" in text and "elapsed" in text and "300 tok/s" in text and "ETA" not in text
+    assert "23 s left, 3 s elapsed" in text and "300 tok/s" in text and "ETA" not in text
     assert remaining(90 * 60) == "1.5 h" and remaining(600) == "10 min"
 
 
@@ -184,3 +184,50 @@ def test_outputs_load_with_the_usual_hugging_face_loaders(tmp_path):
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.startswith("Hi"), result.stderr
+
+
+def test_library_noise_is_silenced_and_ftplan_notes_stay():
+    import logging
+    import warnings
+
+    from ftplan.train.quiet import BNB_CPU_KERNEL, quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # idempotent: one filter
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    assert not logger.filters[0].filter(logging.makeLogRecord({"msg": BNB_CPU_KERNEL + " from kernels-community"}))
+    assert logger.filters[0].filter(logging.makeLogRecord({"msg": "something else"}))
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_libraries()  # catch_warnings resets the filters; install them inside
+        warnings.warn("Paged optimizers are not supported on CPU. Falling back", UserWarning)
+        warnings.warn_explicit("x is deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.x")
+        warnings.warn("ftplan's own", UserWarning)
+    assert [str(w.message) for w in caught] == ["ftplan's own"]
+
+
+def test_run_says_when_its_data_differ_from_the_plan_and_what_is_truncated(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "examples" / "tiny_model.py"), "demo"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    result = run_cli("recommend", "demo/tiny", "--dataset", "demo/train.jsonl", "--methods", "lora", "--seq-len", "8",
+                     "--global-batch", "4", "--max-gpus", "1", "--backend", "hf", "--yes", "-o", "plan.yaml",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "demo" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "other.jsonl").write_text("\n".join(lines + lines[:5]) + "\n")
+    result = run_cli("run", "plan.yaml", "--data", "other.jsonl", "--output", "out", "--max-steps", "1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = result.stderr
+    assert "the plan was made with demo/train.jsonl; this run trains on other.jsonl" in said
+    assert "tokens after truncation" in said and "examples are longer than the plan's sequence length 8" in said
+    notes = json.loads((tmp_path / "out" / "summary.json").read_text())["result"]["notes"]
+    assert any("this run trains on other.jsonl" in n for n in notes)
+    assert any("are truncated" in n for n in notes)
