@@ -65,6 +65,11 @@ def test_help_lists_debug_and_device_has_the_same_choices_everywhere():
         text = run_cli(command, "--help").stdout
         choices.add(re.search(r"--device \[([^\]]+)\]", text).group(1))
     assert choices == {"auto|cuda|cpu"}
+    text = " ".join(run_cli("estimate", "--help").stdout.split())
+    assert all(name in re.search(r"--attn \[([^\]]+)\]", text).group(1) for name in ("flash_attention_2", "sdpa",
+                                                                                        "eager"))
+    assert "TrainingArguments(bf16=True)" in text and "TrainingArguments(fp16=True)" in text  # Trainer's names
+    assert "adamw_torch_fused" in text and "paged_adamw_32bit" in text  # TrainingArguments.optim's names
 
 
 def test_recommend_without_a_terminal_shows_its_answer_and_writes_nothing(tmp_path):
@@ -231,3 +236,36 @@ def test_run_says_when_its_data_differ_from_the_plan_and_what_is_truncated(tmp_p
     notes = json.loads((tmp_path / "out" / "summary.json").read_text())["result"]["notes"]
     assert any("this run trains on other.jsonl" in n for n in notes)
     assert any("are truncated" in n for n in notes)
+
+
+def test_the_last_two_checkpoints_are_kept(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "examples" / "tiny_model.py"), "demo"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    result = run_cli("recommend", "demo/tiny", "--dataset", "demo/train.jsonl", "--methods", "lora", "--seq-len",
+                     "32", "--global-batch", "4", "--max-gpus", "1", "--backend", "hf", "--yes", "-o", "plan.yaml",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("run", "plan.yaml", "--data", "demo/train.jsonl", "--output", "out", "--save-every", "5",
+                     cwd=tmp_path)  # one epoch: 64 examples in 16 steps of 4
+    assert result.returncode == 0, result.stderr
+    kept = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert kept == ["checkpoint-000010", "checkpoint-000015"]  # 5 went; step 16 is the adapter itself
+    assert (tmp_path / "out" / "adapter" / "tokenizer.json").is_file()
+    # real tokens, not padding, and the progress line's last figures are the summary's
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    result = json.loads((tmp_path / "out" / "summary.json").read_text())["result"]
+    from ftplan.data.dataset import find_tokenizer, from_dataset
+
+    text = from_dataset(tmp_path / "demo" / "train.jsonl", 32, tokenizer=find_tokenizer(tmp_path / "demo" / "tiny"))
+    assert result["steps"] == 16 and text.examples == 64
+    # every example once: its text tokens plus at most BOS and EOS; padding would add more than that
+    assert last["tokens"] == result["tokens"] and text.tokens <= result["tokens"] <= text.tokens + 2 * 64
+    assert text.processed_tokens(4) > text.tokens + 2 * 64  # (padding would be told apart)
+    assert abs(last["tokens_per_second"] - result["tokens_per_second"]) <= 0.05 * result["tokens_per_second"]
