@@ -116,7 +116,9 @@ def plan_file(tmp_path_factory):
 COMMANDS = {"estimate": ("estimate", "llama3-8b"), "estimate-mixtral": ("estimate", "mixtral-8x7b"),
             "estimate-gpu": ("estimate", "llama2-7b", "--gpu", "RTX 4090"), "instances": ("instances",),
             "prices": ("prices", "show"), "plugins": ("plugins",), "models": ("models",),
-            "recommend": ("recommend", "llama3-8b", "--tokens", "10M")}
+            "recommend": ("recommend", "llama3-8b", "--tokens", "10M"),
+            "recommend-all-linear": ("recommend", "llama3-8b", "--tokens", "10M", "--methods", "lora",
+                                     "--lora-targets", "all-linear")}
 
 
 @pytest.mark.parametrize("width", [80, 120])
@@ -128,6 +130,8 @@ def test_output_fits_the_terminal_without_ellipses(name, width, plan_file):
     _check_fits(result.stdout, width)
     if name == "instances":
         assert "g4dn.xlarge" in result.stdout  # whole names, not "g4dn.…"
+    if name == "recommend-all-linear":
+        assert "all-linear" in result.stdout
     if name == "estimate-mixtral":
         assert "full: no priced instance" in result.stdout.replace("\n", " ")
     if name == "prices":
