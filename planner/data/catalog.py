@@ -288,6 +288,7 @@ def suggest(name: str, choices: list[str], n: int = 3) -> str:
 
 
 def model_suggestions(name: str) -> str:
+    """' Did you mean: ...?' for a model name, among the entries' and their variants' names and Hub ids."""
     return suggest(name, [n for m in models() for n in (m.name, m.hf_id, *(x for v in m.variants
                                                                            for x in (v.name, v.hf_id)))])
 

@@ -96,6 +96,22 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[
     return notes
 
 
+def _report_warnings(spec: ModelSpec, choices: SetupChoices, estimates: list[MethodEstimate],
+                     gpu_memory_bytes: int | None) -> list[str]:
+    """What the whole report should warn about: a long context, a hypothetical GPU, sharding, stale prices."""
+    warnings = []
+    if (limit := spec.dims.max_positions) and choices.seq_len > limit:
+        warnings.append(f"--seq-len {choices.seq_len} is above the model's max_position_embeddings ({limit}): it "
+                        "was not trained on sequences this long (recommend refuses it without --allow-long-context)")
+    if gpu_memory_bytes:
+        warnings.append(f"--gpu-memory: a hypothetical {hypothetical_gpu_name(gpu_memory_bytes)}, assumed to run bf16 "
+                        "and FlashAttention-2; no price")
+    for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
+        warnings.append(f"sharded: {note}")
+    shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
+    return warnings + sorted({w for d, _ in shown if d and (w := catalog.stale_warning(d))})
+
+
 def _smallest_counts(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown,
                      sharding: Sharding | None) -> dict[str, int | None]:
     """Per instance type, the fewest GPUs that hold the step with parameter sharding."""
@@ -162,16 +178,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                                              min_gpus=gpus // nodes, region=region),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
         ))
-    if (limit := spec.dims.max_positions) and choices.seq_len > limit:
-        warnings.append(f"--seq-len {choices.seq_len} is above the model's max_position_embeddings ({limit}): it "
-                        "was not trained on sequences this long (recommend refuses it without --allow-long-context)")
-    if gpu_memory_bytes:
-        warnings.append(f"--gpu-memory: a hypothetical {hypothetical_gpu_name(gpu_memory_bytes)}, assumed to run bf16 "
-                        "and FlashAttention-2; no price")
-    for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
-        warnings.append(f"sharded: {note}")
-    shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
-    warnings += sorted({w for d, _ in shown if d and (w := catalog.stale_warning(d))})
+    warnings += _report_warnings(spec, choices, estimates, gpu_memory_bytes)
     info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
                      license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
                      vocab_size=spec.dims.vocab, counting=counting)

@@ -54,6 +54,7 @@ def line(*parts: str | tuple[str, str], style: str = "") -> Text:
 
 
 def is_narrow(console_or_width: Console | int) -> bool:
+    """Whether a terminal (or a width) gets the compact layouts."""
     width = console_or_width if isinstance(console_or_width, int) else console_or_width.width
     return width < NARROW
 

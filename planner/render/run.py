@@ -14,6 +14,7 @@ from ftplan.run.backend import ProgressEvent
 
 
 def print_run_start(plan, backend, request, console: Console) -> None:
+    """The plan, backend, settings and data a run starts with."""
     t, h = plan.training, plan.hardware
     console.print(f"[bold]Running[/] {plan.model.name} {t.method} with backend '{backend.name}' "
                   f"({backend.description})")
@@ -48,6 +49,7 @@ def progress_display(console: Console):
 
 
 def print_summary(summary, console: Console) -> None:
+    """The run's figures against the plan's, then its notes and outputs."""
     r = summary.result
     state = "interrupted" if r.interrupted else "finished"
     console.print(f"[bold]{state}[/] after {r.steps} of {r.total_steps} steps in {r.seconds:,.1f} s on {r.device}"
