@@ -273,3 +273,11 @@ def test_the_last_two_checkpoints_are_kept(tmp_path):
     assert last["tokens"] == result["tokens"] and text.tokens <= result["tokens"] <= text.tokens + 2 * 64
     assert text.processed_tokens(4) > text.tokens + 2 * 64  # (padding would be told apart)
     assert abs(last["tokens_per_second"] - result["tokens_per_second"]) <= 0.05 * result["tokens_per_second"]
+
+
+def test_frontier_axis_reads_once_when_candidates_tie():
+    from ftplan.render.recommend import _axis
+
+    assert _axis("10 min", "10 min", 40).strip() == "10 min"  # not "10 min ... 10 min"
+    spread = _axis("10 min", "2.5 h", 40)
+    assert spread.startswith("10 min") and spread.endswith("2.5 h") and len(spread) == 40
