@@ -234,7 +234,7 @@ def test_run_says_when_its_data_differ_from_the_plan_and_what_is_truncated(tmp_p
     result = run_cli("run", "plan.yaml", "--data", "other.jsonl", "--output", "out", "--max-steps", "1",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    said = result.stderr
+    said = " ".join(result.stdout.split())  # shown with the run's start, wrapped to the terminal
     assert "the plan was made with demo/train.jsonl; this run trains on other.jsonl" in said
     assert "tokens after truncation" in said and "examples are longer than the plan's sequence length 8" in said
     notes = json.loads((tmp_path / "out" / "summary.json").read_text())["result"]["notes"]

@@ -64,9 +64,10 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
         summary = execute(plan, chosen, options, request, lambda event: None)
     else:
         from ftplan.render.run import print_run_start, print_summary, progress_display
+        from ftplan.run.datanotes import data_notes
 
         out = console()
-        print_run_start(plan, chosen, request, out)
+        print_run_start(plan, chosen, request, out, data_notes(plan, request))
         with progress_display(out) as show:
             summary = execute(plan, chosen, options, request, show)
         print_summary(summary, out)

@@ -8,13 +8,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from ftplan.render.console import line
 from ftplan.render.estimate import gib
 from ftplan.render.explain import hours
 from ftplan.run.backend import ProgressEvent
 
 
-def print_run_start(plan, backend, request, console: Console) -> None:
-    """The plan, backend, settings and data a run starts with."""
+def print_run_start(plan, backend, request, console: Console, data_notes: list[str] = ()) -> None:
+    """The plan, backend, settings and data a run starts with, and how the data differ from the plan's."""
     t, h = plan.training, plan.hardware
     console.print(f"[bold]Running[/] {plan.model.name} {t.method} with backend '{backend.name}' "
                   f"({backend.description})")
@@ -23,6 +24,8 @@ def print_run_start(plan, backend, request, console: Console) -> None:
                   f"planned for {h.instance_count} x {h.instance_type}")
     console.print(f"  data {request.data} -> {request.output_dir}"
                   + (" (resuming from the last checkpoint)" if request.resume else ""))
+    for note in data_notes:
+        console.print(line("  note: ", note, style="yellow"))
 
 
 def remaining(seconds: float) -> str:

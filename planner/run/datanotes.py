@@ -1,5 +1,5 @@
 """What a run's data says about its plan: another file, another token count, examples the plan's sequence
-length truncates. ftplan says these at the start of every run, whatever the backend, and the summary keeps them:
+length truncates. ftplan shows these with every run's start, whatever the backend, and the summary keeps them:
 the plan's time and cost were worked out for the data it was made with."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from ftplan.data import dataset
 from ftplan.plan import Plan
 from ftplan.run.backend import RunRequest
 
-# Counting a large file takes a while; notices() and execute() both ask, so each file is counted once
+# Counting a large file takes a while; the run's start and execute() both ask, so each file is counted once
 # (keyed by its path, size and modification time, and what the count depends on).
 _COUNTED: dict[tuple, dataset.TokenBudget] = {}
 
@@ -48,15 +48,14 @@ def data_notes(plan: Plan, request: RunRequest) -> list[str]:
     notes = []
     if t.data_source == "--tokens":
         if budget.tokens != t.data_tokens:
-            notes.append(f"the plan was made for --tokens {t.data_tokens:,}; {data} holds {budget.tokens:,} "
-                         f"({budget.counting}), so its time and cost scale by {budget.tokens / t.data_tokens:.2f}")
+            notes.append(f"the plan was made for --tokens {t.data_tokens:,}; {data} holds {budget.tokens:,} tokens "
+                         f"({budget.counting}): the plan's time and cost are for {t.data_tokens:,}")
     else:
         if not _same_file(t.data_source, data):
             notes.append(f"the plan was made with {t.data_source}; this run trains on {data}")
         if budget.tokens != t.data_tokens:
-            notes.append(f"{data} holds {budget.tokens:,} tokens after truncation ({budget.counting}), the plan's "
-                         f"data {t.data_tokens:,}: its time and cost scale by "
-                         f"{budget.tokens / t.data_tokens if t.data_tokens else float('inf'):.2f}")
+            notes.append(f"{data} holds {budget.tokens:,} tokens after truncation ({budget.counting}); the plan's "
+                         f"time and cost are for {t.data_tokens:,}")
     if budget.truncated_examples:
         longest = budget.lengths.max if budget.lengths else 0
         notes.append(f"{budget.truncated_examples:,} of {budget.examples:,} examples are longer than the plan's "

@@ -118,7 +118,7 @@ def describe(plan: Plan, backend: TrainerBackend, options: BackendOptions, reque
 def notices(plan: Plan, backend: TrainerBackend, options: BackendOptions, request: RunRequest) -> list[str]:
     """What the backend says before the run starts (warnings; the run goes on)."""
     said = _backend_call(backend, "notices", lambda: backend.notices(plan, request, options))
-    return data_notes(plan, request) + [str(line) for line in said or []]
+    return [str(line) for line in said or []]
 
 
 class MetricsLog:
