@@ -199,7 +199,7 @@ def test_library_noise_is_silenced_and_ftplan_notes_stay():
     import logging
     import warnings
 
-    from ftplan.train.quiet import BNB_CPU_KERNEL, quiet_libraries
+    from ftplan.backends.hf.quiet import BNB_CPU_KERNEL, quiet_libraries
 
     quiet_libraries()
     quiet_libraries()  # idempotent: one filter

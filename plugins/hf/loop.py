@@ -164,7 +164,7 @@ def _gather_objects(obj) -> list:
 
 def _start(plan: Plan, request: RunRequest) -> Session:
     """The accelerator (device, mixed precision, processes) and the seed; stale temporary checkpoints go."""
-    from ftplan.train.quiet import quiet_libraries
+    from .quiet import quiet_libraries
 
     quiet_libraries()  # before torch, transformers and bitsandbytes load: their first messages are the noisy ones
     import torch
