@@ -281,3 +281,26 @@ def test_frontier_axis_reads_once_when_candidates_tie():
     assert _axis("10 min", "10 min", 40).strip() == "10 min"  # not "10 min ... 10 min"
     spread = _axis("10 min", "2.5 h", 40)
     assert spread.startswith("10 min") and spread.endswith("2.5 h") and len(spread) == 40
+
+
+def test_plot_draws_the_frontier_and_the_memory_breakdown_as_svg(tmp_path):
+    import xml.dom.minidom
+
+    result = run_cli("recommend", "llama3-8b", "--tokens", "10M", "--json", "--plot", "frontier.svg", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    frontier = json.loads(result.stdout)["frontier"]
+    svg = xml.dom.minidom.parse(str(tmp_path / "frontier.svg"))
+    assert len(frontier) <= len(svg.getElementsByTagName("circle")) <= len(frontier) + 1
+    texts = [t.firstChild.data for t in svg.getElementsByTagName("text")]
+    assert any(t.endswith(" *") for t in texts)  # the recommended plan is marked in the legend
+    result = run_cli("estimate", "llama3-8b", "--plot", "memory.svg", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    svg = xml.dom.minidom.parse(str(tmp_path / "memory.svg"))
+    texts = [t.firstChild.data for t in svg.getElementsByTagName("text")]
+    assert {"full", "lora", "qlora", "weights", "optimizer"} <= set(texts)
+    for bad in ("memory.pdf", "memory.png"):  # PNG needs cairosvg, not installed here
+        result = run_cli("estimate", "llama3-8b", "--plot", bad, cwd=tmp_path)
+        if bad.endswith(".png") and result.returncode == 0:
+            continue  # cairosvg present: a PNG was written
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr and ".svg" in result.stderr

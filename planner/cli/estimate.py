@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ftplan.cli.options import (
@@ -10,6 +12,7 @@ from ftplan.cli.options import (
     choices_from,
     console,
     load_plugin_catalog,
+    plot_option,
     setting_options,
     with_plugin_catalog,
 )
@@ -41,10 +44,11 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
               "us-east-1 for the bundled catalog, a plugin's region for its hardware]")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code (fallback counting only)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
+@plot_option("the memory breakdown per method")
 def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, instance: str | None,
              layers: int | None, gpus: int,
              nodes: int, sharding: str | None, offload: str, device: str, region: str | None,
-             trust_remote_code: bool, as_json: bool, **settings) -> None:
+             trust_remote_code: bool, as_json: bool, plot: Path | None, **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
 
     MODEL is a catalog name (ftplan models), a Hugging Face id, or a path to a config.json.
@@ -65,6 +69,10 @@ def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, i
                                                       sharding=sharding, offload=offload, region=region,
                                                       device="cpu" if device == "cpu" else "cuda",
                                                       gpu_memory_bytes=gpu_memory))
+    if plot is not None:
+        from ftplan.render.plot import memory_svg, write_plot
+
+        write_plot(plot, memory_svg(report))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:

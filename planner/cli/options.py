@@ -4,6 +4,7 @@ the settings vocabulary, so every command module can use them without cycles."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import click
 from pydantic import ValidationError
@@ -160,6 +161,16 @@ class MemorySize(click.ParamType):
         if not math.isfinite(size) or not 2**20 <= size <= 2**50:
             self.fail(f"'{value}' is not a GPU memory size; write e.g. 24GiB", param, ctx)
         return int(size)
+
+
+def plot_option(what: str):
+    """--plot FILE.svg|png for `what`; the suffix is checked before any work is done."""
+    def check(ctx, param, value):  # noqa: ANN001 - click's callback signature
+        if value is not None and value.suffix.lower() not in (".svg", ".png"):
+            raise click.BadParameter(f"'{value}': write a .svg or a .png file", ctx, param)
+        return value
+    return click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=check,
+                        help=f"also draw {what} into FILE.svg (FILE.png with cairosvg installed)")
 
 
 # --device is one choice list wherever it appears (estimate, measure, run): a user learns it once

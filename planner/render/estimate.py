@@ -35,7 +35,8 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
-def _segments(e: MethodEstimate) -> list[tuple[str, int, str]]:
+def memory_segments(e: MethodEstimate) -> list[tuple[str, int, str]]:
+    """The memory terms at the method's peak (name, bytes, colour), in SEGMENTS order."""
     m = e.memory
     values = {"weights": m.weights_bytes, "adapters": m.adapter_bytes, "gradients": m.gradients_bytes,
               "optimizer": m.optimizer_bytes, "activations": m.activations_bytes, "transient": m.transient_bytes}
@@ -49,7 +50,7 @@ def _segments(e: MethodEstimate) -> list[tuple[str, int, str]]:
 def stacked_bar(e: MethodEstimate, scale: int) -> Text:
     """A bar whose segments are the memory terms at the peak, scaled to the largest method."""
     bar = Text()
-    for _, value, colour in _segments(e):
+    for _, value, colour in memory_segments(e):
         bar.append("█" * round(BAR_WIDTH * value / scale) if scale else "", style=colour)
     return bar
 
