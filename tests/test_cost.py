@@ -60,7 +60,11 @@ def test_calibration_round_trip_and_lookup(tmp_path):
 @pytest.mark.parametrize("name, memory, expected", [("NVIDIA A100-SXM4-80GB", 85e9, "A100-80GB"),
                                                     ("NVIDIA A100-SXM4-40GB", 42e9, "A100-40GB"),
                                                     ("NVIDIA H200", 150e9, "H200"), ("NVIDIA L4", 24e9, "L4"),
-                                                    ("NVIDIA GeForce RTX 4090", 24e9, None)])
+                                                    ("NVIDIA GeForce RTX 4090", 24e9, "RTX 4090"),
+                                                    ("NVIDIA A100-PCIE-40GB", 42e9, "A100-PCIe-40GB"),
+                                                    ("NVIDIA H100 PCIe", 85e9, "H100-PCIe"),
+                                                    ("NVIDIA H100 NVL", 99e9, "H100 NVL"),
+                                                    ("Quadro RTX 8000", 48e9, None)])
 def test_cuda_device_names_map_to_catalogued_gpus(name, memory, expected):
     gpu = calibration.gpu_for_device(name, int(memory))
     assert (gpu.name if gpu else None) == expected

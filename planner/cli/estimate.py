@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ftplan.cli.options import choices_from, console, load_plugin_catalog, setting_options, with_plugin_catalog
+from ftplan.cli.options import (
+    DEVICES,
+    MemorySize,
+    choices_from,
+    console,
+    load_plugin_catalog,
+    plot_option,
+    setting_options,
+    with_plugin_catalog,
+)
 from ftplan.errors import PlannerError
 from ftplan.estimate.settings import METHODS
 from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
@@ -14,7 +25,10 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
 @click.argument("model")
 @click.option("--method", type=click.Choice([*METHODS, "all"]), default="all", show_default=True)
 @setting_options()
-@click.option("--gpu", default=None, help="judge this GPU (e.g. A100-80GB); lists instances with it")
+@click.option("--gpu", default=None, help="judge this GPU (e.g. A100-80GB, 'RTX 4090'; any case, spaces and dashes "
+              "ignored); lists instances with it")
+@click.option("--gpu-memory", type=MemorySize(), default=None,
+              help="judge a GPU ftplan does not know by its memory: 24GiB, 24GB (10^9 bytes) or 24576MiB; no price")
 @click.option("--instance", default=None, help="judge this AWS instance type (e.g. g5.2xlarge)")
 @click.option("--layers", type=int, default=None, help="keep every width but use N layers (as measure does)")
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs in total (data parallel)")
@@ -23,16 +37,18 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
               help="how state is split over the GPUs [default: none for 1 GPU, ddp for more]")
 @click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
               help="move optimizer states (ZeRO) or parameters (ZeRO-3, FSDP) to host RAM")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="whose kernels the memory model follows: cuda (auto: what GPUs run) or cpu (to compare with "
                    "ftplan measure --device cpu)")
 @click.option("--region", default=None, help="price instances in this region [default: each in its own - "
               "us-east-1 for the bundled catalog, a plugin's region for its hardware]")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code (fallback counting only)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
-def estimate(model: str, method: str, gpu: str | None, instance: str | None, layers: int | None, gpus: int,
+@plot_option("the memory breakdown per method")
+def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, instance: str | None,
+             layers: int | None, gpus: int,
              nodes: int, sharding: str | None, offload: str, device: str, region: str | None,
-             trust_remote_code: bool, as_json: bool, **settings) -> None:
+             trust_remote_code: bool, as_json: bool, plot: Path | None, **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
 
     MODEL is a catalog name (ftplan models), a Hugging Face id, or a path to a config.json.
@@ -41,8 +57,8 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
     from ftplan.model.resolve import resolve_model
     from ftplan.model.spec import with_layers
 
-    if gpu and instance:
-        raise PlannerError("pass either --gpu or --instance, not both")
+    if sum(x is not None for x in (gpu, instance, gpu_memory)) > 1:
+        raise PlannerError("pass either --gpu, --gpu-memory or --instance, not several")
     choices = choices_from(settings)
     spec = with_plugin_catalog(lambda: resolve_model(model))
     if layers is not None:
@@ -51,7 +67,12 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
     report = with_plugin_catalog(lambda: run_estimate(spec, methods, choices, gpu=gpu, instance=instance,
                                                       trust_remote_code=trust_remote_code, gpus=gpus, nodes=nodes,
                                                       sharding=sharding, offload=offload, region=region,
-                                                      device="cpu" if device == "cpu" else "cuda"))
+                                                      device="cpu" if device == "cpu" else "cuda",
+                                                      gpu_memory_bytes=gpu_memory))
+    if plot is not None:
+        from ftplan.render.plot import memory_svg, write_plot
+
+        write_plot(plot, memory_svg(report))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
@@ -68,7 +89,7 @@ def estimate(model: str, method: str, gpu: str | None, instance: str | None, lay
 @click.option("--steps", type=int, default=1, show_default=True, help="measured steps after one warm-up step")
 @click.option("--rss/--no-rss", default=True, show_default=True,
               help="CPU: also measure the resident set of a child process (builds the model a second time)")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="where to run the steps (auto: cuda when torch sees a GPU, else cpu)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of a table")
 def measure(model: str, method: str, layers: int | None, steps: int, rss: bool, device: str, as_json: bool,
@@ -103,14 +124,16 @@ def models(query: str | None, as_json: bool) -> None:
     from ftplan.data import catalog
 
     load_plugin_catalog()
-    rows = [m for m in catalog.models() if not query or query.lower() in
-            f"{m.name} {m.hf_id} {m.config['model_type']} {' '.join(m.aliases)}".lower()]
+    rows = [m for m in catalog.models() if not query or query.lower() in " ".join(
+            [m.name, m.hf_id, m.config["model_type"], *m.aliases, *(x for v in m.variants for x in (v.name, v.hf_id))]
+            ).lower()]
     if as_json:
         click.echo("[" + ",\n".join(m.model_dump_json() for m in rows) + "]")
         return
-    from ftplan.render.estimate import models_table
+    from ftplan.render.catalog import models_table
 
-    console().print(models_table(rows))
+    out = console()
+    out.print(models_table(rows, out.width))
 
 
 @click.command()
@@ -130,16 +153,18 @@ def instances(gpu: str | None, min_gpu_memory: float | None, region: str | None,
         if region not in known:
             raise PlannerError(f"no prices for region '{region}'.{catalog.suggest(region, sorted(known))} Catalogued "
                                f"prices cover: {', '.join(sorted(known))}")
-    if gpu:
-        catalog.get_gpu(gpu)
+    wanted = catalog.get_gpu(gpu).name.lower() if gpu else None
     rows = [i for i in catalog.instances().values()
-            if (not gpu or i.gpu.lower() == gpu.lower())
+            if (not wanted or i.gpu.lower() == wanted)
             and (min_gpu_memory is None or catalog.gpu_of(i).memory_gib_reported >= min_gpu_memory)]
     if as_json:
         click.echo("[" + ",\n".join(i.model_dump_json() for i in rows) + "]")
         return
-    from ftplan.render.estimate import instances_list
+    from ftplan.render.catalog import instances_list, unpriced_lines
 
-    console().print(instances_list(rows, region))
+    out = console()
+    out.print(instances_list(rows, region, out.width))
+    for text in unpriced_lines(rows, region):
+        out.print(text)
 
 

@@ -17,6 +17,9 @@ EXIT_BAD_INPUT = 2
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftplan")
+# main() reads --debug (anywhere on the line) before click parses; declared here so --help lists it
+@click.option("--debug", is_flag=True, expose_value=False,
+              help="on an error, show the full Python traceback instead of one line (works after any command too)")
 def cli() -> None:
     """Plan LLM fine-tuning: exact parameters, per-GPU memory, instances and cost."""
 

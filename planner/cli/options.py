@@ -4,6 +4,7 @@ the settings vocabulary, so every command module can use them without cycles."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import click
 from pydantic import ValidationError
@@ -140,6 +141,40 @@ class TokenCount(click.ParamType):
         if not math.isfinite(number) or number <= 0 or number * scale > 10**15:
             self.fail(f"'{value}' must be a positive token count below 10^15", param, ctx)
         return int(number * scale)
+
+
+class MemorySize(click.ParamType):
+    """A memory size: 24GiB, 24GB (10^9 bytes), 24576MiB, or a plain number of GiB."""
+
+    name = "size"
+    UNITS = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "tb": 10**12, "gb": 10**9, "mb": 10**6, "": 2**30}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "").replace(",", "")
+        number, unit = text.rstrip("abcdefghijklmnopqrstuvwxyz"), text.lstrip("0123456789.")
+        try:
+            size = float(number) * self.UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"'{value}' is not a memory size; write e.g. 24GiB, 24GB or 24576MiB", param, ctx)
+        if not math.isfinite(size) or not 2**20 <= size <= 2**50:
+            self.fail(f"'{value}' is not a GPU memory size; write e.g. 24GiB", param, ctx)
+        return int(size)
+
+
+def plot_option(what: str):
+    """--plot FILE.svg|png for `what`; the suffix is checked before any work is done."""
+    def check(ctx, param, value):  # noqa: ANN001 - click's callback signature
+        if value is not None and value.suffix.lower() not in (".svg", ".png"):
+            raise click.BadParameter(f"'{value}': write a .svg or a .png file", ctx, param)
+        return value
+    return click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=check,
+                        help=f"also draw {what} into FILE.svg (FILE.png with cairosvg installed)")
+
+
+# --device is one choice list wherever it appears (estimate, measure, run): a user learns it once
+DEVICES = ("auto", "cuda", "cpu")
 
 
 def split_list(value: str | None) -> list[str] | None:

@@ -63,4 +63,8 @@ def show(as_json: bool) -> None:
         return
     from ftplan.render.prices import prices_table
 
-    console().print(prices_table(rows))
+    out = console()
+    shown, notes = prices_table(rows, out.width)
+    out.print(shown)
+    for text in notes:
+        out.print(text)

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from ftplan.cli.options import TokenCount, choices_from, console, load_plugin_catalog, setting_options, split_list
+from ftplan.cli.options import (
+    TokenCount,
+    choices_from,
+    console,
+    load_plugin_catalog,
+    plot_option,
+    setting_options,
+    split_list,
+)
 from ftplan.errors import PlannerError
 from ftplan.estimate.settings import METHODS
 
@@ -51,13 +59,14 @@ from ftplan.estimate.settings import METHODS
 @click.option("--force", is_flag=True, help="replace an existing plan file")
 @click.option("--top", type=click.IntRange(1, 50), default=8, show_default=True, help="candidates shown")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object (writes only with --yes)")
+@plot_option("the cost-versus-time frontier")
 def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: Path | None, counting: str,
               packing: bool | None,
               epochs: float, global_batch: int, budget: float | None, deadline: float | None, priority: str,
               task: str, region: str | None, spot: bool, spot_discount: float | None, platform: str | None,
               max_gpus: int, methods: str, instance_list: str | None, backend: str | None,
               allow_long_context: bool, learning_rate: float | None, output: Path, yes: bool, force: bool, top: int,
-              as_json: bool, **settings) -> None:
+              as_json: bool, plot: Path | None, **settings) -> None:
     """Search methods x instances x settings and recommend one plan; accepting writes the plan file.
 
     Give the data as --tokens N or --dataset FILE. The plan names the backend that carries it out:
@@ -95,6 +104,10 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
         plan_mod.save(plan_mod.plan_from(spec, rec, backend=chosen.name, learning_rate=learning_rate), output,
                       overwrite=force)
 
+    if plot is not None:
+        from ftplan.render.plot import frontier_svg, write_plot
+
+        write_plot(plot, frontier_svg(rec))
     if as_json:
         if yes:
             accept()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ftplan.cli.options import console, key_values
+from ftplan.cli.options import DEVICES, console, key_values
 from ftplan.errors import printable
 
 
@@ -24,7 +24,8 @@ from ftplan.errors import printable
               help="optimizer steps between checkpoints")
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in --output")
 @click.option("--force", is_flag=True, help="replace a previous run's outputs in --output")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="where to train (auto: cuda when torch sees a GPU, else cpu)")
 @click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE", help="backend-specific option")
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own Python code (off by default)")
 @click.option("--here", is_flag=True, help="train on this machine even where its hardware differs from the plan's "
@@ -64,9 +65,10 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
         summary = execute(plan, chosen, options, request, lambda event: None)
     else:
         from ftplan.render.run import print_run_start, print_summary, progress_display
+        from ftplan.run.datanotes import data_notes
 
         out = console()
-        print_run_start(plan, chosen, request, out)
+        print_run_start(plan, chosen, request, out, data_notes(plan, request))
         with progress_display(out) as show:
             summary = execute(plan, chosen, options, request, show)
         print_summary(summary, out)

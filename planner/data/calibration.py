@@ -80,8 +80,14 @@ def gpu_for_device(device_name: str, memory_bytes: int):
     """The catalogued GPU a CUDA device name ('NVIDIA A100-SXM4-80GB', 'NVIDIA H200') stands for, or None."""
     from ftplan.data import catalog
 
-    name = device_name.upper()
-    matches = [g for g in catalog.gpus().values() if g.name.split("-")[0].upper() in name]
+    exact = catalog.find_gpu(device_name)  # most device names are catalogued aliases ('NVIDIA GeForce RTX 4090')
+    if exact is not None:
+        return exact
+    name, compact = device_name.upper(), catalog.gpu_key(device_name)
+    # a family's form-factor variants (A100-PCIe-40GB next to A100-40GB) match only when the device says so
+    variant = ("pcie", "nvl")
+    matches = [g for g in catalog.gpus().values() if g.name.split("-")[0].upper() in name
+               and not any(v in catalog.gpu_key(g.name) and v not in compact for v in variant)]
     if not matches:
         return None
     # A100-40GB vs A100-80GB, V100-16GB vs -32GB: the closest memory size decides.

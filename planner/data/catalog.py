@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from datetime import date
 from functools import cache
 from importlib import resources
@@ -16,6 +17,17 @@ from ftplan.errors import PlannerError
 
 if TYPE_CHECKING:
     from ftplan.data import planning_rules, rules
+
+
+class ModelVariant(BaseModel):
+    """An instruct or chat release with its base entry's architecture: every config field ftplan reads is the
+    same (a release that differs in any is an entry of its own)."""
+
+    name: str = Field(min_length=1, description="short name users type, e.g. llama2-7b-chat")
+    hf_id: str = Field(min_length=1, description="its Hugging Face repository id")
+    aliases: list[str] = Field([], description="other names it answers to (any case)")
+    source: str = Field(description="where its config was read, showing the architecture is the base's")
+    notes: str = Field("", description="fields that differ and why they do not matter (token ids...)")
 
 
 class CatalogModel(BaseModel):
@@ -31,6 +43,7 @@ class CatalogModel(BaseModel):
     retrieved: str = Field(description="when the config was read (ISO date or month)")
     config: dict[str, Any] = Field(description="config.json keys needed to rebuild the architecture exactly "
                                                "(model_type, sizes, tie_word_embeddings...)")
+    variants: list[ModelVariant] = Field([], description="instruct/chat releases with this exact architecture")
 
 
 # What a real GPU can be: a plugin's entry outside these bounds is a mistake, and would reach every figure
@@ -56,6 +69,8 @@ class Gpu(BaseModel):
     supports_flash_attention: bool = Field(description="FlashAttention-2 runs on it (Ampere or newer)")
     source: str = Field(description="where the throughput and bandwidth figures come from")
     memory_source: str = Field(description="where the memory figure comes from")
+    notes: str = Field("", description="caveats: memory that depends on the driver or ECC, provisional figures")
+    retrieved: str = Field("", description="when the figures were read")
 
 
 class Instance(BaseModel):
@@ -102,7 +117,8 @@ def add_entry(kind: str, entry: Any) -> None:
         if taken:
             raise PlannerError(f"model '{entry.name}' is already catalogued")
     elif kind == "gpu":
-        if entry.name.lower() in gpus():
+        # its name must be new; an alias already taken is kept but never shadows the bundled GPU (_gpu_index)
+        if find_gpu(entry.name):
             raise PlannerError(f"GPU '{entry.name}' is already catalogued")
     elif entry.type in instances():
         raise PlannerError(f"instance type '{entry.type}' is already catalogued")
@@ -124,7 +140,7 @@ def clear_caches() -> None:
 
 
 def _clear_caches() -> None:
-    for f in (models, gpus, instances, _model_index):
+    for f in (models, gpus, instances, _model_index, _gpu_index):
         f.cache_clear()
 
 
@@ -250,16 +266,29 @@ def planning() -> planning_rules.Planning:
 
 
 @cache
-def _model_index() -> dict[str, CatalogModel]:
-    index: dict[str, CatalogModel] = {}
+def _model_index() -> dict[str, tuple[CatalogModel, ModelVariant | None]]:
+    index: dict[str, tuple[CatalogModel, ModelVariant | None]] = {}
     for m in models():
         for key in (m.name, m.display_name, m.hf_id, *m.aliases):
-            index[key.lower()] = m
+            index[key.lower()] = (m, None)
+        for v in m.variants:
+            for key in (v.name, v.hf_id, *v.aliases):
+                index[key.lower()] = (m, v)
+    for m in models():  # the repository name alone ('Llama-2-7b-chat-hf'), where no other entry uses it
+        for key, variant in ((m.hf_id, None), *((v.hf_id, v) for v in m.variants)):
+            index.setdefault(key.rsplit("/", 1)[-1].lower(), (m, variant))
     return index
 
 
 def find_model(name: str) -> CatalogModel | None:
-    """The catalogued model answering to a short name, display name, alias or HF id (any case)."""
+    """The catalogued model answering to a short name, display name, alias or HF id (any case); for a
+    variant's name, the base entry whose architecture it shares."""
+    found = _model_index().get(name.strip().lower())
+    return found[0] if found else None
+
+
+def find_variant(name: str) -> tuple[CatalogModel, ModelVariant | None] | None:
+    """The catalogued model answering to `name`, and the instruct/chat variant it names (None: the entry)."""
     return _model_index().get(name.strip().lower())
 
 
@@ -271,15 +300,38 @@ def suggest(name: str, choices: list[str], n: int = 3) -> str:
 
 
 def model_suggestions(name: str) -> str:
-    return suggest(name, [m.name for m in models()] + [m.hf_id for m in models()])
+    """' Did you mean: ...?' for a model name, among the entries' and their variants' names and Hub ids."""
+    return suggest(name, [n for m in models() for n in (m.name, m.hf_id, *(x for v in m.variants
+                                                                           for x in (v.name, v.hf_id)))])
+
+
+def gpu_key(name: str) -> str:
+    """How GPU names are compared: any case, spaces, dashes and underscores ignored ('RTX 4090' = 'rtx-4090')."""
+    return re.sub(r"[\s\-_]+", "", name).lower()
+
+
+@cache
+def _gpu_index() -> dict[str, Gpu]:
+    index: dict[str, Gpu] = {}
+    for gpu in gpus().values():  # bundled first: a plugin's alias never shadows a bundled name
+        for key in (gpu.name, *gpu.aliases):
+            index.setdefault(gpu_key(key), gpu)
+    return index
+
+
+def find_gpu(name: str) -> Gpu | None:
+    """The GPU answering to `name` or one of its aliases ('RTX 4090', 'GeForce RTX 4090', 'rtx4090'), or None."""
+    return _gpu_index().get(gpu_key(name))
 
 
 def get_gpu(name: str) -> Gpu:
-    """The GPU called `name` (any case); PlannerError with suggestions otherwise."""
-    gpu = gpus().get(name.strip().lower())
+    """The GPU called `name` or one of its aliases (any case, spaces and dashes ignored); PlannerError with
+    suggestions otherwise."""
+    gpu = find_gpu(name)
     if gpu is None:
         names = [g.name for g in gpus().values()]
-        raise PlannerError(f"unknown GPU '{name}'.{suggest(name, names)} Known GPUs: {', '.join(names)}")
+        raise PlannerError(f"unknown GPU '{name}'.{suggest(name, names)} Known GPUs: {', '.join(names)}; ftplan "
+                           "estimate --gpu-memory 24GiB judges any other GPU by its memory")
     return gpu
 
 

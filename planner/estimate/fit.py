@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
 from ftplan.estimate.settings import TrainingSetup
 
 
 class InstanceFit(BaseModel):
-    """One instance type judged against a per-GPU memory requirement."""
+    """One instance type (or one GPU on its own) judged against a per-GPU memory requirement."""
 
-    instance_type: str
+    instance_type: str | None = Field(description="null: a GPU judged on its own, unpriced (--gpu for a GPU no "
+                                                  "catalogued instance has, or --gpu-memory)")
     gpu: str
     gpu_count: int
     gpu_memory_bytes: int
@@ -47,6 +48,25 @@ def judge(instance: catalog.Instance, required_bytes: int, setup: TrainingSetup,
         usd_per_hour=price.usd_per_hour if price else None, price_date=price.date if price else None,
         price_source=price.source if price else None, reason=reason,
     )
+
+
+def hypothetical_gpu_name(memory_bytes: int) -> str:
+    """How a GPU known only by its memory (--gpu-memory) is named."""
+    return f"{memory_bytes / 2**30:,.4g} GiB GPU"
+
+
+def judge_gpu(gpu: catalog.Gpu | None, required_bytes: int, setup: TrainingSetup, *,
+              memory_bytes: int | None = None) -> InstanceFit:
+    """One GPU against `required_bytes`, unpriced: a catalogued GPU, or (gpu None) a hypothetical one of
+    `memory_bytes`, assumed to run bf16 and FlashAttention-2."""
+    memory = gpu.memory_bytes if gpu else memory_bytes
+    if memory is None:
+        raise ValueError("judge_gpu needs a GPU or its memory")
+    reason = gpu_supports(gpu, setup) if gpu else ""
+    return InstanceFit(instance_type=None, gpu=gpu.name if gpu else hypothetical_gpu_name(memory), gpu_count=1,
+                       gpu_memory_bytes=memory, required_bytes=required_bytes, headroom_bytes=memory - required_bytes,
+                       fits=memory >= required_bytes and not reason, usd_per_hour=None, price_date=None,
+                       price_source=None, reason=reason)
 
 
 def cheapest_fits(required_bytes: int, setup: TrainingSetup, *, gpu: str | None = None, limit: int = 3,

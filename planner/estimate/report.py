@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
-from ftplan.estimate.fit import InstanceFit, cheapest_fits, judge
+from ftplan.estimate.fit import InstanceFit, cheapest_fits, hypothetical_gpu_name, judge, judge_gpu
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, unquantized_matmul_params
 from ftplan.estimate.params import TargetResolution, count_params, over_ranked
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
@@ -59,6 +59,8 @@ class EstimateReport(BaseModel):
     model: ModelInfo
     settings: SetupChoices
     gpu: str | None
+    gpu_memory_bytes: int | None = Field(None, description="--gpu-memory: the hypothetical GPU judged (null "
+                                                           "otherwise)")
     instance: str | None
     region: str | None = Field(description="the price region asked for; null: each instance in its own region "
                                            "(us-east-1 for the bundled catalog)")
@@ -77,9 +79,14 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[
            "params (prepare_model_for_kbit_training)" if s.method == "qlora" else "")
         for s in setups
     ]
+    methods = {s.method for s in setups}
+    # only what applies to the methods shown: a QLoRA base is 4-bit (said above), full fine-tuning has no adapters
+    if methods & {"lora", "qlora"}:
+        notes.append("LoRA adapters are fp32 as PEFT creates them" + ("; LoRA's frozen base is bf16 (fp16 on GPUs "
+                                                                      "without bf16)" if "lora" in methods else ""))
+    if any(s.optimizer == "adamw_torch_fused" for s in setups):
+        notes.append("fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries")
     notes += [
-        "LoRA adapters are fp32 as PEFT creates them; the frozen base is bf16 (fp16 on GPUs without bf16)",
-        "fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries",
         "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
         f"required = peak allocated + {rules.allocator_slack:.0%} allocator slack + "
         f"{rules.cuda_context_bytes // 2**20} MiB CUDA context + paged optimizer states",
@@ -87,6 +94,22 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[
         + (region or "each instance's own region (us-east-1 for the bundled catalog)"),
     ]
     return notes
+
+
+def _report_warnings(spec: ModelSpec, choices: SetupChoices, estimates: list[MethodEstimate],
+                     gpu_memory_bytes: int | None) -> list[str]:
+    """What the whole report should warn about: a long context, a hypothetical GPU, sharding, stale prices."""
+    warnings = []
+    if (limit := spec.dims.max_positions) and choices.seq_len > limit:
+        warnings.append(f"--seq-len {choices.seq_len} is above the model's max_position_embeddings ({limit}): it "
+                        "was not trained on sequences this long (recommend refuses it without --allow-long-context)")
+    if gpu_memory_bytes:
+        warnings.append(f"--gpu-memory: a hypothetical {hypothetical_gpu_name(gpu_memory_bytes)}, assumed to run bf16 "
+                        "and FlashAttention-2; no price")
+    for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
+        warnings.append(f"sharded: {note}")
+    shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
+    return warnings + sorted({w for d, _ in shown if d and (w := catalog.stale_warning(d))})
 
 
 def _smallest_counts(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown,
@@ -114,10 +137,12 @@ FALLBACK_NOTE = ("counted by building the model with transformers on the meta de
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
              instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
              nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none",
-             region: str | None = None) -> EstimateReport:
+             region: str | None = None, gpu_memory_bytes: int | None = None) -> EstimateReport:
     """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures).
 
-    `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure --device cpu`.
+    `gpu` (a catalogued GPU), `instance` or `gpu_memory_bytes` (a hypothetical GPU of that memory, unpriced)
+    add a verdict per method. `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure
+    --device cpu`.
     """
     validate(gpus, nodes, sharding or ("ddp" if gpus > 1 else "none"), offload)
     selected_instance = catalog.get_instance(instance) if instance else None
@@ -141,6 +166,8 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
         selected = None
         if selected_instance:
             selected = judge(selected_instance, need, setup, region)
+        elif gpu_info or gpu_memory_bytes:
+            selected = judge_gpu(gpu_info, need, setup, memory_bytes=gpu_memory_bytes)
         estimates.append(MethodEstimate(
             method=setup.method, setup=setup, total_params=counts.total_params,
             trainable_params=counts.trainable_params,
@@ -151,17 +178,12 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
                                              min_gpus=gpus // nodes, region=region),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
         ))
-    if (limit := spec.dims.max_positions) and choices.seq_len > limit:
-        warnings.append(f"--seq-len {choices.seq_len} is above the model's max_position_embeddings ({limit}): it "
-                        "was not trained on sequences this long (recommend refuses it without --allow-long-context)")
-    for note in sorted({n for e in estimates if e.sharded for n in e.sharded.notes}):
-        warnings.append(f"sharded: {note}")
-    shown = {(f.price_date, f.price_source) for e in estimates for f in [*e.cheapest_instances, e.selected] if f}
-    warnings += sorted({w for d, _ in shown if d and (w := catalog.stale_warning(d))})
+    warnings += _report_warnings(spec, choices, estimates, gpu_memory_bytes)
     info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
                      license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
                      vocab_size=spec.dims.vocab, counting=counting)
     return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
+                          gpu_memory_bytes=gpu_memory_bytes,
                           instance=selected_instance.type if selected_instance else None, region=region,
                           assumptions=assumptions(setups, region) + ([FALLBACK_NOTE] if counting != "analytic" else [])
                           + warnings,

@@ -81,8 +81,8 @@ class TrainingSetup(BaseModel):
     attention: Attention = "sdpa"
     loop: Loop = "trainer"
     lora: LoraSettings | None = None
-    quant_type: QuantType = "nf4"
-    double_quant: bool = True
+    quant_type: QuantType | None = Field("nf4", description="4-bit type of QLoRA's frozen base; null otherwise")
+    double_quant: bool | None = Field(True, description="QLoRA: quantize the quantization constants; null otherwise")
 
     @field_validator("batch_size", "seq_len")
     @classmethod
@@ -93,6 +93,8 @@ class TrainingSetup(BaseModel):
     def _lora_only_for_adapters(self) -> "TrainingSetup":
         if self.method == "full" and self.lora is not None:
             self.lora = None
+        if self.method != "qlora":  # a plan carries only settings that apply: no 4-bit type without QLoRA
+            self.quant_type = self.double_quant = None
         return self
 
     @property

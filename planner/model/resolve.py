@@ -11,7 +11,12 @@ from ftplan.errors import PlannerError
 from ftplan.model.spec import ModelSpec, spec_from_config
 
 
-def from_catalog(entry: catalog.CatalogModel) -> ModelSpec:
+def from_catalog(entry: catalog.CatalogModel, variant: catalog.ModelVariant | None = None) -> ModelSpec:
+    """The spec of a catalogued model, or of one of its instruct/chat variants (its name and Hub id, the
+    entry's architecture)."""
+    if variant is not None:
+        return spec_from_config(entry.config, name=variant.name, source=f"catalog (architecture of {entry.name})",
+                                hf_id=variant.hf_id, license=entry.license)
     return spec_from_config(entry.config, name=entry.name, source="catalog", hf_id=entry.hf_id,
                             license=entry.license)
 
@@ -100,9 +105,9 @@ def resolve_model(arg: str) -> ModelSpec:
     arg = arg.strip()
     if not arg:
         raise PlannerError("no model given; pass a catalog name (ftplan models), a config.json path or a HF id")
-    entry = catalog.find_model(arg)
-    if entry is not None:
-        return from_catalog(entry)
+    found = catalog.find_variant(arg)
+    if found is not None:
+        return from_catalog(*found)
     path = Path(arg).expanduser()
     if path.exists() or _looks_like_path(arg):
         config = read_config_file(path)

@@ -139,6 +139,10 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
         Assumption(code="multi_instance_margin", figures={"margin": catalog.planning().multi_instance.margin,
                                                           "source": catalog.planning().multi_instance.source}),
     ]
+    if best.setup.method == "qlora":  # only a 4-bit base is dequantized; other plans must not carry the line
+        out.insert(2, Assumption(code="dequantization", figures={
+            "bytes_per_weight": rules.dequantization.bytes_per_weight,
+            "bandwidth_efficiency": rules.dequantization.bandwidth_efficiency}))
     if request.market == "spot":
         out.append(Assumption(code="spot", figures={"caveat": catalog.pricing().spot.caveat}))
     if best.price.warning:

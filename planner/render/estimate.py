@@ -1,4 +1,7 @@
-"""Rich rendering of the core's pydantic models. The only module that formats numbers."""
+"""Rich rendering of estimate and measure reports: sizes and counts in words, tables that fit the terminal.
+
+Everything shown from outside ftplan (model names, paths, plugin catalog entries) goes through
+render.console's clean/plain/line, never through markup."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from rich.text import Text
 from ftplan.data import catalog
 from ftplan.estimate.memory import END_OF_BACKWARD
 from ftplan.estimate.report import EstimateReport, MethodEstimate
-from ftplan.render.console import styled
+from ftplan.render.console import clean, line, plain, styled, table
 
 GIB = 2**30
 BAR_WIDTH = 40
@@ -32,7 +35,8 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
-def _segments(e: MethodEstimate) -> list[tuple[str, int, str]]:
+def memory_segments(e: MethodEstimate) -> list[tuple[str, int, str]]:
+    """The memory terms at the method's peak (name, bytes, colour), in SEGMENTS order."""
     m = e.memory
     values = {"weights": m.weights_bytes, "adapters": m.adapter_bytes, "gradients": m.gradients_bytes,
               "optimizer": m.optimizer_bytes, "activations": m.activations_bytes, "transient": m.transient_bytes}
@@ -46,19 +50,19 @@ def _segments(e: MethodEstimate) -> list[tuple[str, int, str]]:
 def stacked_bar(e: MethodEstimate, scale: int) -> Text:
     """A bar whose segments are the memory terms at the peak, scaled to the largest method."""
     bar = Text()
-    for _, value, colour in _segments(e):
+    for _, value, colour in memory_segments(e):
         bar.append("█" * round(BAR_WIDTH * value / scale) if scale else "", style=colour)
     return bar
 
 
-def comparison_table(report: EstimateReport) -> Table:
+def comparison_table(report: EstimateReport, width: int = 120) -> Table:
+    """Parameters and memory terms, one column per method."""
     full = next((e for e in report.estimates if e.method == "full"), None)
-    table = Table(title=f"{report.model.name}: parameters and per-GPU memory", title_justify="left")
-    for col, justify in (("", "left"), *((e.method, "right") for e in report.estimates)):
-        table.add_column(col, justify=justify)
+    out = table(line(report.model.name, ": parameters and per-GPU memory"), "",
+                *((e.method, "right") for e in report.estimates), width=width)
 
-    def row(label: str, cells: list[str]) -> None:
-        table.add_row(label, *cells)
+    def row(label: str, cells: list) -> None:
+        out.add_row(label, *cells)
 
     est = report.estimates
     row("total params", [count(e.total_params) for e in est])
@@ -67,8 +71,9 @@ def comparison_table(report: EstimateReport) -> Table:
     if full:
         row("vs full fine-tuning", [f"{full.trainable_params / e.trainable_params:,.0f}x fewer" if e is not full
                                     else "-" for e in est])
-    row("LoRA targets", [", ".join(e.targets.names) + f" ({e.targets.source})" if e.targets else "all" for e in est])
-    table.add_section()
+    row("LoRA targets", [plain(", ".join(e.targets.names) + f" ({e.targets.source})") if e.targets else "all"
+                         for e in est])
+    out.add_section()
     for label, attr in (("weights", "weights_bytes"), ("LoRA adapters", "adapter_bytes"),
                         ("gradients", "gradients_bytes"), ("optimizer states", "optimizer_bytes"),
                         ("paged optimizer states", "paged_optimizer_bytes"),
@@ -76,52 +81,68 @@ def comparison_table(report: EstimateReport) -> Table:
         row(label, [gib(getattr(e.memory, attr)) for e in est])
     row("weights by dtype", [", ".join(f"{k} {gib(v)}" for k, v in e.memory.weights_by_dtype.items()) for e in est])
     row("peak phase", [e.memory.peak_phase for e in est])
-    table.add_section()
+    out.add_section()
     row("peak allocated", [Text(gib(e.memory.peak_allocated_bytes), style="bold") for e in est])
     row("required (fits if <= GPU)", [Text(gib(e.memory.required_bytes), style="bold") for e in est])
-    return table
+    return out
 
 
 def bars(report: EstimateReport) -> Table:
+    """One stacked bar per method, the memory terms at its peak."""
     scale = max(e.memory.peak_allocated_bytes for e in report.estimates)
     legend = [part for n, c in SEGMENTS for part in (("█", c), f" {n}  ")]
-    table = Table(title=styled("peak allocated, by term: ", *legend),
-                  show_header=False, box=None, title_justify="left")
+    out = Table(title=styled("peak allocated, by term: ", *legend), show_header=False, box=None, title_justify="left")
     for e in report.estimates:
-        table.add_row(e.method, stacked_bar(e, scale), gib(e.memory.peak_allocated_bytes))
-    return table
+        out.add_row(e.method, stacked_bar(e, scale), gib(e.memory.peak_allocated_bytes))
+    return out
 
 
-def instances_table(report: EstimateReport) -> Table:
-    where = report.region or "each in its own region"
-    table = Table(title=f"cheapest instances whose GPU holds the requirement (on-demand, {where})",
-                  title_justify="left")
-    for col in ("method", "instance", "GPUs", "GPU memory", "headroom", "$/hour", "price date"):
-        table.add_column(col, justify="left" if col in ("method", "instance") else "right",
-                         no_wrap=col in ("instance", "price date"), min_width=10 if col == "price date" else None)
-    for e in report.estimates:
-        if not e.cheapest_instances:
-            table.add_row(e.method, Text("no priced instance holds it on one GPU: shard it or pick a smaller method",
-                                         style="red"),
-                          *[""] * 5)
-        for f in e.cheapest_instances:
-            table.add_row(e.method, f.instance_type, f"{f.gpu_count} x {f.gpu}", gib(f.gpu_memory_bytes),
-                          gib(f.headroom_bytes), f"{f.usd_per_hour:,.4g}", f.price_date or "")
-    return table
+def _price_dates(report: EstimateReport) -> set[str]:
+    return {f.price_date for e in report.estimates for f in e.cheapest_instances if f.price_date}
+
+
+def instances_table(report: EstimateReport, width: int = 120) -> Table | None:
+    """The cheapest instances per method; None when no method fits on any (`unplaced_lines` says so). The
+    price date is a column only when the prices shown differ in date (else the Prices line carries it)."""
+    rows = [(e, f) for e in report.estimates for f in e.cheapest_instances]
+    if not rows:
+        return None
+    dated = len(_price_dates(report)) > 1
+    where = clean(report.region or "each in its own region")
+    out = table(f"cheapest instances whose GPU holds the requirement (on-demand, {where})", "method", "instance",
+                ("GPUs", "right"), ("GPU memory", "right"), ("headroom", "right"), ("$/hour", "right"),
+                *((("price date", "right"),) if dated else ()), width=width)
+    for e, f in rows:
+        out.add_row(e.method, plain(f.instance_type), plain(f"{f.gpu_count} x {f.gpu}"), gib(f.gpu_memory_bytes),
+                    gib(f.headroom_bytes), f"{f.usd_per_hour:,.4g}", *((plain(f.price_date or ""),) if dated else ()))
+    return out
+
+
+def unplaced_lines(report: EstimateReport) -> list[Text]:
+    """Methods no priced instance holds on one GPU, and a --gpu no catalogued instance carries."""
+    if report.gpu and not any(i.gpu.lower() == report.gpu.lower() for i in catalog.instances().values()):
+        return [line(f"No catalogued instance has {report.gpu} GPUs: the verdict above judges one on its own, "
+                     "without a price.")]
+    if report.gpu_memory_bytes is not None:
+        return []
+    return [line(f"{e.method}: no priced instance" + (f" with {report.gpu} GPUs" if report.gpu else "")
+                 + " holds it on one GPU: shard it over several (--gpus N --sharding fsdp) or pick a smaller method",
+                 style="red") for e in report.estimates if not e.cheapest_instances]
 
 
 def selected_lines(report: EstimateReport) -> list[Text]:
+    """The --gpu, --gpu-memory or --instance verdict per method."""
     lines = []
     for e in report.estimates:
         f = e.selected
         if f is None:
             continue
+        where = f"{f.instance_type} ({f.gpu})" if f.instance_type else f"one {f.gpu} ({gib(f.gpu_memory_bytes)})"
         if f.fits:
-            lines.append(Text(f"{e.method}: fits on {f.instance_type} ({f.gpu}) with {gib(f.headroom_bytes)} to spare",
-                              style="green"))
+            lines.append(line(f"{e.method}: fits on {where} with {gib(f.headroom_bytes)} to spare", style="green"))
         else:
             why = f.reason or f"short by {gib(-f.headroom_bytes)}"
-            lines.append(Text(f"{e.method}: does not fit on {f.instance_type} ({f.gpu}): {why}", style="red"))
+            lines.append(line(f"{e.method}: does not fit on {where}: {why}", style="red"))
     return lines
 
 
@@ -132,17 +153,15 @@ def quantization_notes(report: EstimateReport) -> list[str]:
             for e in report.estimates if e.method == "qlora" and e.unquantized_linear_params]
 
 
-def sharded_table(report: EstimateReport) -> Table | None:
+def sharded_table(report: EstimateReport, width: int = 120) -> Table | None:
     """Per-GPU memory over several GPUs, when asked for."""
     rows = [e for e in report.estimates if e.sharded]
     if not rows:
         return None
     first = rows[0].sharded
-    table = Table(title=f"Per GPU over {first.gpus} GPUs on {first.nodes} node(s), {first.sharding}"
-                        + (f", offload {first.offload}" if first.offload != "none" else ""), title_justify="left")
-    table.add_column("")
-    for e in rows:
-        table.add_column(e.method, justify="right")
+    out = table(f"Per GPU over {first.gpus} GPUs on {first.nodes} node(s), {first.sharding}"
+                + (f", offload {first.offload}" if first.offload != "none" else ""), "",
+                *((e.method, "right") for e in rows), width=width)
     for label, key in (("weights (shard)", "weights_bytes"), ("gathered parameters", "gathered_bytes"),
                        ("gradients at the peak", "gradients_bytes"), ("optimizer states", "optimizer_bytes"),
                        ("communication buffers", "comm_buffer_bytes"), ("activations + transients", "other_bytes"),
@@ -150,9 +169,9 @@ def sharded_table(report: EstimateReport) -> Table | None:
                        ("host RAM per node: offloaded", "host_offload_bytes_per_node"),
                        ("host RAM per node: loading", "host_loading_bytes_per_node"),
                        ("checkpoint on disk per save", "checkpoint_bytes")):
-        table.add_row(label, *(gib(getattr(e.sharded, key)) for e in rows))
-    table.add_row("peak phase", *(e.sharded.peak_phase.split(" (")[0] for e in rows))
-    return table
+        out.add_row(label, *(gib(getattr(e.sharded, key)) for e in rows))
+    out.add_row("peak phase", *(e.sharded.peak_phase.split(" (")[0] for e in rows))
+    return out
 
 
 def smallest_counts_line(report: EstimateReport) -> list[str]:
@@ -177,55 +196,60 @@ def smallest_counts_line(report: EstimateReport) -> list[str]:
 
 
 def print_estimate(report: EstimateReport, console: Console) -> None:
-    m = report.model
-    console.print(styled((m.name, "bold"), f" ({m.hf_id or 'no HF id'}), {m.model_type}, {m.layers} layers, "
-                  f"hidden {m.hidden_size}, vocab {m.vocab_size:,}; from {m.source}; counted {m.counting}"
-                  + (f"; licence: {m.license}" if m.license else "")))
-    console.print(comparison_table(report))
+    """The whole estimate: the model, the comparison, the bars, verdicts, instances, assumptions, prices."""
+    m, width = report.model, console.width
+    console.print(line((m.name, "bold"), f" ({m.hf_id or 'no HF id'}), {m.model_type}, {m.layers} layers, hidden "
+                       f"{m.hidden_size}, vocab {m.vocab_size:,}; from {m.source}; counted {m.counting}"
+                       + (f"; licence: {m.license}" if m.license else "")))
+    console.print(comparison_table(report, width))
     console.print(bars(report))
-    for line in selected_lines(report):
-        console.print(line)
-    console.print(instances_table(report))
-    if (table := sharded_table(report)) is not None:
-        console.print(table)
-    for line in smallest_counts_line(report):
-        console.print(line)
+    for text in selected_lines(report):
+        console.print(text)
+    if (instances := instances_table(report, width)) is not None:
+        console.print(instances)
+    for text in unplaced_lines(report):
+        console.print(text)
+    if (sharded := sharded_table(report, width)) is not None:
+        console.print(sharded)
+    for text in smallest_counts_line(report):
+        console.print(line(text))
     console.print("Assumptions:", style="dim")
     for note in report.assumptions + quantization_notes(report):
-        console.print(f"- {note}", style="dim")
-    prices = {f.price_source for e in report.estimates for f in e.cheapest_instances if f.price_source}
-    for source in sorted(prices):
-        console.print(f"Prices: {source}", style="dim")
+        console.print(line(f"- {note}", style="dim"))
+    dates = _price_dates(report)
+    for source in sorted({f.price_source for e in report.estimates for f in e.cheapest_instances if f.price_source}):
+        console.print(line(f"Prices: {source}" + (f" (dated {next(iter(dates))})" if len(dates) == 1 else ""),
+                           style="dim"))
 
 
-def measure_table(report) -> Table:
+def measure_table(report, width: int = 120) -> Table:
     """Estimated against measured, term by term where both sides have the term."""
     est, got = report.estimated, report.measured
-    table = Table(title=f"{report.model.name} {report.setup.method} on {report.device}: estimate vs measured "
-                        f"({report.steps} step(s) after warm-up)", title_justify="left")
-    for col in ("", "estimated", "measured"):
-        table.add_column(col, justify="left" if not col else "right")
-    table.add_row("weights (+ quantization state, buffers)", gib(est.weights_bytes + est.adapter_bytes),
-                  gib(got.weights_bytes))
-    table.add_row("optimizer states", gib(est.optimizer_bytes + est.paged_optimizer_bytes), gib(got.optimizer_bytes))
-    table.add_row("gradients (end of backward)", gib(est.gradients_bytes), gib(got.gradients_bytes))
-    table.add_row("activations (end of forward)", gib(est.activations_bytes), gib(got.activations_bytes))
-    table.add_row(Text("peak", style="bold"), gib(report.estimated_compared_bytes), gib(got.peak_allocated_bytes))
+    out = table(line(f"{report.model.name} {report.setup.method} on {report.device}: estimate vs measured "
+                     f"({report.steps} step(s) after warm-up)"), "", ("estimated", "right"), ("measured", "right"),
+                width=width)
+    out.add_row("weights (+ quantization state, buffers)", gib(est.weights_bytes + est.adapter_bytes),
+                gib(got.weights_bytes))
+    out.add_row("optimizer states", gib(est.optimizer_bytes + est.paged_optimizer_bytes), gib(got.optimizer_bytes))
+    out.add_row("gradients (end of backward)", gib(est.gradients_bytes), gib(got.gradients_bytes))
+    out.add_row("activations (end of forward)", gib(est.activations_bytes), gib(got.activations_bytes))
+    out.add_row(Text("peak", style="bold"), gib(report.estimated_compared_bytes), gib(got.peak_allocated_bytes))
     for label, value in (("  tracker (live tensors)", got.peak_tracker_bytes),
                          ("  allocator (profiler)", got.peak_allocator_bytes),
                          ("  resident set (RSS)", got.peak_rss_bytes)):
         if value is not None:
-            table.add_row(label, "", gib(value))
-    table.add_row("error", f"{report.error_percent:+.1f}%", "")
-    table.add_row("step time / throughput", "", f"{got.step_seconds:.2f} s, {got.tokens_per_second:,.0f} tokens/s")
-    return table
+            out.add_row(label, "", gib(value))
+    out.add_row("error", f"{report.error_percent:+.1f}%", "")
+    out.add_row("step time / throughput", "", f"{got.step_seconds:.2f} s, {got.tokens_per_second:,.0f} tokens/s")
+    return out
 
 
 def print_measure(report, console: Console) -> None:
-    console.print(measure_table(report))
+    """The measured run against the estimate, and what the instruments say about each other."""
+    console.print(measure_table(report, console.width))
     got = report.measured
     if got.instruments_disagree_percent is not None and got.instruments_disagree_percent > 2:
-        console.print(Text(f"- the CPU instruments disagree by {got.instruments_disagree_percent:.1f}% (over 2%): the "
+        console.print(line(f"- the CPU instruments disagree by {got.instruments_disagree_percent:.1f}% (over 2%): the "
                            "tracker misses what ops allocate inside themselves, which the allocator and RSS see; "
                            f"the peak was reached in {got.allocator_peak_at or 'an unnamed op'}", style="yellow"))
     if report.device == "cpu" and report.estimated.paged_optimizer_bytes:
@@ -233,34 +257,7 @@ def print_measure(report, console: Console) -> None:
     console.print("- activations measured include the loss; estimated excludes the loss's transient buffers", style="dim")
     if report.utilization is not None:
         predicted = report.predicted_tokens_per_second
-        console.print(f"utilisation on {report.gpu}: {report.utilization:.0%} of the dense peak, "
-                      f"{report.measured.tokens_per_second:,.0f} tokens/s (time model: {predicted:,.0f})"
-                      + (f"; recorded in {report.calibration_file} for recommend" if report.calibration_file else
-                         " (not recorded: --layers measures a cut-down model)"))
-
-
-def models_table(rows: list[catalog.CatalogModel]) -> Table:
-    table = Table(title="catalogued models", title_justify="left")
-    for col in ("name", "HF id", "type", "layers", "hidden", "vocab", "licence"):
-        table.add_column(col)
-    for m in rows:
-        c = m.config
-        table.add_row(m.name, m.hf_id, c["model_type"],
-                      str(c.get("num_hidden_layers") or c.get("n_layer")),
-                      str(c.get("hidden_size") or c.get("n_embd") or c.get("n_embed")),
-                      f"{c['vocab_size']:,}", m.license)
-    return table
-
-
-def instances_list(rows: list[catalog.Instance], region: str | None = None) -> Table:
-    table = Table(title=f"catalogued instances (on-demand, {region or 'each in its own region'})",
-                  title_justify="left")
-    for col in ("instance", "GPU", "GPUs", "GiB/GPU", "vCPU", "RAM GiB", "interconnect", "$/hour", "price date"):
-        table.add_column(col, justify="left" if col in ("instance", "GPU", "interconnect") else "right")
-    for i in rows:
-        gpu = catalog.gpu_of(i)
-        price = i.priced(region)
-        table.add_row(i.type, gpu.name, str(i.gpu_count), f"{gpu.memory_gib_reported:g}", str(i.vcpus),
-                      f"{i.memory_gib:g}", i.interconnect, f"{price.usd_per_hour:,.4g}" if price else "n/a",
-                      price.date if price else i.notes)
-    return table
+        console.print(line(f"utilisation on {report.gpu}: {report.utilization:.0%} of the dense peak, "
+                           f"{report.measured.tokens_per_second:,.0f} tokens/s (time model: {predicted:,.0f})"
+                           + (f"; recorded in {report.calibration_file} for recommend" if report.calibration_file else
+                              " (not recorded: --layers measures a cut-down model)")))

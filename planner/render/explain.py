@@ -1,4 +1,6 @@
-"""Words for recommend's explanations: every reason, why-not, rejection and assumption code, from its figures."""
+"""Words for recommend's explanations: every reason, why-not, rejection and assumption code, from its figures.
+
+The words are plain text, never markup: the render layer shows them as data (they carry paths and names)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ GIB = 2**30
 
 
 def hours(h: float) -> str:
+    """A duration in minutes below an hour, else in hours."""
     return f"{h * 60:.0f} min" if h < 1 else f"{h:,.1f} h"
 
 
@@ -108,7 +111,12 @@ def assumption(a: Assumption) -> str:
         "spot": lambda: f"spot: {f['caveat']}",
         "stale_price": lambda: str(f["warning"]),
     }
-    return texts[a.code]() if a.code in texts else a.code
+    if a.code not in texts:
+        return a.code
+    try:
+        return texts[a.code]()
+    except (KeyError, TypeError, ValueError):  # a hand-edited plan: say what it holds rather than fail
+        return f"{a.code}: " + ", ".join(f"{k} {v}" for k, v in f.items())
 
 
 BACKEND_REASONS = {
@@ -116,7 +124,7 @@ BACKEND_REASONS = {
     "platform": "the platform's own backend",
     "skypilot": "launches the plan's instances on EC2 through SkyPilot",
     "hf_without_skypilot": ("skypilot is not installed, so the plan names hf, which trains where `ftplan run` is "
-                            "typed; pip install 'ftplan\\[skypilot]' to launch it on EC2"),
+                            "typed; pip install 'ftplan[skypilot]' to launch it on EC2"),
     "plugin_platform": "the plugin backend registered for this platform",
 }
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from ftplan.render.console import styled
+from ftplan.render.console import line, styled
 from ftplan.render.estimate import gib
 from ftplan.render.explain import hours
 from ftplan.run.backend import ProgressEvent
 
 
-def print_run_start(plan, backend, request, console: Console) -> None:
+def print_run_start(plan, backend, request, console: Console, data_notes: list[str] = ()) -> None:
+    """The plan, backend, settings and data a run starts with, and how the data differ from the plan's."""
     t, h = plan.training, plan.hardware
     console.print(styled(("Running", "bold"), f" {plan.model.name} {t.method} with backend '{backend.name}' "
                                                f"({backend.description})"))
@@ -23,27 +24,36 @@ def print_run_start(plan, backend, request, console: Console) -> None:
                   f"planned for {h.instance_count} x {h.instance_type}")
     console.print(f"  data {request.data} -> {request.output_dir}"
                   + (" (resuming from the last checkpoint)" if request.resume else ""))
+    for note in data_notes:
+        console.print(line("  note: ", note, style="yellow"))
+
+
+def remaining(seconds: float) -> str:
+    """A duration: seconds below a minute (a tiny run's '0 min' said nothing), else as `hours` words it."""
+    return f"{seconds:.0f} s" if seconds < 60 else hours(seconds / 3600)
 
 
 @contextmanager
 def progress_display(console: Console):
-    """A progress bar with step, loss, tokens/s, ETA and peak memory; yields the callback."""
+    """A progress bar with step, loss, tokens/s, time left, peak memory and time elapsed; yields the callback."""
+    # every figure named; elapsed is the training's own clock (the summary's "in N s"), not the display's,
+    # which would count loading the model too
     columns = (TextColumn("step {task.completed}/{task.total}", markup=False), BarColumn(),
-               TextColumn("{task.fields[status]}", markup=False),
-               TimeElapsedColumn())
+               TextColumn("{task.fields[status]}", markup=False))
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=None, status="starting")
 
         def show(event: ProgressEvent) -> None:
             memory = f", peak {gib(event.peak_memory_bytes)}" if event.peak_memory_bytes else ""
-            status = (f"loss {event.loss:.4f}, {event.tokens_per_second:,.0f} tok/s, ETA "
-                      f"{hours(event.eta_seconds / 3600)}{memory}")
+            status = (f"loss {event.loss:.4f}, {event.tokens_per_second:,.0f} tok/s, "
+                      f"{remaining(event.eta_seconds)} left, {remaining(event.elapsed_seconds)} elapsed{memory}")
             progress.update(task, total=event.total_steps, completed=event.step, status=status)
 
         yield show
 
 
 def print_summary(summary, console: Console) -> None:
+    """The run's figures against the plan's, then its notes and outputs."""
     r = summary.result
     state = "interrupted" if r.interrupted else "finished"
     console.print(styled((state, "bold"), f" after {r.steps} of {r.total_steps} steps in {r.seconds:,.1f} s on "

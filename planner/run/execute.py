@@ -26,6 +26,7 @@ from ftplan.estimate.timing import calibrated_u_max
 from ftplan.plan import Plan, check_targets, config_hash, load, to_yaml, weights_source
 from ftplan.run import output, registry
 from ftplan.run.backend import BackendOptions, ProgressCallback, ProgressEvent, RunRequest, RunResult, TrainerBackend
+from ftplan.run.datanotes import data_notes
 
 METRICS = "metrics.jsonl"
 
@@ -259,6 +260,8 @@ def _execute_locked(plan: Plan, backend: TrainerBackend, options: BackendOptions
     finally:
         metrics.close()
     result = validate_result(backend, result, out)
+    # what was said about the data at the start, kept with the figures it qualifies
+    result.notes = [*(n for n in data_notes(plan, request) if n not in result.notes), *result.notes]
     output.record(out, [*result.artifacts, "summary.json"])
     summary = summarize(plan, backend.name, result)
     atomic_write_text(out / "summary.json", summary.model_dump_json(indent=2))

@@ -162,15 +162,15 @@ def _gather_objects(obj) -> list:
 
 def _start(plan: Plan, request: RunRequest) -> Session:
     """The accelerator (device, mixed precision, processes) and the seed; stale temporary checkpoints go."""
-    import warnings
+    from .quiet import quiet_libraries
 
+    quiet_libraries()  # before torch, transformers and bitsandbytes load: their first messages are the noisy ones
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ftplan shows its own progress
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     cpu = request.device == "cpu" or (request.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=mixed_precision(plan), cpu=cpu)
     procs = checkpoint.Processes(rank=accelerator.process_index, count=accelerator.num_processes,

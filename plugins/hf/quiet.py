@@ -1,0 +1,33 @@
+"""Library messages that say nothing to someone running ftplan, silenced once per process.
+
+Each is named with what it means, so silencing hides no decision: ftplan's own notes say what matters."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# bitsandbytes tries an optional CPU kernel from the Hub ('kernels' package) at import on CPUs with AVX512-BF16,
+# and logs every time it is absent; it then uses its own CPU kernel (slower, CPU only; CUDA runs never use it).
+BNB_CPU_KERNEL = "Failed to load CPU gemm_4bit_forward"
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_libraries() -> None:
+    """Install the filters (idempotent). Called before the libraries are imported, so their first messages go too."""
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the same object the library fetches later
+    if not any(isinstance(f, _DropPrefix) for f in cpu_ops.filters):
+        cpu_ops.addFilter(_DropPrefix(BNB_CPU_KERNEL))
+    # transformers/peft/accelerate deprecation notices address the code calling them (ftplan's), not its user
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    # on a CPU bitsandbytes' paged optimizers page nothing (there is no GPU memory to page from): same figures
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
