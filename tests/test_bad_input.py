@@ -52,7 +52,8 @@ def write_plan_variants(ws: Path) -> None:
     variant("plan_python_backend.yaml", lambda d: d.update(backend="os:system"))
     variant("plan_sagemaker.yaml", lambda d: d["hardware"].update(platform="sagemaker"))
     variant("plan_flash.yaml", lambda d: d["training"]["setup"].update(attention="flash"))
-    variant("plan_two_nodes.yaml", lambda d: d["hardware"].update(instance_count=2))
+    variant("plan_two_nodes.yaml", lambda d: (  # two instances at half the micro-batch: the same global batch
+        d["hardware"].update(instance_count=2), d["training"]["setup"].update(batch_size=2)))
     variant("plan_method.yaml", lambda d: d["training"].update(method="dora"))
     variant("plan_extra.yaml", lambda d: d.update(run_this="rm -rf /"))
     variant("plan_targets.yaml", lambda d: d["training"].update(targets=["foo_proj"]))
@@ -350,8 +351,8 @@ def test_bad_input(workspace, case, args, expected, capsys, monkeypatch):
 def test_line_separators_inside_strings_are_data(workspace, capsys, monkeypatch):
     """Valid JSONL may hold a raw U+2028 or U+0085 in a string: lines split on \\n only."""
     monkeypatch.chdir(workspace)
-    code = call(["recommend", "./tiny", "--dataset", "separators.jsonl", "--methods", "lora", "--max-gpus", "1",
-                 "--json"])
+    code = call(["recommend", "./tiny", "--dataset", "separators.jsonl", "--seq-len", "64", "--methods", "lora",
+                 "--max-gpus", "1", "--json"])
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["data"]["examples"] == 1
 

@@ -27,9 +27,14 @@ def plans(tmp_path_factory):
     assert made.returncode == 0, made.stderr
     plan = yaml.safe_load((root / "one.yaml").read_text())
     assert plan["hardware"]["gpu"] == "A10G" and plan["hardware"]["instance_count"] == 1
+    t = plan["training"]  # the global batch stays micro-batch x accumulation x GPUs, as a plan must
+    assert t["grad_accum"] % 4 == 0
+    accum = t["grad_accum"]
     plan["hardware"]["instance_count"] = 2
+    t["grad_accum"] = accum // 2
     (root / "two.yaml").write_text(yaml.safe_dump(plan))
     plan["hardware"].update(instance_count=1, gpus_per_instance=4)
+    t["grad_accum"] = accum // 4
     (root / "four.yaml").write_text(yaml.safe_dump(plan))
     (root / "train.jsonl").write_text('{"text": "hello"}\n')
     return root
