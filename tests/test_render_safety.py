@@ -80,7 +80,7 @@ def test_paths_with_markup_and_escapes_in_recommend_run_and_errors(tmp_path):
     tiny_model.text_data(root / "data.jsonl", n=8)
     steps = [("recommend", str(root / "tiny"), "--dataset", str(root / "data.jsonl"), "--seq-len", "32",
               "--global-batch", "2", "--batch-size", "1", "--max-gpus", "1", "--instances", "g5.xlarge",
-              "--methods", "lora", "--yes", "-o", str(root / "plan.yaml")),
+              "--methods", "lora", "--backend", "hf", "--yes", "-o", str(root / "plan.yaml")),
              ("plan", "show", str(root / "plan.yaml")),
              ("run", str(root / "plan.yaml"), "--data", str(root / "data.jsonl"), "--output",
               str(root / "out"), "--max-steps", "1")]
@@ -103,9 +103,12 @@ def test_plugin_errors_and_price_sources_are_data_on_a_terminal():
     console = terminal_console()
     console.print(plugins_table([{"name": "p", "version": HOSTILE, "source": HOSTILE, "catalog_entries": 0,
                                   "backends": [], "errors": ["[/boom] " + HOSTILE]}], None))
-    console.print(prices_table([{"instance_type": HOSTILE, "region": "r", "platform": "p", "market": "m",
-                                 "usd_per_hour": 1.0, "date": "[/d]", "warning": "old", "source": HOSTILE}]))
+    prices, notes = prices_table([{"instance_type": HOSTILE, "region": "r", "platform": "p", "market": "m",
+                                   "usd_per_hour": 1.0, "date": "[/d]", "warning": "old", "source": HOSTILE}])
+    console.print(prices)
+    for note in notes:  # sources are footnotes, and '*' marks an old date
+        console.print(note)
     output = console.file.getvalue()
     assert_inert(output)
-    assert "[/boom]" in output and "[/d]" in output and "(old)" in output
+    assert "[/boom]" in output and "[/d]*" in output and "[1] [/evil]" in output
     assert json.dumps(HOSTILE)  # the --json forms escape control characters themselves

@@ -22,9 +22,7 @@ from rich.text import Text
 from ftplan.errors import printable
 
 NARROW = 100  # terminals below this many columns get the compact layouts (80 is the classic width)
-# C0 and C1 control characters and DEL: ESC starts terminal escape sequences (titles, clearing the screen),
-# BEL ends some of them. Tabs and line breaks become spaces: one field must not forge lines of output.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BREAKS = re.compile(r"[\t\n\r\v\f\x85\u2028\u2029]")
 
 
 class _DataConsole(Console):
@@ -47,8 +45,9 @@ def styled(*parts: str | tuple[str, str]) -> Text:
 
 
 def clean(value: object) -> str:
-    """`value` as text without control characters (each becomes a space): for one field of a line."""
-    return _CONTROL.sub(" ", str(value))
+    """`value` as one line of text: line breaks and tabs become spaces (one field must not forge lines of
+    output), other control characters go (as the console itself drops them)."""
+    return printable(_BREAKS.sub(" ", str(value)))
 
 
 def plain(value: object, style: str = "") -> Text:
