@@ -31,7 +31,7 @@ def ws(tmp_path_factory):
     for name, epochs in (("ddp.yaml", "3"), ("long.yaml", "40")):
         made = run_cli("recommend", "./tiny", "--dataset", "train.jsonl", "--seq-len", "32", "--global-batch", "4",
                        "--batch-size", "1", "--methods", "lora", "--max-gpus", "1", "--instances", "g5.xlarge",
-                       "--lr", "3e-3", "--epochs", epochs, "--yes", "-o", name, cwd=root)
+                       "--lr", "3e-3", "--epochs", epochs, "--backend", "hf", "--yes", "-o", name, cwd=root)
         assert made.returncode == 0, made.stderr
     return root
 

@@ -21,7 +21,7 @@ from ftplan.run import registry  # noqa: E402
 from tests.test_bad_input import call, snapshot  # noqa: E402
 
 PLAN = ("--seq-len", "32", "--global-batch", "2", "--batch-size", "1", "--max-gpus", "1", "--instances", "g5.xlarge",
-        "--lr", "3e-3", "--yes", "--force", "--json")
+        "--lr", "3e-3", "--backend", "hf", "--yes", "--force", "--json")
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,9 @@ def work(tmp_path_factory):
         made = run_cli(*args, "-o", name, *extra, cwd=root)
         assert made.returncode == 0, made.stderr
     two = yaml.safe_load((root / "ondemand.yaml").read_text())
-    two["hardware"]["instance_count"] = 2
+    two["hardware"]["instance_count"] = 2  # at half the micro-batch: the same global batch, as plans must keep
+    assert two["training"]["setup"]["batch_size"] == 4 and two["training"]["grad_accum"] == 1
+    two["training"]["setup"]["batch_size"] = 2
     (root / "two.yaml").write_text(yaml.safe_dump(two))
     return root
 

@@ -27,6 +27,7 @@ CONFIG = "accelerate_config.yaml"
 COMMAND = "launch.sh"
 RESULT = ".result.json"
 EVENTS = ".events.jsonl"  # process 0's progress events, followed here and handed to ftplan
+ERROR_PREFIX = "ftplan-worker: error:"  # the one line a failing worker prints for the launching process
 
 
 def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank: int, main_ip: str,
@@ -116,8 +117,6 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     if not (out / RESULT).exists():
         if interrupted:  # stopped before the workers could report: ftplan treats it as Ctrl-C
             raise KeyboardInterrupt
-        from .worker import ERROR_PREFIX
-
         said = [line.split(ERROR_PREFIX, 1)[1].strip() for line in logs if ERROR_PREFIX in line]
         detail = said[0] if said else " | ".join(list(logs)[-3:])
         raise PlannerError(f"the {processes} training process(es) here failed (exit {proc.returncode}): {detail[:400]}")

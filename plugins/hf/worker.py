@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-ERROR_PREFIX = "ftplan-worker: error:"
+from .launch import ERROR_PREFIX  # launch.py does not import this module: no cycle
 
 
 def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
