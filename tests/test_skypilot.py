@@ -387,9 +387,11 @@ def test_ctrl_c_while_provisioning_cancels_the_launch_request_and_the_cluster(sk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sky, "stream_and_get", provisioning)
-    summary, _ = start(work, tmp_path / "out")
-    assert fake.names() == ["launch", "api_cancel", "down"] and summary.result.interrupted
+    with pytest.raises(KeyboardInterrupt):  # stopped before a step: nothing to resume, so the run leaves nothing
+        start(work, tmp_path / "out")
+    assert fake.names() == ["launch", "api_cancel", "down"]
     assert fake.calls[1][1] == {"request_ids": "rid-launch"}
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_job_says_so_with_its_last_lines_and_the_cluster_still_goes(sky, work, tmp_path, aws, monkeypatch):

@@ -62,6 +62,8 @@ def test_two_nodes_train_through_the_rendezvous_and_resume_from_the_bucket(tmp_p
     plan = yaml.safe_load((work / "made.yaml").read_text())
     assert plan["backend"] == "skypilot"
     plan["hardware"]["instance_count"] = 2  # what SkyPilot starts as num_nodes: 2
+    assert plan["training"]["setup"]["batch_size"] == 4 and plan["training"]["grad_accum"] == 1
+    plan["training"]["setup"]["batch_size"] = 2  # the same global batch over two instances, as plans must keep
     (work / task.PLAN).write_text(yaml.safe_dump(plan))
     bucket = tmp_path / "bucket"
 
