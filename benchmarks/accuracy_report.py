@@ -133,7 +133,7 @@ def render(matrix: list[dict], results: dict, device: str, matrix_name: str, hel
     lines += [METHOD.format(device=device), "## Results", ""]
     lines += table("Train cases", matrix, results, lambda i: not held_out(i))
     lines += table("Held-out cases", matrix, results, held_out)
-    lines += table("All cases", matrix, results, lambda i: True)[:3]
+    lines += table("All cases", matrix, results, lambda i: True)[:3] + [""]
     misses = [s["id"] for s in matrix if s["id"] in results and "report" in results[s["id"]]
               and abs(results[s["id"]]["report"]["error_percent"]) > 3]
     lines += ["## Cases over 3%", "", *([f"- {m}" for m in misses] or ["none"]), ""]

@@ -26,7 +26,8 @@
 #   done
 #   pip download bitsandbytes==0.50.2 --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 -d .wheels
 #
-# and carry it: run(command="benchmarks/gpu_accuracy.sh", carry=[".wheels"], timeout_s=540).
+# and carry it: run(command="benchmarks/gpu_accuracy.sh", carry=[".wheels"], timeout_s=540). Where the python
+# has no pip, the wheels are unpacked instead (a wheel is a zip of the installed files; NO_PIP=1 forces this).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -60,9 +61,24 @@ done
 if [ ${#MISSING[@]} -gt 0 ]; then
     echo "installing: ${MISSING[*]}"
     [ -d .wheels ] || { echo "no .wheels/ folder: download the wheels as this script's header says"; exit 2; }
-    # --target: a scratch folder, so an externally managed system python is left alone
-    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --no-index --no-deps --find-links .wheels \
-        --target "$DEPS" "${MISSING[@]}"
+    if "$PY" -m pip --version >/dev/null 2>&1 && [ -z "${NO_PIP:-}" ]; then
+        # --target: a scratch folder, so an externally managed system python is left alone
+        PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --no-index --no-deps --find-links .wheels \
+            --target "$DEPS" "${MISSING[@]}"
+    else  # no pip: a wheel is a zip of the installed files; take the one built for this python
+        "$PY" - "$DEPS" "${MISSING[@]}" <<'EOF'
+import pathlib, sys, zipfile
+tag = "cp%d%d" % sys.version_info[:2]
+for dist in sys.argv[2:]:
+    stem = dist.replace("-", "_").lower()
+    found = [w for w in pathlib.Path(".wheels").glob("*.whl") if w.name.lower().startswith(stem + "-")]
+    fits = [w for w in found if "-py3-none-" in w.name or f"-{tag}-" in w.name]
+    if not fits:
+        sys.exit(f"no wheel of {dist} for {tag} in .wheels")
+    zipfile.ZipFile(fits[0]).extractall(sys.argv[1])
+    print("unpacked", fits[0].name)
+EOF
+    fi
 else
     echo "nothing missing"
 fi
@@ -75,8 +91,8 @@ ln -s "$REPO/catalogs" "$SHIM/ftplan/catalogs"
 export PYTHONPATH="$SHIM:$DEPS${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 "$PY" - <<EOF
-import ftplan, pydantic, bitsandbytes, torch
-where = {m.__name__: m.__file__ for m in (ftplan, pydantic, bitsandbytes)}
+import ftplan, pydantic, pydantic_core, bitsandbytes, torch
+where = {m.__name__: m.__file__ for m in (ftplan, pydantic, pydantic_core, bitsandbytes)}
 print(where)
 assert where["ftplan"].startswith("$SHIM"), "ftplan is not the working tree's"
 EOF
