@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the results")
     parser.add_argument("--results", default=None, help="JSONL results file [benchmarks/results/MATRIX.jsonl]")
     parser.add_argument("--out", default=None, help="markdown [ACCURACY.md; ACCURACY-GPU.md for cuda]")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=2400, help="seconds per case")
     args = parser.parse_args()
     matrix_name = args.matrix or args.device
     matrix = MATRICES[matrix_name]

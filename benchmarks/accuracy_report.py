@@ -76,8 +76,11 @@ def summary(results: list[dict]) -> str:
 def table(title: str, matrix: list[dict], results: dict, chosen) -> list[str]:
     specs = [s for i, s in enumerate(matrix) if chosen(i)]
     got = [results[s["id"]] for s in specs if s["id"] in results]
-    return [f"### {title}", "", f"**{summary(got)}** ({len(specs) - len(got)} of {len(specs)} not measured)"
-            if len(got) < len(specs) else f"**{summary(got)}**", "",
+    failed = sum("report" not in r for r in got)
+    missing = f"{len(specs) - len(got) + failed} of {len(specs)} not measured" + (f", {failed} of them failed"
+                                                                                     if failed else "")
+    return [f"### {title}", "", f"**{summary(got)}** ({missing})" if len(got) - failed < len(specs)
+            else f"**{summary(got)}**", "",
             "| case (model/layers/method/precision/optimizer/loop/batch x seq) | estimated GiB | measured GiB "
             "(reference) | error | tracker GiB | allocator GiB | RSS GiB | instruments apart | step s (tokens/s) / case s |",
             "|---|---|---|---|---|---|---|---|---|",
