@@ -103,7 +103,7 @@ if [ "$DEVICE" = cuda ]; then
     "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'; \
 print(torch.cuda.get_device_name(), torch.version.cuda)"
     nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
-    ARGS=(--device cuda --timeout 150)
+    ARGS=(--device cuda --timeout 240)  # an 8B QLoRA build (random init, save, 4-bit reload) is the slowest
 else
     # the rehearsal: same runner and report, a tiny CPU matrix, written beside the real files
     ARGS=(--device cpu --matrix tiny --timeout 600 --results "$SCRATCH/tiny.jsonl" --out "$SCRATCH/ACCURACY-tiny.md")
