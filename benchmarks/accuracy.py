@@ -1,142 +1,188 @@
 """Estimated against measured peak memory for a matrix of real-width models, written to ACCURACY.md.
 
-Each case runs `ftplan measure ... --json` in its own process (so memory is returned between
-cases) with the models at their real width and 2-4 layers, on the CPU by default.
+Each case runs `ftplan measure ... --device DEVICE --json` in its own process (memory goes back between cases)
+and appends the JSON to a results file, so an interrupted or partial run (`--only`) keeps what it measured;
+the markdown is rendered from that file. On the CPU the measured process gets benchmarks/site on PYTHONPATH and,
+where the CPU lacks bf16 instructions, FTPLAN_BENCH_CPU_BF16=1 (benchmarks/cpu_bf16.py: blocked fp32 kernels in
+place of torch's 0.25 GFLOP/s reference bf16 gemm; the RSS instrument's child inherits both).
 
-Usage: python benchmarks/accuracy.py [--device cpu|cuda] [--only SUBSTRING] [--out FILE]
+Held-out rule, fixed before any result was seen: the case at 0-based position i of its matrix is held out when
+i % 3 == 2. Held-out cases are measured and reported like the others but never used to change the estimate.
+
+Usage: python benchmarks/accuracy.py [--device cpu|cuda] [--matrix NAME] [--only SUBSTRING] [--render]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_report import render  # noqa: E402  (benchmarks/ is not a package)
+
 HERE = Path(__file__).resolve().parent
 
-# (model, layers, method, extra flags). Widths, heads and vocabularies are the real ones.
-CPU_MATRIX: list[tuple[str, int, str, list[str]]] = [
-    ("llama2-7b", 2, "full", ["--seq-len", "512"]),
-    ("llama2-7b", 2, "full", ["--precision", "bf16", "--batch-size", "2", "--seq-len", "256"]),
-    ("llama2-7b", 2, "lora", ["--lora-targets", "q_proj,v_proj", "--lora-r", "8", "--seq-len", "2048"]),
-    ("llama2-7b", 2, "lora", ["--lora-targets", "all-linear", "--lora-r", "64", "--batch-size", "4",
-                              "--seq-len", "256", "--grad-ckpt"]),
-    ("llama2-7b", 2, "lora", ["--attn", "eager", "--seq-len", "1024"]),
-    ("llama2-7b", 2, "qlora", ["--seq-len", "1024"]),
-    ("llama3-8b", 2, "lora", ["--lora-targets", "q_proj,v_proj", "--seq-len", "1024"]),
-    ("llama3-8b", 2, "lora", ["--optimizer", "adamw_8bit", "--grad-ckpt", "--seq-len", "512"]),
-    ("llama3-8b", 2, "qlora", ["--lora-targets", "all-linear", "--batch-size", "2", "--seq-len", "512"]),
-    ("mistral-7b", 2, "full", ["--optimizer", "adamw_8bit", "--seq-len", "256"]),
-    ("mistral-7b", 2, "lora", ["--lora-targets", "all-linear", "--lora-r", "32", "--batch-size", "8",
-                               "--seq-len", "256"]),
-    ("mistral-7b", 2, "qlora", ["--seq-len", "2048"]),
-    ("qwen2.5-7b", 2, "lora", ["--lora-r", "8", "--seq-len", "1024"]),
-    ("qwen2.5-7b", 2, "lora", ["--attn", "eager", "--seq-len", "512"]),
-    ("qwen2.5-7b", 2, "qlora", ["--lora-targets", "all-linear", "--seq-len", "512"]),
-    ("gemma-7b", 2, "lora", ["--seq-len", "512"]),
-    ("gemma-7b", 2, "lora", ["--lora-targets", "all-linear", "--grad-ckpt", "--batch-size", "2", "--seq-len", "256"]),
-    ("gemma-7b", 2, "qlora", ["--seq-len", "1024"]),
-    ("phi3-mini", 2, "full", ["--seq-len", "512"]),
-    ("phi3-mini", 4, "full", ["--precision", "bf16", "--grad-ckpt", "--batch-size", "4", "--seq-len", "256"]),
-    ("phi3-mini", 4, "lora", ["--batch-size", "2", "--seq-len", "512"]),
-    ("phi3-mini", 4, "qlora", ["--seq-len", "1024"]),
+
+def case(model: str, layers: int | None, method: str, precision: str, optimizer: str, loop: str,
+         batch: int, seq: int, *extra: str) -> dict:
+    """One measured configuration; `layers` None = the model's full depth."""
+    flags = ["--method", method, "--precision", precision, "--optimizer", optimizer, "--loop", loop,
+             "--batch-size", str(batch), "--seq-len", str(seq), *extra]
+    if layers:
+        flags += ["--layers", str(layers)]
+    name = f"{model}/{layers or 'all'}/{method}/{precision}/{optimizer}/{loop}/{batch}x{seq}"
+    return {"id": " ".join([name, *extra]), "model": model, "flags": flags}
+
+
+# CPU: every family at its real width (2-4 layers) for each method, both loops, every optimizer name, bf16 and
+# bf16-mixed, plus full-depth small models. Token counts are small (64-128) because a 7B-width step runs at
+# ~25 GFLOP/s here and each case runs ~6 steps (warm-up, tracker, 2 under the profiler, 2 in the RSS child);
+# full fine-tuning of the widest models uses pure bf16 and light optimizers so that the case and its RSS child
+# (both alive at once) fit the host's 23 GiB. gemma-7b full (1.34 G parameters, a 786 M tied embedding) runs
+# without the RSS child (--no-rss): two instruments, tracker and allocator, measure it.
+CPU_MATRIX = [
+    case("llama2-7b", 2, "full", "bf16", "adamw_torch", "custom", 1, 64),
+    case("llama2-7b", 2, "lora", "bf16-mixed", "adamw_torch_fused", "trainer", 1, 128, "--lora-targets",
+         "all-linear"),
+    case("llama2-7b", 2, "qlora", "bf16", "paged_adamw_32bit", "custom", 1, 128),
+    case("llama3-8b", 2, "full", "bf16", "sgd", "trainer", 1, 64),
+    case("llama3-8b", 2, "lora", "bf16", "adamw_bnb_8bit", "custom", 1, 64),
+    case("llama3-8b", 2, "qlora", "bf16-mixed", "paged_adamw_8bit", "trainer", 1, 128),
+    case("mistral-7b", 2, "full", "bf16", "adamw_torch_fused", "trainer", 1, 64),
+    case("mistral-7b", 2, "lora", "bf16", "adafactor", "trainer", 1, 128),
+    case("mistral-7b", 2, "qlora", "bf16-mixed", "adamw_torch", "custom", 1, 64),
+    case("gemma-7b", 2, "lora", "bf16-mixed", "sgd", "custom", 1, 64),
+    case("gemma-7b", 2, "qlora", "bf16", "paged_adamw_32bit", "trainer", 1, 64),
+    case("gemma-7b", 2, "full", "bf16", "sgd", "trainer", 1, 64, "--no-rss"),
+    case("qwen2.5-7b", 2, "full", "bf16", "sgd", "custom", 1, 64),
+    case("qwen2.5-7b", 2, "lora", "bf16-mixed", "paged_adamw_8bit", "custom", 1, 128),
+    case("qwen2.5-7b", 2, "qlora", "bf16", "adafactor", "trainer", 1, 64),
+    case("phi3-mini", 2, "full", "bf16-mixed", "adafactor", "trainer", 1, 64),
+    case("phi3-mini", 4, "lora", "bf16", "adamw_torch", "trainer", 1, 128),
+    case("phi3-mini", 4, "qlora", "bf16-mixed", "paged_adamw_32bit", "custom", 1, 128),
+    case("qwen2.5-0.5b", 2, "full", "bf16-mixed", "paged_adamw_32bit", "trainer", 1, 128),
+    case("qwen2.5-0.5b", 2, "full", "bf16", "paged_adamw_8bit", "custom", 1, 128),
+    case("qwen2.5-0.5b", 2, "full", "bf16-mixed", "adamw_bnb_8bit", "custom", 1, 64),
+    case("qwen2.5-0.5b", None, "full", "bf16", "adamw_torch_fused", "trainer", 1, 64),
+    case("qwen3-0.6b", None, "lora", "bf16-mixed", "adamw_torch", "custom", 1, 128),
+    case("llama3.2-1b", None, "qlora", "bf16", "adamw_torch_fused", "trainer", 1, 64),
+    case("qwen2.5-0.5b", None, "lora", "bf16", "adafactor", "custom", 1, 128),
+    case("llama3.2-1b", None, "lora", "bf16-mixed", "sgd", "trainer", 1, 64),
 ]
 
-# On a GPU the models fit at full depth (7B/8B LoRA and QLoRA, a 1B-3B full fine-tune).
-CUDA_MATRIX: list[tuple[str, int, str, list[str]]] = [
-    ("llama3.2-1b", 16, "full", ["--seq-len", "2048"]),
-    ("qwen2.5-3b", 36, "full", ["--precision", "bf16", "--seq-len", "1024"]),
-    ("llama2-7b", 32, "lora", ["--seq-len", "2048"]),
-    ("llama3-8b", 32, "lora", ["--lora-targets", "all-linear", "--grad-ckpt", "--batch-size", "4",
-                               "--seq-len", "1024"]),
-    ("llama3-8b", 32, "qlora", ["--seq-len", "2048"]),
-    ("mistral-7b", 32, "qlora", ["--lora-targets", "all-linear", "--batch-size", "2", "--seq-len", "2048"]),
+# CUDA (an H200; under 8 minutes, most of it process start-up and model builds): full depth, both loops, every
+# optimizer name on 0.5-1B models (fast to build), and step times at three micro-batch sizes for LoRA and QLoRA
+# (the time model's own measured runs; --steps 3 so that one slow step does not decide the time).
+CUDA_MATRIX = [
+    case("llama3.2-1b", None, "full", "bf16-mixed", "adamw_torch_fused", "trainer", 4, 1024),
+    case("llama3.2-1b", None, "full", "bf16-mixed", "adamw_torch", "custom", 4, 1024),
+    case("llama3.2-1b", None, "full", "bf16", "adamw_bnb_8bit", "trainer", 4, 1024),
+    case("qwen2.5-0.5b", None, "full", "bf16-mixed", "paged_adamw_8bit", "custom", 4, 1024),
+    case("qwen2.5-0.5b", None, "full", "bf16-mixed", "paged_adamw_32bit", "trainer", 4, 1024),
+    case("qwen2.5-0.5b", None, "full", "bf16-mixed", "adafactor", "trainer", 4, 1024),
+    case("qwen3-0.6b", None, "full", "bf16", "sgd", "custom", 4, 1024),
+    case("llama3-8b", None, "lora", "bf16-mixed", "adamw_torch_fused", "trainer", 1, 2048, "--steps", "3"),
+    case("llama3-8b", None, "lora", "bf16-mixed", "adamw_torch_fused", "trainer", 2, 2048, "--steps", "3"),
+    case("llama3-8b", None, "lora", "bf16-mixed", "adamw_torch_fused", "trainer", 4, 2048, "--steps", "3"),
+    case("llama3.2-1b", None, "qlora", "bf16-mixed", "paged_adamw_32bit", "trainer", 1, 2048, "--steps", "3"),
+    case("llama3.2-1b", None, "qlora", "bf16-mixed", "paged_adamw_32bit", "trainer", 2, 2048, "--steps", "3"),
+    case("llama3.2-1b", None, "qlora", "bf16-mixed", "paged_adamw_32bit", "trainer", 4, 2048, "--steps", "3"),
+    case("llama3-8b", None, "qlora", "bf16", "paged_adamw_8bit", "custom", 2, 2048, "--lora-targets", "all-linear"),
 ]
 
+# A few seconds a case on the CPU: rehearses every step of the GPU script (wheels, PYTHONPATH, the runner,
+# the report) without a GPU.
+TINY_MATRIX = [
+    case("qwen2.5-0.5b", 1, "lora", "bf16-mixed", "adamw_torch_fused", "trainer", 1, 32),
+    case("qwen2.5-0.5b", 1, "full", "bf16", "sgd", "custom", 1, 32),
+    case("qwen2.5-0.5b", 1, "qlora", "bf16", "paged_adamw_8bit", "trainer", 1, 32),
+]
 
-def settings_text(flags: list[str]) -> str:
-    return " ".join(flags).replace("--", "")
+MATRICES = {"cpu": CPU_MATRIX, "cuda": CUDA_MATRIX, "tiny": TINY_MATRIX}
 
 
-def run_case(model: str, layers: int, method: str, flags: list[str], device: str) -> dict:
-    command = [sys.executable, "-m", "ftplan", "measure", model, "--layers", str(layers), "--method", method,
-               "--device", device, "--json", *flags]
+def held_out(index: int) -> bool:
+    """The fixed held-out rule (see the module docstring)."""
+    return index % 3 == 2
+
+
+def measure_env(device: str) -> dict:
+    """The measured process's environment: offline, benchmarks/site importable, the fast bf16 kernels where
+    the CPU needs them (decided here, not in the child, so the report can say so)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if device == "cpu":
+        import cpu_bf16
+
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "site"), env.get("PYTHONPATH")]))
+        if cpu_bf16.needed():
+            env["FTPLAN_BENCH_CPU_BF16"] = "1"
+    return env
+
+
+def run_case(spec: dict, device: str, env: dict, timeout: float) -> dict:
+    """Measure one case in its own process; the JSON report, or the error's last line."""
+    command = [sys.executable, "-m", "ftplan", "measure", spec["model"], "--device", device, "--json",
+               *spec["flags"]]
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "wall": time.perf_counter() - start}
     wall = time.perf_counter() - start
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1], "wall": wall}
-    return {**json.loads(result.stdout), "wall": wall}
+    return {"report": json.loads(result.stdout), "wall": wall}
 
 
-def row(case: tuple, result: dict) -> str:
-    model, layers, method, flags = case
-    head = f"| {model} | {layers} | {method} | {settings_text(flags) or 'defaults'} |"
-    if "error" in result:
-        return f"{head} - | - | failed: {result['error']} | |"
-    est = result["estimated_compared_bytes"] / 2**20
-    got = result["measured"]["peak_allocated_bytes"] / 2**20
-    setup = result["setup"]
-    return (f"{head} {setup['precision']}, {setup['optimizer']}, ckpt {'on' if setup['grad_ckpt'] else 'off'}, "
-            f"{setup['attention']}, {setup['batch_size']}x{setup['seq_len']} | {est:,.0f} | {got:,.0f} | "
-            f"{result['error_percent']:+.1f}% | {result['measured']['step_seconds']:.1f} |")
+def load(path: Path) -> dict[str, dict]:
+    """Results by case id; a later line for the same case replaces an earlier one (reruns with --only)."""
+    results: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                results[item["id"]] = item
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--only", default=None, help="run the cases whose model or method contains this")
-    parser.add_argument("--out", default=None, help="default: benchmarks/ACCURACY.md (ACCURACY-GPU.md on cuda)")
+    parser.add_argument("--matrix", choices=sorted(MATRICES), default=None, help="default: the device's")
+    parser.add_argument("--only", default=None, help="run the cases whose id contains this substring")
+    parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the results")
+    parser.add_argument("--results", default=None, help="JSONL results file [benchmarks/results/MATRIX.jsonl]")
+    parser.add_argument("--out", default=None, help="markdown [ACCURACY.md; ACCURACY-GPU.md for cuda]")
+    parser.add_argument("--timeout", type=float, default=2400, help="seconds per case")
     args = parser.parse_args()
-    matrix = CUDA_MATRIX if args.device == "cuda" else CPU_MATRIX
-    cases = [c for c in matrix if not args.only or args.only in f"{c[0]} {c[2]}"]
+    matrix_name = args.matrix or args.device
+    matrix = MATRICES[matrix_name]
+    results_path = Path(args.results) if args.results else HERE / "results" / f"{matrix_name}.jsonl"
     out = Path(args.out) if args.out else HERE / ("ACCURACY-GPU.md" if args.device == "cuda" else "ACCURACY.md")
-    start = time.perf_counter()
-    rows, errors = [], []
-    for case in cases:
-        result = run_case(*case, args.device)
-        rows.append(row(case, result))
-        if "error_percent" in result:
-            errors.append(abs(result["error_percent"]))
-        print(rows[-1], f"({result['wall']:.0f} s)", flush=True)
-    total = time.perf_counter() - start
-    failed = len(cases) - len(errors)
-    summary = (f"{len(errors)} cases measured, max |error| {max(errors, default=0):.1f}%, "
-               f"mean |error| {sum(errors) / max(len(errors), 1):.1f}%, "
-               f"{sum(e <= 5 for e in errors)} within 5%" + (f", {failed} failed" if failed else ""))
-    text = "\n".join([
-        f"# Memory estimate accuracy ({args.device})", "",
-        f"Generated by `python benchmarks/accuracy.py --device {args.device}` on {datetime.date.today()} "
-        f"({platform.machine()}, {os.cpu_count()} CPUs, torch {_version('torch')}, "
-        f"transformers {_version('transformers')}, peft {_version('peft')}, "
-        f"bitsandbytes {_version('bitsandbytes')}), {total / 60:.1f} minutes.", "",
-        "Peak allocated bytes of a steady-state training step (one warm-up step, then one measured step on "
-        "random tokens), estimated by `ftplan estimate` and measured by `ftplan measure` on the same "
-        "reduced-depth model (real widths, heads and vocabulary). On the CPU the peak is the high-water "
-        "mark of live tensor storage; paged optimizer states count there (the CPU has no paged memory). "
-        "Error = (estimated - measured) / measured.", "",
-        f"**{summary}.**", "",
-        "| model | layers | method | flags | setup | estimated MiB | measured MiB | error | step s |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows, "",
-    ])
+    if not args.render:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        env = measure_env(args.device)
+        for index, spec in enumerate(matrix):
+            if args.only and args.only not in spec["id"]:
+                continue
+            result = {"id": spec["id"], "held_out": held_out(index), "when": time.time(),
+                      "bench_cpu_bf16": env.get("FTPLAN_BENCH_CPU_BF16") == "1",
+                      **run_case(spec, args.device, env, args.timeout)}
+            with results_path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            error = result["report"]["error_percent"] if "report" in result else None
+            print(f"{spec['id']}: " + (f"{error:+.2f}%" if error is not None else result["error"])
+                  + f" ({result['wall']:.0f} s)", flush=True)
+    notes = HERE / "results" / f"{matrix_name}-notes.md"  # hand-written causes of misses, kept across reruns
+    text = render(matrix, load(results_path), args.device, matrix_name, held_out,
+                  notes.read_text() if notes.exists() else "")
     out.write_text(text)
-    print(f"{summary}; wrote {out}")
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
