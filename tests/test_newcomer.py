@@ -215,6 +215,18 @@ def test_library_noise_is_silenced_and_ftplan_notes_stay():
     assert [str(w.message) for w in caught] == ["ftplan's own"]
 
 
+def test_saving_the_result_draws_no_transformers_bar_and_leaves_bars_as_they_were():
+    pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+
+    from ftplan.backends.hf.quiet import no_save_bar
+
+    assert hf_logging.is_progress_bar_enabled()
+    with no_save_bar():
+        assert not hf_logging.is_progress_bar_enabled()  # "Writing model shards" is transformers' tqdm
+    assert hf_logging.is_progress_bar_enabled()  # downloads elsewhere keep theirs
+
+
 def test_run_says_when_its_data_differ_from_the_plan_and_what_is_truncated(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("peft")

@@ -30,6 +30,7 @@ from ftplan.api import (
 )
 
 from . import checkpoint, data, fingerprint
+from .quiet import no_save_bar
 
 
 @contextmanager
@@ -109,7 +110,8 @@ def _save_final(model, tokenizer, output_dir: Path, full: bool, procs: checkpoin
         tmp = output_dir / f".{name}.tmp"
         checkpoint.clear(tmp)  # a link there is unlinked, never written through
         tmp.mkdir()
-        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        with no_save_bar():
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         final = output_dir / name
         checkpoint.clear(final)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # bitsandbytes tries an optional CPU kernel from the Hub ('kernels' package) at import on CPUs with AVX512-BF16,
 # and logs every time it is absent; it then uses its own CPU kernel (slower, CPU only; CUDA runs never use it).
@@ -31,3 +33,18 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     # on a CPU bitsandbytes' paged optimizers page nothing (there is no GPU memory to page from): same figures
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+
+
+@contextmanager
+def no_save_bar() -> Iterator[None]:
+    """Without transformers' "Writing model shards" bar: it draws over ftplan's own display at the end of every
+    run, for a save that takes a moment. Downloads keep their bars (they are not drawn inside this block)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
