@@ -221,10 +221,15 @@ def test_saving_the_result_draws_no_transformers_bar_and_leaves_bars_as_they_wer
 
     from ftplan.backends.hf.quiet import no_save_bar
 
-    assert hf_logging.is_progress_bar_enabled()
-    with no_save_bar():
-        assert not hf_logging.is_progress_bar_enabled()  # "Writing model shards" is transformers' tqdm
-    assert hf_logging.is_progress_bar_enabled()  # downloads elsewhere keep theirs
+    before = hf_logging.is_progress_bar_enabled()  # other code in this process may have set it either way
+    try:
+        for enabled in (True, False):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            with no_save_bar():
+                assert not hf_logging.is_progress_bar_enabled()  # "Writing model shards" is transformers' tqdm
+            assert hf_logging.is_progress_bar_enabled() is enabled  # as it was: downloads elsewhere keep theirs
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 def test_run_says_when_its_data_differ_from_the_plan_and_what_is_truncated(tmp_path):
