@@ -2,7 +2,7 @@
 
 Plans, configs, datasets, paths, prices and plugins all supply text that ends up on screen. Rather than
 escaping it at each of the many places it is interpolated (one place forgotten is one hole), the console
-itself parses no markup at all - ftplan styles its own words with Text and `style=` - and strips control
+itself parses no markup at all - ftplan styles its own words with `line` and `style=` - and strips control
 characters from every piece of text it writes, leaving only the escape sequences rich itself generates.
 Tables come from `table`: their cells wrap or fold, never end in an ellipsis, and below NARROW columns they
 drop the vertical rules and edges to leave room for data.
@@ -37,11 +37,6 @@ def make_console(**options) -> Console:
     re-scans every cell with regexes and costs startup time) and never writes a control character it did not
     generate. `options` go to rich's Console (tests give a file and force a terminal)."""
     return _DataConsole(highlight=False, emoji=False, markup=False, **options)
-
-
-def styled(*parts: str | tuple[str, str]) -> Text:
-    """A line from plain strings and (text, style) pairs - how ftplan styles its own words without markup."""
-    return Text.assemble(*parts)
 
 
 def clean(value: object) -> str:

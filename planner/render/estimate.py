@@ -12,7 +12,7 @@ from rich.text import Text
 from ftplan.data import catalog
 from ftplan.estimate.memory import END_OF_BACKWARD
 from ftplan.estimate.report import EstimateReport, MethodEstimate
-from ftplan.render.console import clean, line, plain, styled, table
+from ftplan.render.console import clean, line, plain, table
 
 GIB = 2**30
 BAR_WIDTH = 40
@@ -91,7 +91,7 @@ def bars(report: EstimateReport) -> Table:
     """One stacked bar per method, the memory terms at its peak."""
     scale = max(e.memory.peak_allocated_bytes for e in report.estimates)
     legend = [part for n, c in SEGMENTS for part in (("█", c), f" {n}  ")]
-    out = Table(title=styled("peak allocated, by term: ", *legend), show_header=False, box=None, title_justify="left")
+    out = Table(title=line("peak allocated, by term: ", *legend), show_header=False, box=None, title_justify="left")
     for e in report.estimates:
         out.add_row(e.method, stacked_bar(e, scale), gib(e.memory.peak_allocated_bytes))
     return out

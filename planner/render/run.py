@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from ftplan.render.console import line, styled
+from ftplan.render.console import line
 from ftplan.render.estimate import gib
 from ftplan.render.explain import hours
 from ftplan.run.backend import ProgressEvent
@@ -17,7 +17,7 @@ from ftplan.run.backend import ProgressEvent
 def print_run_start(plan, backend, request, console: Console, data_notes: list[str] = ()) -> None:
     """The plan, backend, settings and data a run starts with, and how the data differ from the plan's."""
     t, h = plan.training, plan.hardware
-    console.print(styled(("Running", "bold"), f" {plan.model.name} {t.method} with backend '{backend.name}' "
+    console.print(line(("Running", "bold"), f" {plan.model.name} {t.method} with backend '{backend.name}' "
                                                f"({backend.description})"))
     console.print(f"  micro-batch {t.setup.batch_size} x {t.setup.seq_len}, accumulation {t.grad_accum}, "
                   f"{t.setup.precision}, {t.setup.optimizer}, lr {t.learning_rate:g} {t.lr_scheduler}; "
@@ -56,7 +56,7 @@ def print_summary(summary, console: Console) -> None:
     """The run's figures against the plan's, then its notes and outputs."""
     r = summary.result
     state = "interrupted" if r.interrupted else "finished"
-    console.print(styled((state, "bold"), f" after {r.steps} of {r.total_steps} steps in {r.seconds:,.1f} s on "
+    console.print(line((state, "bold"), f" after {r.steps} of {r.total_steps} steps in {r.seconds:,.1f} s on "
                          f"{r.device}" + (f" ({r.gpu_name})" if r.gpu_name else "")
                          + (f", resumed from step {r.resumed_from_step}" if r.resumed_from_step else "")))
     if r.first_loss is not None:
@@ -82,7 +82,7 @@ def print_summary(summary, console: Console) -> None:
         console.print(f"  recorded utilisation {summary.calibration.utilization:.0%} on {summary.calibration.gpu} "
                       "as calibration for later estimates")
     for note in r.notes:
-        console.print(styled("  ", (note, "dim")))
+        console.print(line("  ", (note, "dim")))
     console.print(f"  outputs in {r.output_dir}: {', '.join(r.artifacts)}")
 
 
@@ -96,6 +96,6 @@ def plugins_table(rows: list[dict], allowed: set[str] | None) -> Table:
                              for b in row["backends"]) or "-"
         if row["catalog_entries"]:
             backends += f"\n+{row['catalog_entries']} catalog entries"
-        status = styled(("; ".join(row["errors"]), "red")) if row["errors"] else "ok"
+        status = line(("; ".join(row["errors"]), "red")) if row["errors"] else "ok"
         table.add_row(row["name"], row["version"] or "-", row["source"], backends, status)
     return table
