@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,18 +38,31 @@ def run_nodes(work: Path, bucket: Path, disks: Path, port: int) -> list[subproce
     """Both nodes at once, each with its own disk, as SkyPilot runs the task's `run` on every node."""
     command = task.node_command(task.PLAN, str(work / "train.jsonl"), output="~/run", bucket_dir=str(bucket),
                                 save_every=2, max_steps=4, port=port)  # ~: each node's HOME is its own disk
-    procs = []
+    procs, logs = [], []
     for rank in (0, 1):
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                "HF_HUB_OFFLINE": "1", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1", "SKYPILOT_NODE_RANK": str(rank),
                "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "0", "HOME": str(disks / f"node{rank}")}
         (disks / f"node{rank}").mkdir(parents=True, exist_ok=True)
-        procs.append(subprocess.Popen(["bash", "-c", command], cwd=work,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    done = []
+        logs.append((disks / f"node{rank}.out", disks / f"node{rank}.err"))  # files: no pipe to fill up
+        with logs[-1][0].open("w") as out, logs[-1][1].open("w") as err:
+            procs.append(subprocess.Popen(["bash", "-c", command], cwd=work, env=env, stdout=out, stderr=err,
+                                          start_new_session=True))
+    # as SkyPilot does, a node that fails ends the job: the other is stopped rather than left waiting at the
+    # rendezvous; on a failure or timeout both nodes' output is shown
+    deadline = time.monotonic() + 400
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
     for proc in procs:
-        out, err = proc.communicate(timeout=400)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = [subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text())
+            for proc, (out, err) in zip(procs, logs)]
+    for rank, result in enumerate(done):
+        assert result.returncode == 0, (rank, [(r.returncode, r.stdout[-1500:], r.stderr[-3000:]) for r in done])
     return done
 
 
@@ -121,3 +136,22 @@ def test_a_checkpoint_copy_cut_short_is_not_taken_for_complete(tmp_path):
     node.sync_checkpoints(tmp_path / "run", bucket, set())
     assert [p.name for p in node.checkpoints(bucket)] == ["checkpoint-000004"]
     assert node.restore(bucket, tmp_path / "fresh") == 4 and (tmp_path / "fresh" / "checkpoint-000004").is_dir()
+
+
+def test_node_0_does_not_copy_the_checkpoint_it_resumed_from_back_while_others_restore_it(tmp_path):
+    # copying a checkpoint drops its manifest first: a node 1 restoring at that moment found no checkpoint,
+    # started without --resume and left node 0 waiting at the rendezvous (the two-node test's rare hang)
+    bucket, output = tmp_path / "bucket", tmp_path / "run"
+    (bucket / "checkpoint-000002").mkdir(parents=True)
+    (bucket / "checkpoint-000002" / "adapter.safetensors").write_text("weights")
+    (bucket / "checkpoint-000002" / node.MANIFEST).write_text("{}")
+    assert node.restore(bucket, output) == 2
+    manifest = bucket / "checkpoint-000002" / node.MANIFEST
+    os.utime(manifest, (1, 1))
+    follower = node.Follower(output, bucket, main=True)
+    follower.poll()
+    assert manifest.stat().st_mtime == 1  # untouched
+    (output / "checkpoint-000004").mkdir()
+    (output / "checkpoint-000004" / node.MANIFEST).write_text("{}")
+    follower.poll()
+    assert [p.name for p in node.checkpoints(bucket)] == ["checkpoint-000002", "checkpoint-000004"]

@@ -125,7 +125,9 @@ class Follower:
     def __init__(self, output: Path, bucket: Path | None, main: bool) -> None:
         self.output, self.bucket, self.main = output, bucket, main
         self.lines_seen = 0
-        self.copied: set[str] = set()
+        # what the bucket already holds (the checkpoint this run resumed from) is not copied back: copying
+        # removes its manifest first, and another node still restoring from it would find no checkpoint
+        self.copied: set[str] = {p.name for p in checkpoints(bucket)} if bucket is not None else set()
 
     def poll(self) -> None:
         if not self.main:
