@@ -113,7 +113,8 @@ Each case is one `ftplan measure MODEL --device {device} --json ...` process: th
 at its real width, heads and vocabulary (random weights, `--layers N` keeps N layers; `all` = full depth) by the
 code the Hugging Face backend trains with, one warm-up step, then measured steps on random tokens. The estimate
 is `ftplan estimate --device {device}` for the same setup (peak allocated bytes, plus paged optimizer states on
-the CPU, which has no paged memory). Error = (estimated - measured) / measured, measured = the reference
+the CPU, which has no paged memory), recomputed with today's planner each time this file is written, so a case
+measured before an estimate change is judged by the changed estimate. Error = (estimated - measured) / measured, measured = the reference
 instrument.
 
 Instruments on the CPU (planner/measure/instruments.py), each over its own step:
@@ -128,8 +129,9 @@ Instruments on the CPU (planner/measure/instruments.py), each over its own step:
 "instruments apart" = (largest - smallest) / smallest over the instruments measured; over 2% is flagged.
 Without RSS (`--no-rss`) the allocator is the reference.
 
-Held-out rule, fixed before any result was seen: the case at 0-based position i of the matrix is held out when
-i % 3 == 2. Estimate changes were made only from train cases; held-out cases are reported as measured.
+Held-out rule, fixed before any result was seen: the case at 0-based position i of the first 26 cases of the
+matrix is held out when i % 3 == 2; cases appended later are train cases. Estimate changes were made only from
+train cases; held-out cases are reported as measured.
 """
 
 

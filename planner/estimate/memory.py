@@ -137,6 +137,16 @@ def _grads_not_yet_at_first_layer(layout: ModelLayout, counts: ParamCounts, adap
     return (layer + embedding) * grad_size
 
 
+def _grads_at_last_layer(layout: ModelLayout, adapted: list[ModuleGroup], lora, grad_size: int, full: bool) -> int:
+    """Gradient bytes that exist while backward runs through the last layer: those of the modules above the
+    layers (the head, the final norm; a tied head's lands in the embedding's .grad), or their adapters'."""
+    if not full:
+        return sum(lora_params(g, lora.r) for g in adapted if not g.per_layer) * grad_size
+    top = sum(g.params() for g in layout.modules if not g.per_layer and g.kind != "embedding")
+    tied = sum(g.params() for g in layout.modules if g.kind == "embedding") if layout.dims.tied_embeddings else 0
+    return (top + tied) * grad_size
+
+
 def tied_embedding_backward(layout: ModelLayout, setup: TrainingSetup) -> int:
     """Full fine-tuning of a tied embedding: the head's gradient already sits in the shared weight's .grad when
     the embedding's backward allocates its dense vocab x hidden gradient to add to it (measured 4 bytes per
@@ -214,7 +224,12 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     phases = {
         "end of forward (activations + logits)": (activations, forward_only + loss_forward),
         "backward start (activations + loss gradients)": (activations, loss_backward),
-        "backward through the last layer": (activations - head["log_softmax"], layer_backward + recompute),
+        # the head's backward has run: what it saved (its input, autocast's weight copy, log-softmax's output,
+        # the final norm's) is freed and its gradients exist; only the embedding's dropout mask waits
+        "backward through the last layer": (activations - sum(v for k, v in head.items() if k != "embedding_dropout")
+                                            + _grads_at_last_layer(layout, adapted, setup.lora, grad_size,
+                                                                   setup.method == "full"),
+                                            layer_backward + recompute),
         # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
         FIRST_LAYER: (grads_at_first_layer + first_layer_held, layer_backward + recompute),
         END_OF_BACKWARD: (gradients, max(layer_backward, tied_embedding_backward(layout, setup))),
