@@ -180,10 +180,15 @@ def reestimate(spec: dict, device: str) -> int:
             skip = MEASURE_ONLY[flag]
         else:
             flags.append(flag)
-    out = subprocess.run([sys.executable, "-m", "ftplan", "estimate", spec["model"], "--device", device, "--json",
-                          *flags], capture_output=True, text=True, check=True, env={**os.environ,
-                                                                                     "HF_HUB_OFFLINE": "1"})
-    memory = json.loads(out.stdout)["estimates"][0]["memory"]
+    from click.testing import CliRunner
+
+    from ftplan.cli.main import cli  # in-process: the estimate path is pure Python and fast
+
+    out = CliRunner().invoke(cli, ["estimate", spec["model"], "--device", device, "--json", *flags],
+                             catch_exceptions=False)
+    if out.exit_code != 0:
+        raise RuntimeError(f"estimate for {spec['id']}: {out.output.strip()}")
+    memory = json.loads(out.output)["estimates"][0]["memory"]
     return memory["peak_allocated_bytes"] + (memory["paged_optimizer_bytes"] if device == "cpu" else 0)
 
 
