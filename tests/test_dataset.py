@@ -160,3 +160,24 @@ def test_a_sample_estimates_the_tokens_within_its_stated_error(tmp_path, order):
     assert sampled.examples == exact.examples == 20000
     assert abs(sampled.truncated_examples - exact.truncated_examples) / exact.truncated_examples < 0.05
     assert not exact.sampled and exact.error_percent is None
+
+
+@pytest.mark.parametrize("seq_len", [8, 512])
+def test_planned_tokens_are_the_tokens_the_hf_backend_trains_on(tmp_path, seq_len):
+    """The plan counts with tokenizers alone (no torch); the backend encodes with transformers and appends the
+    EOS the tokenizer names: both must give the same total, truncation included."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from examples import tiny_model
+    from ftplan.backends.hf.data import encode_batch
+
+    tiny_model.make_tokenizer(tmp_path / "tok")
+    for make in (tiny_model.text_data, tiny_model.prompt_data):
+        path = make(tmp_path / f"{make.__name__}.jsonl")
+        planned = from_dataset(path, seq_len=seq_len, tokenizer=find_tokenizer(tmp_path / "tok"))
+        assert "+1 end-of-sequence" in planned.counting
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        trained = encode_batch(records, AutoTokenizer.from_pretrained(tmp_path / "tok"), seq_len,
+                               [str(i) for i in range(len(records))])
+        assert planned.tokens == sum(len(ids) for ids, _ in trained), make.__name__

@@ -9,13 +9,14 @@ approximated from the character count - and the report says which. A large file 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from ftplan.data.jsonl import example_text, iter_records, open_dataset
+from ftplan.data.jsonl import example_parts, example_text, iter_records, open_dataset
 from ftplan.errors import PlannerError
 
 __all__ = ["TokenBudget", "LengthStats", "from_token_count", "from_dataset", "example_text", "read_records",
@@ -152,12 +153,17 @@ def find_tokenizer(*candidates: Path | None) -> Path | None:
     return None
 
 
-def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[str]], list[int]], str]:
-    """A function giving the token count of each text of a batch, and how it counts."""
+Parts = tuple[str, ...]  # an example as it is tokenized: (text,) or (prompt, completion); see example_parts
+
+
+def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[Parts]], list[int]], str]:
+    """A function giving the token count of each example of a batch, and how it counts. With a tokenizer it
+    counts as the hf backend encodes: special tokens around the first part only, the completion of a pair on
+    its own, plus the end-of-sequence token it appends."""
     from ftplan.data import catalog
 
     per_token = catalog.planning().dataset.chars_per_token
-    approximate = (lambda texts: [math.ceil(len(t) / per_token) for t in texts])  # noqa: E731
+    approximate = (lambda batch: [sum(math.ceil(len(t) / per_token) for t in parts) for parts in batch])  # noqa: E731
     if tokenizer is None:
         return approximate, f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
     try:
@@ -170,14 +176,35 @@ def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[str]], list[i
     except Exception as exc:  # the Rust error types are not importable; any failure is unreadable input
         raise PlannerError(f"cannot read tokenizer {tokenizer}: {str(exc).splitlines()[0][:200]}") from None
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips the offsets nobody reads here
-    return (lambda texts: [len(e) for e in encode(texts)]), f"tokenizer {tokenizer}"
+    eos = 1 if _eos_token(tokenizer, tok) is not None else 0
+
+    def count(batch: list[Parts]) -> list[int]:
+        firsts = iter(encode([parts[0] for parts in batch]))
+        seconds = iter(encode([parts[1] for parts in batch if len(parts) > 1], add_special_tokens=False))
+        return [len(next(firsts)) + (len(next(seconds)) if len(parts) > 1 else 0) + eos for parts in batch]
+
+    return count, f"tokenizer {tokenizer}" + (", +1 end-of-sequence token per example (the hf backend appends it)"
+                                              if eos else "")
 
 
-def _batches(path: Path) -> Iterable[list[str]]:
-    """The example texts of every line, in batches of about BATCH_CHARS characters."""
+def _eos_token(tokenizer: Path, tok) -> str | None:
+    """The end-of-sequence token tokenizer_config.json beside tokenizer.json names, if the vocabulary has it
+    (transformers reads it from there; the hf backend appends it to every text and completion)."""
+    config = tokenizer.parent / "tokenizer_config.json"
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and tok.token_to_id(eos) is not None else None
+
+
+def _batches(path: Path) -> Iterable[list[Parts]]:
+    """The examples of every line, as they are tokenized, in batches of about BATCH_CHARS characters."""
     batch, size = [], 0
-    for _, _, text in iter_records(path):
-        batch.append(text)
+    for _, record, text in iter_records(path):
+        batch.append(example_parts(record, text))
         size += len(text)
         if size >= BATCH_CHARS:
             yield batch
@@ -201,7 +228,7 @@ def _stats(raw: dict[int, float]) -> LengthStats:
                        p99=_percentile(raw, 0.99), max=max(raw), mean=sum(k * v for k, v in raw.items()) / total)
 
 
-def exact_histogram(path: Path, count: Callable[[list[str]], list[int]]) -> dict[int, float]:
+def exact_histogram(path: Path, count: Callable[[list[Parts]], list[int]]) -> dict[int, float]:
     """Token length -> number of examples, over every line (read and tokenized in batches)."""
     raw: dict[int, float] = {}
     for batch in _batches(path):

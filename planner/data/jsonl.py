@@ -102,6 +102,15 @@ def example_text(record: object, where: str) -> str:
                        f"{', '.join(sorted(map(str, record))) or 'none'}); use one of those formats")
 
 
+def example_parts(record: dict, text: str) -> tuple[str, ...]:
+    """What a trainer tokenizes separately: (prompt, completion) for a pair - the hf backend encodes the
+    completion on its own, without special tokens - else the one example text."""
+    if not isinstance(record.get("text"), str) and isinstance(record.get("prompt"), str) \
+            and isinstance(record.get("completion"), str):
+        return record["prompt"], record["completion"]
+    return (text,)
+
+
 def _loads(text: str, where: str):
     try:
         return json.loads(text)
