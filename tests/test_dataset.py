@@ -181,3 +181,43 @@ def test_planned_tokens_are_the_tokens_the_hf_backend_trains_on(tmp_path, seq_le
         trained = encode_batch(records, AutoTokenizer.from_pretrained(tmp_path / "tok"), seq_len,
                                [str(i) for i in range(len(records))])
         assert planned.tokens == sum(len(ids) for ids, _ in trained), make.__name__
+
+
+CHATML = ("{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+          "{{ raise_exception('unknown role') }}{% endif %}{% if loop.first and message['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' }}{% generation %}{{ message['content'] | trim }}"
+          "{% endgeneration %}{{ '<|im_end|>' + '\\n' }}{% endfor %}{{ eos_token }}")
+
+
+@pytest.mark.parametrize("template", ["tiny", "chatml"])
+def test_planned_chat_tokens_are_the_tokens_the_hf_backend_trains_on(tmp_path, template):
+    """Chat examples are counted through the tokenizer's own template, rendered as transformers renders it."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from examples import tiny_model
+    from ftplan.backends.hf.data import encode_batch
+
+    tiny_model.make_tokenizer(tmp_path / "tok")
+    if template == "chatml":
+        (tmp_path / "tok" / "chat_template.jinja").write_text(CHATML)
+    path = tiny_model.chat_data(tmp_path / "chat.jsonl")
+    for seq_len in (16, 4096):
+        planned = from_dataset(path, seq_len=seq_len, tokenizer=find_tokenizer(tmp_path / "tok"))
+        assert "role: content" not in planned.counting
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        trained = encode_batch(records, AutoTokenizer.from_pretrained(tmp_path / "tok"), seq_len,
+                               [str(i) for i in range(len(records))])
+        assert planned.tokens == sum(len(ids) for ids, _ in trained), seq_len
+
+
+def test_a_chat_template_that_refuses_an_example_is_one_clear_error(tmp_path):
+    pytest.importorskip("jinja2")
+    from examples import tiny_model
+
+    tiny_model.make_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(CHATML)
+    path = tiny_model.write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "tool", "content": "x"}]}])
+    with pytest.raises(PlannerError, match="refuses an example: unknown role"):
+        from_dataset(path, seq_len=64, tokenizer=find_tokenizer(tmp_path / "tok"))

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr
 
+from ftplan.data import chat
 from ftplan.data.jsonl import example_parts, example_text, iter_records, open_dataset
 from ftplan.errors import PlannerError
 
@@ -153,17 +154,17 @@ def find_tokenizer(*candidates: Path | None) -> Path | None:
     return None
 
 
-Parts = tuple[str, ...]  # an example as it is tokenized: (text,) or (prompt, completion); see example_parts
+Example = tuple[dict, str]  # a record and its example text, as jsonl.parse_line gives them
 
 
-def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[Parts]], list[int]], str]:
+def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[Example]], list[int]], str]:
     """A function giving the token count of each example of a batch, and how it counts. With a tokenizer it
-    counts as the hf backend encodes: special tokens around the first part only, the completion of a pair on
-    its own, plus the end-of-sequence token it appends."""
+    counts what the hf backend trains on: a text, or a prompt with special tokens and its completion without,
+    plus the end-of-sequence token it appends; chat messages through the tokenizer's chat template."""
     from ftplan.data import catalog
 
     per_token = catalog.planning().dataset.chars_per_token
-    approximate = (lambda batch: [sum(math.ceil(len(t) / per_token) for t in parts) for parts in batch])  # noqa: E731
+    approximate = (lambda batch: [sum(math.ceil(len(t) / per_token) for t in example_parts(*e)) for e in batch])  # noqa: E731
     if tokenizer is None:
         return approximate, f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
     try:
@@ -177,14 +178,33 @@ def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[Parts]], list
         raise PlannerError(f"cannot read tokenizer {tokenizer}: {str(exc).splitlines()[0][:200]}") from None
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips the offsets nobody reads here
     eos = 1 if _eos_token(tokenizer, tok) is not None else 0
+    render = chat.renderer(tokenizer)
 
-    def count(batch: list[Parts]) -> list[int]:
-        firsts = iter(encode([parts[0] for parts in batch]))
-        seconds = iter(encode([parts[1] for parts in batch if len(parts) > 1], add_special_tokens=False))
-        return [len(next(firsts)) + (len(next(seconds)) if len(parts) > 1 else 0) + eos for parts in batch]
+    def count(batch: list[Example]) -> list[int]:
+        firsts, rest, shapes = [], [], []  # shape: (has a part with special tokens, parts without, EOS added)
+        for record, text in batch:
+            if render and _is_chat(record):  # the template writes every special token itself
+                rest.append(render(record["messages"]))
+                shapes.append((False, 1, 0))
+            else:
+                parts = example_parts(record, text)
+                firsts.append(parts[0])
+                rest.extend(parts[1:])
+                shapes.append((True, len(parts) - 1, eos))
+        with_specials = iter(encode(firsts) if firsts else [])
+        without = iter(encode(rest, add_special_tokens=False) if rest else [])
+        return [(len(next(with_specials)) if first else 0) + sum(len(next(without)) for _ in range(n)) + extra
+                for first, n, extra in shapes]
 
-    return count, f"tokenizer {tokenizer}" + (", +1 end-of-sequence token per example (the hf backend appends it)"
-                                              if eos else "")
+    how = f"tokenizer {tokenizer}" + (", +1 end-of-sequence token per example (the hf backend appends it)" if eos
+                                      else "")
+    return count, how + ("" if render else "; chat messages, if any, as 'role: content' lines (no chat template "
+                         "or no jinja2)")
+
+
+def _is_chat(record: dict) -> bool:
+    return not isinstance(record.get("text"), str) and not (isinstance(record.get("prompt"), str)
+                                                            and isinstance(record.get("completion"), str))
 
 
 def _eos_token(tokenizer: Path, tok) -> str | None:
@@ -200,11 +220,11 @@ def _eos_token(tokenizer: Path, tok) -> str | None:
     return eos if isinstance(eos, str) and tok.token_to_id(eos) is not None else None
 
 
-def _batches(path: Path) -> Iterable[list[Parts]]:
-    """The examples of every line, as they are tokenized, in batches of about BATCH_CHARS characters."""
+def _batches(path: Path) -> Iterable[list[Example]]:
+    """The examples of every line, in batches of about BATCH_CHARS characters."""
     batch, size = [], 0
     for _, record, text in iter_records(path):
-        batch.append(example_parts(record, text))
+        batch.append((record, text))
         size += len(text)
         if size >= BATCH_CHARS:
             yield batch
@@ -228,7 +248,7 @@ def _stats(raw: dict[int, float]) -> LengthStats:
                        p99=_percentile(raw, 0.99), max=max(raw), mean=sum(k * v for k, v in raw.items()) / total)
 
 
-def exact_histogram(path: Path, count: Callable[[list[Parts]], list[int]]) -> dict[int, float]:
+def exact_histogram(path: Path, count: Callable[[list[Example]], list[int]]) -> dict[int, float]:
     """Token length -> number of examples, over every line (read and tokenized in batches)."""
     raw: dict[int, float] = {}
     for batch in _batches(path):

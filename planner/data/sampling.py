@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from ftplan.data.jsonl import MAX_LINE_BYTES, example_parts, open_dataset, parse_line, read_line
+from ftplan.data.jsonl import MAX_LINE_BYTES, open_dataset, parse_line, read_line
 from ftplan.errors import PlannerError
 
 SEED = 0                 # the same file gives the same estimate every time
@@ -85,7 +85,7 @@ class _Sample:
         return size * mean, Z95 * math.sqrt(variance / m) / mean
 
 
-def sample_histogram(path: Path, count: Callable[[list[tuple[str, ...]]], list[int]],
+def sample_histogram(path: Path, count: Callable[[list[tuple[dict, str]]], list[int]],
                      seq_len: int) -> tuple[dict[int, float], int, int, float, str]:
     """(token length -> weight, estimated examples, estimated tokens after truncation to `seq_len`, their 95%
     error in percent, a note saying how)."""
@@ -105,7 +105,7 @@ def sample_histogram(path: Path, count: Callable[[list[tuple[str, ...]]], list[i
                 sizes.append(len(raw))
                 blank.append(parsed is None)
                 if parsed is not None:
-                    texts.append(example_parts(*parsed))
+                    texts.append(parsed)
             counts = iter(count(texts) if texts else [])
             sample.add(sizes, [None if b else next(counts) for b in blank])
             tokens, error = sample.total(size)
