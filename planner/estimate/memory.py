@@ -139,12 +139,14 @@ def _grads_not_yet_at_first_layer(layout: ModelLayout, counts: ParamCounts, adap
 
 def _grads_at_last_layer(layout: ModelLayout, adapted: list[ModuleGroup], lora, grad_size: int, full: bool) -> int:
     """Gradient bytes that exist while backward runs through the last layer: those of the modules above the
-    layers (the head, the final norm; a tied head's lands in the embedding's .grad), or their adapters'."""
+    layers (the head, a projection after the last layer, the norms; a tied head's lands in the embedding's
+    .grad), or their adapters'. Not divided by sharding: FSDP's root unit, which holds the head, reduce-scatters
+    only at the end of backward."""
     if not full:
         return sum(lora_params(g, lora.r) for g in adapted if not g.per_layer) * grad_size
-    top = sum(g.params() for g in layout.modules if not g.per_layer and g.kind != "embedding")
-    tied = sum(g.params() for g in layout.modules if g.kind == "embedding") if layout.dims.tied_embeddings else 0
-    return (top + tied) * grad_size
+    above = sum(g.params() for g in layout.modules if not g.per_layer and (g.role == "final" or g.kind == "norm"))
+    tied = sum(g.weight_numel for g in layout.modules if g.shared_weight)
+    return (above + tied) * grad_size
 
 
 def tied_embedding_backward(layout: ModelLayout, setup: TrainingSetup) -> int:
