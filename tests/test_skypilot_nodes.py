@@ -155,3 +155,13 @@ def test_node_0_does_not_copy_the_checkpoint_it_resumed_from_back_while_others_r
     (output / "checkpoint-000004" / node.MANIFEST).write_text("{}")
     follower.poll()
     assert [p.name for p in node.checkpoints(bucket)] == ["checkpoint-000002", "checkpoint-000004"]
+
+
+def test_a_checkpoint_only_one_disk_holds_is_dropped_so_every_node_resumes_from_the_same_step(tmp_path):
+    bucket, output = tmp_path / "bucket", tmp_path / "run"
+    for folder, step in ((bucket, 2), (output, 2), (output, 4)):  # step 4 was written, never copied
+        (folder / f"checkpoint-00000{step}").mkdir(parents=True)
+        (folder / f"checkpoint-00000{step}" / node.MANIFEST).write_text("{}")
+    node.forget_unshared(output, bucket)
+    assert [p.name for p in node.checkpoints(output)] == ["checkpoint-000002"]
+    assert node.restore(bucket, output) == 2

@@ -74,6 +74,15 @@ def restore(bucket: Path | None, output: Path) -> int | None:
     return int(CHECKPOINT.match(newest.name).group(1))
 
 
+def forget_unshared(output: Path, bucket: Path) -> None:
+    """Drop this disk's checkpoints that the bucket does not hold (written before a node was stopped, not yet
+    copied): every node must resume from the same step, and only the bucket is the same for all of them."""
+    shared = {p.name for p in checkpoints(bucket)}
+    for path in output.iterdir() if output.is_dir() else []:
+        if CHECKPOINT.match(path.name) and path.name not in shared:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def sync_checkpoints(output: Path, bucket: Path, copied: set[str]) -> None:
     """Copy the run's new complete checkpoints to the bucket and drop the bucket's older ones."""
     for path in checkpoints(output):
@@ -169,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         bucket.mkdir(parents=True, exist_ok=True)
     if args.output.exists() and not checkpoints(args.output):
         shutil.rmtree(args.output)  # a scratch directory of an earlier attempt on this disk, with nothing to keep
+    if bucket is not None:
+        forget_unshared(args.output, bucket)
     step = restore(bucket, args.output)
     resume = step is not None or bool(checkpoints(args.output))
     cmd = run_command(args, rank, ips, gpus, resume)
