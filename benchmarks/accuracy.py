@@ -7,7 +7,8 @@ where the CPU lacks bf16 instructions, FTPLAN_BENCH_CPU_BF16=1 (benchmarks/cpu_b
 place of torch's 0.25 GFLOP/s reference bf16 gemm; the RSS instrument's child inherits both).
 
 Held-out rule, fixed before any result was seen: the case at 0-based position i of its matrix is held out when
-i % 3 == 2. Held-out cases are measured and reported like the others but never used to change the estimate.
+i % 3 == 2 (the CPU matrix's later blocks: see held_out()). Held-out cases are measured and reported like the
+others but never used to change the estimate.
 
 Usage: python benchmarks/accuracy.py [--device cpu|cuda] [--matrix NAME] [--only SUBSTRING] [--render]
 """
@@ -152,9 +153,12 @@ CPU_MATRIX += FAMILY_BLOCK
 FAMILY_BLOCK_START = len(CPU_MATRIX) - len(FAMILY_BLOCK)
 
 
-def held_out(index: int) -> bool:
-    """The fixed held-out rule (see the module docstring); cases appended to the CPU matrix after it was
-    fixed are train cases."""
+def held_out(index: int, matrix: str = "cpu") -> bool:
+    """The fixed held-out rule (see the module docstring). In the CPU matrix: the first 26 cases by position,
+    the four cases added after the first held-out results never (train), the family block by position within
+    it."""
+    if matrix != "cpu":
+        return index % 3 == 2
     if index >= FAMILY_BLOCK_START:
         return (index - FAMILY_BLOCK_START) % 3 == 2
     return index % 3 == 2 and index < CPU_HELD_OUT_RULE_CASES
@@ -267,7 +271,7 @@ def main() -> None:
         for index, spec in enumerate(matrix):
             if args.only and args.only not in spec["id"]:
                 continue
-            result = {"id": spec["id"], "held_out": held_out(index), "when": time.time(),
+            result = {"id": spec["id"], "held_out": held_out(index, matrix_name), "when": time.time(),
                       "bench_cpu_bf16": env.get("FTPLAN_BENCH_CPU_BF16") == "1",
                       **run_case(spec, args.device, env, args.timeout)}
             with results_path.open("a") as f:
@@ -277,7 +281,7 @@ def main() -> None:
                   + f" ({result['wall']:.0f} s)", flush=True)
     notes = HERE / "results" / f"{matrix_name}-notes.md"  # hand-written causes of misses, kept across reruns
     text = render(matrix, with_current_estimates(matrix, load(results_path), args.device), args.device,
-                  matrix_name, held_out,
+                  matrix_name, lambda index: held_out(index, matrix_name),
                   notes.read_text() if notes.exists() else "")
     out.write_text(text)
     print(f"wrote {out}")
