@@ -112,6 +112,9 @@ def _quantized_from_config(config, setup: TrainingSetup, device: str, trust_remo
         with torch.device(device):  # random init on the GPU when there is one: far faster for 7B models
             model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(setup),
                                                      trust_remote_code=trust_remote_code)
+        # the generation config follows the training config's use_cache=False, which Gemma-2's "hybrid" cache
+        # setting makes invalid to save; generation plays no part in this round trip
+        model.generation_config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         del model
         return _load_quantized(tmp, setup, device, trust_remote_code)
