@@ -54,9 +54,10 @@ def test_counts_with_a_local_tokenizer(tmp_path):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world hello"}, {"text": "world"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world hello"}, {"text": "world world"},
+                                              {"text": "world"}])  # one token: nothing to learn, left out
     b = from_dataset(path, seq_len=16, tokenizer=find_tokenizer(tmp_path))
-    assert b.counting.startswith("tokenizer") and b.tokens == 4
+    assert b.counting.startswith("tokenizer") and b.tokens == 5 and b.examples == 2 and b.dropped_examples == 1
 
 
 @pytest.mark.parametrize("content, message", [
@@ -100,7 +101,7 @@ def test_expected_padding_is_the_mean_over_every_shuffle():
 def test_lines_are_split_on_newline_only(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "one\u2028two\x85three\u2029four"}, ensure_ascii=False) + "\n"
-                    + json.dumps({"text": "five"}) + "\n", encoding="utf-8")
+                    + json.dumps({"text": "five six seven"}) + "\n", encoding="utf-8")
     budget = from_dataset(path, seq_len=64)
     assert budget.examples == 2
 
@@ -220,4 +221,72 @@ def test_a_chat_template_that_refuses_an_example_is_one_clear_error(tmp_path):
     (tmp_path / "tok" / "chat_template.jinja").write_text(CHATML)
     path = tiny_model.write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "tool", "content": "x"}]}])
     with pytest.raises(PlannerError, match="refuses an example: unknown role"):
+        from_dataset(path, seq_len=64, tokenizer=find_tokenizer(tmp_path / "tok"))
+
+
+def _rewrite_config(folder: Path, variant: str) -> None:
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    if variant == "special_tokens_map":  # the older layout: the EOS named only there
+        (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": config.pop("eos_token")}))
+    elif variant == "class_default":  # GPT-2's Hub files name no EOS; transformers takes the class's
+        config.pop("eos_token")
+        config["tokenizer_class"] = "GPT2TokenizerFast"
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        tok["added_tokens"].append({"id": len(tok["model"]["vocab"]), "content": "<|endoftext|>", "single_word": False,
+                                    "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+        tok["model"]["vocab"]["<|endoftext|>"] = len(tok["model"]["vocab"])
+        (folder / "tokenizer.json").write_text(json.dumps(tok))
+    elif variant == "none":
+        config["eos_token"] = None
+    config_file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("variant", ["special_tokens_map", "class_default", "none"])
+def test_the_eos_is_found_where_transformers_finds_it(tmp_path, variant):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from examples import tiny_model
+    from ftplan.backends.hf.data import encode_batch
+
+    tiny_model.make_tokenizer(tmp_path / "tok")
+    _rewrite_config(tmp_path / "tok", variant)
+    path = tiny_model.text_data(tmp_path / "text.jsonl", n=16)
+    planned = from_dataset(path, seq_len=512, tokenizer=find_tokenizer(tmp_path / "tok"))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert (tokenizer.eos_token_id is None) == (variant == "none")
+    trained = encode_batch(records, tokenizer, 512, [str(i) for i in range(len(records))])
+    assert planned.tokens == sum(len(ids) for ids, _ in trained)
+
+
+def test_examples_the_backend_leaves_out_are_not_planned(tmp_path):
+    """A prompt as long as the sequence leaves nothing to learn: the hf backend drops the example, and so
+    does the plan (tokens and examples), saying how many."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from examples import tiny_model
+    from ftplan.backends.hf.data import Examples
+
+    tiny_model.make_tokenizer(tmp_path / "tok")
+    path = tiny_model.prompt_data(tmp_path / "pairs.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for seq_len in (4, 6, 64):
+        planned = from_dataset(path, seq_len=seq_len, tokenizer=find_tokenizer(tmp_path / "tok"))
+        trained = Examples(path, tokenizer, seq_len)
+        assert planned.examples == len(trained) and planned.tokens == sum(trained.lengths), seq_len
+        assert planned.dropped_examples == 32 - len(trained)
+    assert planned.dropped_examples == 0 and from_dataset(path, seq_len=4, tokenizer=find_tokenizer(
+        tmp_path / "tok")).dropped_examples > 0
+
+
+def test_chat_data_with_a_tokenizer_without_a_template_is_refused_as_the_backend_refuses_it(tmp_path):
+    from examples import tiny_model
+
+    tiny_model.make_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").unlink()
+    path = tiny_model.chat_data(tmp_path / "chat.jsonl")
+    with pytest.raises(PlannerError, match="need a tokenizer with a chat template"):
         from_dataset(path, seq_len=64, tokenizer=find_tokenizer(tmp_path / "tok"))

@@ -37,9 +37,12 @@ def _special_tokens(config: dict) -> dict[str, str]:
     return tokens
 
 
-def renderer(tokenizer_json: Path) -> Callable[[list[dict]], str] | None:
+NO_JINJA = "no jinja2"  # renderer()'s answer when there is a template but nothing to render it with
+
+
+def renderer(tokenizer_json: Path) -> Callable[[list[dict]], str] | str | None:
     """messages -> the text the hf backend tokenizes for them (apply_chat_template, no generation prompt);
-    None when the tokenizer has no chat template or jinja2 is not installed."""
+    None when the tokenizer has no chat template, NO_JINJA when jinja2 is not installed."""
     folder = tokenizer_json.parent
     config_file = folder / "tokenizer_config.json"
     try:
@@ -54,7 +57,7 @@ def renderer(tokenizer_json: Path) -> Callable[[list[dict]], str] | None:
         import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        return None
+        return NO_JINJA
 
     class Generation(jinja2.ext.Extension):  # {% generation %}...{% endgeneration %} renders its body
         tags = {"generation"}

@@ -51,6 +51,10 @@ class TokenBudget(BaseModel):
     examples: int = Field(description="examples in the file (for --tokens: packed sequences)")
     tokens: int = Field(description="tokens trained on per epoch, after truncation to seq_len")
     truncated_examples: int = 0
+    dropped_examples: int = Field(0, description="examples the trainer leaves out, with nothing to learn once "
+                                                 "truncated to seq_len (a prompt as long as the sequence); not in "
+                                                 "`examples` (counted every line; a sample leaves them out of its "
+                                                 "estimate)")
     lengths: LengthStats | None = None
     padded_tokens_unpacked: int | None = Field(None, description="tokens processed without packing when each "
                                                                   "shuffled micro-batch of 8 is padded to its "
@@ -157,49 +161,72 @@ def find_tokenizer(*candidates: Path | None) -> Path | None:
 Example = tuple[dict, str]  # a record and its example text, as jsonl.parse_line gives them
 
 
-def tokens_counter(tokenizer: Path | None) -> tuple[Callable[[list[Example]], list[int]], str]:
-    """A function giving the token count of each example of a batch, and how it counts. With a tokenizer it
-    counts what the hf backend trains on: a text, or a prompt with special tokens and its completion without,
-    plus the end-of-sequence token it appends; chat messages through the tokenizer's chat template."""
+def tokens_counter(tokenizer: Path | None, seq_len: int | None = None
+                   ) -> tuple[Callable[[list[Example]], list[int | None]], str]:
+    """A function giving the token count of each example of a batch (None for one the trainer leaves out:
+    nothing to learn once truncated to `seq_len`), and how it counts. With a tokenizer it counts what the hf
+    backend trains on: a text, or a prompt with special tokens and its completion without, plus the
+    end-of-sequence token it appends; chat messages through the tokenizer's chat template."""
     from ftplan.data import catalog
 
     per_token = catalog.planning().dataset.chars_per_token
-    approximate = (lambda batch: [sum(math.ceil(len(t) / per_token) for t in example_parts(*e)) for e in batch])  # noqa: E731
     if tokenizer is None:
-        return approximate, f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
+        return _counter(lambda texts, specials: [math.ceil(len(t) / per_token) for t in texts], None, 0, seq_len), \
+            f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
     try:
         from tokenizers import Tokenizer  # a Rust library, no torch; present with transformers
     except ImportError:
-        return approximate, (f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally; "
-                             "install tokenizers)")
+        return _counter(lambda texts, specials: [math.ceil(len(t) / per_token) for t in texts], None, 0, seq_len), \
+            (f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally; install "
+             "tokenizers)")
     try:
         tok = Tokenizer.from_file(str(tokenizer))
     except Exception as exc:  # the Rust error types are not importable; any failure is unreadable input
         raise PlannerError(f"cannot read tokenizer {tokenizer}: {str(exc).splitlines()[0][:200]}") from None
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips the offsets nobody reads here
-    eos = 1 if _eos_token(tokenizer, tok) is not None else 0
+    eos = 1 if _eos_token(tokenizer) is not None else 0
     render = chat.renderer(tokenizer)
-
-    def count(batch: list[Example]) -> list[int]:
-        firsts, rest, shapes = [], [], []  # shape: (has a part with special tokens, parts without, EOS added)
-        for record, text in batch:
-            if render and _is_chat(record):  # the template writes every special token itself
-                rest.append(render(record["messages"]))
-                shapes.append((False, 1, 0))
-            else:
-                parts = example_parts(record, text)
-                firsts.append(parts[0])
-                rest.extend(parts[1:])
-                shapes.append((True, len(parts) - 1, eos))
-        with_specials = iter(encode(firsts) if firsts else [])
-        without = iter(encode(rest, add_special_tokens=False) if rest else [])
-        return [(len(next(with_specials)) if first else 0) + sum(len(next(without)) for _ in range(n)) + extra
-                for first, n, extra in shapes]
-
     how = f"tokenizer {tokenizer}" + (", +1 end-of-sequence token per example (the hf backend appends it)" if eos
                                       else "")
-    return count, how + ("" if render else "; chat messages, if any, as 'role: content' lines (no chat template "
-                         "or no jinja2)")
+    lengths = lambda texts, specials: [len(e) for e in encode(texts, add_special_tokens=specials)]  # noqa: E731
+    return _counter(lengths, render, eos, seq_len, tokenizer), how
+
+
+def _counter(lengths: Callable[[list[str], bool], list[int]], render, eos: int, seq_len: int | None,
+             tokenizer: Path | None = None):
+    """count(batch) from a function giving texts' token lengths with or without special tokens; what it had to
+    approximate goes into count.notes."""
+    def count(batch: list[Example]) -> list[int | None]:
+        firsts, rest, shapes = [], [], []  # shape: (has a part with special tokens, parts without, EOS added)
+        for record, text in batch:
+            if tokenizer is not None and render is None and _is_chat(record):
+                raise PlannerError(f"chat 'messages' need a tokenizer with a chat template; {tokenizer} has none "
+                                   "(add chat_template to tokenizer_config.json, or use text or prompt+completion)")
+            if callable(render) and _is_chat(record):  # the template writes every special token itself
+                rest.append(render(record["messages"]))
+                shapes.append((False, 1, 0))
+                continue
+            if render == chat.NO_JINJA and _is_chat(record):
+                count.notes.add("chat messages counted as 'role: content' lines (rendering the chat template "
+                                "needs jinja2)")
+            parts = example_parts(record, text)
+            firsts.append(parts[0])
+            rest.extend(parts[1:])
+            shapes.append((True, len(parts) - 1, eos))
+        with_specials = iter(lengths(firsts, True) if firsts else [])
+        without = iter(lengths(rest, False) if rest else [])
+        out = []
+        for first, n, extra in shapes:
+            prompt = next(with_specials) if first else 0
+            total = prompt + sum(next(without) for _ in range(n)) + extra
+            # the hf backend keeps an example only if a label after the first survives truncation; a pair's
+            # prompt is not learned from
+            kept = min(total, seq_len or total)
+            out.append(total if kept > max(1, prompt if n and first else 1) else None)
+        return out
+
+    count.notes = set()
+    return count
 
 
 def _is_chat(record: dict) -> bool:
@@ -207,17 +234,28 @@ def _is_chat(record: dict) -> bool:
                                                             and isinstance(record.get("completion"), str))
 
 
-def _eos_token(tokenizer: Path, tok) -> str | None:
-    """The end-of-sequence token tokenizer_config.json beside tokenizer.json names, if the vocabulary has it
-    (transformers reads it from there; the hf backend appends it to every text and completion)."""
-    config = tokenizer.parent / "tokenizer_config.json"
-    try:
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) and tok.token_to_id(eos) is not None else None
+def _eos_token(tokenizer: Path) -> str | None:
+    """The end-of-sequence token transformers gives the tokenizer beside `tokenizer` (the hf backend appends it
+    to every text and completion): tokenizer_config.json's, else special_tokens_map.json's, else its
+    tokenizer_class's default (catalogs/planning.json). A token the vocabulary lacks is added by transformers,
+    so it counts as well."""
+    from ftplan.data import catalog
+
+    configs = []
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            loaded = json.loads((tokenizer.parent / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(loaded, dict):
+            configs.append(loaded)
+    for config in configs:
+        if "eos_token" in config:
+            eos = config["eos_token"]
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            return eos if isinstance(eos, str) and eos else None
+    cls = next((c.get("tokenizer_class") for c in configs if isinstance(c.get("tokenizer_class"), str)), "")
+    return catalog.planning().dataset.default_eos_tokens.get(cls.removesuffix("Fast"))
 
 
 def _batches(path: Path) -> Iterable[list[Example]]:
@@ -248,13 +286,18 @@ def _stats(raw: dict[int, float]) -> LengthStats:
                        p99=_percentile(raw, 0.99), max=max(raw), mean=sum(k * v for k, v in raw.items()) / total)
 
 
-def exact_histogram(path: Path, count: Callable[[list[Example]], list[int]]) -> dict[int, float]:
-    """Token length -> number of examples, over every line (read and tokenized in batches)."""
+def exact_histogram(path: Path, count: Callable[[list[Example]], list[int | None]]) -> tuple[dict[int, float], int]:
+    """(token length -> number of examples, examples left out), over every line (read and tokenized in
+    batches)."""
     raw: dict[int, float] = {}
+    dropped = 0
     for batch in _batches(path):
         for n in count(batch):
-            raw[n] = raw.get(n, 0) + 1
-    return raw
+            if n is None:
+                dropped += 1
+            else:
+                raw[n] = raw.get(n, 0) + 1
+    return raw, dropped
 
 
 def from_dataset(path: Path, seq_len: int, *, packing: bool = False, tokenizer: Path | None = None,
@@ -263,18 +306,23 @@ def from_dataset(path: Path, seq_len: int, *, packing: bool = False, tokenizer: 
     (`sample`, or `auto` above EXACT_UP_TO_BYTES) a sample of lines with the error it implies."""
     with open_dataset(path) as handle:  # a FIFO, device or directory is refused here, before anything is read
         size = handle.seek(0, 2)
-    count, how = tokens_counter(tokenizer)
+    count, how = tokens_counter(tokenizer, seq_len)
     sampled = counting == "sample" or (counting == "auto" and size > EXACT_UP_TO_BYTES)
     error = tokens = None
     if sampled:
         from ftplan.data.sampling import sample_histogram
 
-        raw, examples, tokens, error, note = sample_histogram(path, count, seq_len)
+        raw, examples, tokens, error, note = sample_histogram(path, count, seq_len)  # left out = blank lines
         how += f"; {note}"
+        dropped = 0
     else:
-        raw = exact_histogram(path, count)
+        raw, dropped = exact_histogram(path, count)
         examples = int(sum(raw.values()))
         how += "; every line counted"
+    how += "".join(f"; {note}" for note in sorted(getattr(count, "notes", ())))
+    if (not examples or not raw) and dropped:
+        raise PlannerError(f"dataset {path}: no example has tokens to train on after truncation to {seq_len} (every "
+                           "prompt fills the sequence); raise --seq-len or shorten the prompts")
     if not examples or not raw:
         raise PlannerError(f"dataset {path} is empty; it needs one JSON object per line")
     share = examples / sum(raw.values())  # 1 when exact; sampled weights scale to the examples in the file
@@ -287,7 +335,7 @@ def from_dataset(path: Path, seq_len: int, *, packing: bool = False, tokenizer: 
         raise PlannerError(f"dataset {path}: its examples hold no tokens; check the file and the tokenizer")
     budget = TokenBudget(source=str(path), counting=how, seq_len=seq_len, packing=packing, examples=examples,
                          tokens=tokens, truncated_examples=round(sum(v for n, v in raw.items() if n > seq_len) * share),
-                         lengths=_stats(raw), sampled=sampled, error_percent=error)
+                         lengths=_stats(raw), sampled=sampled, error_percent=error, dropped_examples=dropped)
     budget._histogram = kept
     budget.padded_tokens_unpacked = budget.processed_tokens(8)
     return budget

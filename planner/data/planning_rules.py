@@ -134,6 +134,9 @@ class SearchGrid(_Rules):
 class DatasetRules(_Rules):
     chars_per_token: float = Field(gt=0)
     source: str
+    default_eos_tokens: dict[str, str] = Field(default_factory=dict, description="tokenizer_class -> the "
+                                               "eos_token transformers gives it when its files name none")
+    default_eos_source: str = ""
 
 
 class Recipes(_Rules):

@@ -99,7 +99,9 @@ def data_lines(data: TokenBudget, micro_batch: int) -> list[Text]:
     if data.lengths:
         lg = data.lengths
         lines.append(line(f"  lengths: min {lg.min}, median {lg.p50}, p90 {lg.p90}, p99 {lg.p99}, max {lg.max} tokens; "
-                          f"{data.truncated_examples} truncated to {data.seq_len}"))
+                          f"{data.truncated_examples} truncated to {data.seq_len}"
+                          + (f", {data.dropped_examples} left out (nothing to learn once truncated)"
+                             if data.dropped_examples else "")))
         packed = math.ceil(data.tokens / data.seq_len)
         if data.packing:
             lines.append(line(f"  packing: {packed:,} full sequences of {data.seq_len}"))

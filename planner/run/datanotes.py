@@ -60,4 +60,7 @@ def data_notes(plan: Plan, request: RunRequest) -> list[str]:
         longest = budget.lengths.max if budget.lengths else 0
         notes.append(f"{budget.truncated_examples:,} of {budget.examples:,} examples are longer than the plan's "
                      f"sequence length {t.setup.seq_len} and are truncated (longest {longest:,} tokens)")
+    if budget.dropped_examples:
+        notes.append(f"{budget.dropped_examples:,} examples have nothing to learn once truncated to "
+                     f"{t.setup.seq_len} tokens (the prompt fills the sequence) and are left out")
     return notes
