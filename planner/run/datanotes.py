@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftplan.data import dataset
+from ftplan.errors import PlannerError
 from ftplan.plan import Plan
 from ftplan.run.backend import RunRequest
 
@@ -44,7 +45,10 @@ def data_notes(plan: Plan, request: RunRequest) -> list[str]:
     t, data = plan.training, request.data
     if data is None or not data.is_file():
         return []
-    budget = _budget(plan, request)
+    try:
+        budget = _budget(plan, request)
+    except PlannerError as exc:  # the backend reads the data its own way and refuses what it cannot train on
+        return [f"ftplan could not count {data} as the plan did: {exc}"]
     notes = []
     if t.data_source == "--tokens":
         if budget.tokens != t.data_tokens:
