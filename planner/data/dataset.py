@@ -171,15 +171,14 @@ def tokens_counter(tokenizer: Path | None, seq_len: int | None = None
 
     per_token = catalog.planning().dataset.chars_per_token
     # approximate counts leave every example in: whether one is too short to learn from is the tokenizer's call
+    approximate = _counter(lambda texts, specials: [math.ceil(len(t) / per_token) for t in texts], None, 0, None)
     if tokenizer is None:
-        return _counter(lambda texts, specials: [math.ceil(len(t) / per_token) for t in texts], None, 0, None), \
-            f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
+        return approximate, f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
     try:
         from tokenizers import Tokenizer  # a Rust library, no torch; present with transformers
     except ImportError:
-        return _counter(lambda texts, specials: [math.ceil(len(t) / per_token) for t in texts], None, 0, None), \
-            (f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally; install "
-             "tokenizers)")
+        return approximate, (f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally; "
+                             "install tokenizers)")
     try:
         tok = Tokenizer.from_file(str(tokenizer))
     except Exception as exc:  # the Rust error types are not importable; any failure is unreadable input
