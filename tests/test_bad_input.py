@@ -155,6 +155,8 @@ CASES = [
     ("estimate-alpha-negative", ["estimate", M, "--lora-alpha", "-1"], "lora alpha must be a positive integer"),
     ("estimate-dropout", ["estimate", M, "--lora-dropout", "1.5"], "lora dropout must be in [0, 1)"),
     ("estimate-targets-empty", ["estimate", M, "--lora-targets", ","], "--lora-targets is empty"),
+    ("estimate-dropout-fused-experts", ["estimate", "mixtral-8x7b", "--method", "lora", "--lora-targets",
+                                        "all-linear", "--lora-dropout", "0.1"], "which takes no dropout"),
     ("estimate-targets-unknown", ["estimate", M, "--method", "lora", "--lora-targets", "qq_proj"], "qq_proj"),
     ("estimate-gpu", ["estimate", M, "--gpu", "Z100"], "unknown GPU 'Z100'"),
     ("estimate-instance", ["estimate", M, "--instance", "g9.huge"], "unknown instance type 'g9.huge'"),

@@ -45,6 +45,9 @@ TINY_GEMMA2 = {"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 
 TINY_FALCON = {"model_type": "falcon", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
                "vocab_size": 8192, "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
                "bias": False}
+TINY_MIXTRAL = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+                "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 1024,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False}
 
 # every case: the estimate (CPU kernels) within 3% of the allocator instrument, which sees what ops allocate
 # inside themselves; the sum of the suite's cases takes about a minute on two cores
@@ -61,6 +64,10 @@ CASES = [  # a fast subset; every family, loop and optimizer at real width: benc
     (TINY_GPT2, "full", {"batch_size": 2, "seq_len": 64}),
     (TINY_GEMMA2, "lora", {"lora": LoraSettings(targets=["all-linear"]), "batch_size": 2, "seq_len": 64}),
     (TINY_FALCON, "full", {"batch_size": 2, "seq_len": 64}),
+    # fused experts: fp32 under QLoRA (grouped_mm ignores autocast); all-linear folds adapters into the weights
+    (TINY_MIXTRAL, "qlora", {}),
+    (TINY_MIXTRAL, "qlora", {"lora": LoraSettings(targets=["all-linear"])}),
+    (TINY_MIXTRAL, "lora", {"lora": LoraSettings(targets=["all-linear"]), "loop": "custom"}),
 ]
 
 

@@ -36,11 +36,7 @@ def test_every_recorded_case_is_in_the_matrix_with_its_split():
 
 # Train cases whose miss is known and not yet fixed (cause in benchmarks/ACCURACY.md); strict: a change that
 # fixes one fails here until it is taken off the list.
-KNOWN_MISSES = {
-    "mixtral-8x7b/1/qlora/bf16-mixed/adamw_torch/custom/1x64": "the checkpointed layer's recomputation is "
-    "estimated with autocast's bf16 copies of all 8 fp32 experts (2.8 GB); measured, the step's peak is at "
-    "the loss (+287 MB over resident), so those copies are not all alive at once - cause not found yet",
-}
+KNOWN_MISSES: dict[str, str] = {}  # case id -> why it misses: a strict xfail, so a fix shows
 
 
 @pytest.mark.parametrize("case_id", [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_MISSES[c], strict=True))

@@ -4,7 +4,7 @@ import pytest
 
 from ftplan.data import catalog
 from ftplan.errors import PlannerError
-from ftplan.estimate.params import count_params, lora_params, resolve_targets
+from ftplan.estimate.params import count_params, fit_dropout, folds_parameters, lora_params, resolve_targets
 from ftplan.estimate.settings import LoraSettings
 from ftplan.model.architectures import build_layout
 from ftplan.model.resolve import from_catalog
@@ -108,3 +108,18 @@ def test_tiny_config_counts_by_hand():
     h, i, v, kv = 64, 176, 320, 32
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
     assert build_layout(spec).total_params() == 2 * v * h + 2 * per_layer + h
+
+
+def test_fused_experts_take_no_lora_dropout():
+    """PEFT's ParamWrapper, which adapts Mixtral's router and fused experts under all-linear, refuses
+    lora_dropout != 0: a default dropout is fitted to 0, one the user set is refused by name."""
+    layout = layout_of("mixtral-8x7b")
+    default = LoraSettings(targets=["all-linear"])
+    assert folds_parameters(layout, default) and fit_dropout(layout, default).dropout == 0
+    assert count_params(layout, "lora", fit_dropout(layout, default)).trainable_params > 0
+    with pytest.raises(PlannerError, match="--lora-dropout 0.05: PEFT adapts mixtral's fused MoE parameters"):
+        count_params(layout, "lora", LoraSettings(targets=["all-linear"], dropout=0.05))
+    subset = LoraSettings(targets=["q_proj", "v_proj"])  # linear layers keep the default dropout
+    assert not folds_parameters(layout, subset) and fit_dropout(layout, subset).dropout == 0.05
+    dense = LoraSettings(targets=["all-linear"])
+    assert fit_dropout(layout_of("llama2-7b"), dense).dropout == 0.05

@@ -223,3 +223,17 @@ def test_dropped_counts_add_up_to_what_was_evaluated():
         rec = run(**request)
         assert rec.kept + sum(rec.rejections.values()) == rec.evaluated
         assert rec.kept >= len(rec.candidates)
+
+
+def test_mixtral_all_linear_plans_are_ones_peft_can_build():
+    """All-linear on Mixtral adapts the fused experts through PEFT's ParamWrapper, which takes no dropout: such
+    candidates carry dropout 0 unless the user set one, and then they are not offered."""
+    spec = from_catalog(catalog.find_model("mixtral-8x7b"))
+    layout = layout_for(spec)[0]
+    request = SearchRequest(methods=["lora"], priority="cost")
+    rec = search(spec, layout, DATA, request, SetupChoices(), set())
+    folded = [c for c in rec.candidates if c.targets == "all-linear"]
+    assert folded and all(c.setup.lora.dropout == 0 for c in folded)
+    assert all(c.setup.lora.dropout == 0.05 for c in rec.candidates if c.targets == "peft-default")
+    pinned = SetupChoices(lora=LoraSettings(dropout=0.05))
+    assert all(c.targets == "peft-default" for c in search(spec, layout, DATA, request, pinned, set()).candidates)

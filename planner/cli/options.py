@@ -58,7 +58,9 @@ def setting_options(*, search: bool = False):
         click.option("--seq-len", type=int, default=2048, show_default=True, help="tokens per sequence"),
         click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank"),
         click.option("--lora-alpha", type=int, default=32, show_default=True, help="LoRA alpha"),
-        click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA dropout"),
+        click.option("--lora-dropout", type=float, default=None,
+                     help="LoRA dropout [default: 0.05; 0 where PEFT adapts fused MoE parameters (all-linear on "
+                          "Mixtral), whose ParamWrapper takes none]"),
         click.option("--lora-targets", default=None,
                      help="comma-separated module names, or all-linear [default: " +
                           ("searched: PEFT's default and all-linear]" if search else "PEFT's default for the model]")),
@@ -114,8 +116,9 @@ def with_plugin_catalog(lookup):
 
 def choices_from(kw: dict) -> SetupChoices:
     """The SetupChoices named by the shared setting options (removed from `kw`)."""
-    lora = LoraSettings(r=kw.pop("lora_r"), alpha=kw.pop("lora_alpha"), dropout=kw.pop("lora_dropout"),
-                        targets=_targets(kw.pop("lora_targets")))
+    dropout = kw.pop("lora_dropout")  # left out when not given: LoraSettings knows it is a default (fit_dropout)
+    lora = LoraSettings(r=kw.pop("lora_r"), alpha=kw.pop("lora_alpha"), targets=_targets(kw.pop("lora_targets")),
+                        **({} if dropout is None else {"dropout": dropout}))
     batch = kw.pop("batch_size")
     return SetupChoices(batch_size=batch if batch is not None else 1, seq_len=kw.pop("seq_len"),
                         precision=kw.pop("precision"),

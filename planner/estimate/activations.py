@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.layout import MATMUL_KINDS, QUANTIZED_KINDS, ModelLayout, ModuleGroup
+from ftplan.model.layout import MATMUL_KINDS, PARAMETER_KINDS, QUANTIZED_KINDS, ModelLayout, ModuleGroup
 
 Device = Literal["cuda", "cpu"]
 
@@ -126,7 +126,7 @@ def linear_inputs_saved(layout: ModelLayout, groups: list[ModuleGroup], tokens: 
     total = 0
     roles: dict[str, list[ModuleGroup]] = {}
     for g in groups:
-        if g.kind in MATMUL_KINDS:
+        if g.kind in MATMUL_KINDS - {"experts"}:  # fused experts keep their gathered inputs (mlp_saved)
             roles.setdefault(g.role, []).append(g)
     for role, consumers in roles.items():
         width = consumers[0].in_features
@@ -141,10 +141,12 @@ def autocast_weight_copies(groups: list[ModuleGroup], dt: Dtypes, r: int = 0, ad
     """bf16 copies of fp32 matmul weights that autocast makes and autograd keeps for backward."""
     if not dt.autocast:
         return 0
+    # fused MoE experts never get one: transformers' grouped_mm is not autocast-enabled and casts its input to
+    # the experts' dtype instead (so they compute in fp32, see expert_bytes)
     if dt.base_trainable:  # full bf16-mixed: every matmul weight is fp32
-        base = sum(g.weight_numel for g in groups if g.kind in MATMUL_KINDS)
+        base = sum(g.weight_numel for g in groups if g.kind in MATMUL_KINDS - {"experts"})
     elif dt.quantized:      # QLoRA: what bitsandbytes left unquantized was upcast to fp32
-        base = sum(g.weight_numel for g in groups if g.kind in MATMUL_KINDS - QUANTIZED_KINDS)
+        base = sum(g.weight_numel for g in groups if g.kind in MATMUL_KINDS - QUANTIZED_KINDS - {"experts"})
     else:                   # LoRA: the base is already bf16
         base = 0
     adapters = sum(r * g.lora_rank_factor * (g.in_features + g.out_features) for g in adapted)
@@ -158,10 +160,18 @@ def lora_saved(layout: ModelLayout, adapted: list[ModuleGroup], r: int, dropout:
     total = 0
     saved = dt.compute if dt.autocast else 4  # without autocast lora_A runs on PEFT's fp32 copy of its input
     for g in adapted:
+        if g.kind in PARAMETER_KINDS:  # no x @ A path: see parameter_lora_saved
+            continue
         total += tokens * g.in_features * saved + tokens * r * g.lora_rank_factor * saved
         if dropout > 0:
             total += tokens * g.in_features * dt.mask(4)
     return total
+
+
+def parameter_lora_saved(adapted: list[ModuleGroup], dt: Dtypes) -> int:
+    """PEFT's ParamWrapper (MoE routers and fused experts under all-linear) folds the adapter into the weight each
+    forward (baddbmm(W, B, A), in W's dtype) and the matmul keeps that full-size effective weight for backward."""
+    return sum(g.weight_numel for g in adapted if g.kind in PARAMETER_KINDS) * expert_bytes(dt)
 
 
 def attention_saved(layout: ModelLayout, setup: TrainingSetup, dt: Dtypes) -> dict[str, int]:
@@ -214,7 +224,7 @@ def layout_dropout(layout: ModelLayout, where: str) -> float:
     return layout.features.dropout.get(where, 0.0)
 
 
-def mlp_saved(layout: ModelLayout, tokens: int, dt: Dtypes) -> dict[str, int]:
+def mlp_saved(layout: ModelLayout, tokens: int, dt: Dtypes, adapted: list[ModuleGroup] = ()) -> dict[str, int]:
     """Gated MLPs keep gate, act(gate) and up; plain MLPs keep the pre-activation. MoE keeps them per routed token."""
     d = layout.dims
     # parallel blocks with one norm (Falcon-7B, Phi-2) feed the MLP from the attention's input
@@ -224,16 +234,24 @@ def mlp_saved(layout: ModelLayout, tokens: int, dt: Dtypes) -> dict[str, int]:
     if d.experts:
         # transformers 5's fused experts (grouped_mm): per routed token the gate_up output, act(gate) and the
         # down output (weighted by the router after); trained experts also keep down's input and the gathered
-        # hidden state for their weight gradients
-        c = dt.compute
+        # hidden state for their weight gradients (so do experts LoRA adapts, whose effective weight trains).
+        # All in the experts' own dtype (grouped_mm ignores autocast).
+        c = expert_bytes(dt)
         routed = tokens * d.experts_per_token
-        trained = (d.intermediate + d.hidden) * c if dt.base_trainable else 0
+        adapted_experts = any(g.kind == "experts" for g in adapted)
+        trained = (d.intermediate + d.hidden) * c if dt.base_trainable or adapted_experts else 0
         return {"mlp_experts": routed * (3 * d.intermediate * c + d.hidden * c + trained),
                 "mlp_router": tokens * d.experts * 4 * 2}
     terms = {"mlp_intermediate": tokens * per_token}
     if layout.features.activation in TANH_GELU_CHAINS:
         terms["mlp_gelu_chain"] = gelu_chain(tokens * d.intermediate, dt)
     return terms
+
+
+def expert_bytes(dt: Dtypes) -> int:
+    """Bytes per element fused MoE experts compute in: their storage dtype, which is the residual stream's
+    (fp32 masters under full -mixed, QLoRA's fp32 upcast, half-precision LoRA bases and pure bf16/fp16)."""
+    return dt.residual
 
 
 # activations transformers writes as a chain of elementwise ops, each intermediate kept by autograd
@@ -262,9 +280,11 @@ def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[M
     terms["linear_inputs"] = linear_inputs_saved(layout, layer_groups, t, dt)
     terms["weight_copies"] = autocast_weight_copies(layer_groups, dt, r, adapted_here)
     terms.update(attention_saved(layout, setup, dt))
-    terms.update(mlp_saved(layout, t, dt))
+    terms.update(mlp_saved(layout, t, dt, adapted_here))
     if adapted_here:
         terms["lora"] = lora_saved(layout, adapted_here, r, setup.lora.dropout, t, dt)
+    if folded := parameter_lora_saved(adapted_here, dt):
+        terms["lora_folded_weights"] = folded
     if layout_dropout(layout, "hidden") > 0:
         terms["hidden_dropout"] = 2 * t * h * dt.mask(dt.compute)
     return LayerActivations(terms=terms)
@@ -291,11 +311,27 @@ def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup) -> int:
 
 def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = ()) -> int:
     """Gradient buffers alive while backward runs through one MLP (the widest part of a layer),
-    plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype."""
+    plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype, or, for a
+    parameter PEFT's ParamWrapper adapts, the gradient of its full-size effective weight."""
     d, dt = layout.dims, step_dtypes(setup)
     width = d.intermediate * max(1, d.experts_per_token)
-    lora_input = max((g.in_features for g in adapted if g.per_layer), default=0)
-    return setup.tokens * (2 * width * dt.compute + d.hidden * 4 + lora_input * 4)
+    mlp_bytes = expert_bytes(dt) if d.experts else dt.compute
+    linear = [g for g in adapted if g.per_layer and g.kind not in PARAMETER_KINDS]
+    lora_input = max((g.in_features for g in linear), default=0)
+    mlp = setup.tokens * width * mlp_bytes
+    # a folded weight's gradient is made beside one intermediate's gradient, before the MLP's others exist
+    return setup.tokens * (d.hidden * 4 + lora_input * 4) + max(2 * mlp, mlp + _folded_gradient(adapted, dt))
+
+
+def _folded_gradient(adapted: list[ModuleGroup], dt: Dtypes) -> int:
+    """The gradient of a ParamWrapper's effective weight, beyond the effective weights still saved: backward meets
+    them in reverse order, each freeing its saved weight, so the peak is max over j of (the weights saved up to
+    j, in forward order) + j's gradient, of which the layer's saved term already holds them all."""
+    sizes = [g.weight_numel for g in adapted if g.per_layer and g.kind in PARAMETER_KINDS]
+    if not sizes:
+        return 0
+    peak = max(sum(sizes[:j + 1]) + sizes[j] for j in range(len(sizes)))
+    return (peak - sum(sizes)) * expert_bytes(dt)
 
 
 def head_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],

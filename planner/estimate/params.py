@@ -12,12 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from ftplan.model.layout import ALL_LINEAR_KINDS, LORA_KINDS, ModelLayout, ModuleGroup
-
-PARAMETER_KINDS = {"router", "experts"}  # adapted only through all-linear (PEFT target_parameters)
 from ftplan.data.catalog import peft_default_targets
 from ftplan.errors import PlannerError
 from ftplan.estimate.settings import LoraSettings, Method
+from ftplan.model.layout import ALL_LINEAR_KINDS, LORA_KINDS, PARAMETER_KINDS, ModelLayout, ModuleGroup
 
 TargetSource = Literal["explicit", "all-linear", "peft-default", "all-linear (no PEFT default)"]
 
@@ -105,6 +103,19 @@ def lora_params(group: ModuleGroup, r: int) -> int:
     return r * group.lora_rank_factor * (group.in_features + group.out_features)
 
 
+def folds_parameters(layout: ModelLayout, lora: LoraSettings) -> bool:
+    """Whether `lora` adapts fused MoE parameters, which PEFT does through its ParamWrapper (no dropout)."""
+    return any(g.kind in PARAMETER_KINDS for g in adapted_groups(layout, resolve_targets(layout, lora.targets)))
+
+
+def fit_dropout(layout: ModelLayout, lora: LoraSettings) -> LoraSettings:
+    """`lora` as PEFT can build it on `layout`: a dropout left at its default becomes 0 where ParamWrapper adapts
+    fused MoE parameters; one the user set is kept (and refused by count_params)."""
+    if lora.dropout == 0 or "dropout" in lora.model_fields_set or not folds_parameters(layout, lora):
+        return lora
+    return lora.model_copy(update={"dropout": 0.0})
+
+
 def count_params(layout: ModelLayout, method: Method, lora: LoraSettings | None = None) -> ParamCounts:
     """Exact total and trainable parameters of `layout` under `method`."""
     total = layout.total_params()
@@ -114,6 +125,11 @@ def count_params(layout: ModelLayout, method: Method, lora: LoraSettings | None 
     lora = lora or LoraSettings()
     targets = resolve_targets(layout, lora.targets)
     groups = adapted_groups(layout, targets)
+    pinned = lora.dropout > 0 and "dropout" in lora.model_fields_set  # a default one is fitted (fit_dropout)
+    if pinned and (folded := [g.leaf for g in groups if g.kind in PARAMETER_KINDS]):
+        raise PlannerError(f"--lora-dropout {lora.dropout:g}: PEFT adapts {layout.model_type}'s fused MoE parameters "
+                           f"({', '.join(folded)}) through its ParamWrapper, which takes no dropout; pass "
+                           "--lora-dropout 0, or --lora-targets naming linear layers only (e.g. q_proj,v_proj)")
     adapters = sum(lora_params(g, lora.r) * layout.instances(g) for g in groups)
     return ParamCounts(method=method, total_params=total, trainable_params=adapters, adapter_params=adapters,
                        adapted_modules=sum(layout.instances(g) for g in groups), targets=targets)

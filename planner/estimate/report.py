@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from ftplan.data import catalog
 from ftplan.estimate.fit import InstanceFit, cheapest_fits, hypothetical_gpu_name, judge, judge_gpu
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, unquantized_matmul_params
-from ftplan.estimate.params import TargetResolution, count_params, over_ranked
+from ftplan.estimate.params import TargetResolution, count_params, fit_dropout, over_ranked
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
 from ftplan.estimate.sharding import Offload, ShardedMemory, Sharding, shard, smallest_gpu_count, validate
 from ftplan.model.inventory import layout_for
@@ -134,6 +134,20 @@ FALLBACK_NOTE = ("counted by building the model with transformers on the meta de
                  "terms assume a Llama-style decoder for this architecture and are approximate")
 
 
+def _setups(layout: ModelLayout, methods: list[Method], choices: SetupChoices,
+            bf16: bool) -> tuple[list[TrainingSetup], list[str]]:
+    """Each method's resolved setup, and a note for every default fitted to the model."""
+    setups, notes = [], []
+    for method in methods:
+        setup = resolve(method, choices, bf16_supported=bf16, model_type=layout.model_type)
+        if setup.lora and (fitted := fit_dropout(layout, setup.lora)) is not setup.lora:
+            setup = setup.model_copy(update={"lora": fitted})
+            notes.append(f"{method}: LoRA dropout 0, not the default {choices.lora.dropout:g}: PEFT adapts the fused "
+                         "MoE parameters through its ParamWrapper, which takes no dropout")
+        setups.append(setup)
+    return setups, notes
+
+
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
              instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
              nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none",
@@ -150,8 +164,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     layout, counting = layout_for(spec, trust_remote_code=trust_remote_code)
     bf16 = gpu_info.supports_bf16 if gpu_info else True
     estimates = []
-    warnings: list[str] = []
-    setups = [resolve(m, choices, bf16_supported=bf16, model_type=layout.model_type) for m in methods]
+    setups, warnings = _setups(layout, methods, choices, bf16)
     for setup in setups:
         counts = count_params(layout, setup.method, setup.lora)
         memory = estimate_memory(layout, setup, counts, device)

@@ -30,6 +30,8 @@ LORA_KINDS = {"linear", "linear_subclass", "conv1d", "head", "embedding"}
 # PEFT's all-linear also adapts MoE routers and fused experts through target_parameters
 # (transformers 5 converted weights); they cannot be named in target_modules.
 ALL_LINEAR_KINDS = {"linear", "linear_subclass", "conv1d", "router", "experts"}
+# ...through PEFT's ParamWrapper, which folds the adapter into a full-size copy of the parameter each forward
+PARAMETER_KINDS = {"router", "experts"}
 QUANTIZED_KINDS = {"linear", "conv1d"}
 # matmul weights bitsandbytes leaves alone under transformers 5 (it swaps exact nn.Linear/Conv1D only)
 UNQUANTIZED_MATMUL_KINDS = ALL_LINEAR_KINDS - QUANTIZED_KINDS

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory
-from ftplan.estimate.params import ParamCounts, count_params
+from ftplan.estimate.params import ParamCounts, count_params, fit_dropout, folds_parameters
 from ftplan.estimate.settings import SetupChoices, TrainingSetup
 from ftplan.estimate.sharding import shard
 from ftplan.model.layout import ModelLayout
@@ -48,6 +48,10 @@ def memory_pass(layout: ModelLayout, request: SearchRequest, choices: SetupChoic
     max_world = grid.largest_world(request.max_gpus)
     micros = grid.micro_batches(request)
     for setup in grid.setting_grid(choices, request.methods, fixed, layout.model_type):
+        if setup.lora:
+            setup = setup.model_copy(update={"lora": fit_dropout(layout, setup.lora)})
+            if "targets" not in fixed and setup.lora.dropout > 0 and folds_parameters(layout, setup.lora):
+                continue  # a dropout the user set rules out adapters PEFT builds without one
         key = (setup.method, tuple(setup.lora.targets or ()) if setup.lora else None)
         counts = count_cache.get(key) or count_cache.setdefault(key, count_params(layout, setup.method, setup.lora))
         st = Setting(setup, counts, _targets_label(counts), counts.targets.peft_value() if counts.targets else None)
