@@ -1,8 +1,8 @@
 """Training FLOPs against hand-computed cases."""
 
 from ftplan.data import catalog
-from ftplan.estimate.compute import flops_per_token
-from ftplan.estimate.params import count_params
+from ftplan.estimate.compute import flops_per_token, fp32_expert_share
+from ftplan.estimate.params import count_params, fit_dropout
 from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
 from ftplan.model.architectures import build_layout
 from ftplan.model.resolve import from_catalog
@@ -55,3 +55,37 @@ def test_moe_counts_only_the_active_experts():
     total = layout.total_params()
     # about 13B of Mixtral's 47B parameters are active per token
     assert 2 * 12e9 < f.forward < 2 * 14e9 < 2 * total
+
+
+MOE = {"model_type": "mixtral", "hidden_size": H, "intermediate_size": I, "num_hidden_layers": L,
+       "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": V, "tie_word_embeddings": False,
+       "num_local_experts": 4, "num_experts_per_tok": 2}
+EXPERTS_ACTIVE = L * 2 * 3 * H * I        # top-2 of the fused gate_up and down stacks, per token
+MOE_MATMUL = L * (4 * H * H + 4 * H) + EXPERTS_ACTIVE + V * H  # attention, the router, the experts, the head
+
+
+def moe(method, **kw):
+    layout = build_layout(spec_from_config(MOE, name="tiny-moe", source="test"))
+    setup = resolve(method, SetupChoices(**kw))
+    return layout, setup, count_params(layout, method, fit_dropout(layout, setup.lora) if setup.lora else None)
+
+
+def test_folded_expert_adapters_cost_the_experts_weight_gradients():
+    """PEFT's ParamWrapper folds the adapter into the router's and experts' weights: backward computes those
+    whole weights' gradients, as full fine-tuning would."""
+    layout, setup, counts = moe("lora", lora=LoraSettings(targets=["all-linear"]))
+    f = flops_per_token(layout, setup, counts, S)
+    assert f.backward == 2 * MOE_MATMUL + 2 * (EXPERTS_ACTIVE + L * 4 * H) + 2 * ATTENTION + 2 * f.adapter_forward
+    layout, setup, counts = moe("lora")  # PEFT's default targets: attention only
+    assert flops_per_token(layout, setup, counts, S).backward == 2 * MOE_MATMUL + 2 * ATTENTION + \
+        2 * flops_per_token(layout, setup, counts, S).adapter_forward
+
+
+def test_fp32_experts_are_the_share_of_flops_no_published_run_checks():
+    layout = moe("qlora")[0]
+    share = EXPERTS_ACTIVE / MOE_MATMUL
+    assert fp32_expert_share(layout, resolve("qlora", SetupChoices())) == share
+    assert fp32_expert_share(layout, resolve("full", SetupChoices())) == share  # fp32 masters under autocast
+    assert fp32_expert_share(layout, resolve("full", SetupChoices(precision="bf16"))) == 0
+    assert fp32_expert_share(layout, resolve("lora", SetupChoices())) == 0  # a bf16 base
+    assert fp32_expert_share(setup_and_counts("qlora")[0], resolve("qlora", SetupChoices())) == 0  # dense

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from ftplan.data import catalog
 from ftplan.estimate.params import ParamCounts, adapted_groups, lora_params
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.layout import MATMUL_KINDS, ModelLayout
+from ftplan.model.layout import MATMUL_KINDS, PARAMETER_KINDS, ModelLayout
 
 
 class FlopsPerToken(BaseModel):
@@ -54,10 +54,26 @@ def flops_per_token(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
                             for g in adapted_groups(layout, counts.targets))
     forward = 2.0 * matmul + attention + adapter
     weight_grads = 2.0 * matmul if setup.method == "full" else 0.0
+    if counts.targets and setup.method != "full":
+        # PEFT's ParamWrapper folds the adapter into the weight, so backward computes the whole weight's gradient
+        weight_grads = 2.0 * sum(g.weight_numel * layout.instances(g) * active_fraction(layout, g.kind)
+                                 for g in adapted_groups(layout, counts.targets) if g.kind in PARAMETER_KINDS)
     backward = 2.0 * matmul + weight_grads + 2.0 * attention + 2.0 * adapter
     recompute = (forward - 2.0 * head) if setup.grad_ckpt else 0.0
     return FlopsPerToken(forward=forward, backward=backward, recompute=recompute,
                          attention_forward=attention, adapter_forward=adapter)
+
+
+def fp32_expert_share(layout: ModelLayout, setup: TrainingSetup) -> float:
+    """Share of the per-token matmul FLOPs in fused MoE experts that compute in fp32 while the rest of the step
+    runs in half precision: QLoRA's upcast experts and full -mixed's fp32 masters (transformers' grouped_mm
+    ignores autocast). The time model counts them at the half-precision rate; this says how much that covers."""
+    fp32_experts = setup.method == "qlora" or (setup.method == "full" and setup.precision.endswith("-mixed"))
+    if not layout.dims.experts or not fp32_experts or setup.precision == "fp32":
+        return 0.0
+    active = [(g.kind, g.weight_numel * layout.instances(g) * active_fraction(layout, g.kind))
+              for g in layout.modules if g.kind in MATMUL_KINDS]
+    return sum(n for kind, n in active if kind == "experts") / sum(n for _, n in active)
 
 
 def peak_flops(gpu: catalog.Gpu, setup: TrainingSetup) -> float:

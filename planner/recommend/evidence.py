@@ -42,6 +42,9 @@ class TimeEvidence(BaseModel):
                                                             "small_model_max_params; empty for larger models")
     small_model_max_params: int
     validated: str = Field(description="date of catalogs/time_validation.json")
+    fp32_expert_share: float = Field(0.0, description="share of the plan's matmul FLOPs in MoE experts that "
+                                                      "compute in fp32, counted at the half-precision rate; no "
+                                                      "published run checks them")
 
 
 def _method_distance(a: str, b: str) -> int:
@@ -84,8 +87,10 @@ def time_evidence(validation: TimeValidation, *, gpu: str, architecture: str, me
                         small_model_runs=small, small_model_max_params=limit, validated=validation.date)
 
 
-def for_plan(gpu: str, method: str, params: int, tokens: float) -> TimeEvidence:
-    """time_evidence() against the bundled validation, for a plan on the catalogued GPU `gpu`."""
+def for_plan(gpu: str, method: str, params: int, tokens: float, fp32_expert_share: float = 0.0) -> TimeEvidence:
+    """time_evidence() against the bundled validation, for a plan on the catalogued GPU `gpu`, with the share of
+    its FLOPs that no published run checks (fp32 MoE experts)."""
     architecture = catalog.get_gpu(gpu).architecture
-    return time_evidence(catalog.time_validation(), gpu=gpu, architecture=architecture, method=method,
-                         params=params, tokens=tokens)
+    found = time_evidence(catalog.time_validation(), gpu=gpu, architecture=architecture, method=method,
+                          params=params, tokens=tokens)
+    return found.model_copy(update={"fp32_expert_share": fp32_expert_share})

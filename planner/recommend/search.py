@@ -10,6 +10,7 @@ from __future__ import annotations
 from ftplan.data import catalog
 from ftplan.data.dataset import TokenBudget
 from ftplan.errors import PlannerError
+from ftplan.estimate.compute import fp32_expert_share
 from ftplan.estimate.cost import check_region
 from ftplan.estimate.settings import SetupChoices
 from ftplan.model.layout import ModelLayout
@@ -46,4 +47,4 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
         why_not=explain.why_not(choice, request, outcome, settings, largest),
         assumptions=explain.assumptions(request, data, best),
         time_evidence=evidence.for_plan(best.gpu, best.method, layout.total_params(),
-                                        best.time.tokens_per_micro_batch))
+                                        best.time.tokens_per_micro_batch, fp32_expert_share(layout, best.setup)))

@@ -171,6 +171,11 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
         lines.append(line(f"  Caveat: published runs of models of {ev.small_model_max_params / 1e9:g}B "
                           f"parameters or fewer ran slower than predicted ({small}); this time may be optimistic.",
                           style="yellow"))
+    if ev.fp32_expert_share:
+        lines.append(line(f"  Caveat: {ev.fp32_expert_share:.0%} of this plan's matmul FLOPs are MoE experts that "
+                          "compute in fp32 (transformers' grouped_mm ignores autocast); the time counts them at the "
+                          "half-precision rate and no published MoE run checks it: it may be several times too "
+                          "short.", style="yellow"))
     return lines
 
 
