@@ -28,7 +28,7 @@ from ftplan.data.catalog import pricing as pricing_rules
 from ftplan.data.dataset import check_training_data, example_text, is_saved_dataset, read_records
 from ftplan.data.files import atomic_write_text, user_dir
 from ftplan.data.jsonl import iter_offsets as iter_record_offsets
-from ftplan.data.jsonl import open_dataset, record_at
+from ftplan.data.jsonl import open_dataset, record_at, record_kind
 from ftplan.errors import PlannerError
 from ftplan.model.resolve import resolve_model
 from ftplan.model.spec import ModelSpec
@@ -51,8 +51,8 @@ from ftplan.run.execute import prepare as prepare_run
 from ftplan.run.hookspecs import hookimpl
 from ftplan.train.build import build_model, build_optimizer, uses_autocast
 
-API_VERSION = "1.1"  # 1.1: TrainerBackend.notices, RunResult.wall_clock_seconds, sagemaker_images, ec2_quotas,
-# iter_record_offsets, open_dataset, record_at, check_targets
+API_VERSION = "1.2"  # 1.1: TrainerBackend.notices, RunResult.wall_clock_seconds, sagemaker_images, ec2_quotas,
+# iter_record_offsets, open_dataset, record_at, check_targets; 1.2: record_kind
 
 __all__ = [
     "API_VERSION", "__version__",
@@ -69,6 +69,8 @@ __all__ = [
     "check_training_data", "is_saved_dataset", "example_text",
     # JSONL read in constant memory (1.1): (line, byte offset, record, text) per line; a record by offset
     "iter_record_offsets", "open_dataset", "record_at",
+    # a record's format, decided once for planner and trainers alike (1.2): "text", "pair", "chat" or None
+    "record_kind",
     # remote backends: ftplan's own source as it imports, running a plan where the data landed, AWS errors
     "source_files", "dist_info_files", "prepare_run", "execute_run", "aws_error",
     # the Hugging Face stack (torch imported when called)

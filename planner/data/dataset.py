@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Literal
 from pydantic import BaseModel, Field, PrivateAttr
 
 from ftplan.data import chat
-from ftplan.data.jsonl import example_parts, example_text, iter_records, open_dataset
+from ftplan.data.jsonl import example_parts, example_text, iter_records, open_dataset, record_kind
 from ftplan.errors import PlannerError
 
 __all__ = ["TokenBudget", "LengthStats", "from_token_count", "from_dataset", "example_text", "read_records",
@@ -199,14 +199,14 @@ def _counter(lengths: Callable[[list[str], bool], list[int]], render, eos: int, 
     def count(batch: list[Example]) -> list[int | None]:
         firsts, rest, shapes = [], [], []  # shape: (has a part with special tokens, parts without, EOS added)
         for record, text in batch:
-            if tokenizer is not None and render is None and _is_chat(record):
+            if tokenizer is not None and render is None and record_kind(record) == "chat":
                 raise PlannerError(f"chat 'messages' need a tokenizer with a chat template; {tokenizer} has none "
                                    "(add chat_template to tokenizer_config.json, or use text or prompt+completion)")
-            if callable(render) and _is_chat(record):  # the template writes every special token itself
+            if callable(render) and record_kind(record) == "chat":  # the template writes every special token itself
                 rest.append(render(record["messages"]))
                 shapes.append((False, 1, 0))
                 continue
-            if render == chat.NO_JINJA and _is_chat(record):
+            if render == chat.NO_JINJA and record_kind(record) == "chat":
                 count.notes.add("chat messages counted as 'role: content' lines (rendering the chat template "
                                 "needs jinja2)")
             parts = example_parts(record, text)
@@ -227,11 +227,6 @@ def _counter(lengths: Callable[[list[str], bool], list[int]], render, eos: int, 
 
     count.notes = set()
     return count
-
-
-def _is_chat(record: dict) -> bool:
-    return not isinstance(record.get("text"), str) and not (isinstance(record.get("prompt"), str)
-                                                            and isinstance(record.get("completion"), str))
 
 
 def _eos_token(tokenizer: Path) -> str | None:

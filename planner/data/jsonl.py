@@ -14,7 +14,7 @@ import os
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Literal
 
 from ftplan.errors import PlannerError
 
@@ -81,19 +81,34 @@ def iter_lines(handle: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
         yield number, line
 
 
+RecordKind = Literal["text", "pair", "chat"]
+
+
+def record_kind(record: dict) -> RecordKind | None:
+    """A record's format, as everything that reads examples decides it: a string `text`, else string `prompt`
+    and `completion` (a pair), else a non-empty `messages` list (chat); None when it is none of them."""
+    if isinstance(record.get("text"), str):
+        return "text"
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return "pair"
+    if isinstance(record.get("messages"), list) and record["messages"]:
+        return "chat"
+    return None
+
+
 def example_text(record: object, where: str) -> str:
     """The text an example trains on: `text`, `prompt` + `completion`, or the `messages` contents."""
     if not isinstance(record, dict):
         raise PlannerError(f"{where}: expected a JSON object with 'text', 'prompt'/'completion' or 'messages', "
                            f"got {type(record).__name__}")
-    if isinstance(record.get("text"), str):
+    kind = record_kind(record)
+    if kind == "text":
         return record["text"]
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+    if kind == "pair":
         return record["prompt"] + record["completion"]
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages:
+    if kind == "chat":
         parts = []
-        for i, m in enumerate(messages):
+        for i, m in enumerate(record["messages"]):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise PlannerError(f"{where}: messages[{i}] needs string 'role' and 'content'")
             parts.append(f"{m['role']}: {m['content']}\n")
@@ -105,8 +120,7 @@ def example_text(record: object, where: str) -> str:
 def example_parts(record: dict, text: str) -> tuple[str, ...]:
     """What a trainer tokenizes separately: (prompt, completion) for a pair - the hf backend encodes the
     completion on its own, without special tokens - else the one example text."""
-    if not isinstance(record.get("text"), str) and isinstance(record.get("prompt"), str) \
-            and isinstance(record.get("completion"), str):
+    if record_kind(record) == "pair":
         return record["prompt"], record["completion"]
     return (text,)
 

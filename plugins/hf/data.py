@@ -17,7 +17,15 @@ from array import array
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ftplan.api import PlannerError, check_training_data, example_text, iter_record_offsets, open_dataset, record_at
+from ftplan.api import (
+    PlannerError,
+    check_training_data,
+    example_text,
+    iter_record_offsets,
+    open_dataset,
+    record_at,
+    record_kind,
+)
 
 IGNORE = -100  # label value the loss skips
 BATCH_CHARS = 1 << 20  # characters tokenized at once while indexing: bounds the lists of token ids held
@@ -83,14 +91,15 @@ def encode_batch(records: list[dict[str, Any]], tokenizer, seq_len: int,
                                                 ("chat", False): []}
     plan = []
     for record, where in zip(records, wheres):
-        if isinstance(record.get("text"), str):
+        kind = record_kind(record)
+        if kind == "text":
             plan.append(("text", len(jobs["text", True])))
             jobs["text", True].append(record["text"])
-        elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        elif kind == "pair":
             plan.append(("pair", len(jobs["prompt", True])))
             jobs["prompt", True].append(record["prompt"])
             jobs["completion", False].append(record["completion"])
-        elif isinstance(record.get("messages"), list):
+        elif kind == "chat":
             if not getattr(tokenizer, "chat_template", None):
                 raise _chat_template_problem(tokenizer, where)
             plan.append(("chat", len(jobs["chat", False])))
