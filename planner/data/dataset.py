@@ -161,9 +161,8 @@ def find_tokenizer(*candidates: Path | None) -> Path | None:
 Example = tuple[dict, str]  # a record and its example text, as jsonl.parse_line gives them
 
 
-def tokens_counter(tokenizer: Path | None, seq_len: int | None = None
-                   ) -> tuple[Callable[[list[Example]], list[int | None]], str]:
-    """A function giving the token count of each example of a batch (None for one the trainer leaves out:
+def tokens_counter(tokenizer: Path | None, seq_len: int | None = None) -> tuple[TokenCounter, str]:
+    """A callable giving the token count of each example of a batch (None for one the trainer leaves out:
     nothing to learn once truncated to `seq_len`), and how it counts. With a tokenizer it counts what the hf
     backend trains on: a text, or a prompt with special tokens and its completion without, plus the
     end-of-sequence token it appends; chat messages through the tokenizer's chat template."""
@@ -171,7 +170,7 @@ def tokens_counter(tokenizer: Path | None, seq_len: int | None = None
 
     per_token = catalog.planning().dataset.chars_per_token
     # approximate counts leave every example in: whether one is too short to learn from is the tokenizer's call
-    approximate = _counter(lambda texts, specials: [math.ceil(len(t) / per_token) for t in texts], None, 0, None)
+    approximate = TokenCounter(lambda texts, specials: [math.ceil(len(t) / per_token) for t in texts], None, 0, None)
     if tokenizer is None:
         return approximate, f"approximate: 1 token per {per_token:g} characters (no tokenizer available locally)"
     try:
@@ -189,44 +188,53 @@ def tokens_counter(tokenizer: Path | None, seq_len: int | None = None
     how = f"tokenizer {tokenizer}" + (", +1 end-of-sequence token per example (the hf backend appends it)" if eos
                                       else "")
     lengths = lambda texts, specials: [len(e) for e in encode(texts, add_special_tokens=specials)]  # noqa: E731
-    return _counter(lengths, render, eos, seq_len, tokenizer), how
+    return TokenCounter(lengths, render, eos, seq_len, tokenizer), how
 
 
-def _counter(lengths: Callable[[list[str], bool], list[int]], render, eos: int, seq_len: int | None,
-             tokenizer: Path | None = None):
-    """count(batch) from a function giving texts' token lengths with or without special tokens; what it had to
-    approximate goes into count.notes."""
-    def count(batch: list[Example]) -> list[int | None]:
+class TokenCounter:
+    """count(batch): each example's token count, or None for one the trainer leaves out, from a function giving
+    texts' token lengths with or without special tokens. What it had to approximate goes into `notes`."""
+
+    def __init__(self, lengths: Callable[[list[str], bool], list[int]], render, eos: int, seq_len: int | None,
+                 tokenizer: Path | None = None) -> None:
+        self.lengths, self.render, self.eos, self.seq_len, self.tokenizer = lengths, render, eos, seq_len, tokenizer
+        self.notes: set[str] = set()
+
+    def __call__(self, batch: list[Example]) -> list[int | None]:
         firsts, rest, shapes = [], [], []  # shape: (has a part with special tokens, parts without, EOS added)
         for record, text in batch:
-            if tokenizer is not None and render is None and record_kind(record) == "chat":
-                raise PlannerError(f"chat 'messages' need a tokenizer with a chat template; {tokenizer} has none "
-                                   "(add chat_template to tokenizer_config.json, or use text or prompt+completion)")
-            if callable(render) and record_kind(record) == "chat":  # the template writes every special token itself
-                rest.append(render(record["messages"]))
+            if record_kind(record) == "chat" and self._chat(record, rest):
                 shapes.append((False, 1, 0))
                 continue
-            if render == chat.NO_JINJA and record_kind(record) == "chat":
-                count.notes.add("chat messages counted as 'role: content' lines (rendering the chat template "
-                                "needs jinja2)")
             parts = example_parts(record, text)
             firsts.append(parts[0])
             rest.extend(parts[1:])
-            shapes.append((True, len(parts) - 1, eos))
-        with_specials = iter(lengths(firsts, True) if firsts else [])
-        without = iter(lengths(rest, False) if rest else [])
+            shapes.append((True, len(parts) - 1, self.eos))
+        with_specials = iter(self.lengths(firsts, True) if firsts else [])
+        without = iter(self.lengths(rest, False) if rest else [])
         out = []
         for first, n, extra in shapes:
             prompt = next(with_specials) if first else 0
             total = prompt + sum(next(without) for _ in range(n)) + extra
             # the hf backend keeps an example only if a label after the first survives truncation; a pair's
             # prompt is not learned from
-            kept = min(total, seq_len or total)
+            kept = min(total, self.seq_len or total)
             out.append(total if kept > max(1, prompt if n and first else 1) else None)
         return out
 
-    count.notes = set()
-    return count
+    def _chat(self, record: dict, rest: list[str]) -> bool:
+        """Queue a chat record rendered by the chat template (which writes every special token itself) and say
+        so; False when it is counted as plain text instead (no tokenizer, or no jinja2)."""
+        if self.tokenizer is not None and self.render is None:
+            raise PlannerError(f"chat 'messages' need a tokenizer with a chat template; {self.tokenizer} has none "
+                               "(add chat_template to tokenizer_config.json, or use text or prompt+completion)")
+        if callable(self.render):
+            rest.append(self.render(record["messages"]))
+            return True
+        if self.render == chat.NO_JINJA:
+            self.notes.add("chat messages counted as 'role: content' lines (rendering the chat template needs "
+                           "jinja2)")
+        return False
 
 
 def _eos_token(tokenizer: Path) -> str | None:
@@ -314,7 +322,7 @@ def from_dataset(path: Path, seq_len: int, *, packing: bool = False, tokenizer: 
         raw, dropped = exact_histogram(path, count)
         examples = int(sum(raw.values()))
         how += "; every line counted"
-    how += "".join(f"; {note}" for note in sorted(getattr(count, "notes", ())))
+    how += "".join(f"; {note}" for note in sorted(count.notes))
     if (not examples or not raw) and dropped:
         raise PlannerError(f"dataset {path}: no example has tokens to train on after truncation to {seq_len} (every "
                            "prompt fills the sequence); raise --seq-len or shorten the prompts")
