@@ -162,7 +162,7 @@ def check_targets(plan: Plan, spec: ModelSpec) -> None:
     t = plan.training
     if t.method == "full" or t.setup.lora is None:
         return
-    from ftplan.estimate.params import adapted_groups, resolve_targets
+    from ftplan.estimate.params import adapted_groups, folds_parameters, resolve_targets
     from ftplan.model.inventory import layout_for
 
     layout = layout_for(spec)[0]
@@ -179,6 +179,10 @@ def check_targets(plan: Plan, spec: ModelSpec) -> None:
         raise PlannerError(f"plan: training.targets ({resolved[0].peft_value()}) adapt other modules than "
                            f"training.setup.lora.targets ({resolved[1].peft_value()}), which the run trains; make "
                            "them the same")
+    if t.setup.lora.dropout > 0 and folds_parameters(layout, t.setup.lora):
+        raise PlannerError(f"plan: training.setup.lora.dropout is {t.setup.lora.dropout:g}, but PEFT adapts this "
+                           "model's fused MoE parameters through its ParamWrapper, which takes no dropout; set it "
+                           "to 0")
 
 
 def platform_type(instance_type: str, platform: str) -> str:

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from ftplan.errors import PlannerError
-from ftplan.plan import load
+from ftplan.model.resolve import resolve_model
+from ftplan.plan import check_targets, load
 from tests.conftest import run_cli, run_cli_tty
 
 RECOMMEND = ("recommend", "llama2-7b", "--tokens", "20000000", "--budget", "50")
@@ -143,3 +144,18 @@ def test_recommend_from_a_dataset_reports_lengths_and_padding(tmp_path):
     assert "approximate" in result.stdout and "truncated to 512" in result.stdout and "padding wastes" in result.stdout
     plan = load(tmp_path / "ftplan-plan.yaml")
     assert plan.training.packing is False and plan.training.epochs == 3
+
+
+def test_a_mixtral_all_linear_plan_carries_the_dropout_peft_can_build(tmp_path):
+    """All-linear adapts Mixtral's fused experts through PEFT's ParamWrapper (no dropout): the accepted plan
+    says dropout 0, and a plan edited back to a dropout is refused before anything runs."""
+    done = run_cli("recommend", "mixtral-8x7b", "--tokens", "20M", "--methods", "lora", "--lora-targets",
+                   "all-linear", "--yes", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    path = tmp_path / "ftplan-plan.yaml"
+    plan = load(path)
+    assert plan.training.setup.lora.dropout == 0
+    check_targets(plan, resolve_model("mixtral-8x7b"))
+    edit = edited(path, tmp_path, lambda d: d["training"]["setup"]["lora"].update(dropout=0.05))
+    with pytest.raises(PlannerError, match="training.setup.lora.dropout is 0.05, but PEFT adapts"):
+        check_targets(load(edit), resolve_model("mixtral-8x7b"))
