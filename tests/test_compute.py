@@ -1,5 +1,7 @@
 """Training FLOPs against hand-computed cases."""
 
+import pytest
+
 from ftplan.data import catalog
 from ftplan.estimate.compute import flops_per_token, fp32_expert_share
 from ftplan.estimate.params import count_params, fit_dropout
@@ -76,6 +78,10 @@ def test_folded_expert_adapters_cost_the_experts_weight_gradients():
     layout, setup, counts = moe("lora", lora=LoraSettings(targets=["all-linear"]))
     f = flops_per_token(layout, setup, counts, S)
     assert f.backward == 2 * MOE_MATMUL + 2 * (EXPERTS_ACTIVE + L * 4 * H) + 2 * ATTENTION + 2 * f.adapter_forward
+    # x @ A @ B per token on q/k/v/o; the folded low-rank products once per micro-batch (rank 2r on gate_up)
+    r, e, tokens = 16, 4, setup.tokens
+    folded = L * 2 * (H * e * r + e * 2 * I * H * 2 * r + e * H * I * r) / tokens
+    assert f.adapter_forward == pytest.approx(L * 4 * 2 * r * (H + H) + folded)
     layout, setup, counts = moe("lora")  # PEFT's default targets: attention only
     assert flops_per_token(layout, setup, counts, S).backward == 2 * MOE_MATMUL + 2 * ATTENTION + \
         2 * flops_per_token(layout, setup, counts, S).adapter_forward

@@ -141,3 +141,17 @@ def test_estimate_cli_for_a_70b_full_fine_tune_on_16_gpus():
     table = run_cli("estimate", "llama2-70b", "--method", "full", "--gpus", "16", "--nodes", "2", "--sharding",
                     "fsdp", "--grad-ckpt")
     assert "Per GPU over 16 GPUs on 2 node(s), fsdp" in table.stdout
+
+
+def test_parameter_sharding_gathers_fp32_experts_in_bf16():
+    """QLoRA keeps Mixtral's fused experts in fp32, so on one GPU they compute in fp32 (grouped_mm ignores
+    autocast); FSDP's mixed-precision policy gathers them in bf16, so sharded they compute in bf16."""
+    layout = build_layout(from_catalog(catalog.find_model("mixtral-8x7b")))
+    setup = resolve("qlora", SetupChoices(seq_len=2048), model_type="mixtral")
+    fp32, half = estimate_memory(layout, setup), estimate_memory(layout, setup, experts_half=True)
+    assert half.activation_terms["mlp_experts"] * 2 == fp32.activation_terms["mlp_experts"]
+    sharded = shard(layout, setup, fp32, gpus=8, sharding="fsdp")
+    grads, other = half.phase_bytes[sharded.peak_phase]
+    assert sharded.other_bytes <= other and half.activations_per_layer_bytes < fp32.activations_per_layer_bytes
+    ddp = shard(layout, setup, fp32, gpus=8, sharding="ddp")  # replicas compute as one GPU does
+    assert ddp.other_bytes == fp32.phase_bytes[ddp.peak_phase][1]

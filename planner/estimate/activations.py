@@ -39,6 +39,7 @@ class Dtypes(BaseModel):
     base_trainable: bool
     quantized: bool   # QLoRA: 4-bit layers answer in their input's dtype
     device: Device
+    experts_half: bool = False  # FSDP's mixed-precision policy gathers fp32 MoE experts in the compute dtype
 
     @property
     def layer_norm_fp32(self) -> bool:
@@ -50,7 +51,7 @@ class Dtypes(BaseModel):
         return 1 if self.device == "cuda" else input_bytes
 
 
-def step_dtypes(setup: TrainingSetup, device: Device = "cuda") -> Dtypes:
+def step_dtypes(setup: TrainingSetup, device: Device = "cuda", experts_half: bool = False) -> Dtypes:
     """Dtypes of a step. `-mixed` precisions autocast, plain bf16/fp16 do not, for every method.
 
     The residual stream follows the embedding's storage dtype: full bf16-mixed / fp16-mixed / fp32 keep
@@ -69,7 +70,7 @@ def step_dtypes(setup: TrainingSetup, device: Device = "cuda") -> Dtypes:
     else:
         residual, compute = 4, 2 if autocast else 4
     return Dtypes(compute=compute, residual=residual, autocast=autocast, base_trainable=setup.method == "full",
-                  quantized=setup.method == "qlora", device=device)
+                  quantized=setup.method == "qlora", device=device, experts_half=experts_half)
 
 
 class LayerActivations(BaseModel):
@@ -149,7 +150,9 @@ def autocast_weight_copies(groups: list[ModuleGroup], dt: Dtypes, r: int = 0, ad
         base = sum(g.weight_numel for g in groups if g.kind in MATMUL_KINDS - QUANTIZED_KINDS - {"experts"})
     else:                   # LoRA: the base is already bf16
         base = 0
-    adapters = sum(r * g.lora_rank_factor * (g.in_features + g.out_features) for g in adapted)
+    # ParamWrapper casts its factors to the parameter's dtype with autocast off (no compute-dtype copy)
+    adapters = sum(r * g.lora_rank_factor * (g.in_features + g.out_features) for g in adapted
+                   if g.kind not in PARAMETER_KINDS)
     return (base + adapters) * dt.compute
 
 
@@ -168,10 +171,14 @@ def lora_saved(layout: ModelLayout, adapted: list[ModuleGroup], r: int, dropout:
     return total
 
 
-def parameter_lora_saved(adapted: list[ModuleGroup], dt: Dtypes) -> int:
+def parameter_lora_saved(adapted: list[ModuleGroup], r: int, dt: Dtypes) -> int:
     """PEFT's ParamWrapper (MoE routers and fused experts under all-linear) folds the adapter into the weight each
-    forward (baddbmm(W, B, A), in W's dtype) and the matmul keeps that full-size effective weight for backward."""
-    return sum(g.weight_numel for g in adapted if g.kind in PARAMETER_KINDS) * expert_bytes(dt)
+    forward (baddbmm(W, B, A), in W's dtype) and the matmul keeps that full-size effective weight for backward;
+    the fold keeps its factors, cast to W's dtype where that is not the adapters' fp32."""
+    folded = [g for g in adapted if g.kind in PARAMETER_KINDS]
+    w = expert_bytes(dt)
+    factors = sum(r * g.lora_rank_factor * (g.in_features + g.out_features) for g in folded) * w if w != 4 else 0
+    return sum(g.weight_numel for g in folded) * w + factors
 
 
 def attention_saved(layout: ModelLayout, setup: TrainingSetup, dt: Dtypes) -> dict[str, int]:
@@ -250,8 +257,9 @@ def mlp_saved(layout: ModelLayout, tokens: int, dt: Dtypes, adapted: list[Module
 
 def expert_bytes(dt: Dtypes) -> int:
     """Bytes per element fused MoE experts compute in: their storage dtype, which is the residual stream's
-    (fp32 masters under full -mixed, QLoRA's fp32 upcast, half-precision LoRA bases and pure bf16/fp16)."""
-    return dt.residual
+    (fp32 masters under full -mixed, QLoRA's fp32 upcast, half-precision LoRA bases and pure bf16/fp16), or
+    the compute dtype where parameter sharding gathers them in it."""
+    return dt.compute if dt.experts_half else dt.residual
 
 
 # activations transformers writes as a chain of elementwise ops, each intermediate kept by autograd
@@ -269,9 +277,9 @@ def gelu_chain(elements: int, dt: Dtypes) -> int:
 
 
 def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
-                      device: Device = "cuda") -> LayerActivations:
+                      device: Device = "cuda", experts_half: bool = False) -> LayerActivations:
     """Everything one decoder layer saves for backward without gradient checkpointing."""
-    dt = step_dtypes(setup, device)
+    dt = step_dtypes(setup, device, experts_half)
     t, h = setup.tokens, layout.dims.hidden
     layer_groups = [g for g in layout.modules if g.per_layer]
     adapted_here = [g for g in adapted if g.per_layer]
@@ -283,7 +291,7 @@ def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[M
     terms.update(mlp_saved(layout, t, dt, adapted_here))
     if adapted_here:
         terms["lora"] = lora_saved(layout, adapted_here, r, setup.lora.dropout, t, dt)
-    if folded := parameter_lora_saved(adapted_here, dt):
+    if folded := parameter_lora_saved(adapted_here, r, dt):
         terms["lora_folded_weights"] = folded
     if layout_dropout(layout, "hidden") > 0:
         terms["hidden_dropout"] = 2 * t * h * dt.mask(dt.compute)
@@ -309,11 +317,12 @@ def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup) -> int:
     return setup.tokens * layout.dims.hidden * step_dtypes(setup).residual
 
 
-def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = ()) -> int:
+def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = (),
+                             experts_half: bool = False) -> int:
     """Gradient buffers alive while backward runs through one MLP (the widest part of a layer),
     plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype, or, for a
     parameter PEFT's ParamWrapper adapts, the gradient of its full-size effective weight."""
-    d, dt = layout.dims, step_dtypes(setup)
+    d, dt = layout.dims, step_dtypes(setup, experts_half=experts_half)
     width = d.intermediate * max(1, d.experts_per_token)
     mlp_bytes = expert_bytes(dt) if d.experts else dt.compute
     linear = [g for g in adapted if g.per_layer and g.kind not in PARAMETER_KINDS]

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from ftplan.data import catalog
 from ftplan.estimate.params import ParamCounts, adapted_groups, lora_params
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.layout import MATMUL_KINDS, PARAMETER_KINDS, ModelLayout
+from ftplan.model.layout import MATMUL_KINDS, PARAMETER_KINDS, ModelLayout, ModuleGroup
 
 
 class FlopsPerToken(BaseModel):
@@ -50,8 +50,7 @@ def flops_per_token(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     attention = 2.0 * d.layers * context * d.q_dim
     adapter = 0.0
     if counts.targets:
-        adapter = 2.0 * sum(lora_params(g, setup.lora.r) * layout.instances(g) * active_fraction(layout, g.kind)
-                            for g in adapted_groups(layout, counts.targets))
+        adapter = sum(_adapter_forward(layout, g, setup) for g in adapted_groups(layout, counts.targets))
     forward = 2.0 * matmul + attention + adapter
     weight_grads = 2.0 * matmul if setup.method == "full" else 0.0
     if counts.targets and setup.method != "full":
@@ -64,12 +63,23 @@ def flops_per_token(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
                          attention_forward=attention, adapter_forward=adapter)
 
 
-def fp32_expert_share(layout: ModelLayout, setup: TrainingSetup) -> float:
+def _adapter_forward(layout: ModelLayout, g: ModuleGroup, setup: TrainingSetup) -> float:
+    """Forward FLOPs per token of one adapted module type: x @ A @ B per token, or, for a parameter PEFT's
+    ParamWrapper folds (MoE router, fused experts), the low-rank product once per micro-batch (baddbmm over the
+    experts, each of rank r x lora_rank_factor / experts) shared by its tokens."""
+    if g.kind not in PARAMETER_KINDS:
+        return 2.0 * lora_params(g, setup.lora.r) * layout.instances(g) * active_fraction(layout, g.kind)
+    rank = setup.lora.r * g.lora_rank_factor / (layout.dims.experts if g.kind == "experts" else 1)
+    return 2.0 * g.weight_numel * rank * layout.instances(g) / setup.tokens
+
+
+def fp32_expert_share(layout: ModelLayout, setup: TrainingSetup, param_sharded: bool = False) -> float:
     """Share of the per-token matmul FLOPs in fused MoE experts that compute in fp32 while the rest of the step
     runs in half precision: QLoRA's upcast experts and full -mixed's fp32 masters (transformers' grouped_mm
-    ignores autocast). The time model counts them at the half-precision rate; this says how much that covers."""
+    ignores autocast), unless parameter sharding gathers them in bf16 (`param_sharded`). The time model counts
+    them at the half-precision rate; this says how much that covers."""
     fp32_experts = setup.method == "qlora" or (setup.method == "full" and setup.precision.endswith("-mixed"))
-    if not layout.dims.experts or not fp32_experts or setup.precision == "fp32":
+    if not layout.dims.experts or not fp32_experts or setup.precision == "fp32" or param_sharded:
         return 0.0
     active = [(g.kind, g.weight_numel * layout.instances(g) * active_fraction(layout, g.kind))
               for g in layout.modules if g.kind in MATMUL_KINDS]

@@ -157,11 +157,12 @@ def tied_embedding_backward(layout: ModelLayout, setup: TrainingSetup) -> int:
 
 
 def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None,
-                    device: act.Device = "cuda") -> MemoryBreakdown:
+                    device: act.Device = "cuda", experts_half: bool = False) -> MemoryBreakdown:
     """Itemised per-GPU memory of one training step of `layout` under `setup`.
 
     `device="cpu"` models the CPU's kernels instead (dropout keeps its noise, not a bool mask; the optimizers'
-    CPU code paths), which is what `ftplan measure --device cpu` compares with.
+    CPU code paths), which is what `ftplan measure --device cpu` compares with. `experts_half`: parameter
+    sharding gathers fp32 MoE experts in the compute dtype, so they compute in it (ftplan.estimate.sharding).
     """
     counts = counts or count_params(layout, setup.method, setup.lora)
     adapted = adapted_groups(layout, counts.targets) if counts.targets else []
@@ -176,7 +177,7 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     logits = act.logits_kept(layout, setup)
     static = sum(weights.values()) + adapter + states + logits
     phases, activations, layer, head = _phases(layout, setup, counts, adapted, device, gradients, grad_size,
-                                               opt.step_transient(tensors, setup, device))
+                                               opt.step_transient(tensors, setup, device), experts_half)
     phase = max(phases, key=lambda k: sum(phases[k]))
     held, transient = phases[phase]
     first_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
@@ -197,12 +198,12 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
 
 
 def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adapted: list[ModuleGroup],
-            device: act.Device, gradients: int, grad_size: int, optimizer_step: int):
+            device: act.Device, gradients: int, grad_size: int, optimizer_step: int, experts_half: bool = False):
     """Candidates for the peak, each as (what is held, what is transient on top), beyond the static bytes.
 
     The backward pass frees activations layer by layer while gradients accumulate, so within it the peak is at
     one end: just after the loss (all activations) or at the end (all gradients); then the optimizer steps."""
-    layer = act.layer_activations(layout, setup, adapted, device)
+    layer = act.layer_activations(layout, setup, adapted, device, experts_half)
     head = act.head_activations(layout, setup, adapted, device)
     layers = layout.dims.layers
     if setup.grad_ckpt:
@@ -219,7 +220,7 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     if setup.method == "qlora":
         quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
         dequant = max((g.weight_numel * 2 for g in quant), default=0)
-    layer_backward = act.backward_layer_transient(layout, setup, adapted) + dequant
+    layer_backward = act.backward_layer_transient(layout, setup, adapted, experts_half) + dequant
     first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
     grads_at_first_layer = gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora, grad_size)
     loss_forward, loss_backward = act.loss_transients(layout, setup)

@@ -21,7 +21,14 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ftplan.errors import PlannerError
-from ftplan.estimate.memory import END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP, MemoryBreakdown, outside_allocator
+from ftplan.estimate.memory import (
+    END_OF_BACKWARD,
+    FIRST_LAYER,
+    OPTIMIZER_STEP,
+    MemoryBreakdown,
+    estimate_memory,
+    outside_allocator,
+)
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.layout import ModelLayout
 
@@ -85,6 +92,9 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
 
     w, s, gathered = weights, states, 0
     grad_divisor = group if sharding in ("zero2", "zero3", "fsdp", "fsdp-hybrid") else 1
+    if sharding in PARAM_SHARDED and gpus > 1 and layout.dims.experts:
+        # the mixed-precision policy gathers fp32 experts in bf16, and grouped_mm computes in the weights' dtype
+        memory = estimate_memory(layout, setup, experts_half=True)
     phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
                                                              - weights - states - memory.held_gradient_bytes)})
     copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers

@@ -47,4 +47,5 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
         why_not=explain.why_not(choice, request, outcome, settings, largest),
         assumptions=explain.assumptions(request, data, best),
         time_evidence=evidence.for_plan(best.gpu, best.method, layout.total_params(),
-                                        best.time.tokens_per_micro_batch, fp32_expert_share(layout, best.setup)))
+                                        best.time.tokens_per_micro_batch,
+                                        fp32_expert_share(layout, best.setup, best.sharding == "fsdp")))
