@@ -235,5 +235,15 @@ def test_mixtral_all_linear_plans_are_ones_peft_can_build():
     folded = [c for c in rec.candidates if c.targets == "all-linear"]
     assert folded and all(c.setup.lora.dropout == 0 for c in folded)
     assert all(c.setup.lora.dropout == 0.05 for c in rec.candidates if c.targets == "peft-default")
-    pinned = SetupChoices(lora=LoraSettings(dropout=0.05))
-    assert all(c.targets == "peft-default" for c in search(spec, layout, DATA, request, pinned, set()).candidates)
+    pinned = search(spec, layout, DATA, request, SetupChoices(lora=LoraSettings(dropout=0.05)), set())
+    assert all(c.targets == "peft-default" for c in pinned.candidates)
+    said = [w for w in pinned.why_not if w.code == "all_linear_not_searched"]
+    assert said and "pass --lora-dropout 0 to search it" in words.why_not(said[0])
+    assert not any(w.code == "all_linear_not_searched" for w in rec.why_not)
+
+
+def test_each_assumption_is_listed_once():
+    for method in ("full", "lora", "qlora"):
+        codes = [a.code for a in run(methods=[method]).assumptions]
+        assert len(codes) == len(set(codes)), codes
+        assert ("dequantization" in codes) == (method == "qlora")

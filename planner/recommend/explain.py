@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from ftplan.data import catalog
 from ftplan.data.dataset import TokenBudget
+from ftplan.estimate.params import folds_parameters
+from ftplan.estimate.settings import SetupChoices
+from ftplan.model.layout import ModelLayout
 from ftplan.recommend import evaluate as ev
 from ftplan.recommend.memory_pass import Setting
 from ftplan.recommend.models import Assumption, Candidate, Reason, SearchRequest, WhyNot
@@ -38,6 +41,18 @@ def reasons(choice: Choice, request: SearchRequest) -> list[Reason]:
             "saving": choice.multi_saving, "margin": choice.margin,
             "single_instance_type": choice.best_single.instance_type if choice.best_single else None}))
     return out
+
+
+def unsearched(request: SearchRequest, layout: ModelLayout, choices: SetupChoices, fixed: set[str]) -> list[WhyNot]:
+    """Adapter methods whose all-linear plans were left out because the user set a dropout that PEFT's
+    ParamWrapper (fused MoE parameters) cannot take."""
+    lora = choices.lora.model_copy(update={"targets": ["all-linear"]})
+    if "targets" in fixed or lora.dropout == 0 or "dropout" not in lora.model_fields_set \
+            or not folds_parameters(layout, lora):
+        return []
+    return [WhyNot(method=m, code="all_linear_not_searched", figures={"dropout": lora.dropout,
+                                                                      "model_type": layout.model_type})
+            for m in request.methods if m != "full"]
 
 
 def why_not(choice: Choice, request: SearchRequest, outcome: ev.Outcome, settings: list[Setting],
@@ -122,10 +137,6 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
             "bound": best.time.bound, "optimizer_seconds": best.time.optimizer_seconds,
             "launch_floor_seconds_per_layer_pass": rules.launch_floor.seconds_per_layer_pass}),
     ]
-    if best.setup.method == "qlora":
-        out.append(Assumption(code="dequantization", figures={
-            "bytes_per_weight": rules.dequantization.bytes_per_weight,
-            "bandwidth_efficiency": rules.dequantization.bandwidth_efficiency}))
     out.append(Assumption(code="host_ram", figures={}))
     if best.gpus_total > 1:
         out.append(Assumption(code="parallelism", figures={

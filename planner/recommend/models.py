@@ -92,7 +92,7 @@ class WhyNot(BaseModel):
 
     method: Method
     code: Literal["ranked_lower", "misses_limits", "needs_more_memory", "needs_more_gpus", "unsupported",
-                  "no_instance"]
+                  "no_instance", "all_linear_not_searched"]
     figures: dict[str, Figure]
 
 

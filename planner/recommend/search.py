@@ -44,7 +44,8 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
         model=spec.name, data=data, request=request, recommended=best, best_single_instance=choice.best_single,
         candidates=choice.ranked[:10], frontier=frontier(outcome.feasible), reasons=explain.reasons(choice, request),
         evaluated=outcome.evaluated, kept=len(outcome.feasible), rejections=outcome.rejections,
-        why_not=explain.why_not(choice, request, outcome, settings, largest),
+        why_not=explain.why_not(choice, request, outcome, settings, largest)
+        + explain.unsearched(request, layout, choices, fixed),
         assumptions=explain.assumptions(request, data, best),
         time_evidence=evidence.for_plan(best.gpu, best.method, layout.total_params(),
                                         best.time.tokens_per_micro_batch,

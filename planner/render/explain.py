@@ -73,6 +73,9 @@ def why_not(w: WhyNot) -> str:
                 f"({f['short_bytes'] / GIB:.1f} GiB short)")
     if w.code == "unsupported":
         return f"{m}: no plan ({rejection(f['reason'])}: {f['combinations']} combinations)"
+    if w.code == "all_linear_not_searched":
+        return (f"{m}: all-linear not searched: PEFT adapts {f['model_type']}'s fused MoE parameters without "
+                f"dropout, and --lora-dropout is {f['dropout']:g}; pass --lora-dropout 0 to search it")
     return f"{m}: no instance searched supports its settings"
 
 
