@@ -92,22 +92,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
 
     w, s, gathered = weights, states, 0
     grad_divisor = group if sharding in ("zero2", "zero3", "fsdp", "fsdp-hybrid") else 1
-    if sharding in PARAM_SHARDED and gpus > 1 and layout.dims.experts:
-        # the mixed-precision policy gathers fp32 experts in bf16, and grouped_mm computes in the weights' dtype
-        memory = estimate_memory(layout, setup, experts_half=True)
-    phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
-                                                             - weights - states - memory.held_gradient_bytes)})
-    copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers
-    if sharding in PARAM_SHARDED and copies and gpus > 1:
-        # FSDP's mixed-precision policy and ZeRO-3 gather weights in bf16: autocast keeps no bf16 copy of
-        # every weight (the gathered units are counted below instead)
-        phases = {k: (grads, max(0, other - copies) if k not in (END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP)
-                      else other)
-                  for k, (grads, other) in phases.items()}
-        notes.append("no autocast weight copies: sharded weights are gathered in bf16 by the mixed-precision policy")
-    if OPTIMIZER_STEP in phases and sharding not in ("none", "ddp"):  # each GPU steps only its shard of the states
-        grads, step = phases[OPTIMIZER_STEP]
-        phases[OPTIMIZER_STEP] = (grads, step // group)
+    phases = _phases(layout, setup, memory, sharding, gpus, group, notes)
     phase = max(phases, key=lambda k: phases[k][0] // grad_divisor + phases[k][1])
     g, other = phases[phase][0] // grad_divisor, phases[phase][1]
     if sharding in ("zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"):
@@ -151,6 +136,30 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                          comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak, required_bytes=required,
                          host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
                          checkpoint_bytes=checkpoint, notes=notes)
+
+
+def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
+            group: int, notes: list[str]) -> dict[str, tuple[int, int]]:
+    """The single-GPU phases, (gradients, the rest), as a GPU of the sharded job sees them."""
+    weights, states = memory.weights_bytes + memory.adapter_bytes, memory.optimizer_bytes
+    gathered_half = sharding in PARAM_SHARDED and gpus > 1
+    if gathered_half and layout.dims.experts:
+        # the mixed-precision policy gathers fp32 experts in bf16, and grouped_mm computes in the weights' dtype
+        memory = estimate_memory(layout, setup, experts_half=True)
+    phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
+                                                             - weights - states - memory.held_gradient_bytes)})
+    copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers
+    if gathered_half and copies:
+        # FSDP's mixed-precision policy and ZeRO-3 gather weights in bf16: autocast keeps no bf16 copy of
+        # every weight (the gathered units are counted by shard instead)
+        phases = {k: (grads, max(0, other - copies) if k not in (END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP)
+                      else other)
+                  for k, (grads, other) in phases.items()}
+        notes.append("no autocast weight copies: sharded weights are gathered in bf16 by the mixed-precision policy")
+    if OPTIMIZER_STEP in phases and sharding not in ("none", "ddp"):  # each GPU steps only its shard of the states
+        grads, step = phases[OPTIMIZER_STEP]
+        phases[OPTIMIZER_STEP] = (grads, step // group)
+    return phases
 
 
 def loading_bytes_per_node(weights_bytes: int, sharding: str, gpus_per_node: int) -> int:
