@@ -45,10 +45,14 @@ def test_zero_stages_divide_states_then_gradients_then_weights():
     grads_end = m.phase_bytes["end of backward (all gradients)"][0]
     assert grads_end == 4 * TOTAL
     assert two.gradients_bytes <= grads_end // 8 + 1 and one.gradients_bytes <= grads_end
-    # gathered: the larger of one decoder layer and the embeddings+head, plus one more layer, in fp32 storage
+    # gathered: the larger of one decoder layer and the embeddings+head, plus one more layer, in bf16 (the
+    # compute dtype, as accelerate's mixed-precision policy and DeepSpeed's bf16 gather), not the fp32 storage
     layer = sum(g.params() for g in LAYOUT.modules if g.per_layer)
     root = TOTAL - 32 * layer
-    assert three.gathered_bytes == int(max(layer, root) * 4 + layer * 4)
+    assert three.gathered_bytes == int(max(layer, root) * 2 + layer * 2)
+    fp32_setup, fp32 = breakdown(grad_ckpt=True, precision="fp32")
+    assert shard(LAYOUT, fp32_setup, fp32, gpus=8, sharding="fsdp").gathered_bytes == int(max(layer, root) * 4
+                                                                                           + layer * 4)
     hidden = 4096
     assert three.comm_buffer_bytes == hidden * hidden * 2 + int(0.9 * hidden * hidden) * 2
     for s in (one, two, three):

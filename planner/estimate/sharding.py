@@ -100,12 +100,17 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     if sharding in PARAM_SHARDED:
         w = weights // group
         bytes_per_param = weights / max(layout.total_params(), 1)
+        if setup.precision.endswith("-mixed"):
+            # FSDP's mixed-precision policy (accelerate sets param_dtype from --mixed_precision) and DeepSpeed's
+            # bf16/fp16 modules gather in the compute dtype; 4-bit QLoRA storage is gathered as stored
+            bytes_per_param = min(bytes_per_param, 2)
         layer = sum(grp.params() for grp in layout.modules if grp.per_layer) * bytes_per_param
         root = (layout.total_params() - layout.dims.layers * sum(grp.params() for grp in layout.modules
                                                                  if grp.per_layer)) * bytes_per_param
         gathered = int(max(layer, root) + layer) if group > 1 else 0
         notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) "
-                     "plus the next one prefetched, in the storage dtype")
+                     "plus the next one prefetched, "
+                     + ("in the compute dtype" if setup.precision.endswith("-mixed") else "in the storage dtype"))
     host = 0
     if offload == "optimizer":
         host += s * per_node
