@@ -97,17 +97,23 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
         methods=method_list, instances=split_list(instance_list), micro_batch=micro)
     rec = search(spec, layout_for(spec)[0], data, request, choices, fixed)
     rec = rec.model_copy(update={"backend": chosen.name, "backend_reason": why})
-
-    def accept() -> None:
-        from ftplan import plan as plan_mod  # only now: its schema classes cost startup time
-
-        plan_mod.save(plan_mod.plan_from(spec, rec, backend=chosen.name, learning_rate=learning_rate), output,
-                      overwrite=force)
-
     if plot is not None:
         from ftplan.render.plot import frontier_svg, write_plot
 
         write_plot(plot, frontier_svg(rec))
+    _present(rec, spec, learning_rate=learning_rate, output=output, force=force, yes=yes, as_json=as_json, top=top)
+
+
+def _present(rec, spec, *, learning_rate: float | None, output: Path, force: bool, yes: bool, as_json: bool,
+             top: int) -> None:
+    """Print the recommendation (table or JSON) and write the plan file once it is accepted."""
+
+    def accept() -> None:
+        from ftplan import plan as plan_mod  # only now: its schema classes cost startup time
+
+        plan_mod.save(plan_mod.plan_from(spec, rec, backend=rec.backend, learning_rate=learning_rate), output,
+                      overwrite=force)
+
     if as_json:
         if yes:
             accept()
@@ -123,7 +129,6 @@ def recommend(model: str, tokens: int | None, dataset: Path | None, tokenizer: P
     accept()
     out.print(f"Plan written to {output}. Show it with: ftplan plan show {output}; "
               f"run it with: ftplan run {output} --data DATA")
-
 
 def _ask(question: str) -> bool:
     """The user's answer; False without asking when nobody can answer (stdin is not a terminal)."""
