@@ -99,18 +99,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
         s = states // group
     if sharding in PARAM_SHARDED:
         w = weights // group
-        bytes_per_param = weights / max(layout.total_params(), 1)
-        if setup.precision.endswith("-mixed"):
-            # FSDP's mixed-precision policy (accelerate sets param_dtype from --mixed_precision) and DeepSpeed's
-            # bf16/fp16 modules gather in the compute dtype; 4-bit QLoRA storage is gathered as stored
-            bytes_per_param = min(bytes_per_param, 2)
-        layer = sum(grp.params() for grp in layout.modules if grp.per_layer) * bytes_per_param
-        root = (layout.total_params() - layout.dims.layers * sum(grp.params() for grp in layout.modules
-                                                                 if grp.per_layer)) * bytes_per_param
-        gathered = int(max(layer, root) + layer) if group > 1 else 0
-        notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) "
-                     "plus the next one prefetched, "
-                     + ("in the compute dtype" if setup.precision.endswith("-mixed") else "in the storage dtype"))
+        gathered = _gathered(layout, setup, weights, group, notes)
     host = 0
     if offload == "optimizer":
         host += s * per_node
@@ -141,6 +130,25 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                          comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak, required_bytes=required,
                          host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
                          checkpoint_bytes=checkpoint, notes=notes)
+
+
+def _gathered(layout: ModelLayout, setup: TrainingSetup, weights: int, group: int, notes: list[str]) -> int:
+    """Bytes of the gathered working set under parameter sharding: the unit being computed (a decoder layer,
+    or embeddings and head) plus the next one prefetched."""
+    if group <= 1:
+        return 0
+    bytes_per_param = weights / max(layout.total_params(), 1)
+    mixed = setup.precision.endswith("-mixed")
+    if mixed:
+        # FSDP's mixed-precision policy (accelerate sets param_dtype from --mixed_precision) and DeepSpeed's
+        # bf16/fp16 modules gather in the compute dtype; 4-bit QLoRA storage is gathered as stored
+        bytes_per_param = min(bytes_per_param, 2)
+    per_layer = sum(grp.params() for grp in layout.modules if grp.per_layer)
+    layer = per_layer * bytes_per_param
+    root = (layout.total_params() - layout.dims.layers * per_layer) * bytes_per_param
+    notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) plus "
+                 f"the next one prefetched, in the {'compute' if mixed else 'storage'} dtype")
+    return int(max(layer, root) + layer)
 
 
 def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
