@@ -40,11 +40,19 @@ def test_zero_stages_divide_states_then_gradients_then_weights():
     one = shard(LAYOUT, setup, m, gpus=8, sharding="zero1")
     two = shard(LAYOUT, setup, m, gpus=8, sharding="zero2")
     three = shard(LAYOUT, setup, m, gpus=8, sharding="zero3")
-    assert one.optimizer_bytes == two.optimizer_bytes == three.optimizer_bytes == 8 * TOTAL // 8
-    assert one.weights_bytes == two.weights_bytes == 4 * TOTAL and three.weights_bytes == 4 * TOTAL // 8
-    grads_end = m.phase_bytes["end of backward (all gradients)"][0]
-    assert grads_end == 4 * TOTAL
+    # DeepSpeed's bf16: the module in bf16; fp32 master weights, AdamW's two states and an fp32 gradient
+    # partition in the optimizer, 16 bytes per parameter divided over the GPUs
+    assert one.optimizer_bytes == two.optimizer_bytes == three.optimizer_bytes == 16 * TOTAL // 8
+    assert one.weights_bytes == two.weights_bytes == 2 * TOTAL and three.weights_bytes == 2 * TOTAL // 8
+    pure = estimate_memory(LAYOUT, setup.model_copy(update={"precision": "bf16"}))
+    grads_end = pure.phase_bytes["end of backward (all gradients)"][0]
+    assert grads_end == 2 * TOTAL
     assert two.gradients_bytes <= grads_end // 8 + 1 and one.gradients_bytes <= grads_end
+    # DeepSpeed's own estimator (estimate_zero2_model_states_mem_needs, no offload): 4 * params + 16 * params / GPUs
+    # for bf16 weights and gradients on every GPU plus the partitioned fp32 state, ZeRO-1's end of backward
+    assert one.weights_bytes + grads_end + one.optimizer_bytes == 4 * TOTAL + 16 * TOTAL // 8
+    # ZeRO-3's (estimate_zero3_model_states_mem_needs): 18 * params / GPUs plus the gathered working set
+    assert three.weights_bytes + three.optimizer_bytes == pytest.approx(18 * TOTAL / 8, abs=2)
     # gathered: the larger of one decoder layer and the embeddings+head, plus one more layer, in bf16 (the
     # compute dtype, as accelerate's mixed-precision policy and DeepSpeed's bf16 gather), not the fp32 storage
     layer = sum(g.params() for g in LAYOUT.modules if g.per_layer)
@@ -53,6 +61,8 @@ def test_zero_stages_divide_states_then_gradients_then_weights():
     fp32_setup, fp32 = breakdown(grad_ckpt=True, precision="fp32")
     assert shard(LAYOUT, fp32_setup, fp32, gpus=8, sharding="fsdp").gathered_bytes == int(max(layer, root) * 4
                                                                                            + layer * 4)
+    # without -mixed there is no master copy: fp32 weights and states as PyTorch keeps them
+    assert shard(LAYOUT, fp32_setup, fp32, gpus=8, sharding="zero1").optimizer_bytes == 8 * TOTAL // 8
     hidden = 4096
     assert three.comm_buffer_bytes == hidden * hidden * 2 + int(0.9 * hidden * hidden) * 2
     for s in (one, two, three):
@@ -87,9 +97,9 @@ def test_fsdp_drops_autocast_weight_copies():
     expected = max(g // 8 + (other if phase in keeps else max(0, other - copies))
                    for phase, (g, other) in m.phase_bytes.items())
     assert fsdp.gradients_bytes + fsdp.other_bytes == expected
-    zero2 = shard(LAYOUT, setup, m, gpus=8, sharding="zero2")  # keeps the copies
-    assert zero2.gradients_bytes + zero2.other_bytes == max(g // 8 + other for g, other in m.phase_bytes.values())
-    assert expected < zero2.gradients_bytes + zero2.other_bytes
+    ddp = shard(LAYOUT, setup, m, gpus=8, sharding="ddp")  # keeps the copies
+    assert ddp.gradients_bytes + ddp.other_bytes == max(g + other for g, other in m.phase_bytes.values())
+    assert expected < ddp.gradients_bytes + ddp.other_bytes
 
 
 @pytest.mark.parametrize("kw, message", [

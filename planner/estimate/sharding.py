@@ -10,7 +10,8 @@ Starts from the single-GPU breakdown (memory.py) and divides what each scheme sh
 | zero3, fsdp | / N + gathered | / N       | / N              |
 | fsdp-hybrid | / GPUs per node + gathered, replicated across nodes  |
 
-Activations are per GPU in data parallelism and do not shrink. Offloading moves optimizer states
+ZeRO under bf16/fp16 is DeepSpeed's mixed precision: weights and gradients in the compute dtype, fp32 master
+weights with the states. Activations are per GPU in data parallelism and do not shrink. Offloading moves optimizer states
 (ZeRO) or parameters with their states (ZeRO-3, FSDP) to host RAM, reported per node.
 """
 
@@ -86,9 +87,15 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     validate(gpus, nodes, sharding, offload)
     per_node = gpus // nodes
     group = {"none": 1, "ddp": 1, "fsdp-hybrid": per_node}.get(sharding, gpus)
+    notes = []
+    saved = memory  # the checkpoint holds the weights as trained, whatever the engine computes in
+    if sharding.startswith("zero") and setup.method == "full" and setup.precision.endswith("-mixed"):
+        setup, memory = _deepspeed_view(layout, setup, memory)
+        notes.append("DeepSpeed mixed precision: the model is cast to the compute dtype (no autocast copies, "
+                     "gradients in that dtype); the optimizer partitions hold fp32 master weights, states and "
+                     "gradients")
     weights = memory.weights_bytes + memory.adapter_bytes
     states = memory.optimizer_bytes
-    notes = []
 
     w, s, gathered = weights, states, 0
     grad_divisor = group if sharding in ("zero2", "zero3", "fsdp", "fsdp-hybrid") else 1
@@ -121,15 +128,28 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     peak = w + gathered + g + s + comm + other
     paged = memory.paged_optimizer_bytes // (group if sharding not in ("none", "ddp") else 1)
     required = peak + sum(outside_allocator(peak)) + (0 if offload != "none" else paged)
-    loading = loading_bytes_per_node(memory.weights_bytes, sharding, per_node)
-    checkpoint = (memory.weights_bytes if setup.method == "full" else 0) + memory.adapter_bytes + states + \
-        memory.paged_optimizer_bytes
+    loading = loading_bytes_per_node(saved.weights_bytes, sharding, per_node)
+    checkpoint = (saved.weights_bytes if setup.method == "full" else 0) + saved.adapter_bytes + \
+        saved.optimizer_bytes + saved.paged_optimizer_bytes
     return ShardedMemory(gpus=gpus, nodes=nodes, sharding=sharding, offload=offload, shard_group=group,
                          weights_bytes=w, gathered_bytes=gathered, gradients_bytes=g, peak_phase=phase,
                          optimizer_bytes=s,
                          comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak, required_bytes=required,
                          host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
                          checkpoint_bytes=checkpoint, notes=notes)
+
+
+def _deepspeed_view(layout: ModelLayout, setup: TrainingSetup,
+                    memory: MemoryBreakdown) -> tuple[TrainingSetup, MemoryBreakdown]:
+    """Full fine-tuning under DeepSpeed ZeRO with bf16/fp16 enabled (what the Trainer's --bf16 gives): the engine
+    casts the module to the compute dtype, so the step is the pure-precision one (no autocast weight copies,
+    gradients in that dtype), and the ZeRO optimizer keeps, per trained parameter, fp32 master weights, the
+    optimizer's states and an fp32 gradient partition - DeepSpeed's own estimator counts 16 bytes
+    (estimate_zero2_model_states_mem_needs: 4 * params + 16 * params / GPUs)."""
+    pure = setup.model_copy(update={"precision": setup.precision.removesuffix("-mixed")})
+    view = estimate_memory(layout, pure)
+    fp32_states = memory.optimizer_bytes + 8 * layout.total_params()  # master weights and gradient partition
+    return pure, view.model_copy(update={"optimizer_bytes": fp32_states})
 
 
 def _gathered(layout: ModelLayout, setup: TrainingSetup, weights: int, group: int, notes: list[str]) -> int:
