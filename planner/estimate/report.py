@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 from ftplan.data import catalog
 from ftplan.estimate.fit import InstanceFit, cheapest_fits, hypothetical_gpu_name, judge, judge_gpu
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, unquantized_matmul_params
+from ftplan.estimate.optimizer import Device
 from ftplan.estimate.params import TargetResolution, count_params, fit_dropout, over_ranked
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
 from ftplan.estimate.sharding import Offload, ShardedMemory, Sharding, shard, smallest_gpu_count, validate
@@ -48,8 +49,9 @@ class MethodEstimate(BaseModel):
     sharded: ShardedMemory | None = Field(None, description="per-GPU memory over --gpus with --sharding "
                                                             "(null for one GPU)")
     smallest_gpu_counts: dict[str, int | None] = Field(
-        default_factory=dict, description="instance type -> fewest GPUs that fit with parameter sharding (zero3 "
-                                          "unless --sharding names a scheme), null when none up to 512")
+        default_factory=dict, description="instance type -> fewest GPUs that fit with parameter sharding (FSDP, "
+                                          "as recommend plans, unless --sharding names zero3 or fsdp-hybrid), null "
+                                          "when none up to 512")
 
 
 class EstimateReport(BaseModel):
@@ -113,16 +115,16 @@ def _report_warnings(spec: ModelSpec, choices: SetupChoices, estimates: list[Met
 
 
 def _smallest_counts(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown,
-                     sharding: Sharding | None) -> dict[str, int | None]:
+                     sharding: Sharding | None, device: Device = "cuda") -> dict[str, int | None]:
     """Per instance type, the fewest GPUs that hold the step with parameter sharding."""
-    scheme = sharding if sharding in ("zero3", "fsdp", "fsdp-hybrid") else "zero3"
+    scheme = sharding if sharding in ("zero3", "fsdp", "fsdp-hybrid") else "fsdp"
     cache: dict[tuple[int, int], int] = {}  # (gpus, gpus per instance) -> required bytes per GPU
 
     def required(n: int, per_instance: int) -> int:
         key = (n, per_instance)
         if key not in cache:
             cache[key] = shard(layout, setup, memory, gpus=n, nodes=max(1, n // per_instance),
-                               sharding="none" if n == 1 else scheme).required_bytes
+                               sharding="none" if n == 1 else scheme, device=device).required_bytes
         return cache[key]
 
     return {inst.type: smallest_gpu_count(catalog.gpu_of(inst).memory_bytes, inst.gpu_count,
@@ -170,7 +172,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
         memory = estimate_memory(layout, setup, counts, device)
         sharded = None
         if gpus > 1 or sharding not in (None, "none") or offload != "none":
-            sharded = shard(layout, setup, memory, gpus=gpus, nodes=nodes, offload=offload,
+            sharded = shard(layout, setup, memory, gpus=gpus, nodes=nodes, offload=offload, device=device,
                             sharding=sharding or ("ddp" if gpus > 1 else "none"))
         need = sharded.required_bytes if sharded else memory.required_bytes
         if counts.targets and (big := over_ranked(layout, counts.targets, setup.lora.r)):
@@ -189,7 +191,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
             unquantized_linear_params=unquantized_matmul_params(layout) if setup.method == "qlora" else 0,
             cheapest_instances=cheapest_fits(need, setup, gpu=gpu_info.name if gpu_info else None,
                                              min_gpus=gpus // nodes, region=region),
-            sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding),
+            sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding, device),
         ))
     warnings += _report_warnings(spec, choices, estimates, gpu_memory_bytes)
     info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,

@@ -10,9 +10,10 @@ Starts from the single-GPU breakdown (memory.py) and divides what each scheme sh
 | zero3, fsdp | / N + gathered | / N       | / N              |
 | fsdp-hybrid | / GPUs per node + gathered, replicated across nodes  |
 
-ZeRO under bf16/fp16 is DeepSpeed's mixed precision: weights and gradients in the compute dtype, fp32 master
-weights with the states. Activations are per GPU in data parallelism and do not shrink. Offloading moves optimizer states
-(ZeRO) or parameters with their states (ZeRO-3, FSDP) to host RAM, reported per node.
+Full fine-tuning under ZeRO is DeepSpeed's: weights and gradients in the compute dtype (no autocast), fp32
+master weights with the optimizer's states on flat partitions. Activations are per GPU in data parallelism
+and do not shrink. Offloading moves optimizer states (ZeRO) or parameters with their states (ZeRO-3, FSDP)
+to host RAM, reported per node.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ftplan.errors import PlannerError
+from ftplan.estimate import optimizer as opt
 from ftplan.estimate.memory import (
     END_OF_BACKWARD,
     FIRST_LAYER,
@@ -29,9 +31,11 @@ from ftplan.estimate.memory import (
     MemoryBreakdown,
     estimate_memory,
     outside_allocator,
+    quantized_bytes,
 )
+from ftplan.estimate.optimizer import Device
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.layout import ModelLayout
+from ftplan.model.layout import QUANTIZED_KINDS, ModelLayout
 
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"]
 Offload = Literal["none", "optimizer", "params"]
@@ -82,31 +86,34 @@ def validate(gpus: int, nodes: int, sharding: str, offload: str) -> None:
 
 
 def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *, gpus: int, nodes: int = 1,
-          sharding: Sharding = "ddp", offload: Offload = "none") -> ShardedMemory:
-    """Per-GPU memory of `memory` (the single-GPU breakdown) under `sharding` over `gpus` GPUs."""
+          sharding: Sharding = "ddp", offload: Offload = "none", device: Device = "cuda") -> ShardedMemory:
+    """Per-GPU memory of `memory` (the single-GPU breakdown, estimated for `device`) under `sharding` over
+    `gpus` GPUs."""
     validate(gpus, nodes, sharding, offload)
     per_node = gpus // nodes
     group = {"none": 1, "ddp": 1, "fsdp-hybrid": per_node}.get(sharding, gpus)
     notes = []
-    saved = memory  # the checkpoint holds the weights as trained, whatever the engine computes in
-    if sharding.startswith("zero") and setup.method == "full" and setup.precision.endswith("-mixed"):
-        setup, memory = _deepspeed_view(layout, setup, memory)
-        notes.append("DeepSpeed mixed precision: the model is cast to the compute dtype (no autocast copies, "
-                     "gradients in that dtype); the optimizer partitions hold fp32 master weights, states and "
-                     "gradients")
+    checkpoint = memory.weights_bytes * (setup.method == "full") + memory.adapter_bytes + memory.optimizer_bytes \
+        + memory.paged_optimizer_bytes  # weights as trained and the states
+    loading = loading_bytes_per_node(memory.weights_bytes, sharding, per_node)
+    if sharding.startswith("zero") and setup.method == "full":
+        setup, memory, checkpoint = _deepspeed_view(layout, setup, sharding, device)
+        notes.append("DeepSpeed: the model in the compute dtype (no autocast under DeepSpeed); the optimizer's "
+                     "partitions hold fp32 master weights and its states, and an fp32 gradient partition while "
+                     "it steps")
     weights = memory.weights_bytes + memory.adapter_bytes
     states = memory.optimizer_bytes
 
     w, s, gathered = weights, states, 0
     grad_divisor = group if sharding in ("zero2", "zero3", "fsdp", "fsdp-hybrid") else 1
-    phases = _phases(layout, setup, memory, sharding, gpus, group, notes)
+    phases = _phases(layout, setup, memory, sharding, gpus, group, notes, device)
     phase = max(phases, key=lambda k: phases[k][0] // grad_divisor + phases[k][1])
     g, other = phases[phase][0] // grad_divisor, phases[phase][1]
     if sharding in ("zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"):
         s = states // group
     if sharding in PARAM_SHARDED:
         w = weights // group
-        gathered = _gathered(layout, setup, weights, group, notes)
+        gathered = _gathered(layout, setup, memory, group, notes)
     host = 0
     if offload == "optimizer":
         host += s * per_node
@@ -128,9 +135,6 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     peak = w + gathered + g + s + comm + other
     paged = memory.paged_optimizer_bytes // (group if sharding not in ("none", "ddp") else 1)
     required = peak + sum(outside_allocator(peak)) + (0 if offload != "none" else paged)
-    loading = loading_bytes_per_node(saved.weights_bytes, sharding, per_node)
-    checkpoint = (saved.weights_bytes if setup.method == "full" else 0) + saved.adapter_bytes + \
-        saved.optimizer_bytes + saved.paged_optimizer_bytes
     return ShardedMemory(gpus=gpus, nodes=nodes, sharding=sharding, offload=offload, shard_group=group,
                          weights_bytes=w, gathered_bytes=gathered, gradients_bytes=g, peak_phase=phase,
                          optimizer_bytes=s,
@@ -139,46 +143,71 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                          checkpoint_bytes=checkpoint, notes=notes)
 
 
-def _deepspeed_view(layout: ModelLayout, setup: TrainingSetup,
-                    memory: MemoryBreakdown) -> tuple[TrainingSetup, MemoryBreakdown]:
-    """Full fine-tuning under DeepSpeed ZeRO with bf16/fp16 enabled (what the Trainer's --bf16 gives): the engine
-    casts the module to the compute dtype, so the step is the pure-precision one (no autocast weight copies,
-    gradients in that dtype), and the ZeRO optimizer keeps, per trained parameter, fp32 master weights, the
-    optimizer's states and an fp32 gradient partition - DeepSpeed's own estimator counts 16 bytes
-    (estimate_zero2_model_states_mem_needs: 4 * params + 16 * params / GPUs)."""
+def _deepspeed_view(layout: ModelLayout, setup: TrainingSetup, sharding: str,
+                    device: Device) -> tuple[TrainingSetup, MemoryBreakdown, int]:
+    """Full fine-tuning under DeepSpeed ZeRO, as the Trainer runs it: (the setup the step runs in, its memory
+    before sharding, one checkpoint's bytes).
+
+    accelerate turns autocast off under DeepSpeed and the engine casts the module to bf16/fp16, so a -mixed step
+    is the pure-precision one (no autocast weight copies, gradients in that dtype). Whatever the precision, the
+    ZeRO optimizer keeps an fp32 master copy of every trained parameter and hands the wrapped optimizer one flat
+    fp32 partition per parameter group (states as for one 1-D tensor: Adafactor cannot factor it, 8-bit states
+    have no embedding exception), and converts the gradient partition to fp32 while it steps. DeepSpeed's own
+    estimator for ZeRO-2 (estimate_zero2_model_states_mem_needs, v0.14.3 on) gives 2 * params + 18 * params / GPUs:
+    bf16 weights, then bf16 gradients, fp32 master, AdamW's states and fp32 gradients divided over the GPUs."""
     pure = setup.model_copy(update={"precision": setup.precision.removesuffix("-mixed")})
-    view = estimate_memory(layout, pure)
-    fp32_states = memory.optimizer_bytes + 8 * layout.total_params()  # master weights and gradient partition
-    return pure, view.model_copy(update={"optimizer_bytes": fp32_states})
+    view = estimate_memory(layout, pure, device=device)
+    params = layout.total_params()
+    flat = [opt.Trainable((params,))]
+    fp32 = setup.model_copy(update={"precision": "fp32"})
+    states = opt.state_bytes(flat, fp32)
+    paged = states if opt.paged(setup) else 0
+    grads = view.phase_bytes[OPTIMIZER_STEP][0]
+    phases = {**view.phase_bytes, OPTIMIZER_STEP: (grads, 4 * params + opt.step_transient(flat, fp32, device))}
+    memory = view.model_copy(update={"optimizer_bytes": 4 * params + states - paged, "paged_optimizer_bytes": paged,
+                                     "phase_bytes": phases})
+    # the Trainer saves the model in the compute dtype, and DeepSpeed's checkpoint the module again below
+    # ZeRO-3 (its model states) with the fp32 master weights and the optimizer's states
+    checkpoint = view.weights_bytes * (1 if sharding == "zero3" else 2) + 4 * params + states
+    return pure, memory, checkpoint
 
 
-def _gathered(layout: ModelLayout, setup: TrainingSetup, weights: int, group: int, notes: list[str]) -> int:
+def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, group: int,
+              notes: list[str]) -> int:
     """Bytes of the gathered working set under parameter sharding: the unit being computed (a decoder layer,
-    or embeddings and head) plus the next one prefetched."""
+    or embeddings and head) plus the next one prefetched.
+
+    Under -mixed precision FSDP's mixed-precision policy (accelerate sets param_dtype from --mixed_precision) and
+    DeepSpeed's bf16/fp16 modules gather in the compute dtype; QLoRA's 4-bit weights are gathered as stored."""
     if group <= 1:
         return 0
-    bytes_per_param = weights / max(layout.total_params(), 1)
     mixed = setup.precision.endswith("-mixed")
-    if mixed:
-        # FSDP's mixed-precision policy (accelerate sets param_dtype from --mixed_precision) and DeepSpeed's
-        # bf16/fp16 modules gather in the compute dtype; 4-bit QLoRA storage is gathered as stored
-        bytes_per_param = min(bytes_per_param, 2)
-    per_layer = sum(grp.params() for grp in layout.modules if grp.per_layer)
-    layer = per_layer * bytes_per_param
-    root = (layout.total_params() - layout.dims.layers * per_layer) * bytes_per_param
+    layers = layout.dims.layers
+    per_layer = [g for g in layout.modules if g.per_layer]
+    layer_params = sum(g.params() for g in per_layer)
+    root_params = layout.total_params() - layers * layer_params
+    if setup.method == "qlora":
+        cap = 2 if mixed else 4  # prepare_model_for_kbit_training keeps every unquantized parameter in fp32
+        layer = sum(quantized_bytes(g.weight_numel, setup.double_quant) + g.bias * cap if g.kind in QUANTIZED_KINDS
+                    else g.params() * cap for g in per_layer)
+        root = root_params * cap
+    else:
+        per_param = memory.weights_bytes / max(layout.total_params(), 1)
+        per_param = min(per_param, 2) if mixed else per_param
+        layer, root = layer_params * per_param, root_params * per_param
+    layer += memory.adapter_bytes / max(layers, 1) * (0.5 if mixed else 1)  # adapters live in their layer's unit
     notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) plus "
                  f"the next one prefetched, in the {'compute' if mixed else 'storage'} dtype")
     return int(max(layer, root) + layer)
 
-
 def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
-            group: int, notes: list[str]) -> dict[str, tuple[int, int]]:
+            group: int, notes: list[str], device: Device = "cuda") -> dict[str, tuple[int, int]]:
     """The single-GPU phases, (gradients, the rest), as a GPU of the sharded job sees them."""
     weights, states = memory.weights_bytes + memory.adapter_bytes, memory.optimizer_bytes
     gathered_half = sharding in PARAM_SHARDED and gpus > 1
     if gathered_half and layout.dims.experts:
         # the mixed-precision policy gathers fp32 experts in bf16, and grouped_mm computes in the weights' dtype
-        memory = estimate_memory(layout, setup, experts_half=True)
+        memory = estimate_memory(layout, setup, device=device, experts_half=True)
     phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
                                                              - weights - states - memory.held_gradient_bytes)})
     copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers
