@@ -163,3 +163,25 @@ def test_all_figures_are_non_negative_integers():
 def test_setup_rejects_nonpositive_sizes():
     with pytest.raises(ValueError, match="batch-size"):
         TrainingSetup(method="lora", batch_size=0)
+
+
+@pytest.mark.parametrize("method, precision, targets, buffered", [
+    ("lora", "bf16-mixed", ["all-linear"], True),    # folded bf16 expert weights: their gradient on the CPU
+    ("full", "bf16", None, True),                    # bf16 experts trained directly
+    ("qlora", "bf16-mixed", ["all-linear"], False),  # experts upcast to fp32: an fp32 gemm, no buffer
+    ("full", "bf16-mixed", None, False),             # fp32 masters
+    ("lora", "bf16-mixed", None, False),             # experts frozen: no weight gradient
+])
+def test_cpu_grouped_mm_buffers_a_half_expert_gradient_in_fp32(method, precision, targets, buffered):
+    from ftplan.estimate.activations import backward_layer_transient
+    from ftplan.estimate.params import adapted_groups, count_params
+
+    layout = build_layout(from_catalog(catalog.find_model("mixtral-8x7b")))
+    lora = LoraSettings(targets=targets, dropout=0.0) if targets else LoraSettings(dropout=0.0)
+    setup = TrainingSetup(method=method, precision=precision, seq_len=128, lora=None if method == "full" else lora)
+    counts = count_params(layout, setup.method, setup.lora)
+    adapted = adapted_groups(layout, counts.targets) if counts.targets else []
+    extra = (backward_layer_transient(layout, setup, adapted, device="cpu")
+             - backward_layer_transient(layout, setup, adapted, device="cuda"))
+    # one expert's fused gate_up weight (28672 x 4096) in fp32, outside torch's allocator
+    assert extra == (4 * 28672 * 4096 if buffered else 0)

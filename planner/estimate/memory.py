@@ -220,7 +220,7 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     if setup.method == "qlora":
         quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
         dequant = max((g.weight_numel * 2 for g in quant), default=0)
-    layer_backward = act.backward_layer_transient(layout, setup, adapted, experts_half) + dequant
+    layer_backward = act.backward_layer_transient(layout, setup, adapted, experts_half, device) + dequant
     first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
     grads_at_first_layer = gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora, grad_size)
     loss_forward, loss_backward = act.loss_transients(layout, setup)
