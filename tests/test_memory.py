@@ -173,7 +173,7 @@ def test_setup_rejects_nonpositive_sizes():
     ("lora", "bf16-mixed", None, False),             # experts frozen: no weight gradient
 ])
 def test_cpu_grouped_mm_buffers_a_half_expert_gradient_in_fp32(method, precision, targets, buffered):
-    from ftplan.estimate.activations import backward_layer_transient
+    from ftplan.estimate.activations import cpu_expert_gradient
     from ftplan.estimate.params import adapted_groups, count_params
 
     layout = build_layout(from_catalog(catalog.find_model("mixtral-8x7b")))
@@ -181,7 +181,13 @@ def test_cpu_grouped_mm_buffers_a_half_expert_gradient_in_fp32(method, precision
     setup = TrainingSetup(method=method, precision=precision, seq_len=128, lora=None if method == "full" else lora)
     counts = count_params(layout, setup.method, setup.lora)
     adapted = adapted_groups(layout, counts.targets) if counts.targets else []
-    extra = (backward_layer_transient(layout, setup, adapted, device="cpu")
-             - backward_layer_transient(layout, setup, adapted, device="cuda"))
-    # one expert's fused gate_up weight (28672 x 4096) in fp32, outside torch's allocator
-    assert extra == (4 * 28672 * 4096 if buffered else 0)
+    assert cpu_expert_gradient(layout, setup, adapted, "cuda") == 0
+    # one expert's fused gate_up weight (28672 x 4096) in fp32, outside torch's allocator; under full
+    # fine-tuning the layer's bf16 expert gradients (gate_up and down, 8 experts) exist beside it
+    buffer = 4 * 28672 * 4096 + (2 * (8 * 28672 * 4096 + 8 * 4096 * 14336) if method == "full" else 0)
+    assert cpu_expert_gradient(layout, setup, adapted, "cpu") == (buffer if buffered else 0)
+    cpu, cuda = (estimate_memory(layout, setup, device=d).phase_bytes for d in ("cpu", "cuda"))
+    if method == "full":  # inside the layer's backward, over before its end: the end of backward is the same
+        first = "backward through the first layer"
+        assert cpu[first][1] - cuda[first][1] == (buffer if buffered else 0)
+        assert cpu["end of backward (all gradients)"] == cuda["end of backward (all gradients)"]

@@ -318,11 +318,10 @@ def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup) -> int:
 
 
 def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = (),
-                             experts_half: bool = False, device: Device = "cuda") -> int:
+                             experts_half: bool = False) -> int:
     """Gradient buffers alive while backward runs through one MLP (the widest part of a layer),
     plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype, or, for a
-    parameter PEFT's ParamWrapper adapts, the gradient of its full-size effective weight; on the CPU, the
-    fp32 buffer of a half-precision expert weight gradient."""
+    parameter PEFT's ParamWrapper adapts, the gradient of its full-size effective weight."""
     d, dt = layout.dims, step_dtypes(setup, experts_half=experts_half)
     width = d.intermediate * max(1, d.experts_per_token)
     mlp_bytes = expert_bytes(dt) if d.experts else dt.compute
@@ -330,21 +329,24 @@ def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted:
     lora_input = max((g.in_features for g in linear), default=0)
     mlp = setup.tokens * width * mlp_bytes
     # a folded weight's gradient is made beside one intermediate's gradient, before the MLP's others exist
-    return setup.tokens * (d.hidden * 4 + lora_input * 4) + max(2 * mlp, mlp + _folded_gradient(adapted, dt)) \
-        + _cpu_expert_gradient_buffer(layout, setup, adapted, dt, device)
+    return setup.tokens * (d.hidden * 4 + lora_input * 4) + max(2 * mlp, mlp + _folded_gradient(adapted, dt))
 
 
-def _cpu_expert_gradient_buffer(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup], dt: Dtypes,
-                                device: Device) -> int:
-    """torch's CPU grouped_mm computes a bf16/fp16 expert weight's gradient through an fp32 buffer of one
-    expert's weight that it allocates outside the c10 allocator (only the resident set shows it: 4 bytes per
-    element of one expert, measured at 2-8 experts and two widths; fp32 experts have none). CUDA's kernels
-    accumulate in registers."""
+def cpu_expert_gradient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup], device: Device,
+                        experts_half: bool = False) -> int:
+    """Bytes alive while a layer's backward makes its expert weights' gradient on the CPU, beyond the layer's
+    transient: torch's CPU grouped_mm computes a bf16/fp16 expert weight's gradient through an fp32 buffer of
+    one expert's weight outside the c10 allocator (only the resident set shows it: 4 bytes per element of one
+    expert, measured at 2-8 experts and two widths; fp32 experts have none; CUDA accumulates in registers), and
+    under full fine-tuning the layer's expert gradients already exist then. Folded adapters' gradients are in
+    `backward_layer_transient`."""
+    dt = step_dtypes(setup, experts_half=experts_half)
     experts = [g for g in layout.modules if g.per_layer and g.kind == "experts"]
     trained = setup.method == "full" or any(g.kind == "experts" for g in adapted)
     if device != "cpu" or not experts or not trained or expert_bytes(dt) != 2:
         return 0
-    return 4 * max(g.in_features * g.out_features for g in experts)
+    grads = sum(g.weight_numel for g in experts) * 2 if setup.method == "full" else 0
+    return 4 * max(g.in_features * g.out_features for g in experts) + grads
 
 
 def _folded_gradient(adapted: list[ModuleGroup], dt: Dtypes) -> int:

@@ -220,7 +220,9 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     if setup.method == "qlora":
         quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
         dequant = max((g.weight_numel * 2 for g in quant), default=0)
-    layer_backward = act.backward_layer_transient(layout, setup, adapted, experts_half, device) + dequant
+    layer_backward = act.backward_layer_transient(layout, setup, adapted, experts_half) + dequant
+    # made inside a layer's backward, over by the end of it
+    expert_gradient = act.cpu_expert_gradient(layout, setup, adapted, device, experts_half)
     first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
     grads_at_first_layer = gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora, grad_size)
     loss_forward, loss_backward = act.loss_transients(layout, setup)
@@ -232,9 +234,9 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
         "backward through the last layer": (activations - sum(v for k, v in head.items() if k != "embedding_dropout")
                                             + _grads_at_last_layer(layout, adapted, setup.lora, grad_size,
                                                                    setup.method == "full"),
-                                            layer_backward + recompute),
+                                            layer_backward + recompute + expert_gradient),
         # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
-        FIRST_LAYER: (grads_at_first_layer + first_layer_held, layer_backward + recompute),
+        FIRST_LAYER: (grads_at_first_layer + first_layer_held, layer_backward + recompute + expert_gradient),
         END_OF_BACKWARD: (gradients, max(layer_backward, tied_embedding_backward(layout, setup))),
         OPTIMIZER_STEP: (gradients, optimizer_step),
     }
