@@ -30,6 +30,9 @@ MEASURED_TRAIN = [case_id for case_id, r in RESULTS.items()
 def test_every_recorded_case_is_in_the_matrix_with_its_split():
     assert len(MEASURED_TRAIN) >= 10
     for case_id, result in RESULTS.items():
+        if case_id in accuracy.SUPERSEDED:  # measured under an older entry; its replacement is in the matrix
+            assert accuracy.SUPERSEDED[case_id] in SPECS, case_id
+            continue
         assert case_id in SPECS, case_id
         assert result["held_out"] == accuracy.held_out(SPECS[case_id][0]), case_id
 
