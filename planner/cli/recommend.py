@@ -130,6 +130,7 @@ def _present(rec, spec, *, learning_rate: float | None, output: Path, force: boo
     out.print(f"Plan written to {output}. Show it with: ftplan plan show {output}; "
               f"run it with: ftplan run {output} --data DATA")
 
+
 def _ask(question: str) -> bool:
     """The user's answer; False without asking when nobody can answer (stdin is not a terminal)."""
     import sys

@@ -83,15 +83,18 @@ def weight_bytes(layout: ModelLayout, setup: TrainingSetup) -> dict[str, int]:
     if setup.method == "lora":
         label = "fp32" if setup.precision == "fp32" else ("fp16" if setup.precision.startswith("fp16") else "bf16")
         return {label: total * (4 if label == "fp32" else 2)}
-    quant, fp32 = 0, 0
-    for g in layout.modules:
-        n = layout.instances(g)
-        if g.kind in QUANTIZED_KINDS:
-            quant += n * quantized_bytes(g.weight_numel, setup.double_quant)
-            fp32 += n * g.bias * 4
-        else:
-            fp32 += n * g.params() * 4
+    quant = sum(layout.instances(g) * quantized_bytes(g.weight_numel, setup.double_quant) for g in layout.modules
+                if g.kind in QUANTIZED_KINDS)
+    fp32 = sum(layout.instances(g) * qlora_group_bytes(g, setup.double_quant) for g in layout.modules) - quant
     return {setup.quant_type: quant, "fp32": fp32}
+
+
+def qlora_group_bytes(g: ModuleGroup, double_quant: bool | None, unquantized: int = 4) -> int:
+    """One instance of a module group under QLoRA: 4-bit weights (with their constants) for exact nn.Linear and
+    Conv1D layers, every other parameter at `unquantized` bytes (prepare_model_for_kbit_training's fp32)."""
+    if g.kind in QUANTIZED_KINDS:
+        return quantized_bytes(g.weight_numel, double_quant) + g.bias * unquantized
+    return g.params() * unquantized
 
 
 def unquantized_matmul_params(layout: ModelLayout) -> int:

@@ -31,11 +31,11 @@ from ftplan.estimate.memory import (
     MemoryBreakdown,
     estimate_memory,
     outside_allocator,
-    quantized_bytes,
+    qlora_group_bytes,
 )
 from ftplan.estimate.optimizer import Device
 from ftplan.estimate.settings import TrainingSetup
-from ftplan.model.layout import QUANTIZED_KINDS, ModelLayout
+from ftplan.model.layout import ModelLayout
 
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"]
 Offload = Literal["none", "optimizer", "params"]
@@ -188,8 +188,7 @@ def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown
     root_params = layout.total_params() - layers * layer_params
     if setup.method == "qlora":
         cap = 2 if mixed else 4  # prepare_model_for_kbit_training keeps every unquantized parameter in fp32
-        layer = sum(quantized_bytes(g.weight_numel, setup.double_quant) + g.bias * cap if g.kind in QUANTIZED_KINDS
-                    else g.params() * cap for g in per_layer)
+        layer = sum(qlora_group_bytes(g, setup.double_quant, unquantized=cap) for g in per_layer)
         root = root_params * cap
     else:
         per_param = memory.weights_bytes / max(layout.total_params(), 1)
@@ -199,6 +198,7 @@ def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown
     notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) plus "
                  f"the next one prefetched, in the {'compute' if mixed else 'storage'} dtype")
     return int(max(layer, root) + layer)
+
 
 def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
             group: int, notes: list[str], device: Device = "cuda") -> dict[str, tuple[int, int]]:
