@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 from ftplan.data import catalog
 from ftplan.errors import PlannerError
+from ftplan.estimate import deepspeed as ds
+from ftplan.estimate.memory import END_OF_BACKWARD as END
+from ftplan.estimate.memory import OPTIMIZER_STEP as STEP
 from ftplan.estimate.memory import estimate_memory
 from ftplan.estimate.settings import SetupChoices, resolve
 from ftplan.estimate.sharding import shard, smallest_gpu_count
@@ -45,19 +48,29 @@ def test_zero_stages_divide_states_then_gradients_then_weights():
     assert one.optimizer_bytes == two.optimizer_bytes == three.optimizer_bytes == 12 * TOTAL // 8
     assert one.weights_bytes == two.weights_bytes == 2 * TOTAL and three.weights_bytes == 2 * TOTAL // 8
     pure = estimate_memory(LAYOUT, setup.model_copy(update={"precision": "bf16"}))
-    grads_end = pure.phase_bytes["end of backward (all gradients)"][0]
-    assert grads_end == 2 * TOTAL
-    assert two.gradients_bytes <= grads_end // 8 + 1 and one.gradients_bytes <= grads_end
-    # at the step the gradient partition is converted to fp32, and with checkpointing the step is the peak: ZeRO-2
-    # then holds exactly what DeepSpeed's own estimator (estimate_zero2_model_states_mem_needs, v0.14.3 on, no
-    # offload) counts, 2 * params + 18 * params / GPUs (fused AdamW allocates nothing else)
-    assert two.peak_phase == "optimizer step (gradients + its temporaries)"
-    assert two.peak_allocated_bytes - two.comm_buffer_bytes == pytest.approx(2 * TOTAL + 18 * TOTAL / 8, abs=8)
-    # gathered: the larger of one decoder layer and the embeddings+head, plus one more layer, in bf16 (the
-    # compute dtype, as accelerate's mixed-precision policy and DeepSpeed's bf16 gather), not the fp32 storage
+    assert pure.phase_bytes[END][0] == 2 * TOTAL
+    # ZeRO-1 accumulates full gradients between micro-steps, so its peak is the end of the backward
+    assert one.peak_phase == END and one.gradients_bytes == 2 * TOTAL
+    # at the step every stage holds the bf16 gradient partition twice (the buffer it was reduced into, with the
+    # parameters straddling its edges below ZeRO-3, and the flat copy) beside its fp32 conversion; with
+    # checkpointing the step is ZeRO-2's peak, and less those copies it is exactly DeepSpeed's own estimator's
+    # model states (estimate_zero2_model_states_mem_needs, v0.14.3 on, no offload): 2 * params + 18 * params / GPUs
+    straddle = 2 * 11008 * 4096 * 2
+    assert two.peak_phase == STEP and two.gradients_bytes == 2 * (2 * TOTAL // 8) + straddle
+    assert two.comm_buffer_bytes == 0  # the reduce bucket is released after the backward
+    assert two.peak_allocated_bytes - 2 * TOTAL // 8 - straddle == pytest.approx(2 * TOTAL + 18 * TOTAL / 8, abs=8)
+    for s in (one, two, three):
+        assert s.peak_allocated_bytes == (s.weights_bytes + s.gathered_bytes + s.gradients_bytes + s.optimizer_bytes
+                                          + s.comm_buffer_bytes + s.other_bytes)
+
+
+def test_parameter_sharding_gathers_a_unit_and_the_next_in_the_compute_dtype():
+    setup, m = breakdown(grad_ckpt=True)
+    # FSDP: the larger of one decoder layer and the embeddings+head, plus one more layer, in bf16 (the compute
+    # dtype, as accelerate's mixed-precision policy gathers), not the fp32 storage
     layer = sum(g.params() for g in LAYOUT.modules if g.per_layer)
     root = TOTAL - 32 * layer
-    assert three.gathered_bytes == int(max(layer, root) * 2 + layer * 2)
+    assert shard(LAYOUT, setup, m, gpus=8, sharding="fsdp").gathered_bytes == int(max(layer, root) * 2 + layer * 2)
     fp32_setup, fp32 = breakdown(grad_ckpt=True, precision="fp32")
     assert shard(LAYOUT, fp32_setup, fp32, gpus=8, sharding="fsdp").gathered_bytes == int(max(layer, root) * 4
                                                                                            + layer * 4)
@@ -65,11 +78,24 @@ def test_zero_stages_divide_states_then_gradients_then_weights():
     assert shard(LAYOUT, fp32_setup, fp32, gpus=8, sharding="zero1").optimizer_bytes == 12 * TOTAL // 8
     assert shard(LAYOUT, fp32_setup, fp32, gpus=8, sharding="fsdp").optimizer_bytes == 8 * TOTAL // 8
 
+
+def test_deepspeed_zero3_keeps_what_it_will_reuse_within_1e9_parameters():
+    setup, m = breakdown(grad_ckpt=False)
+    layer = sum(g.params() for g in LAYOUT.modules if g.per_layer)
+    head, norm = 32000 * 4096, 4096
+    # Llama-2-7B: the head (reused at once), the final norm and the last two layers (2 x 333M parameters after
+    # the 31st < 1e9); the 30th has 535M after it, reused beyond 1e9
+    assert ds.kept_params(LAYOUT) == head + norm + 2 * layer
+    three = shard(LAYOUT, setup, m, gpus=8, sharding="zero3")
+    assert three.peak_phase != STEP and three.gathered_bytes == 2 * ds.kept_params(LAYOUT)
+    # the reduce bucket (hidden^2 bf16 elements, the Trainer's 'auto') and the gradient partition live throughout
     hidden = 4096
-    assert three.comm_buffer_bytes == hidden * hidden * 2 + int(0.9 * hidden * hidden) * 2
-    for s in (one, two, three):
-        assert s.peak_allocated_bytes == (s.weights_bytes + s.gathered_bytes + s.gradients_bytes + s.optimizer_bytes
-                                          + s.comm_buffer_bytes + s.other_bytes)
+    assert three.comm_buffer_bytes == hidden * hidden * 2 and three.gradients_bytes >= 2 * TOTAL // 8
+    small = build_layout(from_catalog(catalog.find_model("qwen2.5-0.5b")))
+    assert ds.kept_params(small) == small.total_params()  # a model under 5e8 parameters stays gathered
+    # ZeRO-1/2 hold their bucket during the backward only
+    one = shard(LAYOUT, setup, m, gpus=8, sharding="zero1")
+    assert one.peak_phase != STEP and one.comm_buffer_bytes == hidden * hidden * 2
 
 
 def test_deepspeed_hands_the_optimizer_one_flat_partition():

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ftplan.errors import PlannerError
-from ftplan.estimate import optimizer as opt
+from ftplan.estimate import deepspeed as ds
 from ftplan.estimate.memory import (
     END_OF_BACKWARD,
     FIRST_LAYER,
@@ -96,24 +96,37 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     checkpoint = memory.weights_bytes * (setup.method == "full") + memory.adapter_bytes + memory.optimizer_bytes \
         + memory.paged_optimizer_bytes  # weights as trained and the states
     loading = loading_bytes_per_node(memory.weights_bytes, sharding, per_node)
-    if sharding.startswith("zero") and setup.method == "full":
-        setup, memory, checkpoint = _deepspeed_view(layout, setup, sharding, device)
+    deepspeed = sharding.startswith("zero")
+    if deepspeed and setup.method == "full":
+        setup, memory, checkpoint = ds.view(layout, setup, sharding, device)
         notes.append("DeepSpeed: the model in the compute dtype (no autocast under DeepSpeed); the optimizer's "
                      "partitions hold fp32 master weights and its states, and an fp32 gradient partition while "
                      "it steps")
     weights = memory.weights_bytes + memory.adapter_bytes
     states = memory.optimizer_bytes
 
-    w, s, gathered = weights, states, 0
+    w, s = weights, states
     grad_divisor = group if sharding in ("zero2", "zero3", "fsdp", "fsdp-hybrid") else 1
-    phases = _phases(layout, setup, memory, sharding, gpus, group, notes, device)
-    phase = max(phases, key=lambda k: phases[k][0] // grad_divisor + phases[k][1])
-    g, other = phases[phase][0] // grad_divisor, phases[phase][1]
     if sharding in ("zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"):
         s = states // group
+    gathered = 0
     if sharding in PARAM_SHARDED:
         w = weights // group
-        gathered = _gathered(layout, setup, memory, group, notes)
+        gathered = _gathered(layout, setup, memory, group, [] if deepspeed else notes)  # DeepSpeed says its own
+    comm = 2 * DDP_BUCKET_BYTES if sharding == "ddp" else 0
+    if gpus == 1:
+        comm, gathered = 0, 0
+    terms = {}
+    for name, (grads, other) in _phases(layout, setup, memory, sharding, gpus, group, notes, device).items():
+        terms[name] = (grads // grad_divisor, other, gathered, comm)
+        if deepspeed and gpus > 1:
+            terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3], device=device)
+    if deepspeed and gpus > 1:
+        notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
+                     + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
+                        if sharding == "zero3" else ""))
+    phase = max(terms, key=lambda k: sum(terms[k]))
+    g, other, gathered, comm = terms[phase]
     host = 0
     if offload == "optimizer":
         host += s * per_node
@@ -122,16 +135,6 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
         host += (w + s) * per_node
         w, s = 0, 0
         notes.append("parameters offloaded: each unit is copied to the GPU when used (PCIe-bound)")
-    if sharding == "ddp" or (sharding in ("zero1",) and gpus > 1):
-        comm = 2 * DDP_BUCKET_BYTES
-    elif sharding in ("zero2", "zero3"):
-        # DeepSpeed with HF's "auto": reduce bucket hidden^2 elements, ZeRO-3 prefetch 0.9 hidden^2
-        hidden = layout.dims.hidden
-        comm = hidden * hidden * 2 + (int(0.9 * hidden * hidden) * 2 if sharding == "zero3" else 0)
-    else:
-        comm = 0
-    if gpus == 1:
-        comm, gathered = 0, 0
     peak = w + gathered + g + s + comm + other
     paged = memory.paged_optimizer_bytes // (group if sharding not in ("none", "ddp") else 1)
     required = peak + sum(outside_allocator(peak)) + (0 if offload != "none" else paged)
@@ -141,35 +144,6 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                          comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak, required_bytes=required,
                          host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
                          checkpoint_bytes=checkpoint, notes=notes)
-
-
-def _deepspeed_view(layout: ModelLayout, setup: TrainingSetup, sharding: str,
-                    device: Device) -> tuple[TrainingSetup, MemoryBreakdown, int]:
-    """Full fine-tuning under DeepSpeed ZeRO, as the Trainer runs it: (the setup the step runs in, its memory
-    before sharding, one checkpoint's bytes).
-
-    accelerate turns autocast off under DeepSpeed and the engine casts the module to bf16/fp16, so a -mixed step
-    is the pure-precision one (no autocast weight copies, gradients in that dtype). Whatever the precision, the
-    ZeRO optimizer keeps an fp32 master copy of every trained parameter and hands the wrapped optimizer one flat
-    fp32 partition per parameter group (states as for one 1-D tensor: Adafactor cannot factor it, 8-bit states
-    have no embedding exception), and converts the gradient partition to fp32 while it steps. DeepSpeed's own
-    estimator for ZeRO-2 (estimate_zero2_model_states_mem_needs, v0.14.3 on) gives 2 * params + 18 * params / GPUs:
-    bf16 weights, then bf16 gradients, fp32 master, AdamW's states and fp32 gradients divided over the GPUs."""
-    pure = setup.model_copy(update={"precision": setup.precision.removesuffix("-mixed")})
-    view = estimate_memory(layout, pure, device=device)
-    params = layout.total_params()
-    flat = [opt.Trainable((params,))]
-    fp32 = setup.model_copy(update={"precision": "fp32"})
-    states = opt.state_bytes(flat, fp32)
-    paged = states if opt.paged(setup) else 0
-    grads = view.phase_bytes[OPTIMIZER_STEP][0]
-    phases = {**view.phase_bytes, OPTIMIZER_STEP: (grads, 4 * params + opt.step_transient(flat, fp32, device))}
-    memory = view.model_copy(update={"optimizer_bytes": 4 * params + states - paged, "paged_optimizer_bytes": paged,
-                                     "phase_bytes": phases})
-    # the Trainer saves the model in the compute dtype, and DeepSpeed's checkpoint the module again below
-    # ZeRO-3 (its model states) with the fp32 master weights and the optimizer's states
-    checkpoint = view.weights_bytes * (1 if sharding == "zero3" else 2) + 4 * params + states
-    return pure, memory, checkpoint
 
 
 def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, group: int,

@@ -1,0 +1,136 @@
+"""What DeepSpeed ZeRO holds beyond the shards, as ftplan's hf backend runs it: accelerate with the Trainer's
+"auto" bucket sizes (reduce bucket hidden^2 elements) and DeepSpeed's other defaults (v0.19: overlap_comm on
+for ZeRO-3 only, contiguous gradients, stage3_max_reuse_distance 1e9).
+
+Read from DeepSpeed's source (runtime/zero/stage_1_and_2.py, stage3.py, partitioned_param_coordinator.py) and
+checked on the CPU by benchmarks/deepspeed_cpu.py (two gloo processes, DeepSpeed 0.19.8; DEEPSPEED.md):
+
+- ZeRO-1/2 stage gradients through a reduce bucket during backward (two with overlap_comm), released after it.
+  At the step the gradient partition is held twice in the compute dtype - the buffer the gradients were reduced
+  into (with the parameter straddling each partition edge) and its flat copy - beside its fp32 conversion.
+  On the last micro-step ZeRO-1 reduces like ZeRO-2; between micro-steps it accumulates full gradients.
+- ZeRO-3 keeps its reduce bucket and the gradient partition from start-up, and a parameter gathered for the
+  forward stays gathered while it will be used again within stage3_max_reuse_distance parameters: at the end
+  of the forward the trailing units whose backward follows within that distance (all of a model under 5e8
+  parameters). A parameter's full gradient waits for its reduce-scatter in backward; gloo (the CPU's
+  backend) clones it once more to reduce-scatter it.
+"""
+
+from __future__ import annotations
+
+from ftplan.estimate import optimizer as opt
+from ftplan.estimate.memory import END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP, MemoryBreakdown, estimate_memory
+from ftplan.estimate.optimizer import Device
+from ftplan.estimate.settings import TrainingSetup
+from ftplan.model.layout import ModelLayout
+
+MAX_REUSE_DISTANCE = 10**9  # DeepSpeed's stage3_max_reuse_distance default, in parameters
+OVERLAP_COMM = {"zero1": False, "zero2": False, "zero3": True}  # DeepSpeed's default by stage
+BACKWARD_START = "backward start (activations + loss gradients)"
+LAST_LAYER = "backward through the last layer"
+
+
+def view(layout: ModelLayout, setup: TrainingSetup, sharding: str,
+         device: Device) -> tuple[TrainingSetup, MemoryBreakdown, int]:
+    """Full fine-tuning under DeepSpeed ZeRO, as the Trainer runs it: (the setup the step runs in, its memory
+    before sharding, one checkpoint's bytes).
+
+    accelerate turns autocast off under DeepSpeed and the engine casts the module to bf16/fp16, so a -mixed step
+    is the pure-precision one (no autocast weight copies, gradients in that dtype). Whatever the precision, the
+    ZeRO optimizer keeps an fp32 master copy of every trained parameter and hands the wrapped optimizer one flat
+    fp32 partition per parameter group (states as for one 1-D tensor: Adafactor cannot factor it, 8-bit states
+    have no embedding exception), and converts the gradient partition to fp32 while it steps. DeepSpeed's own
+    estimator for ZeRO-2 (estimate_zero2_model_states_mem_needs, v0.14.3 on) gives 2 * params + 18 * params / GPUs
+    for the model states; the step's flat gradient copy (step_phase) comes on top."""
+    pure = setup.model_copy(update={"precision": setup.precision.removesuffix("-mixed")})
+    memory = estimate_memory(layout, pure, device=device)
+    params = layout.total_params()
+    flat = [opt.Trainable((params,))]
+    fp32 = setup.model_copy(update={"precision": "fp32"})
+    states = opt.state_bytes(flat, fp32)
+    paged = states if opt.paged(setup) else 0
+    grads = memory.phase_bytes[OPTIMIZER_STEP][0]
+    phases = {**memory.phase_bytes, OPTIMIZER_STEP: (grads, 4 * params + opt.step_transient(flat, fp32, device))}
+    memory = memory.model_copy(update={"optimizer_bytes": 4 * params + states - paged, "paged_optimizer_bytes": paged,
+                                       "phase_bytes": phases})
+    # the Trainer saves the model in the compute dtype, and DeepSpeed's checkpoint the module again below
+    # ZeRO-3 (its model states) with the fp32 master weights and the optimizer's states
+    checkpoint = memory.weights_bytes * (1 if sharding == "zero3" else 2) + 4 * params + states
+    return pure, memory, checkpoint
+
+
+def grad_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of DeepSpeed's gradients and buckets: the module's dtype."""
+    return 4 if setup.precision == "fp32" else 2
+
+
+def bucket_bytes(layout: ModelLayout, setup: TrainingSetup, sharding: str) -> int:
+    """The reduce bucket(s): hidden^2 elements (the Trainer's "auto"), two with overlap_comm below ZeRO-3."""
+    buckets = 2 if OVERLAP_COMM[sharding] and sharding != "zero3" else 1
+    return buckets * layout.dims.hidden ** 2 * grad_bytes(setup)
+
+
+def kept_params(layout: ModelLayout) -> int:
+    """Parameters ZeRO-3 still holds gathered at the end of the forward: a unit stays gathered while its
+    backward use comes within MAX_REUSE_DISTANCE parameters, i.e. twice the parameters of the units after it
+    (each is used once more in the forward and once in the backward). A tied head is the embedding's weight,
+    gathered again at the end of the forward."""
+    per_layer = sum(g.params() for g in layout.modules if g.per_layer)
+    first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
+    last = layout.total_params() - per_layer * layout.dims.layers - first
+    if any(g.kind == "head" and g.shared_weight for g in layout.modules):
+        last += max(g.weight_numel for g in layout.modules if g.kind == "head")
+    units = [first] + [per_layer] * layout.dims.layers + [last]  # forward order
+    kept, after = 0, 0
+    for unit in reversed(units):
+        if 2 * after >= MAX_REUSE_DISTANCE:
+            break
+        kept += unit
+        after += unit
+    return min(kept, layout.total_params())
+
+
+def largest_param(layout: ModelLayout) -> int:
+    """Elements of the largest weight: its full gradient is the largest waiting for a reduce-scatter."""
+    return max((g.weight_numel for g in layout.modules if not g.shared_weight), default=0)
+
+
+def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group: int, phase: str,
+                grads: int, other: int, gathered: int, device: Device) -> tuple[int, int, int, int]:
+    """(gradients, other, gathered, buffers) of one phase on one GPU of a DeepSpeed job, from the sharded
+    (gradients, other) and the gathered working set ftplan counts for parameter sharding."""
+    b, params = grad_bytes(setup), layout.total_params()
+    full = setup.method == "full"
+    bucket = bucket_bytes(layout, setup, sharding)
+    partition = b * params // group
+    if sharding == "zero3":
+        if full:
+            grads = max(grads, partition)  # the gradient partition lives from start-up
+        if phase in (END_OF_BACKWARD, OPTIMIZER_STEP):
+            gathered = 0  # released by the end of the backward
+        elif phase != FIRST_LAYER:  # by then the trailing units' backward is done and they are released
+            kept = kept_params(layout) * gathered // max(1, _unit_params(layout))
+            gathered = max(gathered, kept)
+        # a full gradient waits for its reduce-scatter (by the last layer the single-GPU phase holds the head's)
+        waiting = int(phase in (BACKWARD_START, FIRST_LAYER))
+        if device == "cpu" and phase in (BACKWARD_START, LAST_LAYER, FIRST_LAYER):
+            waiting += 1  # gloo's reduce-scatter copies its input; NCCL reduces in place
+        other += largest_param(layout) * b * waiting
+    elif phase == OPTIMIZER_STEP:
+        bucket = 0
+    if full and phase == OPTIMIZER_STEP:
+        straddle = 0 if sharding == "zero3" else largest_layer_param(layout) * b * min(2, group - 1)
+        grads = 2 * partition + straddle  # reduced into a buffer, then flattened before the fp32 conversion
+    return grads, other, gathered, bucket
+
+
+def largest_layer_param(layout: ModelLayout) -> int:
+    """Elements of a layer's largest weight: what may straddle a ZeRO-1/2 partition's edge."""
+    return max((g.weight_numel for g in layout.modules if g.per_layer), default=0)
+
+
+def _unit_params(layout: ModelLayout) -> int:
+    """Parameters of the working set ftplan gathers for parameter sharding (sharding._gathered's units)."""
+    per_layer = sum(g.params() for g in layout.modules if g.per_layer)
+    root = layout.total_params() - per_layer * layout.dims.layers
+    return max(per_layer, root) + per_layer
