@@ -269,3 +269,32 @@ def test_generated_accelerate_configs_follow_the_plans_sharding(workdir):
         assert config["distributed_type"] == kind and config["num_machines"] == 2 and config["machine_rank"] == 1
         assert config["main_process_ip"] == "10.0.0.1" and config["num_processes"] == 16
     assert config["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_plans_run_with_the_buckets_the_estimate_models(workdir, stage):
+    """A ZeRO plan's DeepSpeed settings go in a config file accelerate reads, with the Trainer's "auto" buckets
+    (hidden^2), not DeepSpeed's 5e8-element default: accelerate's own plugin fills them as the estimate assumes."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from ftplan.backends.hf.launch import accelerate_config, deepspeed_config
+
+    plan = load(make_plan(workdir, "full", "cfg"))
+    plan = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"sharding": f"zero{stage}"})})
+    path = workdir / "deepspeed_config.json"
+    path.write_text(json.dumps(deepspeed_config(plan)))
+    config = accelerate_config(plan, processes=8, machines=1, machine_rank=0, main_ip="127.0.0.1", main_port=29500,
+                               cpu=False, deepspeed_file=path)
+    assert config["distributed_type"] == "DEEPSPEED"
+    assert config["deepspeed_config"] == {"deepspeed_config_file": str(path), "zero3_init_flag": stage == 3}
+    plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False)
+    hidden = 64
+    # what accelerate's prepare() passes for this run and a model of this hidden size
+    plugin.deepspeed_config_process(must_match=False, **{
+        "train_micro_batch_size_per_gpu": 1, "train_batch_size": 8, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0, "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden})
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert plugin.zero_stage == stage and zero["reduce_bucket_size"] == hidden * hidden
+    assert "overlap_comm" not in zero  # DeepSpeed's default by stage, as ftplan.estimate.deepspeed assumes

@@ -86,8 +86,8 @@ class HuggingFaceBackend(TrainerBackend):
     platforms = ("any",)  # it trains where it runs: here, inside a SageMaker job, on a node SkyPilot or Slurm started
     options_model = HuggingFaceOptions
     owned_patterns = ("checkpoint-*", ".checkpoint-*.tmp", "adapter", "model", "tokenizer", ".adapter.tmp",
-                      ".model.tmp", ".tokenizer.tmp", "accelerate_config.yaml", "launch.sh", ".request.json",
-                      ".result.json", ".result.json.tmp", ".events.jsonl")
+                      ".model.tmp", ".tokenizer.tmp", "accelerate_config.yaml", "deepspeed_config.json", "launch.sh",
+                      ".request.json", ".result.json", ".result.json.tmp", ".events.jsonl")
 
     def checkpoint_step(self, request: RunRequest, options: HuggingFaceOptions) -> int | None:
         from .checkpoint import newest_intact, step_of
