@@ -12,8 +12,7 @@ checked on the CPU by benchmarks/deepspeed_cpu.py (two gloo processes, DeepSpeed
 - ZeRO-3 keeps its reduce bucket and the gradient partition from start-up, and a parameter gathered for the
   forward stays gathered while it will be used again within stage3_max_reuse_distance parameters: at the end
   of the forward the trailing units whose backward follows within that distance (all of a model under 5e8
-  parameters). A parameter's full gradient waits for its reduce-scatter in backward; gloo (the CPU's
-  backend) clones it once more to reduce-scatter it.
+  parameters).
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from ftplan.model.layout import ModelLayout
 
 MAX_REUSE_DISTANCE = 10**9  # DeepSpeed's stage3_max_reuse_distance default, in parameters
 OVERLAP_COMM = {"zero1": False, "zero2": False, "zero3": True}  # DeepSpeed's default by stage
-BACKWARD_START = "backward start (activations + loss gradients)"
-LAST_LAYER = "backward through the last layer"
 
 
 def view(layout: ModelLayout, setup: TrainingSetup, sharding: str,
@@ -90,13 +87,8 @@ def kept_params(layout: ModelLayout) -> int:
     return min(kept, layout.total_params())
 
 
-def largest_param(layout: ModelLayout) -> int:
-    """Elements of the largest weight: its full gradient is the largest waiting for a reduce-scatter."""
-    return max((g.weight_numel for g in layout.modules if not g.shared_weight), default=0)
-
-
 def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group: int, phase: str,
-                grads: int, other: int, gathered: int, device: Device) -> tuple[int, int, int, int]:
+                grads: int, other: int, gathered: int) -> tuple[int, int, int, int]:
     """(gradients, other, gathered, buffers) of one phase on one GPU of a DeepSpeed job, from the sharded
     (gradients, other) and the gathered working set ftplan counts for parameter sharding."""
     b, params = grad_bytes(setup), layout.total_params()
@@ -111,11 +103,6 @@ def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group:
         elif phase != FIRST_LAYER:  # by then the trailing units' backward is done and they are released
             kept = kept_params(layout) * gathered // max(1, _unit_params(layout))
             gathered = max(gathered, kept)
-        # a full gradient waits for its reduce-scatter (by the last layer the single-GPU phase holds the head's)
-        waiting = int(phase in (BACKWARD_START, FIRST_LAYER))
-        if device == "cpu" and phase in (BACKWARD_START, LAST_LAYER, FIRST_LAYER):
-            waiting += 1  # gloo's reduce-scatter copies its input; NCCL reduces in place
-        other += largest_param(layout) * b * waiting
     elif phase == OPTIMIZER_STEP:
         bucket = 0
     if full and phase == OPTIMIZER_STEP:

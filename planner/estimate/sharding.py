@@ -120,7 +120,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     for name, (grads, other) in _phases(layout, setup, memory, sharding, gpus, group, notes, device).items():
         terms[name] = (grads // grad_divisor, other, gathered, comm)
         if deepspeed and gpus > 1:
-            terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3], device=device)
+            terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
                      + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
