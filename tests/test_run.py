@@ -282,7 +282,14 @@ def test_zero_plans_run_with_the_buckets_the_estimate_models(workdir, stage):
     plan = load(make_plan(workdir, "full", "cfg"))
     plan = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"sharding": f"zero{stage}"})})
     path = workdir / "deepspeed_config.json"
-    path.write_text(json.dumps(deepspeed_config(plan)))
+    written = deepspeed_config(plan, 8)
+    path.write_text(json.dumps(written))
+    # the loop prepares no dataloader, so the micro-batch, the accumulation and the clipping are written out
+    t, world = plan.training, plan.hardware.instance_count * plan.hardware.gpus_per_instance
+    assert written["train_micro_batch_size_per_gpu"] == t.setup.batch_size
+    assert written["gradient_accumulation_steps"] == max(1, t.grad_accum * world // 8)
+    assert written["train_batch_size"] == t.setup.batch_size * written["gradient_accumulation_steps"] * 8
+    assert written["gradient_clipping"] == t.max_grad_norm
     config = accelerate_config(plan, processes=8, machines=1, machine_rank=0, main_ip="127.0.0.1", main_port=29500,
                                cpu=False, deepspeed_file=path)
     assert config["distributed_type"] == "DEEPSPEED"
@@ -291,8 +298,7 @@ def test_zero_plans_run_with_the_buckets_the_estimate_models(workdir, stage):
     hidden = 64
     # what accelerate's prepare() passes for this run and a model of this hidden size
     plugin.deepspeed_config_process(must_match=False, **{
-        "train_micro_batch_size_per_gpu": 1, "train_batch_size": 8, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0, "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.reduce_bucket_size": hidden * hidden,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden})
     zero = plugin.deepspeed_config["zero_optimization"]

@@ -53,14 +53,18 @@ def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank
     return config
 
 
-def deepspeed_config(plan: Plan) -> dict:
-    """The DeepSpeed config for a ZeRO plan: the Trainer's documented recipe, "auto" wherever accelerate fills
-    the value from the run (batch, accumulation, clipping, and the buckets from the model's hidden size: reduce
-    hidden^2, ZeRO-3 prefetch 0.9 hidden^2, persistence 10 hidden) - what ftplan's estimate models. Without it
+def deepspeed_config(plan: Plan, processes: int) -> dict:
+    """The DeepSpeed config for a ZeRO plan over `processes` processes in all. The run's figures are written out:
+    the loop prepares no dataloader, so accelerate could not fill "auto" micro-batch sizes, and DeepSpeed
+    counts the accumulation and clips itself (the loop does neither under DeepSpeed). The buckets follow the
+    Trainer's documented recipe, "auto" (filled by accelerate from the model's hidden size: reduce hidden^2,
+    ZeRO-3 prefetch 0.9 hidden^2, persistence 10 hidden) - what ftplan's estimate models. Without them
     DeepSpeed's defaults apply: a reduce bucket of 5e8 elements, about 1 GB more per GPU."""
-    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-            "zero_optimization": {"stage": int(plan.hardware.sharding[-1]), "offload_optimizer": {"device": "none"},
+    t, hw = plan.training, plan.hardware
+    accum = max(1, t.grad_accum * hw.instance_count * hw.gpus_per_instance // processes)  # as the loop computes
+    return {"train_micro_batch_size_per_gpu": t.setup.batch_size, "gradient_accumulation_steps": accum,
+            "train_batch_size": t.setup.batch_size * accum * processes, "gradient_clipping": t.max_grad_norm,
+            "zero_optimization": {"stage": int(hw.sharding[-1]), "offload_optimizer": {"device": "none"},
                                   "offload_param": {"device": "none"}, "reduce_bucket_size": "auto",
                                   "stage3_prefetch_bucket_size": "auto",
                                   "stage3_param_persistence_threshold": "auto"}}
@@ -113,7 +117,7 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     port = free_port() if machines == 1 else main_port
     written = [CONFIG, COMMAND]
     if plan.hardware.sharding.startswith("zero") and not cpu:
-        write_new(out / DEEPSPEED_CONFIG, json.dumps(deepspeed_config(plan), indent=1) + "\n")
+        write_new(out / DEEPSPEED_CONFIG, json.dumps(deepspeed_config(plan, processes * machines), indent=1) + "\n")
         written.append(DEEPSPEED_CONFIG)
     config = accelerate_config(plan, processes=processes * machines, machines=machines, machine_rank=machine_rank,
                                main_ip=main_ip, main_port=port, cpu=cpu,

@@ -267,10 +267,14 @@ def _check_same_run(s: Session, path, saved: dict) -> None:
 
 def _micro_step(s: Session, position: int) -> tuple:
     """Forward and backward of one micro-batch; (loss, real tokens) as tensors."""
+    from accelerate.utils import DistributedType
+
     batch = {key: v.to(s.device) for key, v in s.stream.batch(position).items()}
     with s.accelerator.autocast():
         loss = s.model(**batch).loss / s.accum
-    s.accelerator.backward(loss)
+    # DeepSpeed divides by its own gradient_accumulation_steps (launch.deepspeed_config sets it to s.accum)
+    undivided = s.accelerator.distributed_type == DistributedType.DEEPSPEED
+    s.accelerator.backward(loss * s.accum if undivided else loss)
     return loss.detach().float(), batch["attention_mask"].sum()
 
 
@@ -288,7 +292,10 @@ def _steps(s: Session, state: dict, tokenizer, progress: ProgressCallback) -> tu
         for step in range(start + 1, s.total + 1):
             step_loss, step_tokens = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
             for k in range(s.accum):  # every process takes its own micro-batches: (step, k) x processes + rank
-                loss, tokens = _micro_step(s, ((step - 1) * s.accum + k) * procs.count + procs.rank)
+                # accumulate(): DeepSpeed steps on accelerate's boundary, every s.accum micro-steps (elsewhere
+                # accelerate's own accumulation is 1, so every micro-step syncs, as before)
+                with acc.accumulate(s.model):
+                    loss, tokens = _micro_step(s, ((step - 1) * s.accum + k) * procs.count + procs.rank)
                 step_loss, step_tokens = step_loss + loss, step_tokens + tokens
             acc.clip_grad_norm_(params, t.max_grad_norm)
             s.optimizer.step()
