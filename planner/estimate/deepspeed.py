@@ -24,6 +24,8 @@ from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.layout import ModelLayout
 
 MAX_REUSE_DISTANCE = 10**9  # DeepSpeed's stage3_max_reuse_distance default, in parameters
+SUB_GROUP_SIZE = 10**9  # DeepSpeed's sub_group_size default: ZeRO-3 steps its partition in groups this large
+LAST_LAYER = "backward through the last layer"
 OVERLAP_COMM = {"zero1": False, "zero2": False, "zero3": True}  # DeepSpeed's default by stage
 
 
@@ -67,23 +69,24 @@ def bucket_bytes(layout: ModelLayout, setup: TrainingSetup, sharding: str) -> in
     return buckets * layout.dims.hidden ** 2 * grad_bytes(setup)
 
 
-def kept_params(layout: ModelLayout) -> int:
+def kept_params(layout: ModelLayout, grad_ckpt: bool = False) -> int:
     """Parameters ZeRO-3 still holds gathered at the end of the forward: a unit stays gathered while its
-    backward use comes within MAX_REUSE_DISTANCE parameters, i.e. twice the parameters of the units after it
-    (each is used once more in the forward and once in the backward). A tied head is the embedding's weight,
-    gathered again at the end of the forward."""
+    backward use comes within MAX_REUSE_DISTANCE parameters of the trace, i.e. twice the parameters of the units
+    after it (each is used once more in the forward and once in the backward; a checkpointed layer three times,
+    its recomputation too). A tied head is the embedding's weight, gathered again at the end of the forward."""
     per_layer = sum(g.params() for g in layout.modules if g.per_layer)
     first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
     last = layout.total_params() - per_layer * layout.dims.layers - first
     if any(g.kind == "head" and g.shared_weight for g in layout.modules):
         last += max(g.weight_numel for g in layout.modules if g.kind == "head")
     units = [first] + [per_layer] * layout.dims.layers + [last]  # forward order
-    kept, after = 0, 0
-    for unit in reversed(units):
-        if 2 * after >= MAX_REUSE_DISTANCE:
+    uses = [2] + [3 if grad_ckpt else 2] * layout.dims.layers + [2]
+    kept, distance = 0, 0
+    for unit, used in zip(reversed(units), reversed(uses)):
+        if distance >= MAX_REUSE_DISTANCE:
             break
         kept += unit
-        after += unit
+        distance += used * unit
     return min(kept, layout.total_params())
 
 
@@ -95,20 +98,52 @@ def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group:
     full = setup.method == "full"
     bucket = bucket_bytes(layout, setup, sharding)
     partition = b * params // group
+    straddle = 0 if sharding == "zero3" else largest_layer_param(layout) * b * min(2, group - 1)
     if sharding == "zero3":
         if full:
             grads = max(grads, partition)  # the gradient partition lives from start-up
         if phase in (END_OF_BACKWARD, OPTIMIZER_STEP):
             gathered = 0  # released by the end of the backward
         elif phase != FIRST_LAYER:  # by then the trailing units' backward is done and they are released
-            kept = kept_params(layout) * gathered // max(1, _unit_params(layout))
+            kept = kept_params(layout, setup.grad_ckpt) * gathered // max(1, _unit_params(layout))
             gathered = max(gathered, kept)
     elif phase == OPTIMIZER_STEP:
         bucket = 0
+    elif sharding == "zero1" and full and phase == END_OF_BACKWARD:
+        grads += partition + straddle  # reduced after the backward, into a buffer, beside the full gradients
+    if sharding != "zero1" and phase in (LAST_LAYER, FIRST_LAYER) and _tied(layout):
+        # a tied head's gradient is reduced only once the embedding's backward has added to it
+        grads += layout.dims.vocab * layout.dims.hidden * grad_bytes(setup) * (group - 1) // group
     if full and phase == OPTIMIZER_STEP:
-        straddle = 0 if sharding == "zero3" else largest_layer_param(layout) * b * min(2, group - 1)
-        grads = 2 * partition + straddle  # reduced into a buffer, then flattened before the fp32 conversion
+        grads, other = _step(layout, sharding, group, b, grads, other, straddle)
     return grads, other, gathered, bucket
+
+
+def _step(layout: ModelLayout, sharding: str, group: int, b: int, grads: int, other: int,
+          straddle: int) -> tuple[int, int]:
+    """(gradients, other) at DeepSpeed's step, `other` holding the fp32 gradient partition (4 x params / GPUs).
+
+    ZeRO-1/2: the gradient partition in the buffer it was reduced into, its flat copy and that copy in fp32 -
+    or, while the norm is taken, the buffer and one gradient slice in fp64. ZeRO-3: its gradient partition,
+    and the flat copy and fp32 copy of one sub-group (sub_group_size elements) at a time."""
+    params = layout.total_params()
+    fp32 = 4 * params // group
+    if sharding == "zero3":
+        sub = min(params // group, SUB_GROUP_SIZE + largest_param(layout) // group)
+        return grads + b * sub, other - fp32 + 4 * sub
+    partition = b * params // group
+    convert = (2 * partition + straddle, other)
+    norm = (partition + straddle, other - fp32 + 8 * min(largest_param(layout), params // group))
+    return max(convert, norm, key=sum)
+
+
+def largest_param(layout: ModelLayout) -> int:
+    """Elements of the largest weight."""
+    return max((g.weight_numel for g in layout.modules if not g.shared_weight), default=0)
+
+
+def _tied(layout: ModelLayout) -> bool:
+    return any(g.kind == "head" and g.shared_weight for g in layout.modules)
 
 
 def largest_layer_param(layout: ModelLayout) -> int:
