@@ -90,6 +90,8 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[
         notes.append("fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries")
     notes += [
         "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
+        "one micro-batch per step: with gradient accumulation the gradients also live through the later "
+        "micro-batches' forward (not counted yet)",
         f"required = peak allocated + {rules.allocator_slack:.0%} allocator slack + "
         f"{rules.cuda_context_bytes // 2**20} MiB CUDA context + paged optimizer states",
         "memory: one GPU holds the whole model unless --gpus/--sharding say otherwise; prices: on-demand, "

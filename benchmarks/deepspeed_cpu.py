@@ -1,0 +1,239 @@
+"""DeepSpeed ZeRO's per-process memory, measured on the CPU, against ftplan's sharded estimate.
+
+ftplan models what DeepSpeed ZeRO 1-3 holds from DeepSpeed's source (planner/estimate/deepspeed.py). This runs
+DeepSpeed itself - two processes over gloo, DeepSpeed's CPU accelerator - on models built by the code ftplan's
+backend trains with, configured as ftplan's hf backend configures it (accelerate's DeepSpeedPlugin, the
+Trainer's "auto" buckets), and measures each process with instruments that do not depend on ftplan:
+
+- census: the bytes of every tensor storage alive before the measured step (gc's objects), i.e. what DeepSpeed
+  keeps between steps (bf16 shards, fp32 masters, optimizer states, gradient partitions, buckets);
+- RSS: the process's peak resident set over one step above the resident set before it (glibc set to serve every
+  allocation of 64 KiB or more by mmap and to return freed memory at once; VmHWM reset through clear_refs).
+
+measured = census + RSS rise, per process (bf16 matmuls through benchmarks/cpu_bf16.py's kernels where the CPU
+has no bf16 instructions, as for ACCURACY.md); the larger of the two processes is compared with
+`shard(..., device="cpu")` for the same setup. Needs DeepSpeed, which ftplan does not depend on:
+
+    DS_BUILD_OPS=0 pip install deepspeed        # 0.19.8 was measured
+    python benchmarks/deepspeed_cpu.py          # all cases; writes benchmarks/DEEPSPEED.md
+    python benchmarks/deepspeed_cpu.py --report # rewrite the report from benchmarks/results/deepspeed_cpu.jsonl
+
+Held-out rule, fixed before any held-out case ran: the three cases on the first model (one per stage) were
+looked at while the model of the buffers was written; every other case is held out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "deepspeed_cpu.jsonl"
+REPORT = HERE / "DEEPSPEED.md"
+GLIBC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
+
+LLAMA_1K = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 1024,
+            "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 2,
+            "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+            "hidden_act": "silu", "rope_theta": 10000.0}
+QWEN_TIED = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+             "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 4,
+             "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+             "tie_word_embeddings": True, "hidden_act": "silu", "rope_theta": 1000000.0}
+# 634M parameters: the embedding and the first layer are reused beyond 1e9 parameters, so ZeRO-3 releases them
+LLAMA_2K_DEEP = {**LLAMA_1K, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 10}
+MODELS = {"llama-1k-2l": LLAMA_1K, "qwen-896-4l-tied": QWEN_TIED, "llama-2k-10l": LLAMA_2K_DEEP}
+
+
+def _setup(batch: int, seq: int, ckpt: bool = False) -> dict:
+    return {"method": "full", "batch_size": batch, "seq_len": seq, "precision": "bf16-mixed",
+            "optimizer": "adamw_torch_fused", "grad_ckpt": ckpt, "attention": "sdpa", "loop": "trainer"}
+
+
+CASES = [  # (id, model, ZeRO stage, setup, split)
+    ("llama-1k-2l/zero1/1x128", "llama-1k-2l", 1, _setup(1, 128), "train"),
+    ("llama-1k-2l/zero2/1x128", "llama-1k-2l", 2, _setup(1, 128), "train"),
+    ("llama-1k-2l/zero3/1x128", "llama-1k-2l", 3, _setup(1, 128), "train"),
+    ("qwen-896-4l-tied/zero2/2x256", "qwen-896-4l-tied", 2, _setup(2, 256), "held-out"),
+    ("qwen-896-4l-tied/zero3/2x256", "qwen-896-4l-tied", 3, _setup(2, 256), "held-out"),
+    ("llama-1k-2l/zero3/2x512-ckpt", "llama-1k-2l", 3, _setup(2, 512, True), "held-out"),
+    ("llama-1k-2l/zero1/2x512-ckpt", "llama-1k-2l", 1, _setup(2, 512, True), "held-out"),
+    ("llama-2k-10l/zero3/1x32", "llama-2k-10l", 3, _setup(1, 32), "held-out"),
+]
+
+
+def worker(stage: int, config: dict, setup_json: dict) -> dict:
+    """One rank (run under torch's env:// rendezvous): build, wrap in DeepSpeed as accelerate does, two steps,
+    then the census and the RSS rise over a third."""
+    import deepspeed
+    import torch
+    from accelerate.utils import DeepSpeedPlugin
+
+    from ftplan.estimate.settings import TrainingSetup
+    from ftplan.model.spec import spec_from_config
+    from ftplan.train.build import build_model, random_batch
+
+    sys.path.insert(0, str(HERE))
+    import cpu_bf16  # as benchmarks/accuracy.py: blocked fp32 kernels where the CPU has no bf16 instructions
+
+    kernels = cpu_bf16.needed()
+    if kernels:
+        cpu_bf16.install()
+    from datetime import timedelta
+
+    deepspeed.init_distributed("gloo", timeout=timedelta(hours=2))  # a 634M model's CPU step outlasts gloo's 10 min
+    world = torch.distributed.get_world_size()
+    spec = spec_from_config(config, name="case", source="benchmark")
+    setup = TrainingSetup.model_validate(setup_json)
+    torch.manual_seed(0)
+    model = build_model(spec, setup, device="cpu")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    plugin = DeepSpeedPlugin(zero_stage=stage, offload_optimizer_device="none", offload_param_device="none",
+                             zero3_init_flag=False, gradient_accumulation_steps=1)
+    ds = dict(plugin.deepspeed_config)
+    hidden = config["hidden_size"]
+    # what accelerate's prepare() fills in for ftplan's generated config (plugins/hf/launch.deepspeed_config)
+    ds.update(train_micro_batch_size_per_gpu=setup.batch_size, train_batch_size=setup.batch_size * world,
+              gradient_clipping=1.0, bf16={"enabled": True})
+    ds["zero_optimization"].update(reduce_bucket_size=hidden * hidden,
+                                   stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                                   stage3_param_persistence_threshold=10 * hidden)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    batch = random_batch(spec.dims.vocab, setup, "cpu")
+
+    def step():
+        engine.backward(engine(**batch).loss)
+        engine.step()
+
+    step()
+    step()
+    gc.collect()
+    census, seen = 0, set()
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                census += storage.nbytes()
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    rise = _status("VmHWM") - before
+    return {"rank": torch.distributed.get_rank(), "census_bytes": census, "rss_rise_bytes": rise,
+            "measured_bytes": census + rise, "step_seconds": seconds, "deepspeed": deepspeed.__version__,
+            "torch": torch.__version__, "cpu_bf16_kernels": kernels, "zero_optimization": ds["zero_optimization"]}
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def estimate(model: str, stage: int, setup_json: dict) -> dict:
+    from ftplan.estimate.memory import estimate_memory
+    from ftplan.estimate.settings import TrainingSetup
+    from ftplan.estimate.sharding import shard
+    from ftplan.model.architectures import build_layout
+    from ftplan.model.spec import spec_from_config
+
+    layout = build_layout(spec_from_config(MODELS[model], name=model, source="benchmark"))
+    setup = TrainingSetup.model_validate(setup_json)
+    s = shard(layout, setup, estimate_memory(layout, setup, device="cpu"), gpus=2, sharding=f"zero{stage}",
+              device="cpu")
+    return {"estimated_bytes": s.peak_allocated_bytes, "peak_phase": s.peak_phase, "params": layout.total_params()}
+
+
+def run_case(case, port: int) -> dict:
+    """Both ranks of one case, each in its own process with glibc set for the RSS instrument."""
+    cid, model, stage, setup_json, split = case
+    env = {**os.environ, **GLIBC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    request = json.dumps({"stage": stage, "config": MODELS[model], "setup": setup_json})
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", request], env={**env, "RANK": str(r),
+                              "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    ranks = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cid}: rank failed: {err.strip().splitlines()[-1:]}")
+        ranks.append(json.loads(out.strip().splitlines()[-1]))
+    return {"id": cid, "model": model, "stage": stage, "setup": setup_json, "split": split, "ranks": ranks,
+            "measured_bytes": max(r["measured_bytes"] for r in ranks),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def report(records: list[dict]) -> str:
+    """DEEPSPEED.md: each case with today's estimate, and the error summary per split."""
+    rows, errors = [], {"train": [], "held-out": []}
+    for r in records:
+        e = estimate(r["model"], r["stage"], r["setup"])
+        err = (e["estimated_bytes"] - r["measured_bytes"]) / r["measured_bytes"] * 100
+        errors[r["split"]].append(abs(err))
+        census = " / ".join(f"{x['census_bytes'] / 2**20:.1f}" for x in r["ranks"])
+        rise = " / ".join(f"{x['rss_rise_bytes'] / 2**20:.1f}" for x in r["ranks"])
+        rows.append(f"| {r['id']} | {r['split']} | {e['params'] / 1e6:.0f}M | {e['estimated_bytes'] / 2**20:.1f} | "
+                    f"{r['measured_bytes'] / 2**20:.1f} | {err:+.2f}% | {census} | {rise} | {e['peak_phase']} |")
+    summary = []
+    for split, errs in errors.items():
+        if errs:
+            errs = sorted(errs)
+            summary.append(f"| {split} | {len(errs)} | {errs[len(errs) // 2]:.2f}% | {max(errs):.2f}% | "
+                           f"{sum(e <= 3 for e in errs)}/{len(errs)} |")
+    versions = records[0]["ranks"][0] if records else {}
+    return "\n".join([
+        "# DeepSpeed ZeRO memory against DeepSpeed itself (CPU)", "",
+        (f"Generated by `python benchmarks/deepspeed_cpu.py`: DeepSpeed {versions.get('deepspeed')}, torch "
+        f"{versions.get('torch')}, two processes over gloo on DeepSpeed's CPU accelerator; cases measured "
+        f"{records[0]['date'] if records else ''} onward. Method, instruments and held-out rule: the script's "
+        "docstring. Estimate = `ftplan estimate --device cpu --gpus 2 --sharding zeroN` (today's model); "
+        "measured = census + RSS rise of the larger process. Full fine-tuning, bf16-mixed (DeepSpeed bf16), "
+        "fused AdamW, the Trainer's 'auto' buckets."), "",
+        "| split | n | median abs error | max abs error | within 3% |", "|---|---|---|---|---|", *summary, "",
+        ("| case | split | params | estimated MiB | measured MiB | error | census MiB (ranks) | RSS rise MiB (ranks) "
+         "| estimated peak phase |"), "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        ("What this does not show: CUDA (NCCL's collectives, the fp64 norm copies, the caching allocator's "
+         "rounding), more than two processes, partitions over 1e9 elements (ZeRO-3's sub-groups), gradient "
+         "accumulation, LoRA/QLoRA under ZeRO, offload, and DeepSpeed versions other than the one above."), ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true", help="rewrite the report from the stored results")
+    parser.add_argument("--only", help="run only cases whose id contains this")
+    args = parser.parse_args()
+    if args.worker:
+        request = json.loads(args.worker)
+        print(json.dumps(worker(request["stage"], request["config"], request["setup"])))
+        return 0
+    records = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    if not args.report:
+        done = {r["id"] for r in records}
+        for i, case in enumerate(CASES):
+            if case[0] in done or (args.only and args.only not in case[0]):
+                continue
+            record = run_case(case, 29900 + i)
+            print(json.dumps({k: record[k] for k in ("id", "split", "measured_bytes")}), flush=True)
+            records.append(record)
+            RESULTS.parent.mkdir(exist_ok=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    order = {c[0]: i for i, c in enumerate(CASES)}
+    REPORT.write_text(report(sorted(records, key=lambda r: order.get(r["id"], len(order)))))
+    print(f"wrote {REPORT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
