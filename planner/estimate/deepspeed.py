@@ -8,11 +8,13 @@ checked on the CPU by benchmarks/deepspeed_cpu.py (two gloo processes, DeepSpeed
 - ZeRO-1/2 stage gradients through a reduce bucket during backward (two with overlap_comm), released after it.
   At the step the gradient partition is held twice in the compute dtype - the buffer the gradients were reduced
   into (with the parameter straddling each partition edge) and its flat copy - beside its fp32 conversion.
-  On the last micro-step ZeRO-1 reduces like ZeRO-2; between micro-steps it accumulates full gradients.
+  ZeRO-1 keeps whole gradients through the backward and reduces them in a pass after it, into a partition
+  buffer beside them. The gradient norm goes through fp64 copies of the partition's slices.
 - ZeRO-3 keeps its reduce bucket and the gradient partition from start-up, and a parameter gathered for the
   forward stays gathered while it will be used again within stage3_max_reuse_distance parameters: at the end
   of the forward the trailing units whose backward follows within that distance (all of a model under 5e8
-  parameters).
+  parameters). It steps its partition by sub-groups of 1e9 elements. A tied head's gradient is reduced only
+  once the embedding's backward has added to it.
 """
 
 from __future__ import annotations
