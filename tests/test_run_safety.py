@@ -70,8 +70,8 @@ def one_line(err: str) -> str:
 # one file inside a checkpoint it reads back.
 WRITTEN = ["plan.yaml", "metrics.jsonl", "summary.json", ".ftplan-run.json", ".ftplan.lock", "checkpoint-000004",
            ".checkpoint-000006.tmp", "adapter", ".adapter.tmp", "model", ".model.tmp", "tokenizer", ".tokenizer.tmp",
-           "accelerate_config.yaml", "launch.sh", ".request.json", ".result.json", ".result.json.tmp",
-           ".events.jsonl", "checkpoint-000004/trainer_state.json"]
+           "accelerate_config.yaml", "deepspeed_config.json", "launch.sh", ".request.json", ".result.json",
+           ".result.json.tmp", ".events.jsonl", "checkpoint-000004/trainer_state.json"]
 
 
 def test_every_name_a_run_writes_is_attacked():
