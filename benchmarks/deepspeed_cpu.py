@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -159,15 +160,20 @@ def run_case(case, port: int) -> dict:
     env = {**os.environ, **GLIBC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     request = json.dumps({"stage": stage, "config": MODELS[model], "setup": setup_json})
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", request], env={**env, "RANK": str(r),
-                              "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
     ranks = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cid}: rank failed: {err.strip().splitlines()[-1:]}")
-        ranks.append(json.loads(out.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        # each rank writes to files: a pipe nobody reads fills with DeepSpeed's logging and blocks that rank
+        # inside a collective the other waits on
+        logs = [(Path(tmp) / f"{r}.out", Path(tmp) / f"{r}.err") for r in (0, 1)]
+        procs = []
+        for r, (out, err) in enumerate(logs):
+            with out.open("w") as o, err.open("w") as e:
+                procs.append(subprocess.Popen([sys.executable, __file__, "--worker", request], stdout=o, stderr=e,
+                                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+        for proc, (out, err) in zip(procs, logs):
+            if proc.wait(timeout=7200) != 0:
+                raise RuntimeError(f"{cid}: rank failed: {err.read_text().strip().splitlines()[-1:]}")
+            ranks.append(json.loads(out.read_text().strip().splitlines()[-1]))
     return {"id": cid, "model": model, "stage": stage, "setup": setup_json, "split": split, "ranks": ranks,
             "measured_bytes": max(r["measured_bytes"] for r in ranks),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
