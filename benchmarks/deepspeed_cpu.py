@@ -37,6 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "deepspeed_cpu.jsonl"
 REPORT = HERE / "DEEPSPEED.md"
+GLIBC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 
 LLAMA_1K = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 1024,
             "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 2,
@@ -76,8 +77,6 @@ def worker(stage: int, config: dict, setup_json: dict) -> dict:
     from accelerate.utils import DeepSpeedPlugin
 
     from ftplan.estimate.settings import TrainingSetup
-    from ftplan.measure.instruments import rss_extra
-    from ftplan.measure.session import nbytes
     from ftplan.model.spec import spec_from_config
     from ftplan.train.build import build_model, random_batch
 
@@ -116,19 +115,29 @@ def worker(stage: int, config: dict, setup_json: dict) -> dict:
     step()
     step()
     gc.collect()
-    census = nbytes(obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
-    timed = {}
-
-    def measured_step():
-        start = time.perf_counter()
-        step()
-        timed["seconds"] = time.perf_counter() - start
-
-    rise = rss_extra(measured_step)  # ftplan measure's RSS instrument: VmHWM over the step above VmRSS before it
-    seconds = timed["seconds"]
+    census, seen = 0, set()
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                census += storage.nbytes()
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    rise = _status("VmHWM") - before
     return {"rank": torch.distributed.get_rank(), "census_bytes": census, "rss_rise_bytes": rise,
             "measured_bytes": census + rise, "step_seconds": seconds, "deepspeed": deepspeed.__version__,
             "torch": torch.__version__, "cpu_bf16_kernels": kernels, "zero_optimization": ds["zero_optimization"]}
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
 
 
 def estimate(model: str, stage: int, setup_json: dict) -> dict:
@@ -148,8 +157,6 @@ def estimate(model: str, stage: int, setup_json: dict) -> dict:
 def run_case(case, port: int) -> dict:
     """Both ranks of one case, each in its own process with glibc set for the RSS instrument."""
     cid, model, stage, setup_json, split = case
-    from ftplan.measure.instruments import GLIBC  # the RSS instrument's glibc settings, as ftplan measure uses
-
     env = {**os.environ, **GLIBC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     request = json.dumps({"stage": stage, "config": MODELS[model], "setup": setup_json})
