@@ -52,6 +52,7 @@ class MeasureReport(BaseModel):
     setup: TrainingSetup
     device: str
     steps: int
+    grad_accum: int = Field(1, description="micro-batches per measured optimizer step")
     estimated: MemoryBreakdown
     estimated_compared_bytes: int = Field(description="the estimate compared with the measured peak: "
                                                       "peak_allocated_bytes, plus paged optimizer states on "
@@ -128,7 +129,8 @@ def _run(session, steps: int) -> MeasuredMemory:
     return MeasuredMemory(peak_allocated_bytes=peak, peak_tracker_bytes=peak if session.device == "cpu" else None,
                           resident_bytes=resident, weights_bytes=weights, optimizer_bytes=optimizer_bytes,
                           gradients_bytes=marks["grads"], activations_bytes=marks["forward"] - resident,
-                          step_seconds=elapsed, tokens_per_second=session.setup.tokens / elapsed, loss=loss)
+                          step_seconds=elapsed, tokens_per_second=session.setup.tokens * session.micro_steps / elapsed,
+                          loss=loss)
 
 
 def _grad_bytes(model) -> int:
@@ -144,6 +146,7 @@ def _cpu_instruments(measured: MeasuredMemory, session, spec: ModelSpec, seed: i
         instruments.allocator_peak(session)
     if rss and instruments.rss_supported():
         child = instruments.rss_in_child({"config": spec.config, "name": spec.name, "seed": seed,
+                                          "micro_steps": session.micro_steps,
                                           "setup": session.setup.model_dump(mode="json")})
         measured.peak_rss_bytes = child["resident_bytes"] + child["extra_bytes"]
     peaks = [p for p in (measured.peak_tracker_bytes, measured.peak_allocator_bytes, measured.peak_rss_bytes) if p]
@@ -152,8 +155,9 @@ def _cpu_instruments(measured: MeasuredMemory, session, spec: ModelSpec, seed: i
 
 
 def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: int = 1, device: str = "cpu",
-            seed: int = 0, calibrate: bool = False, rss: bool = True) -> MeasureReport:
-    """Build `spec` for `method`, run one warm-up and `steps` measured steps, compare with the estimate.
+            seed: int = 0, calibrate: bool = False, rss: bool = True, grad_accum: int = 1) -> MeasureReport:
+    """Build `spec` for `method`, run one warm-up and `steps` measured steps (each over `grad_accum`
+    micro-batches), compare with the estimate.
 
     On the CPU three instruments measure the peak (tracker, allocator, and with `rss` the resident set of a
     child process); the estimate is compared with RSS (else the allocator). On CUDA the measured throughput
@@ -165,24 +169,26 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     from ftplan.errors import PlannerError
     from ftplan.measure.session import prepare
 
-    if steps <= 0:
-        raise PlannerError(f"--steps must be positive, got {steps}")
+    for flag, value in (("--steps", steps), ("--grad-accum", grad_accum)):
+        if value <= 0:
+            raise PlannerError(f"{flag} must be positive, got {value}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise PlannerError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     gpu_bf16 = device != "cuda" or torch.cuda.is_bf16_supported()
-    report = estimate(spec, [method], choices, device=device)
+    report = estimate(spec, [method], choices, device=device, grad_accum=grad_accum)
     setup = report.estimates[0].setup
     if not gpu_bf16 and setup.precision.startswith("bf16"):
         raise PlannerError("this GPU has no bf16: pass --precision fp16-mixed")
-    session = prepare(spec, setup, device, seed)
+    session = prepare(spec, setup, device, seed, micro_steps=grad_accum)
     measured = _run(session, steps)
     if device == "cpu":
         _cpu_instruments(measured, session, spec, seed, rss)
     memory = report.estimates[0].memory
     compared = memory.peak_allocated_bytes + (memory.paged_optimizer_bytes if device == "cpu" else 0)
-    result = MeasureReport(model=report.model, setup=setup, device=device, steps=steps, estimated=memory,
+    result = MeasureReport(model=report.model, setup=setup, device=device, steps=steps, grad_accum=grad_accum,
+                           estimated=memory,
                            estimated_compared_bytes=compared, measured=measured,
                            error_percent=100 * (compared - measured.peak_allocated_bytes)
                            / measured.peak_allocated_bytes)

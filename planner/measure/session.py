@@ -17,11 +17,13 @@ class Session:
     setup: TrainingSetup
     device: str
     kept: dict = field(default_factory=dict)  # a custom loop's outputs, alive between steps
+    micro_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
 
     def step(self, **marks) -> float:
         from ftplan.train.build import train_step
 
-        return train_step(self.model, self.optimizer, self.batch, self.setup, self.device, kept=self.kept, **marks)
+        return train_step(self.model, self.optimizer, self.batch, self.setup, self.device, kept=self.kept,
+                          micro_steps=self.micro_steps, **marks)
 
     def resident_tensors(self):
         """What lives between steps: parameters, buffers, quantization state, optimizer states, kept outputs."""
@@ -44,8 +46,8 @@ def nbytes(tensors) -> int:
     return total
 
 
-def prepare(spec: ModelSpec, setup: TrainingSetup, device: str, seed: int = 0) -> Session:
-    """Build, warm up, and return the session."""
+def prepare(spec: ModelSpec, setup: TrainingSetup, device: str, seed: int = 0, micro_steps: int = 1) -> Session:
+    """Build, warm up, and return the session (each step accumulating over `micro_steps` micro-batches)."""
     import torch
 
     from ftplan.train.build import build_model, build_optimizer, random_batch
@@ -53,6 +55,7 @@ def prepare(spec: ModelSpec, setup: TrainingSetup, device: str, seed: int = 0) -
     torch.manual_seed(seed)
     model = build_model(spec, setup, device=device)
     session = Session(model=model, optimizer=build_optimizer(model, setup),
-                      batch=random_batch(spec.dims.vocab, setup, device), setup=setup, device=device)
+                      batch=random_batch(spec.dims.vocab, setup, device), setup=setup, device=device,
+                      micro_steps=micro_steps)
     session.step()  # warm-up: optimizer states exist from here on
     return session

@@ -216,24 +216,30 @@ def random_batch(vocab: int, setup: TrainingSetup, device: str, generator=None) 
 
 
 def train_step(model, optimizer, batch: dict, setup: TrainingSetup, device: str, *, kept: dict | None = None,
-               on_forward_end=None, on_backward_end=None) -> float:
-    """One optimizer step, as `setup.loop` says: the Trainer's, where the loss alone outlives the forward (the
-    model's outputs, logits included, are dropped), or a plain loop's (`outputs = model(**batch)`), whose outputs
-    stay bound until the next forward returns - `kept` holds them across calls. Then backward, clip to the
-    recipe's max grad norm, step, zero. The callbacks let a measurement look at memory between the phases."""
+               micro_steps: int = 1, on_forward_end=None, on_backward_end=None) -> float:
+    """One optimizer step over `micro_steps` micro-batches (gradient accumulation: .grad holds the sum across
+    them, each loss divided by their count as the Trainer does), each as `setup.loop` says: the Trainer's, where
+    the loss alone outlives the forward (the model's outputs, logits included, are dropped), or a plain loop's
+    (`outputs = model(**batch)`), whose outputs stay bound until the next forward returns - `kept` holds them
+    across calls. Then clip to the recipe's max grad norm, step, zero. The callbacks (after the last micro-step's
+    forward and backward) let a measurement look at memory between the phases."""
     import torch
 
-    with autocast(setup, device):
+    for micro in range(micro_steps):
+        with autocast(setup, device):
+            if setup.loop == "custom":
+                outputs = model(**batch)  # the previous outputs are still bound while this forward runs
+                if kept is not None:
+                    kept["outputs"] = outputs
+                loss = outputs.loss
+            else:
+                loss = model(**batch).loss
+        last = micro == micro_steps - 1
+        if last and on_forward_end is not None:
+            on_forward_end()
+        (loss / micro_steps if micro_steps > 1 else loss).backward()
         if setup.loop == "custom":
-            outputs = model(**batch)  # the previous step's outputs are still bound while this forward runs
-            if kept is not None:
-                kept["outputs"] = outputs
-            loss = outputs.loss
-        else:
-            loss = model(**batch).loss
-    if on_forward_end is not None:
-        on_forward_end()
-    loss.backward()
+            del outputs
     if on_backward_end is not None:
         on_backward_end()
     from ftplan.data import catalog
