@@ -195,6 +195,8 @@ CASES = [
     ("config-missing-file", ["estimate", "configs/missing.json"], "no such file"),
     # measure, models, instances, plugins
     ("measure-steps", ["measure", "./tiny", "--steps", "0"], "--steps must be positive"),
+    ("measure-grad-accum", ["measure", "./tiny", "--grad-accum", "0"], "--grad-accum"),
+    ("estimate-grad-accum", ["estimate", "llama2-7b", "--grad-accum", "-2"], "--grad-accum"),
     ("measure-device", ["measure", M, "--device", "tpu"], "'tpu' is not one of"),
     ("measure-unknown-model", ["measure", "nope-1b"], "unknown model 'nope-1b'"),
     ("instances-gpu", ["instances", "--gpu", "Z100"], "unknown GPU 'Z100'"),

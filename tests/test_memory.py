@@ -191,3 +191,46 @@ def test_cpu_grouped_mm_buffers_a_half_expert_gradient_in_fp32(method, precision
         first = "backward through the first layer"
         assert cpu[first][1] - cuda[first][1] == (buffer if buffered else 0)
         assert cpu["end of backward (all gradients)"] == cuda["end of backward (all gradients)"]
+
+
+@pytest.mark.parametrize("name", ["llama2-7b", "qwen2.5-0.5b"])  # untied and tied head
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_accumulation_holds_every_gradient_in_every_phase(name, method):
+    layout = layout_of(name)
+    setup = resolve(method, SetupChoices(seq_len=512))
+    one, acc = estimate_memory(layout, setup), estimate_memory(layout, setup, accumulating=True)
+    assert acc.accumulating and not one.accumulating
+    assert all(grads == acc.gradients_bytes for grads, _ in acc.phase_bytes.values())
+    for phase, (grads, other) in one.phase_bytes.items():  # nothing held or transient is less than before
+        assert sum(acc.phase_bytes[phase]) >= grads + other
+    assert acc.peak_allocated_bytes >= one.peak_allocated_bytes
+    forward = "end of forward (activations + logits)"
+    assert sum(acc.phase_bytes[forward]) == sum(one.phase_bytes[forward]) + acc.gradients_bytes
+
+
+def test_accumulation_full_fine_tuning_by_hand():
+    """Llama-2-7B, bf16-mixed, 1 x 2048, no checkpointing: backward start holds the fp32 gradients of the earlier
+    micro-steps (4 bytes x 6.74 G); the head's backward makes its new gradient in bf16 and casts it to fp32
+    beside them, once its saved input and weight copy are gone."""
+    layout = layout_of("llama2-7b")
+    setup = resolve("full", SetupChoices())
+    one, acc = estimate_memory(layout, setup), estimate_memory(layout, setup, accumulating=True)
+    start = "backward start (activations + loss gradients)"
+    head = 32000 * 4096
+    assert sum(acc.phase_bytes[start]) - sum(one.phase_bytes[start]) == 4 * layout.total_params()
+    head_input, copy, log_softmax = 2048 * 4096 * 2, head * 2, 2048 * 32000 * 4
+    loss_gradients = 2048 * 32000 * 8  # log-softmax's fp32 output and input gradients
+    cast = sum(acc.phase_bytes[start]) - loss_gradients - log_softmax - head_input - copy + head * 6
+    assert sum(acc.phase_bytes["backward through the head (its new gradient)"]) == cast
+    assert acc.peak_phase == start and acc.peak_allocated_bytes - one.peak_allocated_bytes > 25 * 2**30
+
+
+def test_accumulation_tied_head_gradient_waits_for_the_embedding():
+    """Qwen2.5-0.5B (tied): from the head's backward to the embedding's, autograd holds the head's new gradient
+    apart from .grad; at the end the embedding's dense gradient joins it."""
+    layout = layout_of("qwen2.5-0.5b")
+    setup = resolve("full", SetupChoices(seq_len=64))
+    acc = estimate_memory(layout, setup, accumulating=True)
+    tied = 151936 * 896
+    grads, other = acc.phase_bytes["end of backward (all gradients)"]
+    assert grads == acc.gradients_bytes and other >= 4 * tied + 4 * tied  # pending head gradient + dense one

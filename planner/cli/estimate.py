@@ -31,6 +31,8 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
               help="judge a GPU ftplan does not know by its memory: 24GiB, 24GB (10^9 bytes) or 24576MiB; no price")
 @click.option("--instance", default=None, help="judge this AWS instance type (e.g. g5.2xlarge)")
 @click.option("--layers", type=int, default=None, help="keep every width but use N layers (as measure does)")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="micro-batches per optimizer step: above 1 the gradients are held through every micro-batch")
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs in total (data parallel)")
 @click.option("--nodes", type=int, default=1, show_default=True, help="instances the GPUs are spread over")
 @click.option("--sharding", type=click.Choice(SHARDINGS), default=None,
@@ -46,8 +48,8 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
 @plot_option("the memory breakdown per method")
 def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, instance: str | None,
-             layers: int | None, gpus: int,
-             nodes: int, sharding: str | None, offload: str, device: str, region: str | None,
+             layers: int | None, grad_accum: int, gpus: int, nodes: int, sharding: str | None, offload: str,
+             device: str, region: str | None,
              trust_remote_code: bool, as_json: bool, plot: Path | None, **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
 
@@ -68,7 +70,7 @@ def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, i
                                                       trust_remote_code=trust_remote_code, gpus=gpus, nodes=nodes,
                                                       sharding=sharding, offload=offload, region=region,
                                                       device="cpu" if device == "cpu" else "cuda",
-                                                      gpu_memory_bytes=gpu_memory))
+                                                      gpu_memory_bytes=gpu_memory, grad_accum=grad_accum))
     if plot is not None:
         from ftplan.render.plot import memory_svg, write_plot
 
@@ -87,13 +89,15 @@ def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, i
 @setting_options()
 @click.option("--layers", type=int, default=None, help="keep every width but build N layers (fits wide models in RAM)")
 @click.option("--steps", type=int, default=1, show_default=True, help="measured steps after one warm-up step")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="micro-batches per optimizer step: above 1 the gradients are held through every micro-batch")
 @click.option("--rss/--no-rss", default=True, show_default=True,
               help="CPU: also measure the resident set of a child process (builds the model a second time)")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="where to run the steps (auto: cuda when torch sees a GPU, else cpu)")
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of a table")
-def measure(model: str, method: str, layers: int | None, steps: int, rss: bool, device: str, as_json: bool,
-            **settings) -> None:
+def measure(model: str, method: str, layers: int | None, steps: int, grad_accum: int, rss: bool, device: str,
+            as_json: bool, **settings) -> None:
     """Train MODEL for a few steps on random tokens and compare peak memory with the estimate.
 
     The model is built from its config with random weights (nothing is downloaded) by the same
@@ -107,7 +111,8 @@ def measure(model: str, method: str, layers: int | None, steps: int, rss: bool, 
     spec = resolve_model(model)
     if layers is not None:
         spec = with_layers(spec, layers)
-    report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None, rss=rss)
+    report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None, rss=rss,
+                         grad_accum=grad_accum)
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:

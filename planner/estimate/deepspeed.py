@@ -31,8 +31,8 @@ LAST_LAYER = "backward through the last layer"
 OVERLAP_COMM = {"zero1": False, "zero2": False, "zero3": True}  # DeepSpeed's default by stage
 
 
-def view(layout: ModelLayout, setup: TrainingSetup, sharding: str,
-         device: Device) -> tuple[TrainingSetup, MemoryBreakdown, int]:
+def view(layout: ModelLayout, setup: TrainingSetup, sharding: str, device: Device,
+         accumulating: bool = False) -> tuple[TrainingSetup, MemoryBreakdown, int]:
     """Full fine-tuning under DeepSpeed ZeRO, as the Trainer runs it: (the setup the step runs in, its memory
     before sharding, one checkpoint's bytes).
 
@@ -44,7 +44,7 @@ def view(layout: ModelLayout, setup: TrainingSetup, sharding: str,
     estimator for ZeRO-2 (estimate_zero2_model_states_mem_needs, v0.14.3 on) gives 2 * params + 18 * params / GPUs
     for the model states; the step's flat gradient copy (step_phase) comes on top."""
     pure = setup.model_copy(update={"precision": setup.precision.removesuffix("-mixed")})
-    memory = estimate_memory(layout, pure, device=device)
+    memory = estimate_memory(layout, pure, device=device, accumulating=accumulating)
     params = layout.total_params()
     flat = [opt.Trainable((params,))]
     fp32 = setup.model_copy(update={"precision": "fp32"})

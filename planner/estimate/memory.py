@@ -24,6 +24,7 @@ NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 ab
 END_OF_BACKWARD = "end of backward (all gradients)"
 FIRST_LAYER = "backward through the first layer"
 OPTIMIZER_STEP = "optimizer step (gradients + its temporaries)"
+HEAD = "backward through the head (its new gradient)"
 
 
 class MemoryBreakdown(BaseModel):
@@ -44,6 +45,8 @@ class MemoryBreakdown(BaseModel):
     transient_bytes: int = Field(description="short-lived buffers at the peak (loss gradients, recomputation, "
                                              "dequantized weights)")
     peak_phase: str
+    accumulating: bool = Field(False, description="gradient accumulation: the gradients outlive each micro-step "
+                                                  "and are held in every phase")
     held_gradient_bytes: int = Field(0, description="gradient bytes alive at the peak (what sharding divides)")
     phase_bytes: dict[str, tuple[int, int]] = Field(
         default_factory=dict, description="per candidate peak phase: (gradient bytes held, other bytes held "
@@ -152,20 +155,43 @@ def _grads_at_last_layer(layout: ModelLayout, adapted: list[ModuleGroup], lora, 
     return (above + tied) * grad_size
 
 
-def tied_embedding_backward(layout: ModelLayout, setup: TrainingSetup) -> int:
-    """Full fine-tuning of a tied embedding: the head's gradient already sits in the shared weight's .grad when
-    the embedding's backward allocates its dense vocab x hidden gradient to add to it (measured 4 bytes per
-    element with fp32 and with bf16 gradients)."""
-    return 4 * layout.dims.vocab * layout.dims.hidden if setup.method == "full" and layout.dims.tied_embeddings else 0
+def embedding_backward(layout: ModelLayout, setup: TrainingSetup, accumulating: bool = False) -> int:
+    """Full fine-tuning: the embedding's backward allocates a dense vocab x hidden gradient to add to a .grad that
+    already exists - a tied head's (measured 4 bytes per element with fp32 and with bf16 gradients), or with
+    gradient accumulation the earlier micro-steps' (in the gradient's dtype)."""
+    if setup.method != "full":
+        return 0
+    size = 4 if layout.dims.tied_embeddings else (4 if setup.precision not in ("bf16", "fp16") else 2)
+    return size * layout.dims.vocab * layout.dims.hidden if layout.dims.tied_embeddings or accumulating else 0
+
+
+def _head_gradient(layout: ModelLayout, setup: TrainingSetup, grad_size: int, head: dict[str, int]) -> tuple[int, int]:
+    """Gradient accumulation, full fine-tuning: the moment the head's new weight gradient exists beside the held
+    ones, as (activations freed by then, bytes made). Without autocast the head's backward makes it beside the
+    logits' gradient; under autocast it is made in bf16 for the weight copy, then cast: at the cast the head's
+    saved input and weight copy are gone, the bf16 gradient and its fp32 cast exist. Untied, the new gradient is
+    added into .grad at once; tied, autograd holds it until the embedding's backward (`pending`)."""
+    dt = act.step_dtypes(setup)
+    numel = sum(g.weight_numel for g in layout.modules if g.kind == "head")
+    logits_grad = setup.tokens * layout.dims.vocab * dt.compute
+    freed = head.get("log_softmax", 0)
+    during = (freed, numel * (2 if dt.autocast else grad_size) + logits_grad)
+    if not dt.autocast:
+        return during
+    cast = (freed + head.get("head_input", 0) + head.get("head_weight_copy", 0), numel * (2 + grad_size))
+    return max(during, cast, key=lambda t: t[1] - t[0])
 
 
 def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None,
-                    device: act.Device = "cuda", experts_half: bool = False) -> MemoryBreakdown:
+                    device: act.Device = "cuda", experts_half: bool = False,
+                    accumulating: bool = False) -> MemoryBreakdown:
     """Itemised per-GPU memory of one training step of `layout` under `setup`.
 
     `device="cpu"` models the CPU's kernels instead (dropout keeps its noise, not a bool mask; the optimizers'
     CPU code paths), which is what `ftplan measure --device cpu` compares with. `experts_half`: parameter
     sharding gathers fp32 MoE experts in the compute dtype, so they compute in it (ftplan.estimate.sharding).
+    `accumulating`: a later micro-step of gradient accumulation, where the gradients of the earlier ones are held
+    from the forward on and each new gradient is a transient added into them.
     """
     counts = counts or count_params(layout, setup.method, setup.lora)
     adapted = adapted_groups(layout, counts.targets) if counts.targets else []
@@ -180,11 +206,14 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     logits = act.logits_kept(layout, setup)
     static = sum(weights.values()) + adapter + states + logits
     phases, activations, layer, head = _phases(layout, setup, counts, adapted, device, gradients, grad_size,
-                                               opt.step_transient(tensors, setup, device), experts_half)
+                                               opt.step_transient(tensors, setup, device), experts_half,
+                                               accumulating)
     phase = max(phases, key=lambda k: sum(phases[k]))
     held, transient = phases[phase]
     first_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
     grads_held = {END_OF_BACKWARD: gradients, OPTIMIZER_STEP: gradients, FIRST_LAYER: phases[FIRST_LAYER][0] - first_held}
+    if accumulating:
+        grads_held = dict.fromkeys(phases, gradients)
     phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
     peak = static + held + transient
     slack, context = outside_allocator(peak)
@@ -194,14 +223,16 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
         optimizer_step_bytes=phases[OPTIMIZER_STEP][1], logits_kept_bytes=logits,
         activations_bytes=activations, activations_per_layer_bytes=layer.total, activation_terms=layer.terms,
         head_terms=head, transient_bytes=transient,
-        peak_phase=phase, held_gradient_bytes=grads_held.get(phase, 0), phase_bytes=phase_bytes,
+        peak_phase=phase, accumulating=accumulating, held_gradient_bytes=grads_held.get(phase, 0),
+        phase_bytes=phase_bytes,
         peak_allocated_bytes=peak, cuda_context_bytes=context,
         allocator_slack_bytes=slack, required_bytes=peak + slack + context + paged,
     )
 
 
 def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adapted: list[ModuleGroup],
-            device: act.Device, gradients: int, grad_size: int, optimizer_step: int, experts_half: bool = False):
+            device: act.Device, gradients: int, grad_size: int, optimizer_step: int, experts_half: bool = False,
+            accumulating: bool = False):
     """Candidates for the peak, each as (what is held, what is transient on top), beyond the static bytes.
 
     The backward pass frees activations layer by layer while gradients accumulate, so within it the peak is at
@@ -227,20 +258,31 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     # made inside a layer's backward, over by the end of it
     expert_gradient = act.cpu_expert_gradient(layout, setup, adapted, device, experts_half)
     first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
-    grads_at_first_layer = gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora, grad_size)
+    # accumulating: every gradient is held from the forward on
+    earlier = gradients if accumulating else 0
+    grads_at_first_layer = earlier or gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora,
+                                                                                 grad_size)
+    grads_at_last_layer = earlier or _grads_at_last_layer(layout, adapted, setup.lora, grad_size,
+                                                          setup.method == "full")
     loss_forward, loss_backward = act.loss_transients(layout, setup)
+    full_accumulating = accumulating and setup.method == "full"
+    pending = sum(g.weight_numel for g in layout.modules if g.kind == "head") * grad_size \
+        if full_accumulating and layout.dims.tied_embeddings else 0
     phases = {
-        "end of forward (activations + logits)": (activations, forward_only + loss_forward),
-        "backward start (activations + loss gradients)": (activations, loss_backward),
+        "end of forward (activations + logits)": (activations + earlier, forward_only + loss_forward),
+        "backward start (activations + loss gradients)": (activations + earlier, loss_backward),
         # the head's backward has run: what it saved (its input, autocast's weight copy, log-softmax's output,
         # the final norm's) is freed and its gradients exist; only the embedding's dropout mask waits
         "backward through the last layer": (activations - sum(v for k, v in head.items() if k != "embedding_dropout")
-                                            + _grads_at_last_layer(layout, adapted, setup.lora, grad_size,
-                                                                   setup.method == "full"),
+                                            + grads_at_last_layer + pending,
                                             layer_backward + recompute + expert_gradient),
         # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
-        FIRST_LAYER: (grads_at_first_layer + first_layer_held, layer_backward + recompute + expert_gradient),
-        END_OF_BACKWARD: (gradients, max(layer_backward, tied_embedding_backward(layout, setup))),
+        FIRST_LAYER: (grads_at_first_layer + first_layer_held + pending,
+                      layer_backward + recompute + expert_gradient),
+        END_OF_BACKWARD: (gradients + pending, max(layer_backward, embedding_backward(layout, setup, accumulating))),
         OPTIMIZER_STEP: (gradients, optimizer_step),
     }
+    if full_accumulating:
+        freed, made = _head_gradient(layout, setup, grad_size, head)
+        phases[HEAD] = (activations - freed + earlier, made)
     return phases, activations, layer, head

@@ -64,13 +64,15 @@ class EstimateReport(BaseModel):
     gpu_memory_bytes: int | None = Field(None, description="--gpu-memory: the hypothetical GPU judged (null "
                                                            "otherwise)")
     instance: str | None
+    grad_accum: int = Field(1, description="micro-batches per optimizer step the memory was estimated for: above 1 "
+                                           "the gradients are held through every micro-batch")
     region: str | None = Field(description="the price region asked for; null: each instance in its own region "
                                            "(us-east-1 for the bundled catalog)")
     assumptions: list[str]
     estimates: list[MethodEstimate]
 
 
-def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[str]:
+def assumptions(setups: list[TrainingSetup], region: str | None = None, grad_accum: int = 1) -> list[str]:
     """The defaults and modelling choices behind the numbers, in words."""
     rules = catalog.memory_rules()
     notes = [
@@ -90,8 +92,9 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None) -> list[
         notes.append("fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries")
     notes += [
         "loss on fp32 logits (transformers upcasts them); log-softmax output kept for backward",
-        "one micro-batch per step: with gradient accumulation the gradients also live through the later "
-        "micro-batches' forward (not counted yet)",
+        (f"gradient accumulation {grad_accum}: the gradients are held through every micro-batch's forward and "
+         "backward" if grad_accum > 1 else "one micro-batch per optimizer step (--grad-accum 1): with accumulation "
+         "the gradients are also held through the later micro-batches, which --grad-accum N counts"),
         f"required = peak allocated + {rules.allocator_slack:.0%} allocator slack + "
         f"{rules.cuda_context_bytes // 2**20} MiB CUDA context + paged optimizer states",
         "memory: one GPU holds the whole model unless --gpus/--sharding say otherwise; prices: on-demand, "
@@ -155,8 +158,12 @@ def _setups(layout: ModelLayout, methods: list[Method], choices: SetupChoices,
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
              instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
              nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none",
-             region: str | None = None, gpu_memory_bytes: int | None = None) -> EstimateReport:
+             region: str | None = None, gpu_memory_bytes: int | None = None,
+             grad_accum: int = 1) -> EstimateReport:
     """Estimate `methods` for `spec`. Pure: no I/O beyond the catalogs (and torch for unknown architectures).
+
+    `grad_accum` > 1: the gradients outlive each micro-step, so they are held through the later micro-batches'
+    forward and backward too.
 
     `gpu` (a catalogued GPU), `instance` or `gpu_memory_bytes` (a hypothetical GPU of that memory, unpriced)
     add a verdict per method. `device="cpu"` models the CPU's kernels, for comparison with `ftplan measure
@@ -171,7 +178,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     setups, warnings = _setups(layout, methods, choices, bf16)
     for setup in setups:
         counts = count_params(layout, setup.method, setup.lora)
-        memory = estimate_memory(layout, setup, counts, device)
+        memory = estimate_memory(layout, setup, counts, device, accumulating=grad_accum > 1)
         sharded = None
         if gpus > 1 or sharding not in (None, "none") or offload != "none":
             sharded = shard(layout, setup, memory, gpus=gpus, nodes=nodes, offload=offload, device=device,
@@ -202,6 +209,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
     return EstimateReport(model=info, settings=choices, gpu=gpu_info.name if gpu_info else None,
                           gpu_memory_bytes=gpu_memory_bytes,
                           instance=selected_instance.type if selected_instance else None, region=region,
-                          assumptions=assumptions(setups, region) + ([FALLBACK_NOTE] if counting != "analytic" else [])
+                          grad_accum=grad_accum, assumptions=assumptions(setups, region, grad_accum)
+                          + ([FALLBACK_NOTE] if counting != "analytic" else [])
                           + warnings,
                           estimates=estimates)

@@ -98,7 +98,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     loading = loading_bytes_per_node(memory.weights_bytes, sharding, per_node)
     deepspeed = sharding.startswith("zero")
     if deepspeed and setup.method == "full":
-        setup, memory, checkpoint = ds.view(layout, setup, sharding, device)
+        setup, memory, checkpoint = ds.view(layout, setup, sharding, device, memory.accumulating)
         notes.append("DeepSpeed: the model in the compute dtype (no autocast under DeepSpeed); the optimizer's "
                      "partitions hold fp32 master weights and its states, and an fp32 gradient partition while "
                      "it steps")
@@ -181,7 +181,7 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, 
     gathered_half = sharding in PARAM_SHARDED and gpus > 1
     if gathered_half and layout.dims.experts:
         # the mixed-precision policy gathers fp32 experts in bf16, and grouped_mm computes in the weights' dtype
-        memory = estimate_memory(layout, setup, device=device, experts_half=True)
+        memory = estimate_memory(layout, setup, device=device, experts_half=True, accumulating=memory.accumulating)
     phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
                                                              - weights - states - memory.held_gradient_bytes)})
     copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers
