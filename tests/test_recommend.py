@@ -38,7 +38,8 @@ def test_cost_priority_returns_the_cheapest_fitting_plan_over_every_instance():
 def test_every_candidate_fits_by_the_estimators_own_numbers():
     rec = run()
     for c in rec.candidates + rec.frontier:
-        again = estimate_memory(LAYOUT, c.setup, count_params(LAYOUT, c.method, c.setup.lora))
+        again = estimate_memory(LAYOUT, c.setup, count_params(LAYOUT, c.method, c.setup.lora),
+                                accumulating=c.grad_accum > 1)
         if c.sharding == "fsdp":
             again = shard(LAYOUT, c.setup, again, gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
         assert again.required_bytes == c.required_bytes <= c.gpu_memory_bytes
@@ -137,8 +138,8 @@ def test_a_model_too_big_for_one_gpu_is_sharded_over_several():
                                                                                   priority="cost"), SetupChoices())
     c = rec.recommended
     assert c.sharding == "fsdp" and c.gpus_total >= 8
-    again = shard(layout, c.setup, estimate_memory(layout, c.setup, count_params(layout, "full")),
-                  gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
+    single = estimate_memory(layout, c.setup, count_params(layout, "full"), accumulating=c.grad_accum > 1)
+    again = shard(layout, c.setup, single, gpus=c.gpus_total, nodes=c.instance_count, sharding="fsdp")
     assert again.required_bytes == c.required_bytes <= c.gpu_memory_bytes
     assert any("FSDP" in words.assumption(a) for a in rec.assumptions)
 

@@ -171,19 +171,20 @@ def _fit(ctx: _Context, st: Setting, setup: TrainingSetup, gpu_bytes: int, world
          count: int) -> tuple[str | None, dict[int, tuple[int, int]]]:
     """How `st` runs on `world` GPUs of `gpu_bytes` each: a whole replica per GPU (none/ddp) when one fits,
     else FSDP over all of them; and the micro-batches that fit, with (required, peak) bytes per GPU."""
-    replica = {m: (mem.required_bytes, mem.peak_allocated_bytes) for m, mem in st.memory.items()
-               if mem.required_bytes <= gpu_bytes}
+    batch = ctx.request.global_batch
+    replica = {m: (mem.required_bytes, mem.peak_allocated_bytes) for m in st.memory
+               if (mem := st.memory_at(m, world, batch)).required_bytes <= gpu_bytes}
     if replica:
         return ("none" if world == 1 else "ddp"), replica
     if world == 1:
         return None, {}
     for m in sorted(st.memory, reverse=True):  # the largest micro-batch that fits sharded; larger ones need more
-        if ctx.request.global_batch % (m * world):
+        if batch % (m * world):
             continue
         key = (id(st), m, world, count)
         cache = ctx.caches["shard"]
         sharded = cache.get(key) or cache.setdefault(
-            key, shard(ctx.layout, setup, st.memory[m], gpus=world, nodes=count, sharding="fsdp"))
+            key, shard(ctx.layout, setup, st.memory_at(m, world, batch), gpus=world, nodes=count, sharding="fsdp"))
         if sharded.required_bytes <= gpu_bytes:
             return "fsdp", {m: (sharded.required_bytes, sharded.peak_allocated_bytes)}
     return "fsdp", {}
@@ -225,7 +226,8 @@ def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, 
         key, flops_per_token(ctx.layout, setup, st.counts, per_seq))
     calib = ctx.calibrations.find(gpu.name, ctx.spec.name, setup.method)
     u_max = (calib.ceiling(), f"calibrated by {calib.source} on {calib.date}") if calib else None
-    return step_time(ctx.layout, setup, st.counts, gpu, st.memory[micro], tokens_per_sequence=per_seq,
+    memory = st.memory_at(micro, parallel.gpus, ctx.request.global_batch)
+    return step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq,
                      accum=accum, parallel=parallel, u_max=u_max, flops=flops)
 
 

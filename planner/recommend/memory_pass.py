@@ -1,6 +1,7 @@
 """Stage 2 of the search: the memory pass. Memory does not depend on the instance, so each setting's
-single-GPU breakdown is computed once per micro-batch, stopping at the first micro-batch that no searched
-GPU could hold even sharded over every GPU allowed (larger micro-batches only need more).
+single-GPU breakdown is computed once per micro-batch - for a step of that micro-batch alone and for one that
+accumulates gradients over several - stopping at the first micro-batch that no searched GPU could hold even
+sharded over every GPU allowed (larger micro-batches only need more).
 """
 
 from __future__ import annotations
@@ -18,14 +19,21 @@ from ftplan.recommend.models import SearchRequest
 
 @dataclass
 class Setting:
-    """One searched training setting, with its single-GPU memory by micro-batch ({} when none fits)."""
+    """One searched training setting, with its single-GPU memory by micro-batch ({} when none fits): `memory`
+    for a step of one micro-batch, `accumulating` for a step that accumulates gradients over several."""
 
     setup: TrainingSetup
     counts: ParamCounts
     targets: str
     target_modules: str | list[str] | None
     memory: dict[int, MemoryBreakdown] = field(default_factory=dict)
+    accumulating: dict[int, MemoryBreakdown] = field(default_factory=dict)
     least_bytes: int = 0  # the least this setting needs per GPU, sharded over every GPU allowed
+
+    def memory_at(self, micro: int, world: int, global_batch: int) -> MemoryBreakdown:
+        """The step's memory at `micro` sequences per GPU on `world` GPUs: they accumulate gradients whenever
+        they take fewer sequences than the global batch."""
+        return self.accumulating[micro] if micro * world < global_batch else self.memory[micro]
 
     @property
     def all_linear(self) -> bool:
@@ -65,5 +73,8 @@ def memory_pass(layout: ModelLayout, request: SearchRequest, choices: SetupChoic
             if need > largest_gpu_bytes:
                 break
             st.memory[micro] = memory
+            if micro < request.global_batch:
+                st.accumulating[micro] = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}),
+                                                         counts, accumulating=True)
         settings.append(st)
     return settings
