@@ -108,7 +108,8 @@ def assumption(a: Assumption) -> str:
                           f"model download and load), and {f['cluster_launch_seconds'] / 60:.0f} more per instance "
                           "of a multi-instance plan; per-second billing"),
         "global_batch": lambda: (f"global batch {f['sequences']} sequences per optimizer step (micro-batch x GPUs x "
-                                 "accumulation)"),
+                                 "accumulation); with accumulation the gradients are held through every "
+                                 "micro-batch, and the memory counts them"),
         "quality_weighing": lambda: f"quality weighing: {f['about']}",
         "multi_instance_margin": lambda: f"multi-instance plans must gain {f['margin']:.0%}: {f['source']}",
         "spot": lambda: f"spot: {f['caveat']}",
