@@ -236,3 +236,22 @@ def test_qlora_gathers_4bit_layers_as_stored_and_fp32_embeddings_in_bf16():
     root = TOTAL - 32 * layer  # embeddings and head, fp32 after prepare_model_for_kbit_training
     # the largest unit is embeddings + head at 2 bytes; a decoder layer in 4 bits (about 0.53 byte a parameter)
     assert 2 * root + 0.5 * layer < fsdp.gathered_bytes < 2 * root + 0.6 * layer + m.adapter_bytes / 32
+
+
+@pytest.mark.parametrize("scheme", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
+def test_accumulation_holds_each_schemes_gradients_in_every_phase(scheme):
+    """With accumulation every phase holds the gradients as the scheme keeps them between micro-steps: whole
+    (DDP, ZeRO-1, which reduces only at the boundary), or this GPU's partition (ZeRO-2/3, and FSDP as the hf
+    backend runs it, reducing every micro-step). ZeRO-3 holds its gradient partition from start-up anyway."""
+    setup, one = breakdown()
+    acc = estimate_memory(LAYOUT, setup, accumulating=True)
+    single, sharded = (shard(LAYOUT, setup, m, gpus=8, sharding=scheme) for m in (one, acc))
+    if scheme == "zero3":
+        assert sharded.peak_allocated_bytes == single.peak_allocated_bytes
+    else:
+        assert sharded.peak_allocated_bytes > single.peak_allocated_bytes
+    size = 2 if scheme.startswith("zero") else 4  # DeepSpeed's gradients are in the module's bf16
+    whole = scheme in ("ddp", "zero1")
+    assert sharded.gradients_bytes >= size * TOTAL // (1 if whole else 8)
+    if scheme == "fsdp":
+        assert sharded.gradients_bytes == acc.gradients_bytes // 8
