@@ -145,7 +145,10 @@ Held-out rule, fixed before any result was seen: the case at 0-based position i 
 matrix is held out when i % 3 == 2; of the cases added later, the four QLoRA/full bf16-mixed cases (added after
 the first held-out results, to test a change those suggested) are all train cases, and the 24-case architecture
 family block is split by the same rule within the block (position % 3 == 2, methods rotated so each is held out
-somewhere). Estimate changes were made only from train cases.
+somewhere); the two MoE cases added with the change they test are train cases; the 9-case gradient
+accumulation block (`--grad-accum 2-3`: optimizer steps over several micro-batches, where every gradient is held
+through the later ones) is split by position within the block as well, fixed before any of it was measured.
+Estimate changes were made only from train cases.
 """
 
 
