@@ -127,14 +127,7 @@ def worker(stage: int, config: dict, setup_json: dict) -> dict:
 
     step()
     step()
-    gc.collect()
-    census, seen = 0, set()
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                census += storage.nbytes()
+    census = _census(torch)
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
@@ -144,6 +137,19 @@ def worker(stage: int, config: dict, setup_json: dict) -> dict:
     return {"rank": torch.distributed.get_rank(), "census_bytes": census, "rss_rise_bytes": rise,
             "measured_bytes": census + rise, "step_seconds": seconds, "deepspeed": deepspeed.__version__,
             "torch": torch.__version__, "cpu_bf16_kernels": kernels, "zero_optimization": ds["zero_optimization"]}
+
+
+def _census(torch) -> int:
+    """Bytes of every distinct tensor storage the garbage collector can see."""
+    gc.collect()
+    census, seen = 0, set()
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                census += storage.nbytes()
+    return census
 
 
 def _status(field: str) -> int:
