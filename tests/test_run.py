@@ -282,14 +282,18 @@ def test_zero_plans_run_with_the_buckets_the_estimate_models(workdir, stage):
     plan = load(make_plan(workdir, "full", "cfg"))
     plan = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"sharding": f"zero{stage}"})})
     path = workdir / "deepspeed_config.json"
-    written = deepspeed_config(plan, 8)
+    world = plan.hardware.instance_count * plan.hardware.gpus_per_instance
+    t = plan.training.model_copy(update={"grad_accum": 4, "global_batch": plan.training.setup.batch_size * 4 * world})
+    plan = plan.model_copy(update={"training": t})
+    for processes, accum in ((world, 4), (world * 2, 2), (world * 4, 1)):
+        written = deepspeed_config(plan, processes)
+        # the loop prepares no dataloader, so the micro-batch, the accumulation and the clipping are written out;
+        # whatever the process count, one optimizer step is the plan's global batch
+        assert written["train_micro_batch_size_per_gpu"] == t.setup.batch_size
+        assert written["gradient_accumulation_steps"] == accum
+        assert written["train_batch_size"] == t.global_batch
+        assert written["gradient_clipping"] == t.max_grad_norm
     path.write_text(json.dumps(written))
-    # the loop prepares no dataloader, so the micro-batch, the accumulation and the clipping are written out
-    t, world = plan.training, plan.hardware.instance_count * plan.hardware.gpus_per_instance
-    assert written["train_micro_batch_size_per_gpu"] == t.setup.batch_size
-    assert written["gradient_accumulation_steps"] == max(1, t.grad_accum * world // 8)
-    assert written["train_batch_size"] == t.setup.batch_size * written["gradient_accumulation_steps"] * 8
-    assert written["gradient_clipping"] == t.max_grad_norm
     config = accelerate_config(plan, processes=8, machines=1, machine_rank=0, main_ip="127.0.0.1", main_port=29500,
                                cpu=False, deepspeed_file=path)
     assert config["distributed_type"] == "DEEPSPEED"

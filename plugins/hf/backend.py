@@ -169,10 +169,12 @@ class HuggingFaceBackend(TrainerBackend):
     def _split_problems(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
         """Every process takes whole micro-batches: the plan's accumulation x GPUs must divide among them (said
         here, before the launcher starts, rather than by a worker's traceback)."""
+        from .loop import accumulation
+
         t, count = plan.training, self.processes(plan, request, options)[0]
-        world = plan.hardware.instance_count * plan.hardware.gpus_per_instance
-        if count <= 1 or (t.grad_accum * world) % count == 0:
+        if count <= 1 or accumulation(plan, count) is not None:
             return []
+        world = plan.hardware.instance_count * plan.hardware.gpus_per_instance
         return [Problem(message=f"{count} processes cannot split the plan's global batch ({t.global_batch} = "
                                 f"micro-batch {t.setup.batch_size} x {t.grad_accum} accumulation x {world} GPU(s))",
                         fix=f"use --option processes=N with N dividing {t.grad_accum * world}, or re-plan with a "

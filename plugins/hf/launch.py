@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ftplan.api import Plan, PlannerError, ProgressCallback, ProgressEvent, RunRequest, RunResult
 
-from .loop import mixed_precision
+from .loop import accumulation, mixed_precision
 
 CONFIG = "accelerate_config.yaml"
 DEEPSPEED_CONFIG = "deepspeed_config.json"
@@ -61,7 +61,7 @@ def deepspeed_config(plan: Plan, processes: int) -> dict:
     ZeRO-3 prefetch 0.9 hidden^2, persistence 10 hidden) - what ftplan's estimate models. Without them
     DeepSpeed's defaults apply: a reduce bucket of 5e8 elements, about 1 GB more per GPU."""
     t, hw = plan.training, plan.hardware
-    accum = max(1, t.grad_accum * hw.instance_count * hw.gpus_per_instance // processes)  # as the loop computes
+    accum = accumulation(plan, processes)  # the backend has refused process counts that do not split the batch
     return {"train_micro_batch_size_per_gpu": t.setup.batch_size, "gradient_accumulation_steps": accum,
             "train_batch_size": t.setup.batch_size * accum * processes, "gradient_clipping": t.max_grad_norm,
             "zero_optimization": {"stage": int(hw.sharding[-1]), "offload_optimizer": {"device": "none"},

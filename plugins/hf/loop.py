@@ -186,6 +186,15 @@ def _start(plan: Plan, request: RunRequest) -> Session:
                    fingerprint=fingerprint.of(plan, request))
 
 
+def accumulation(plan: Plan, processes: int) -> int | None:
+    """Micro-batches each of `processes` processes accumulates per optimizer step to keep the plan's global batch:
+    the plan's accumulation x GPUs split among them (fewer processes than GPUs accumulate longer); None when they
+    cannot split it evenly."""
+    hw = plan.hardware
+    total = plan.training.grad_accum * hw.instance_count * hw.gpus_per_instance
+    return None if total % processes else total // processes
+
+
 def _data(s: Session, tokenizer) -> None:
     """Tokenized examples as a stream of micro-batches, the accumulation that keeps the plan's global batch on
     this many processes, and the step count."""
@@ -196,11 +205,12 @@ def _data(s: Session, tokenizer) -> None:
     if request.eval_data is not None:
         s.eval_examples = data.Examples(request.eval_data, tokenizer, setup.seq_len)
     world, processes = s.plan.hardware.instance_count * s.plan.hardware.gpus_per_instance, s.procs.count
-    if (t.grad_accum * world) % processes:
+    accum = accumulation(s.plan, processes)
+    if accum is None:
         raise PlannerError(f"{processes} processes cannot split the plan's global batch ({t.global_batch} = "
                            f"{setup.batch_size} x {t.grad_accum} x {world} GPUs); use a process count dividing "
                            f"{t.grad_accum * world}")
-    s.accum = t.grad_accum * world // processes  # fewer processes than the plan's GPUs: accumulate longer
+    s.accum = accum
     if world != processes:
         s.notes.append(f"the plan spreads the global batch over {world} GPUs; this run used {processes} process(es) "
                        f"with {s.accum} accumulation steps (same global batch)")
@@ -271,11 +281,11 @@ def _micro_step(s: Session, position: int) -> tuple:
 
     batch = {key: v.to(s.device) for key, v in s.stream.batch(position).items()}
     with s.accelerator.autocast():
-        loss = s.model(**batch).loss / s.accum
+        loss = s.model(**batch).loss
     # DeepSpeed divides by its own gradient_accumulation_steps (launch.deepspeed_config sets it to s.accum)
-    undivided = s.accelerator.distributed_type == DistributedType.DEEPSPEED
-    s.accelerator.backward(loss * s.accum if undivided else loss)
-    return loss.detach().float(), batch["attention_mask"].sum()
+    deepspeed = s.accelerator.distributed_type == DistributedType.DEEPSPEED
+    s.accelerator.backward(loss if deepspeed else loss / s.accum)
+    return (loss / s.accum).detach().float(), batch["attention_mask"].sum()
 
 
 def _steps(s: Session, state: dict, tokenizer, progress: ProgressCallback) -> tuple[int, float | None, bool]:
