@@ -79,7 +79,7 @@ def kept_params(layout: ModelLayout, grad_ckpt: bool = False) -> int:
     per_layer = sum(g.params() for g in layout.modules if g.per_layer)
     first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
     last = layout.total_params() - per_layer * layout.dims.layers - first
-    if any(g.kind == "head" and g.shared_weight for g in layout.modules):
+    if layout.dims.tied_embeddings:
         last += max(g.weight_numel for g in layout.modules if g.kind == "head")
     units = [first] + [per_layer] * layout.dims.layers + [last]  # forward order
     uses = [2] + [3 if grad_ckpt else 2] * layout.dims.layers + [2]
@@ -113,7 +113,7 @@ def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group:
         bucket = 0
     elif sharding == "zero1" and full and phase == END_OF_BACKWARD:
         grads += partition + straddle  # reduced after the backward, into a buffer, beside the full gradients
-    if sharding != "zero1" and phase in (LAST_LAYER, FIRST_LAYER) and _tied(layout):
+    if sharding != "zero1" and phase in (LAST_LAYER, FIRST_LAYER) and layout.dims.tied_embeddings:
         # a tied head's gradient is reduced only once the embedding's backward has added to it
         grads += layout.dims.vocab * layout.dims.hidden * grad_bytes(setup) * (group - 1) // group
     if full and phase == OPTIMIZER_STEP:
@@ -142,10 +142,6 @@ def _step(layout: ModelLayout, sharding: str, group: int, b: int, grads: int, ot
 def largest_param(layout: ModelLayout) -> int:
     """Elements of the largest weight."""
     return max((g.weight_numel for g in layout.modules if not g.shared_weight), default=0)
-
-
-def _tied(layout: ModelLayout) -> bool:
-    return any(g.kind == "head" and g.shared_weight for g in layout.modules)
 
 
 def largest_layer_param(layout: ModelLayout) -> int:

@@ -155,24 +155,24 @@ def _grads_at_last_layer(layout: ModelLayout, adapted: list[ModuleGroup], lora, 
     return (above + tied) * grad_size
 
 
-def embedding_backward(layout: ModelLayout, setup: TrainingSetup, accumulating: bool = False) -> int:
+def embedding_backward(layout: ModelLayout, setup: TrainingSetup, grad_size: int, accumulating: bool = False) -> int:
     """Full fine-tuning: the embedding's backward allocates a dense vocab x hidden gradient to add to a .grad that
     already exists - a tied head's (measured 4 bytes per element with fp32 and with bf16 gradients), or with
-    gradient accumulation the earlier micro-steps' (in the gradient's dtype)."""
-    if setup.method != "full":
+    gradient accumulation the earlier micro-steps' (`grad_size` bytes per element)."""
+    if setup.method != "full" or not (layout.dims.tied_embeddings or accumulating):
         return 0
-    size = 4 if layout.dims.tied_embeddings else (4 if setup.precision not in ("bf16", "fp16") else 2)
-    return size * layout.dims.vocab * layout.dims.hidden if layout.dims.tied_embeddings or accumulating else 0
+    return (4 if layout.dims.tied_embeddings else grad_size) * layout.dims.vocab * layout.dims.hidden
 
 
-def _head_gradient(layout: ModelLayout, setup: TrainingSetup, grad_size: int, head: dict[str, int]) -> tuple[int, int]:
+def _head_gradient(layout: ModelLayout, setup: TrainingSetup, grad_size: int, head: dict[str, int],
+                   numel: int) -> tuple[int, int]:
     """Gradient accumulation, full fine-tuning: the moment the head's new weight gradient exists beside the held
     ones, as (activations freed by then, bytes made). Without autocast the head's backward makes it beside the
     logits' gradient; under autocast it is made in bf16 for the weight copy, then cast: at the cast the head's
     saved input and weight copy are gone, the bf16 gradient and its fp32 cast exist. Untied, the new gradient is
-    added into .grad at once; tied, autograd holds it until the embedding's backward (`pending`)."""
+    added into .grad at once; tied, autograd holds it until the embedding's backward (`pending`). `numel`: the
+    head weight's elements."""
     dt = act.step_dtypes(setup)
-    numel = sum(g.weight_numel for g in layout.modules if g.kind == "head")
     logits_grad = setup.tokens * layout.dims.vocab * dt.compute
     freed = head.get("log_softmax", 0)
     during = (freed, numel * (2 if dt.autocast else grad_size) + logits_grad)
@@ -211,9 +211,8 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     phase = max(phases, key=lambda k: sum(phases[k]))
     held, transient = phases[phase]
     first_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
-    grads_held = {END_OF_BACKWARD: gradients, OPTIMIZER_STEP: gradients, FIRST_LAYER: phases[FIRST_LAYER][0] - first_held}
-    if accumulating:
-        grads_held = dict.fromkeys(phases, gradients)
+    grads_held = dict.fromkeys(phases, gradients) if accumulating else {
+        END_OF_BACKWARD: gradients, OPTIMIZER_STEP: gradients, FIRST_LAYER: phases[FIRST_LAYER][0] - first_held}
     phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
     peak = static + held + transient
     slack, context = outside_allocator(peak)
@@ -266,8 +265,9 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
                                                           setup.method == "full")
     loss_forward, loss_backward = act.loss_transients(layout, setup)
     full_accumulating = accumulating and setup.method == "full"
-    pending = sum(g.weight_numel for g in layout.modules if g.kind == "head") * grad_size \
-        if full_accumulating and layout.dims.tied_embeddings else 0
+    head_numel = sum(g.weight_numel for g in layout.modules if g.kind == "head")
+    pending = head_numel * grad_size if full_accumulating and layout.dims.tied_embeddings else 0
+    embedding = embedding_backward(layout, setup, grad_size, accumulating)
     phases = {
         "end of forward (activations + logits)": (activations + earlier, forward_only + loss_forward),
         "backward start (activations + loss gradients)": (activations + earlier, loss_backward),
@@ -279,10 +279,10 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
         # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
         FIRST_LAYER: (grads_at_first_layer + first_layer_held + pending,
                       layer_backward + recompute + expert_gradient),
-        END_OF_BACKWARD: (gradients + pending, max(layer_backward, embedding_backward(layout, setup, accumulating))),
+        END_OF_BACKWARD: (gradients + pending, max(layer_backward, embedding)),
         OPTIMIZER_STEP: (gradients, optimizer_step),
     }
     if full_accumulating:
-        freed, made = _head_gradient(layout, setup, grad_size, head)
+        freed, made = _head_gradient(layout, setup, grad_size, head, head_numel)
         phases[HEAD] = (activations - freed + earlier, made)
     return phases, activations, layer, head
