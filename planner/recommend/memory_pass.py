@@ -64,7 +64,8 @@ def memory_pass(layout: ModelLayout, request: SearchRequest, choices: SetupChoic
         counts = count_cache.get(key) or count_cache.setdefault(key, count_params(layout, setup.method, setup.lora))
         st = Setting(setup, counts, _targets_label(counts), counts.targets.peft_value() if counts.targets else None)
         for micro in micros:
-            memory = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}), counts)
+            micro_setup = setup.model_copy(update={"batch_size": micro})
+            memory = estimate_memory(layout, micro_setup, counts)
             need = memory.required_bytes
             if need > largest_gpu_bytes and max_world > 1:  # the least it can need: sharded over every GPU
                 need = min(need, shard(layout, setup, memory, gpus=max_world, sharding="fsdp").required_bytes)
@@ -74,7 +75,6 @@ def memory_pass(layout: ModelLayout, request: SearchRequest, choices: SetupChoic
                 break
             st.memory[micro] = memory
             if micro < request.global_batch:
-                st.accumulating[micro] = estimate_memory(layout, setup.model_copy(update={"batch_size": micro}),
-                                                         counts, accumulating=True)
+                st.accumulating[micro] = estimate_memory(layout, micro_setup, counts, accumulating=True)
         settings.append(st)
     return settings
