@@ -59,6 +59,14 @@ def _setup(batch: int, seq: int, ckpt: bool = False, accum: int = 1) -> dict:
             "grad_accum": accum}
 
 
+def _parse(setup_json: dict):
+    """(the TrainingSetup, its accumulation) from a case's setup JSON (records before 2026-12-01 have none: 1)."""
+    from ftplan.estimate.settings import TrainingSetup
+
+    accum = setup_json.get("grad_accum", 1)
+    return TrainingSetup.model_validate({k: v for k, v in setup_json.items() if k != "grad_accum"}), accum
+
+
 CASES = [  # (id, model, ZeRO stage, setup, split)
     ("llama-1k-2l/zero1/1x128", "llama-1k-2l", 1, _setup(1, 128), "train"),
     ("llama-1k-2l/zero2/1x128", "llama-1k-2l", 2, _setup(1, 128), "train"),
@@ -86,7 +94,6 @@ def worker(stage: int, config: dict, setup_json: dict) -> dict:
     import torch
     from accelerate.utils import DeepSpeedPlugin
 
-    from ftplan.estimate.settings import TrainingSetup
     from ftplan.model.spec import spec_from_config
     from ftplan.train.build import build_model, random_batch
 
@@ -101,8 +108,7 @@ def worker(stage: int, config: dict, setup_json: dict) -> dict:
     deepspeed.init_distributed("gloo", timeout=timedelta(hours=2))  # a 634M model's CPU step outlasts gloo's 10 min
     world = torch.distributed.get_world_size()
     spec = spec_from_config(config, name="case", source="benchmark")
-    accum = setup_json.get("grad_accum", 1)
-    setup = TrainingSetup.model_validate({k: v for k, v in setup_json.items() if k != "grad_accum"})
+    setup, accum = _parse(setup_json)
     torch.manual_seed(0)
     model = build_model(spec, setup, device="cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
@@ -161,15 +167,13 @@ def _status(field: str) -> int:
 
 def estimate(model: str, stage: int, setup_json: dict) -> dict:
     from ftplan.estimate.memory import estimate_memory
-    from ftplan.estimate.settings import TrainingSetup
     from ftplan.estimate.sharding import shard
     from ftplan.model.architectures import build_layout
     from ftplan.model.spec import spec_from_config
 
     layout = build_layout(spec_from_config(MODELS[model], name=model, source="benchmark"))
-    accumulating = setup_json.get("grad_accum", 1) > 1
-    setup = TrainingSetup.model_validate({k: v for k, v in setup_json.items() if k != "grad_accum"})
-    memory = estimate_memory(layout, setup, device="cpu", accumulating=accumulating)
+    setup, accum = _parse(setup_json)
+    memory = estimate_memory(layout, setup, device="cpu", accumulating=accum > 1)
     s = shard(layout, setup, memory, gpus=2, sharding=f"zero{stage}", device="cpu")
     return {"estimated_bytes": s.peak_allocated_bytes, "peak_phase": s.peak_phase, "params": layout.total_params()}
 
