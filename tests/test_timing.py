@@ -151,3 +151,16 @@ def test_across_instances_a_gpu_shares_the_whole_network_up_to_its_own_link():
     assert allreduce_seconds(grads, g5, 1) == 0
     assert allreduce_seconds(grads, g5, 4) == pytest.approx(2 * 3 / 4 * grads / (1.25 / 2 * 1e9 * 0.8))
     assert math.isfinite(allreduce_seconds(grads, catalog.get_instance("g4dn.12xlarge"), 1))
+
+
+def test_measure_reads_an_accumulating_step_per_optimizer_step():
+    """`measure --grad-accum N` on a GPU: tokens/s over N micro-batches and one optimizer step. A step measured
+    exactly as modelled calibrates to the model's own ceiling and predicts the measured throughput (reading it
+    per micro-batch would calibrate N times too slow)."""
+    from ftplan.measure.runner import throughput_figures
+
+    _, _, t = timed("qlora", gpu="L4", seq=2048, accum=4)
+    as_modelled = t.tokens_per_micro_batch * 4 / t.seconds
+    utilization, predicted, u_max = throughput_figures(t, as_modelled)
+    assert predicted == pytest.approx(as_modelled) and u_max == pytest.approx(t.u_max)
+    assert utilization == pytest.approx(t.flops_per_token.total * as_modelled / t.peak_flops)

@@ -197,12 +197,23 @@ def measure(spec: ModelSpec, method: Method, choices: SetupChoices, *, steps: in
     return result
 
 
+def throughput_figures(step, measured_tokens_per_second: float) -> tuple[float, float, float]:
+    """For a measured optimizer step of `step`'s shape (a StepTime, accumulation included): the utilisation of the
+    FLOPs ftplan counts, the time model's tokens/s, and the u_max under which the model takes the measured time."""
+    from ftplan.estimate.timing import calibrated_u_max
+
+    tokens_per_step = step.tokens_per_micro_batch * step.grad_accum
+    utilization = step.flops_per_token.total * measured_tokens_per_second / step.peak_flops
+    return (utilization, tokens_per_step / step.seconds,
+            calibrated_u_max(step, tokens_per_step / measured_tokens_per_second))
+
+
 def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetup, calibrate: bool) -> None:
     import torch
 
     from ftplan.data import calibration
     from ftplan.estimate.params import count_params
-    from ftplan.estimate.timing import calibrated_u_max, step_time
+    from ftplan.estimate.timing import step_time
     from ftplan.model.inventory import layout_for
 
     props = torch.cuda.get_device_properties(0)
@@ -211,15 +222,13 @@ def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetu
         return
     layout, _ = layout_for(spec)
     step = step_time(layout, setup, count_params(layout, setup.method, setup.lora), gpu, result.estimated,
-                     tokens_per_sequence=setup.seq_len)
+                     tokens_per_sequence=setup.seq_len, accum=result.grad_accum)
     measured = result.measured.tokens_per_second
     result.gpu = gpu.name
-    result.utilization = step.flops_per_token.total * measured / step.peak_flops
-    result.predicted_tokens_per_second = step.tokens_per_micro_batch / step.seconds
+    result.utilization, result.predicted_tokens_per_second, u_max = throughput_figures(step, measured)
     if calibrate and 0 < result.utilization <= 1:
         path = calibration.record(calibration.Calibration(
-            gpu=gpu.name, model=spec.name, method=setup.method, utilization=result.utilization,
-            u_max=calibrated_u_max(step, step.tokens_per_micro_batch / measured),
+            gpu=gpu.name, model=spec.name, method=setup.method, utilization=result.utilization, u_max=u_max,
             tokens_per_micro_batch=step.tokens_per_micro_batch, tokens_per_second=measured,
             peak_memory_bytes=result.measured.peak_allocated_bytes, source="ftplan measure",
             date=calibration.today()))
