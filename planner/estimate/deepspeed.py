@@ -76,7 +76,7 @@ def kept_params(layout: ModelLayout, grad_ckpt: bool = False) -> int:
     backward use comes within MAX_REUSE_DISTANCE parameters of the trace, i.e. twice the parameters of the units
     after it (each is used once more in the forward and once in the backward; a checkpointed layer three times,
     its recomputation too). A tied head is the embedding's weight, gathered again at the end of the forward."""
-    per_layer = sum(g.params() for g in layout.modules if g.per_layer)
+    per_layer = layout.layer_params()
     first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
     last = layout.total_params() - per_layer * layout.dims.layers - first
     if layout.dims.tied_embeddings:
@@ -151,6 +151,6 @@ def largest_layer_param(layout: ModelLayout) -> int:
 
 def _unit_params(layout: ModelLayout) -> int:
     """Parameters of the working set ftplan gathers for parameter sharding (sharding._gathered's units)."""
-    per_layer = sum(g.params() for g in layout.modules if g.per_layer)
+    per_layer = layout.layer_params()
     root = layout.total_params() - per_layer * layout.dims.layers
     return max(per_layer, root) + per_layer

@@ -137,7 +137,7 @@ def _grads_not_yet_at_first_layer(layout: ModelLayout, counts: ParamCounts, adap
     that layer's own, and (full fine-tuning) an untied embedding's."""
     if counts.adapter_params:
         return sum(lora_params(g, lora.r) for g in adapted if g.per_layer) * grad_size
-    layer = sum(g.params() for g in layout.modules if g.per_layer)
+    layer = layout.layer_params()
     embedding = sum(g.params() for g in layout.modules if g.kind == "embedding") if not layout.dims.tied_embeddings \
         else 0
     return (layer + embedding) * grad_size

@@ -158,7 +158,7 @@ def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown
     mixed = setup.precision.endswith("-mixed")
     layers = layout.dims.layers
     per_layer = [g for g in layout.modules if g.per_layer]
-    layer_params = sum(g.params() for g in per_layer)
+    layer_params = layout.layer_params()
     root_params = layout.total_params() - layers * layer_params
     if setup.method == "qlora":
         cap = 2 if mixed else 4  # prepare_model_for_kbit_training keeps every unquantized parameter in fp32

@@ -91,3 +91,7 @@ class ModelLayout(BaseModel):
 
     def total_params(self) -> int:
         return sum(g.params() * self.instances(g) for g in self.modules)
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer."""
+        return sum(g.params() for g in self.modules if g.per_layer)
