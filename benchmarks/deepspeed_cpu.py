@@ -151,7 +151,11 @@ def _census(torch) -> int:
     census, seen = 0, set()
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
+            try:
+                storage = obj.untyped_storage()
+                storage.data_ptr()
+            except RuntimeError:  # a wrapper subclass (FSDP's DTensor): its local tensor is counted instead
+                continue
             if storage.data_ptr() and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 census += storage.nbytes()
@@ -178,29 +182,46 @@ def estimate(model: str, stage: int, setup_json: dict) -> dict:
     return {"estimated_bytes": s.peak_allocated_bytes, "peak_phase": s.peak_phase, "params": layout.total_params()}
 
 
-def run_case(case, port: int) -> dict:
-    """Both ranks of one case, each in its own process with glibc set for the RSS instrument."""
-    cid, model, stage, setup_json, split = case
-    env = {**os.environ, **GLIBC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+def run_ranks(script: str, request: dict, port: int, label: str, world: int = 2) -> list[dict]:
+    """Every rank of one case: `script --worker REQUEST` `world` times, each in its own process with glibc set
+    for the RSS instrument; each rank's last stdout line, parsed as JSON."""
+    env = {**os.environ, **GLIBC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    request = json.dumps({"stage": stage, "config": MODELS[model], "setup": setup_json})
     ranks = []
     with tempfile.TemporaryDirectory() as tmp:
         # each rank writes to files: a pipe nobody reads fills with DeepSpeed's logging and blocks that rank
         # inside a collective the other waits on
-        logs = [(Path(tmp) / f"{r}.out", Path(tmp) / f"{r}.err") for r in (0, 1)]
+        logs = [(Path(tmp) / f"{r}.out", Path(tmp) / f"{r}.err") for r in range(world)]
         procs = []
         for r, (out, err) in enumerate(logs):
             with out.open("w") as o, err.open("w") as e:
-                procs.append(subprocess.Popen([sys.executable, __file__, "--worker", request], stdout=o, stderr=e,
-                                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+                procs.append(subprocess.Popen([sys.executable, script, "--worker", json.dumps(request)], stdout=o,
+                                              stderr=e, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
         for proc, (out, err) in zip(procs, logs):
             if proc.wait(timeout=7200) != 0:
-                raise RuntimeError(f"{cid}: rank failed: {err.read_text().strip().splitlines()[-1:]}")
+                raise RuntimeError(f"{label}: rank failed: {err.read_text().strip().splitlines()[-1:]}")
             ranks.append(json.loads(out.read_text().strip().splitlines()[-1]))
+    return ranks
+
+
+def run_case(case, port: int) -> dict:
+    """Both ranks of one case."""
+    cid, model, stage, setup_json, split = case
+    ranks = run_ranks(__file__, {"stage": stage, "config": MODELS[model], "setup": setup_json}, port, cid)
     return {"id": cid, "model": model, "stage": stage, "setup": setup_json, "split": split, "ranks": ranks,
             "measured_bytes": max(r["measured_bytes"] for r in ranks),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def error_summary(errors: dict[str, list[float]]) -> list[str]:
+    """The summary table's lines: n, median and max |error| and how many within 3%, per split."""
+    summary = ["| split | n | median abs error | max abs error | within 3% |", "|---|---|---|---|---|"]
+    for split, errs in errors.items():
+        if errs:
+            errs = sorted(errs)
+            summary.append(f"| {split} | {len(errs)} | {errs[len(errs) // 2]:.2f}% | {max(errs):.2f}% | "
+                           f"{sum(e <= 3 for e in errs)}/{len(errs)} |")
+    return summary
 
 
 def report(records: list[dict]) -> str:
@@ -216,12 +237,6 @@ def report(records: list[dict]) -> str:
         rise = " / ".join(f"{x['rss_rise_bytes'] / 2**20:.1f}" for x in r["ranks"])
         rows.append(f"| {r['id']} | {r['split']} | {e['params'] / 1e6:.0f}M | {e['estimated_bytes'] / 2**20:.1f} | "
                     f"{r['measured_bytes'] / 2**20:.1f} | {err:+.2f}% | {first} | {census} | {rise} | {e['peak_phase']} |")
-    summary = []
-    for split, errs in errors.items():
-        if errs:
-            errs = sorted(errs)
-            summary.append(f"| {split} | {len(errs)} | {errs[len(errs) // 2]:.2f}% | {max(errs):.2f}% | "
-                           f"{sum(e <= 3 for e in errs)}/{len(errs)} |")
     versions = records[0]["ranks"][0] if records else {}
     return "\n".join([
         "# DeepSpeed ZeRO memory against DeepSpeed itself (CPU)", "",
@@ -231,7 +246,7 @@ def report(records: list[dict]) -> str:
         "docstring. Estimate = `ftplan estimate --device cpu --gpus 2 --sharding zeroN` (today's model); "
         "measured = census + RSS rise of the larger process. Full fine-tuning, bf16-mixed (DeepSpeed bf16), "
         "fused AdamW, the Trainer's 'auto' buckets."), "",
-        "| split | n | median abs error | max abs error | within 3% |", "|---|---|---|---|---|", *summary, "",
+        *error_summary(errors), "",
         ("| case | split | params | estimated MiB | measured MiB | error | error before measuring | census MiB "
          "(ranks) | RSS rise MiB (ranks) | estimated peak phase |"), "|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
