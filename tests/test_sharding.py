@@ -241,8 +241,8 @@ def test_qlora_gathers_4bit_layers_as_stored_and_fp32_embeddings_in_bf16():
 @pytest.mark.parametrize("scheme", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
 def test_accumulation_holds_each_schemes_gradients_in_every_phase(scheme):
     """With accumulation every phase holds the gradients as the scheme keeps them between micro-steps: whole
-    (DDP, ZeRO-1, which reduces only at the boundary), or this GPU's partition (ZeRO-2/3, and FSDP as the hf
-    backend runs it, reducing every micro-step). ZeRO-3 holds its gradient partition from start-up anyway."""
+    (DDP, ZeRO-1, which reduces only at the boundary; FSDP under the Trainer's no_sync, in bf16), or this GPU's
+    partition (ZeRO-2/3). ZeRO-3 holds its gradient partition from start-up anyway."""
     setup, one = breakdown()
     acc = estimate_memory(LAYOUT, setup, accumulating=True)
     single, sharded = (shard(LAYOUT, setup, m, gpus=8, sharding=scheme) for m in (one, acc))
@@ -250,8 +250,28 @@ def test_accumulation_holds_each_schemes_gradients_in_every_phase(scheme):
         assert sharded.peak_allocated_bytes == single.peak_allocated_bytes
     else:
         assert sharded.peak_allocated_bytes > single.peak_allocated_bytes
-    size = 2 if scheme.startswith("zero") else 4  # DeepSpeed's gradients are in the module's bf16
-    whole = scheme in ("ddp", "zero1")
+    size = 2 if scheme.startswith("zero") or scheme == "fsdp" else 4  # DeepSpeed's and FSDP's policy: bf16
+    whole = scheme in ("ddp", "zero1", "fsdp")
     assert sharded.gradients_bytes >= size * TOTAL // (1 if whole else 8)
     if scheme == "fsdp":
-        assert sharded.gradients_bytes == acc.gradients_bytes // 8
+        assert sharded.gradients_bytes == acc.gradients_bytes // 2
+
+
+@pytest.mark.parametrize("precision, held", [("bf16-mixed", 2), ("fp32", 4), ("bf16", 2)])
+def test_fsdp_accumulation_holds_unsharded_gradients_unless_each_batch_syncs(precision, held):
+    """The Trainer runs the micro-steps before the last under no_sync: FSDP keeps every gradient unsharded, in
+    the gathered dtype, until the last micro-step (measured on the CPU: benchmarks/FSDP.md). With
+    sync_each_batch each micro-step reduce-scatters, and only this GPU's shard is held; the optimizer steps on
+    the shard either way."""
+    setup, _ = breakdown(precision=precision)
+    acc = estimate_memory(LAYOUT, setup, accumulating=True)
+    trainer = shard(LAYOUT, setup, acc, gpus=8, sharding="fsdp")
+    synced = shard(LAYOUT, setup.model_copy(update={"sync_each_batch": True}), acc, gpus=8, sharding="fsdp")
+    assert trainer.gradients_bytes == held * TOTAL
+    assert synced.gradients_bytes == acc.gradients_bytes // 8 < trainer.gradients_bytes
+    assert any("no_sync" in n for n in trainer.notes) and not any("no_sync" in n for n in synced.notes)
+    hybrid = shard(LAYOUT, setup, acc, gpus=16, nodes=2, sharding="fsdp-hybrid")
+    assert hybrid.gradients_bytes == held * TOTAL
+    # one micro-batch per step, or one GPU: nothing to hold apart from the usual
+    one = estimate_memory(LAYOUT, setup)
+    assert shard(LAYOUT, setup, one, gpus=8, sharding="fsdp").gradients_bytes < held * TOTAL

@@ -21,6 +21,8 @@ from ftplan.model.layout import QUANTIZED_KINDS, UNQUANTIZED_MATMUL_KINDS, Model
 
 NF4_BLOCK = 64                 # bitsandbytes 4-bit blocksize
 NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 absmax bytes
+END_OF_FORWARD = "end of forward (activations + logits)"
+BACKWARD_START = "backward start (activations + loss gradients)"
 END_OF_BACKWARD = "end of backward (all gradients)"
 FIRST_LAYER = "backward through the first layer"
 OPTIMIZER_STEP = "optimizer step (gradients + its temporaries)"
@@ -269,8 +271,8 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     pending = head_numel * grad_size if full_accumulating and layout.dims.tied_embeddings else 0
     embedding = embedding_backward(layout, setup, grad_size, accumulating)
     phases = {
-        "end of forward (activations + logits)": (activations + earlier, forward_only + loss_forward),
-        "backward start (activations + loss gradients)": (activations + earlier, loss_backward),
+        END_OF_FORWARD: (activations + earlier, forward_only + loss_forward),
+        BACKWARD_START: (activations + earlier, loss_backward),
         # the head's backward has run: what it saved (its input, autocast's weight copy, log-softmax's output,
         # the final norm's) is freed and its gradients exist; only the embedding's dropout mask waits
         "backward through the last layer": (activations - sum(v for k, v in head.items() if k != "embedding_dropout")

@@ -80,6 +80,9 @@ class TrainingSetup(BaseModel):
     grad_ckpt: bool = False
     attention: Attention = "sdpa"
     loop: Loop = "trainer"
+    sync_each_batch: bool = Field(False, description="FSDP with gradient accumulation: reduce-scatter the gradients "
+                                                     "every micro-batch (accelerate's sync_each_batch) instead of "
+                                                     "holding them unsharded until the last, as the Trainer does")
     lora: LoraSettings | None = None
     quant_type: QuantType | None = Field("nf4", description="4-bit type of QLoRA's frozen base; null otherwise")
     double_quant: bool | None = Field(True, description="QLoRA: quantize the quantization constants; null otherwise")
@@ -112,6 +115,7 @@ class SetupChoices(BaseModel):
     grad_ckpt: bool | None = None
     attention: Attention | None = Field(None, description="None: what transformers uses for the architecture")
     loop: Loop = "trainer"
+    sync_each_batch: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quant_type: QuantType = "nf4"
     double_quant: bool = True
@@ -142,7 +146,7 @@ def resolve(method: Method, choices: SetupChoices, *, bf16_supported: bool = Tru
     return TrainingSetup(
         method=method, batch_size=choices.batch_size, seq_len=choices.seq_len, precision=precision,
         optimizer=optimizer, grad_ckpt=grad_ckpt, attention=attention_for(model_type or "", choices.attention),
-        loop=choices.loop,
+        loop=choices.loop, sync_each_batch=choices.sync_each_batch,
         lora=None if method == "full" else choices.lora, quant_type=choices.quant_type,
         double_quant=choices.double_quant,
     )

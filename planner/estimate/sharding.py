@@ -25,6 +25,8 @@ from pydantic import BaseModel, Field
 from ftplan.errors import PlannerError
 from ftplan.estimate import deepspeed as ds
 from ftplan.estimate.memory import (
+    BACKWARD_START,
+    END_OF_FORWARD,
     END_OF_BACKWARD,
     FIRST_LAYER,
     OPTIMIZER_STEP,
@@ -43,6 +45,7 @@ SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
 OFFLOADS: tuple[str, ...] = Offload.__args__  # type: ignore[attr-defined]
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default; two buckets in flight
 PARAM_SHARDED = {"zero3", "fsdp", "fsdp-hybrid"}
+HEAD_COPY_PHASES = (END_OF_FORWARD, BACKWARD_START)  # the phases that hold autocast's copy of the head weight
 
 
 class ShardedMemory(BaseModel):
@@ -116,9 +119,11 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     comm = 2 * DDP_BUCKET_BYTES if sharding == "ddp" else 0
     if gpus == 1:
         comm, gathered = 0, 0
+    unsynced = _unsynced_gradients(setup, memory, sharding, gpus, notes)
     terms = {}
     for name, (grads, other) in _phases(layout, setup, memory, sharding, gpus, group, notes, device).items():
-        terms[name] = (grads // grad_divisor, other, gathered, comm)
+        held = unsynced if unsynced and name != OPTIMIZER_STEP else grads // grad_divisor
+        terms[name] = (held, other, gathered, comm)
         if deepspeed and gpus > 1:
             terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
     if deepspeed and gpus > 1:
@@ -174,6 +179,20 @@ def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown
     return int(max(layer, root) + layer)
 
 
+def _unsynced_gradients(setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
+                        notes: list[str]) -> int:
+    """FSDP with gradient accumulation as the Trainer runs it: the micro-steps before the last run under
+    accelerate's no_sync (FSDP2's set_requires_gradient_sync(False)), so every GPU keeps the whole model's
+    gradients unsharded - in the gathered dtype (accelerate's policy: bf16 under -mixed) - from the first
+    micro-step's backward until the last one reduce-scatters them. 0 when they are sharded as they are made."""
+    if not (memory.accumulating and sharding in ("fsdp", "fsdp-hybrid") and gpus > 1) or setup.sync_each_batch:
+        return 0
+    notes.append("gradient accumulation under FSDP as the Trainer runs it (no_sync until the last micro-batch): "
+                 "every GPU holds the whole model's gradients unsharded; --sync-each-batch reduce-scatters them "
+                 "every micro-batch instead")
+    return memory.gradients_bytes // 2 if setup.precision.endswith("-mixed") else memory.gradients_bytes
+
+
 def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
             group: int, notes: list[str], device: Device = "cuda") -> dict[str, tuple[int, int]]:
     """The single-GPU phases, (gradients, the rest), as a GPU of the sharded job sees them."""
@@ -185,6 +204,10 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, 
     phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
                                                              - weights - states - memory.held_gradient_bytes)})
     copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers
+    head_copy = memory.head_terms.get("head_weight_copy", 0)
+    if gathered_half and head_copy:  # the root unit gathers the head in bf16 (counted in the gathered units)
+        phases = {k: (grads, other - min(head_copy, other)) if k in HEAD_COPY_PHASES else (grads, other)
+                  for k, (grads, other) in phases.items()}
     if gathered_half and copies:
         # FSDP's mixed-precision policy and ZeRO-3 gather weights in bf16: autocast keeps no bf16 copy of
         # every weight (the gathered units are counted by shard instead)

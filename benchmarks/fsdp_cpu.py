@@ -1,0 +1,232 @@
+"""FSDP's per-process memory, measured on the CPU, against ftplan's sharded estimate.
+
+Runs torch's FSDP2 (`fully_shard`) itself - two processes over gloo - on models built by the code ftplan's
+backend trains with, wrapped as accelerate wraps them for `fsdp_version: 2` with TRANSFORMER_BASED_WRAP (each
+decoder layer a unit, then the root; trainable parameters in fp32; the mixed-precision policy accelerate sets
+from bf16: param_dtype = reduce_dtype = bf16; autocast around the forward), and steps as the Trainer steps:
+loss / accumulation per micro-batch, the micro-batches before the last under accelerate's no_sync
+(`set_requires_gradient_sync(False)`) unless the case syncs every micro-batch (accelerate's sync_each_batch),
+clip to 1.0, fused AdamW, zero_grad(set_to_none=True). Each process is measured with the instruments of
+benchmarks/deepspeed_cpu.py (census of tensor storages before the step + the peak RSS rise over it).
+
+    python benchmarks/fsdp_cpu.py           # all cases not yet in results/fsdp_cpu.jsonl; writes benchmarks/FSDP.md
+    python benchmarks/fsdp_cpu.py --report  # rewrite the report from the stored results
+
+Held-out rule, fixed before any case ran: the two cases without accumulation on the first model are train
+(ftplan's FSDP model may be changed after seeing them); every other case is held out. The no_sync term of the
+model (sharding._unsynced_gradients) was written from accelerate's and torch's source before any case ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from deepspeed_cpu import MODELS, _census, _status, error_summary, run_ranks  # noqa: E402 - benchmarks/ sibling
+
+RESULTS = HERE / "results" / "fsdp_cpu.jsonl"
+REPORT = HERE / "FSDP.md"
+
+
+def _setup(batch: int, seq: int, ckpt: bool = False, accum: int = 1, sync: bool = False, world: int = 2,
+           precision: str = "bf16-mixed") -> dict:
+    """The case's TrainingSetup as JSON, with `grad_accum` (micro-batches per optimizer step) and `world`
+    (processes) beside it."""
+    return {"method": "full", "batch_size": batch, "seq_len": seq, "precision": precision,
+            "optimizer": "adamw_torch_fused", "grad_ckpt": ckpt, "attention": "sdpa", "loop": "trainer",
+            "sync_each_batch": sync, "grad_accum": accum, "world": world}
+
+
+CASES = [  # (id, model, setup, split)
+    ("llama-1k-2l/fsdp/1x128", "llama-1k-2l", _setup(1, 128), "train"),
+    ("llama-1k-2l/fsdp/2x512", "llama-1k-2l", _setup(2, 512), "train"),
+    ("llama-1k-2l/fsdp/2x512-ckpt", "llama-1k-2l", _setup(2, 512, True), "held-out"),
+    ("qwen-896-4l-tied/fsdp/2x256", "qwen-896-4l-tied", _setup(2, 256), "held-out"),
+    ("llama-1k-2l/fsdp/1x128-accum2", "llama-1k-2l", _setup(1, 128, accum=2), "held-out"),
+    ("llama-1k-2l/fsdp/2x512-accum2", "llama-1k-2l", _setup(2, 512, accum=2), "held-out"),
+    ("llama-1k-2l/fsdp/2x512-accum2-sync", "llama-1k-2l", _setup(2, 512, accum=2, sync=True), "held-out"),
+    ("qwen-896-4l-tied/fsdp/2x256-accum2", "qwen-896-4l-tied", _setup(2, 256, accum=2), "held-out"),
+    # on two processes bf16 gradients held whole take what fp32 ones sharded in two do, so the cases above
+    # cannot tell no_sync from syncing; these can (added after the above had run; held out)
+    ("llama-1k-2l/fsdp/2x512-accum2-4proc", "llama-1k-2l", _setup(2, 512, accum=2, world=4), "held-out"),
+    ("llama-1k-2l/fsdp/2x512-accum2-4proc-sync", "llama-1k-2l", _setup(2, 512, accum=2, sync=True, world=4),
+     "held-out"),
+    ("llama-1k-2l/fsdp/2x512-accum2-fp32", "llama-1k-2l", _setup(2, 512, accum=2, precision="fp32"), "held-out"),
+    ("llama-1k-2l/fsdp/2x512-accum2-fp32-sync", "llama-1k-2l",
+     _setup(2, 512, accum=2, sync=True, precision="fp32"), "held-out"),
+]
+
+
+def _parse(setup_json: dict):
+    """(the TrainingSetup, its accumulation) from a case's setup JSON."""
+    from ftplan.estimate.settings import TrainingSetup
+
+    extra = ("grad_accum", "world")
+    return TrainingSetup.model_validate({k: v for k, v in setup_json.items() if k not in extra}), \
+        setup_json["grad_accum"]
+
+
+def _wrap(model, torch, mixed: bool):
+    """FSDP2 as accelerate's fsdp2_prepare_model applies it: under bf16 mixed precision its policy, else none."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
+                                  output_dtype=torch.bfloat16) if mixed else MixedPrecisionPolicy()
+    units = tuple(m for m in model.modules() if type(m).__name__ in set(model._no_split_modules))
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=True, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=True, mp_policy=policy)
+    return model
+
+
+def worker(config: dict, setup_json: dict) -> dict:
+    """One rank (torch's env:// rendezvous): build, shard, two optimizer steps, then the census and the RSS
+    rise over a third."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from ftplan.model.spec import spec_from_config
+    from ftplan.train.build import autocast, build_model, random_batch
+
+    import cpu_bf16  # as benchmarks/accuracy.py: blocked fp32 kernels where the CPU has no bf16 instructions
+
+    kernels = cpu_bf16.needed()
+    if kernels:
+        cpu_bf16.install()
+    dist.init_process_group("gloo", timeout=timedelta(hours=2))
+    spec = spec_from_config(config, name="case", source="benchmark")
+    setup, accum = _parse(setup_json)
+    torch.manual_seed(0)
+    model = _wrap(build_model(spec, setup, device="cpu"), torch, setup.precision.endswith("-mixed"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    batch = random_batch(spec.dims.vocab, setup, "cpu")
+
+    def step():
+        for k in range(accum):
+            model.set_requires_gradient_sync(setup.sync_each_batch or k == accum - 1)
+            with autocast(setup, "cpu"):
+                loss = model(**batch).loss
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    census = _census(torch)
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    rise = _status("VmHWM") - before
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    return {"rank": rank, "census_bytes": census,
+            "rss_rise_bytes": rise, "measured_bytes": census + rise, "step_seconds": seconds,
+            "torch": torch.__version__, "cpu_bf16_kernels": kernels}
+
+
+def estimate(model: str, setup_json: dict, **update) -> dict:
+    """`ftplan estimate --device cpu --gpus 2 --sharding fsdp` for the case (`update` changes its setup)."""
+    from ftplan.estimate.memory import estimate_memory
+    from ftplan.estimate.sharding import shard
+    from ftplan.model.architectures import build_layout
+    from ftplan.model.spec import spec_from_config
+
+    layout = build_layout(spec_from_config(MODELS[model], name=model, source="benchmark"))
+    setup, accum = _parse(setup_json)
+    setup = setup.model_copy(update=update)
+    memory = estimate_memory(layout, setup, device="cpu", accumulating=accum > 1)
+    s = shard(layout, setup, memory, gpus=setup_json["world"], sharding="fsdp", device="cpu")
+    return {"estimated_bytes": s.peak_allocated_bytes, "peak_phase": s.peak_phase, "params": layout.total_params()}
+
+
+def report(records: list[dict]) -> str:
+    """FSDP.md: each case with today's estimate, and the error summary per split."""
+    rows, errors = [], {"train": [], "held-out": []}
+    for r in records:
+        e = estimate(r["model"], r["setup"])
+        err = (e["estimated_bytes"] - r["measured_bytes"]) / r["measured_bytes"] * 100
+        errors[r["split"]].append(abs(err))
+        synced = "-"
+        if r["setup"]["grad_accum"] > 1 and not r["setup"]["sync_each_batch"]:
+            s = estimate(r["model"], r["setup"], sync_each_batch=True)["estimated_bytes"]
+            synced = f"{(s - r['measured_bytes']) / r['measured_bytes'] * 100:+.2f}%"
+        census = " / ".join(f"{x['census_bytes'] / 2**20:.1f}" for x in r["ranks"])
+        rise = " / ".join(f"{x['rss_rise_bytes'] / 2**20:.1f}" for x in r["ranks"])
+        first = (r["estimate_at_measure_bytes"] - r["measured_bytes"]) / r["measured_bytes"] * 100
+        rows.append(f"| {r['id']} | {r['split']} | {e['params'] / 1e6:.0f}M | {e['estimated_bytes'] / 2**20:.1f} | "
+                    f"{r['measured_bytes'] / 2**20:.1f} | {err:+.2f}% | {first:+.2f}% | {synced} | {census} | "
+                    f"{rise} | {e['peak_phase']} |")
+    versions = records[0]["ranks"][0] if records else {}
+    return "\n".join([
+        "# FSDP memory against FSDP itself (CPU)", "",
+        (f"Generated by `python benchmarks/fsdp_cpu.py`: torch {versions.get('torch')} FSDP2, two processes over "
+         f"gloo; cases measured {records[0]['date'] if records else ''} onward. Method, instruments and held-out "
+         "rule: the script's docstring. Estimate = `ftplan estimate --device cpu --gpus 2 --sharding fsdp "
+         "[--grad-accum 2] [--sync-each-batch]` (today's model); measured = census + RSS rise of the larger "
+         "process. Full fine-tuning, bf16-mixed (accelerate's FSDP2 policy), fused AdamW."), "",
+        *error_summary(errors), "",
+        ("| case | split | params | estimated MiB | measured MiB | error | error when measured | error if gradients "
+         "were sharded every micro-batch | census MiB (ranks) | RSS rise MiB (ranks) | estimated peak phase |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        ("'error when measured': the model as it stood when the case ran. One change since, made after every case "
+         "above had been seen (so no case is held out from it): under bf16-mixed FSDP the root unit gathers the "
+         "head in bf16, so the single-GPU phases' autocast copy of the head weight was counted twice (65.5 MB on "
+         "the 32000 x 1024 head); it is no longer. The train case 1x128 reads -10.4%, its peak at the end of "
+         "backward, where the root unit (embeddings and head) reduce-scatters last; a term for FSDP2's copy-in "
+         "buffer there brought it to +2.8% but moved two held-out cases to +5.7% and +10.5%, so it was not "
+         "kept."), "",
+        ("'error if gradients were sharded every micro-batch': the -accum2 cases run as the Trainer runs them "
+         "(no_sync before the last micro-batch) read against the estimate for --sync-each-batch, which is what "
+         "ftplan assumed for every FSDP run before this benchmark existed."), "",
+        ("What this does not show: CUDA (NCCL, the caching allocator, streams that prefetch the next unit's "
+         "all-gather while this one computes), more than two processes, HSDP, LoRA/QLoRA under FSDP, offload, "
+         "and torch versions other than the one above."), ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true", help="rewrite the report from the stored results")
+    parser.add_argument("--only", help="run only cases whose id contains this")
+    args = parser.parse_args()
+    if args.worker:
+        request = json.loads(args.worker)
+        print(json.dumps(worker(request["config"], request["setup"])))
+        return 0
+    records = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    if not args.report:
+        done = {r["id"] for r in records}
+        for i, (cid, model, setup_json, split) in enumerate(CASES):
+            if cid in done or (args.only and args.only not in cid):
+                continue
+            before = estimate(model, setup_json)["estimated_bytes"]
+            ranks = run_ranks(__file__, {"config": MODELS[model], "setup": setup_json}, 29700 + i, cid,
+                              setup_json["world"])
+            record = {"id": cid, "model": model, "setup": setup_json, "split": split, "ranks": ranks,
+                      "measured_bytes": max(r["measured_bytes"] for r in ranks), "estimate_at_measure_bytes": before,
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            print(json.dumps({k: record[k] for k in ("id", "split", "measured_bytes", "estimate_at_measure_bytes")}),
+                  flush=True)
+            records.append(record)
+            RESULTS.parent.mkdir(exist_ok=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    order = {c[0]: i for i, c in enumerate(CASES)}
+    REPORT.write_text(report(sorted(records, key=lambda r: order.get(r["id"], len(order)))))
+    print(f"wrote {REPORT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
