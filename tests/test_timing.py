@@ -97,6 +97,18 @@ def test_fsdp_hides_gathers_behind_compute_and_shards_the_optimizer_step():
     assert sharded.sync_seconds == 0  # full fine-tuning reduce-scatters inside every micro-batch
 
 
+def test_fsdp_reduce_scatters_gradients_once_per_step_under_no_sync_else_every_micro_batch():
+    p4de = catalog.get_instance("p4de.24xlarge")
+    fsdp = Parallel(instance=p4de, count=1, sharding="fsdp")
+    _, memory, trainer = timed("full", seq=4096, parallel=fsdp, accum=4)
+    _, _, synced = timed("full", seq=4096, parallel=fsdp, accum=4, sync_each_batch=True)
+    weights = 2 * 2 * LLAMA.total_params()
+    assert trainer.gather_seconds == pytest.approx(gather_seconds(weights + memory.gradients_bytes / 4, p4de, 1))
+    assert synced.gather_seconds == pytest.approx(gather_seconds(weights + memory.gradients_bytes, p4de, 1))
+    _, _, one = timed("full", seq=4096, parallel=fsdp)  # one micro-batch: the step's only one reduces either way
+    assert one.gather_seconds == pytest.approx(synced.gather_seconds)
+
+
 def test_zero3_waits_for_its_gathers_while_fsdp_prefetches_them():
     p4de = catalog.get_instance("p4de.24xlarge")
     _, _, fsdp = timed("full", seq=512, parallel=Parallel(instance=p4de, count=2, sharding="fsdp"))

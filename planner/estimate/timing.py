@@ -167,8 +167,8 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
         sharded = parallel.sharding in PARAM_SHARDED
         if sharded:
             moved = comm.fsdp_gathers_per_micro_batch * travelling_weight_bytes(setup, memory)
-            if setup.method == "full":  # gradients reduce-scattered every micro-batch
-                moved += memory.gradients_bytes
+            if setup.method == "full":  # gradients reduce-scattered every micro-batch, or (no_sync) the last only
+                moved += memory.gradients_bytes / (1 if setup.sync_each_batch else accum)
             gather = gather_seconds(moved, inst, count)
         if not sharded or setup.method != "full":  # once per optimizer step, overlapping the last backward
             reduce = allreduce_seconds(memory.gradients_bytes, inst, count)
