@@ -37,6 +37,10 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
 @click.option("--nodes", type=int, default=1, show_default=True, help="instances the GPUs are spread over")
 @click.option("--sharding", type=click.Choice(SHARDINGS), default=None,
               help="how state is split over the GPUs [default: none for 1 GPU, ddp for more]")
+@click.option("--sync-each-batch", is_flag=True,
+              help="FSDP with --grad-accum: reduce-scatter the gradients every micro-batch, as the Trainer does "
+                   "with accelerator_config={'gradient_accumulation_kwargs': {'sync_each_batch': True}} [default: "
+                   "the Trainer's no_sync, which holds every gradient unsharded until the last micro-batch]")
 @click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
               help="move optimizer states (ZeRO) or parameters (ZeRO-3, FSDP) to host RAM")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -48,8 +52,8 @@ from ftplan.estimate.sharding import OFFLOADS, SHARDINGS
 @click.option("--json", "as_json", is_flag=True, help="print the documented JSON object instead of tables")
 @plot_option("the memory breakdown per method")
 def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, instance: str | None,
-             layers: int | None, grad_accum: int, gpus: int, nodes: int, sharding: str | None, offload: str,
-             device: str, region: str | None,
+             layers: int | None, grad_accum: int, gpus: int, nodes: int, sharding: str | None,
+             sync_each_batch: bool, offload: str, device: str, region: str | None,
              trust_remote_code: bool, as_json: bool, plot: Path | None, **settings) -> None:
     """Exact parameters and per-GPU memory of MODEL for full, LoRA and QLoRA fine-tuning.
 
@@ -61,7 +65,7 @@ def estimate(model: str, method: str, gpu: str | None, gpu_memory: int | None, i
 
     if sum(x is not None for x in (gpu, instance, gpu_memory)) > 1:
         raise PlannerError("pass either --gpu, --gpu-memory or --instance, not several")
-    choices = choices_from(settings)
+    choices = choices_from(settings).model_copy(update={"sync_each_batch": sync_each_batch})
     spec = with_plugin_catalog(lambda: resolve_model(model))
     if layers is not None:
         spec = with_layers(spec, layers)

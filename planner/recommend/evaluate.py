@@ -178,13 +178,14 @@ def _fit(ctx: _Context, st: Setting, setup: TrainingSetup, gpu_bytes: int, world
         return ("none" if world == 1 else "ddp"), replica
     if world == 1:
         return None, {}
+    synced = setup.model_copy(update={"sync_each_batch": True})  # FSDP plans shard gradients every micro-batch
     for m in sorted(st.memory, reverse=True):  # the largest micro-batch that fits sharded; larger ones need more
         if batch % (m * world):
             continue
         key = (id(st), m, world, count)
         cache = ctx.caches["shard"]
         sharded = cache.get(key) or cache.setdefault(
-            key, shard(ctx.layout, setup, st.memory_at(m, world, batch), gpus=world, nodes=count, sharding="fsdp"))
+            key, shard(ctx.layout, synced, st.memory_at(m, world, batch), gpus=world, nodes=count, sharding="fsdp"))
         if sharded.required_bytes <= gpu_bytes:
             return "fsdp", {m: (sharded.required_bytes, sharded.peak_allocated_bytes)}
     return "fsdp", {}
@@ -194,9 +195,12 @@ def _candidate(ctx: _Context, st: Setting, setup: TrainingSetup, inst: catalog.I
                count: int, scheme: str, micro: int, need: tuple[int, int], price: HourlyPrice) -> Candidate:
     request, world = ctx.request, count * inst.gpu_count
     accum = request.global_batch // (micro * world)
-    skey = (id(st), micro, setup.precision)
+    # an FSDP plan that accumulates reduce-scatters every micro-batch (sync_each_batch), the lean choice: the
+    # Trainer's no_sync would hold every gradient unsharded on every GPU
+    synced = scheme == "fsdp" and accum > 1
+    skey = (id(st), micro, setup.precision, synced)
     micro_setup = ctx.caches["setup"].get(skey) or ctx.caches["setup"].setdefault(
-        skey, setup.model_copy(update={"batch_size": micro}))
+        skey, setup.model_copy(update={"batch_size": micro, "sync_each_batch": synced}))
     timing = _timing(ctx, st, micro_setup, gpu, micro, accum, Parallel(instance=inst, count=count, sharding=scheme))
     train = ctx.optimizer_steps * timing.seconds
     tokens_per_second = world * timing.tokens_per_micro_batch * accum / timing.seconds

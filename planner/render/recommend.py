@@ -191,7 +191,8 @@ def _plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("precision", f"{s.precision}, optimizer {s.optimizer}, gradient checkpointing "
                       f"{'on' if s.grad_ckpt else 'off'}, attention {s.attention}"),
         ("batch", f"micro-batch {s.batch_size} x {s.seq_len} tokens, accumulation {t.grad_accum}, "
-                  f"global {t.global_batch} sequences"),
+                  f"global {t.global_batch} sequences"
+                  + (", gradients reduce-scattered every micro-batch (sync_each_batch)" if s.sync_each_batch else "")),
         ("schedule", f"{t.epochs:g} epoch(s), {t.optimizer_steps:,} optimizer steps, lr {t.learning_rate:g} "
                      f"{t.lr_scheduler}, warmup {t.warmup_ratio:g}, max grad norm {t.max_grad_norm:g}, seed {t.seed}"),
         ("data", f"{t.data_tokens:,} tokens from {t.data_source}, packing {'on' if t.packing else 'off'}"),
