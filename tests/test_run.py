@@ -255,6 +255,16 @@ def test_two_processes_on_the_cpu_train_with_ddp_and_write_one_set_of_outputs(wo
     assert "torch.distributed.run" in (out / "launch.sh").read_text()
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert not list(out.glob(".re*.json"))
+    # each process accumulates 2 of the plan's 4 micro-batches: reduced once per step under no_sync, as the
+    # Trainer; with the plan's sync_each_batch after every micro-batch - the same gradients, so the same losses
+    assert any("no_sync over the first 1 of its 2 micro-batches" in n for n in summary["result"]["notes"])
+    synced = workdir / "synced.yaml"
+    synced.write_text((workdir / plan.name).read_text().replace("sync_each_batch: false", "sync_each_batch: true"))
+    again = run_cli("run", synced.name, "--data", "train.jsonl", "--output", "out-synced", "--option",
+                    "processes=2", "--json", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert any("reduced every micro-batch" in n for n in json.loads(again.stdout)["result"]["notes"])
+    assert losses(workdir / "out-synced") == pytest.approx(losses(out), rel=1e-5)
 
 
 def test_generated_accelerate_configs_follow_the_plans_sharding(workdir):

@@ -7,12 +7,13 @@ resume, the steps, finish (final save, result)."""
 
 from __future__ import annotations
 
+
 import math
 import os
 import resource
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,6 +276,31 @@ def _check_same_run(s: Session, path, saved: dict) -> None:
                            "--max-steps, or start a new run")
 
 
+def _reduces_every_micro_step(s: Session) -> bool:
+    """Whether gradients are reduced after every micro-step: with one process or one micro-step there is nothing
+    to skip, DeepSpeed reduces as it configures, and a plan may say sync_each_batch; otherwise DDP and FSDP skip
+    the reduction, as the Trainer does, on every micro-step but an optimizer step's last (under FSDP that holds
+    each gradient unsharded until then; ftplan's estimate models both)."""
+    from accelerate.utils import DistributedType
+
+    return s.procs.count == 1 or s.accum == 1 or s.plan.training.setup.sync_each_batch \
+        or s.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _sync_context(s: Session, last: bool):
+    """accelerate's no_sync for a micro-step whose gradient reduction is skipped, else nothing."""
+    return nullcontext() if last or _reduces_every_micro_step(s) else s.accelerator.no_sync(s.model)
+
+
+def _reduction_note(s: Session) -> str:
+    if s.accum == 1:
+        return ""
+    if _reduces_every_micro_step(s):
+        return "; gradients reduced every micro-batch"
+    return (f"; gradients reduced once per optimizer step (no_sync over the first {s.accum - 1} of its {s.accum} "
+            "micro-batches, as the Trainer)")
+
+
 def _micro_step(s: Session, position: int) -> tuple:
     """Forward and backward of one micro-batch; (loss, real tokens) as tensors."""
     from accelerate.utils import DistributedType
@@ -303,8 +329,8 @@ def _steps(s: Session, state: dict, tokenizer, progress: ProgressCallback) -> tu
             step_loss, step_tokens = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
             for k in range(s.accum):  # every process takes its own micro-batches: (step, k) x processes + rank
                 # accumulate(): DeepSpeed steps on accelerate's boundary, every s.accum micro-steps (elsewhere
-                # accelerate's own accumulation is 1, so every micro-step syncs, as before)
-                with acc.accumulate(s.model):
+                # accelerate's own accumulation is 1); _sync_context: the Trainer's no_sync before the last
+                with acc.accumulate(s.model), _sync_context(s, last=k == s.accum - 1):
                     loss, tokens = _micro_step(s, ((step - 1) * s.accum + k) * procs.count + procs.rank)
                 step_loss, step_tokens = step_loss + loss, step_tokens + tokens
             acc.clip_grad_norm_(params, t.max_grad_norm)
@@ -379,7 +405,8 @@ def _finish(s: Session, tokenizer, state: dict, step: int, eval_loss: float | No
     if s.procs.count > 1:
         s.notes.append(f"{s.procs.count} processes ({s.accelerator.distributed_type.value})"
                        + ("; weights gathered from their shards for saving" if checkpoint.is_sharded(s.model) else
-                          "; process 0 wrote the weights, every process its RNG state"))
+                          "; process 0 wrote the weights, every process its RNG state")
+                       + _reduction_note(s))
     artifacts += [p.name for p in checkpoint.complete(out)]
     elapsed = state["elapsed"]
     return RunResult(
