@@ -167,8 +167,10 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
         sharded = parallel.sharding in PARAM_SHARDED
         if sharded:
             moved = comm.fsdp_gathers_per_micro_batch * travelling_weight_bytes(setup, memory)
-            if setup.method == "full":  # gradients reduce-scattered every micro-batch, or (no_sync) the last only
-                moved += memory.gradients_bytes / (1 if setup.sync_each_batch else accum)
+            if setup.method == "full":  # gradients reduce-scattered every micro-batch; FSDP under the Trainer's
+                # no_sync only in the last (DeepSpeed reduces every micro-batch whatever the Trainer says)
+                no_sync = parallel.sharding.startswith("fsdp") and not setup.sync_each_batch
+                moved += memory.gradients_bytes / (accum if no_sync else 1)
             gather = gather_seconds(moved, inst, count)
         if not sharded or setup.method != "full":  # once per optimizer step, overlapping the last backward
             reduce = allreduce_seconds(memory.gradients_bytes, inst, count)
