@@ -178,14 +178,16 @@ def _fit(ctx: _Context, st: Setting, setup: TrainingSetup, gpu_bytes: int, world
         return ("none" if world == 1 else "ddp"), replica
     if world == 1:
         return None, {}
-    synced = setup.model_copy(update={"sync_each_batch": True})  # FSDP plans shard gradients every micro-batch
     for m in sorted(st.memory, reverse=True):  # the largest micro-batch that fits sharded; larger ones need more
         if batch % (m * world):
             continue
         key = (id(st), m, world, count)
         cache = ctx.caches["shard"]
-        sharded = cache.get(key) or cache.setdefault(
-            key, shard(ctx.layout, synced, st.memory_at(m, world, batch), gpus=world, nodes=count, sharding="fsdp"))
+        # shard() re-estimates the step as the gathered weights run it: it needs this micro-batch's setup; FSDP
+        # plans reduce-scatter gradients every micro-batch (sync_each_batch)
+        micro_setup = setup.model_copy(update={"batch_size": m, "sync_each_batch": True})
+        sharded = cache.get(key) or cache.setdefault(key, shard(
+            ctx.layout, micro_setup, st.memory_at(m, world, batch), gpus=world, nodes=count, sharding="fsdp"))
         if sharded.required_bytes <= gpu_bytes:
             return "fsdp", {m: (sharded.required_bytes, sharded.peak_allocated_bytes)}
     return "fsdp", {}

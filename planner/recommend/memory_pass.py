@@ -68,7 +68,7 @@ def memory_pass(layout: ModelLayout, request: SearchRequest, choices: SetupChoic
             memory = estimate_memory(layout, micro_setup, counts)
             need = memory.required_bytes
             if need > largest_gpu_bytes and max_world > 1:  # the least it can need: sharded over every GPU
-                need = min(need, shard(layout, setup, memory, gpus=max_world, sharding="fsdp").required_bytes)
+                need = min(need, shard(layout, micro_setup, memory, gpus=max_world, sharding="fsdp").required_bytes)
             if micro == micros[0]:
                 st.least_bytes = need
             if need > largest_gpu_bytes:
