@@ -39,7 +39,8 @@ class Dtypes(BaseModel):
     base_trainable: bool
     quantized: bool   # QLoRA: 4-bit layers answer in their input's dtype
     device: Device
-    experts_half: bool = False  # FSDP's mixed-precision policy gathers fp32 MoE experts in the compute dtype
+    # parameter sharding (FSDP's mixed-precision policy, ZeRO-3) gathers every parameter in the compute dtype
+    gathered_half: bool = False
 
     @property
     def layer_norm_fp32(self) -> bool:
@@ -51,7 +52,7 @@ class Dtypes(BaseModel):
         return 1 if self.device == "cuda" else input_bytes
 
 
-def step_dtypes(setup: TrainingSetup, device: Device = "cuda", experts_half: bool = False) -> Dtypes:
+def step_dtypes(setup: TrainingSetup, device: Device = "cuda", gathered_half: bool = False) -> Dtypes:
     """Dtypes of a step. `-mixed` precisions autocast, plain bf16/fp16 do not, for every method.
 
     The residual stream follows the embedding's storage dtype: full bf16-mixed / fp16-mixed / fp32 keep
@@ -59,6 +60,8 @@ def step_dtypes(setup: TrainingSetup, device: Device = "cuda", experts_half: boo
     half precision; QLoRA's embeddings are upcast to fp32 by prepare_model_for_kbit_training (fp32 stream).
     The compute dtype is what matmuls and attention return: half precision under autocast or with half
     weights, fp32 for QLoRA without autocast (its fp32 head, norms and 4-bit layers all answer in fp32).
+    `gathered_half`: parameter sharding gathers the weights in the compute dtype (under -mixed), so the
+    embeddings hand the layers a half-precision stream and norms answer in it.
     """
     half = setup.precision != "fp32"
     autocast = setup.precision.endswith("-mixed")
@@ -69,8 +72,10 @@ def step_dtypes(setup: TrainingSetup, device: Device = "cuda", experts_half: boo
         residual = compute = 2 if half else 4
     else:
         residual, compute = 4, 2 if autocast else 4
+    if gathered_half and autocast:
+        residual = compute
     return Dtypes(compute=compute, residual=residual, autocast=autocast, base_trainable=setup.method == "full",
-                  quantized=setup.method == "qlora", device=device, experts_half=experts_half)
+                  quantized=setup.method == "qlora", device=device, gathered_half=gathered_half)
 
 
 class LayerActivations(BaseModel):
@@ -139,8 +144,9 @@ def linear_inputs_saved(layout: ModelLayout, groups: list[ModuleGroup], tokens: 
 
 
 def autocast_weight_copies(groups: list[ModuleGroup], dt: Dtypes, r: int = 0, adapted=()) -> int:
-    """bf16 copies of fp32 matmul weights that autocast makes and autograd keeps for backward."""
-    if not dt.autocast:
+    """bf16 copies of fp32 matmul weights that autocast makes and autograd keeps for backward (none when parameter
+    sharding gathers them in bf16)."""
+    if not dt.autocast or dt.gathered_half:
         return 0
     # fused MoE experts never get one: transformers' grouped_mm is not autocast-enabled and casts its input to
     # the experts' dtype instead (so they compute in fp32, see expert_bytes)
@@ -159,7 +165,8 @@ def autocast_weight_copies(groups: list[ModuleGroup], dt: Dtypes, r: int = 0, ad
 def lora_saved(layout: ModelLayout, adapted: list[ModuleGroup], r: int, dropout: float, tokens: int,
                dt: Dtypes) -> int:
     """Per adapted module: the compute-dtype input of lora_A, lora_A's output, the dropout mask
-    (PEFT casts the input to the fp32 adapter dtype before dropout)."""
+    (PEFT casts the input to the adapter dtype before dropout: fp32, or the compute dtype where parameter
+    sharding gathers the adapters in it)."""
     total = 0
     saved = dt.compute if dt.autocast else 4  # without autocast lora_A runs on PEFT's fp32 copy of its input
     for g in adapted:
@@ -167,8 +174,14 @@ def lora_saved(layout: ModelLayout, adapted: list[ModuleGroup], r: int, dropout:
             continue
         total += tokens * g.in_features * saved + tokens * r * g.lora_rank_factor * saved
         if dropout > 0:
-            total += tokens * g.in_features * dt.mask(4)
+            total += tokens * g.in_features * dt.mask(adapter_bytes(dt))
     return total
+
+
+def adapter_bytes(dt: Dtypes) -> int:
+    """Bytes per element of LoRA adapters as they compute: fp32 as PEFT creates them, the compute dtype where
+    parameter sharding's mixed-precision policy gathers them."""
+    return dt.compute if dt.gathered_half and dt.autocast else 4
 
 
 def parameter_lora_saved(adapted: list[ModuleGroup], r: int, dt: Dtypes) -> int:
@@ -259,7 +272,7 @@ def expert_bytes(dt: Dtypes) -> int:
     """Bytes per element fused MoE experts compute in: their storage dtype, which is the residual stream's
     (fp32 masters under full -mixed, QLoRA's fp32 upcast, half-precision LoRA bases and pure bf16/fp16), or
     the compute dtype where parameter sharding gathers them in it."""
-    return dt.compute if dt.experts_half else dt.residual
+    return dt.compute if dt.gathered_half else dt.residual
 
 
 # activations transformers writes as a chain of elementwise ops, each intermediate kept by autograd
@@ -277,9 +290,9 @@ def gelu_chain(elements: int, dt: Dtypes) -> int:
 
 
 def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
-                      device: Device = "cuda", experts_half: bool = False) -> LayerActivations:
+                      device: Device = "cuda", gathered_half: bool = False) -> LayerActivations:
     """Everything one decoder layer saves for backward without gradient checkpointing."""
-    dt = step_dtypes(setup, device, experts_half)
+    dt = step_dtypes(setup, device, gathered_half)
     t, h = setup.tokens, layout.dims.hidden
     layer_groups = [g for g in layout.modules if g.per_layer]
     adapted_here = [g for g in adapted if g.per_layer]
@@ -299,30 +312,31 @@ def layer_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[M
 
 
 def first_layer_savings(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
-                        device: Device = "cuda") -> int:
+                        device: Device = "cuda", gathered_half: bool = False) -> int:
     """What the first layer does not save when its input needs no gradient (frozen embeddings):
     its first norm, and the dropout masks of the adapters that read that norm's output."""
     if setup.method == "full":
         return 0
-    dt = step_dtypes(setup, device)
+    dt = step_dtypes(setup, device, gathered_half)
     t = setup.tokens
     saved = _norm_saved(layout, layout.dims.hidden, t, dt)
     if setup.lora and setup.lora.dropout > 0:
-        saved += sum(t * g.in_features * dt.mask(4) for g in adapted if g.per_layer and g.role == "attn_in")
+        saved += sum(t * g.in_features * dt.mask(adapter_bytes(dt)) for g in adapted
+                     if g.per_layer and g.role == "attn_in")
     return saved
 
 
-def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup) -> int:
+def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup, gathered_half: bool = False) -> int:
     """With gradient checkpointing a layer keeps only its input (the residual stream)."""
-    return setup.tokens * layout.dims.hidden * step_dtypes(setup).residual
+    return setup.tokens * layout.dims.hidden * step_dtypes(setup, gathered_half=gathered_half).residual
 
 
 def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = (),
-                             experts_half: bool = False) -> int:
+                             gathered_half: bool = False) -> int:
     """Gradient buffers alive while backward runs through one MLP (the widest part of a layer),
     plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype, or, for a
     parameter PEFT's ParamWrapper adapts, the gradient of its full-size effective weight."""
-    d, dt = layout.dims, step_dtypes(setup, experts_half=experts_half)
+    d, dt = layout.dims, step_dtypes(setup, gathered_half=gathered_half)
     width = d.intermediate * max(1, d.experts_per_token)
     mlp_bytes = expert_bytes(dt) if d.experts else dt.compute
     linear = [g for g in adapted if g.per_layer and g.kind not in PARAMETER_KINDS]
@@ -333,14 +347,14 @@ def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted:
 
 
 def cpu_expert_gradient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup], device: Device,
-                        experts_half: bool = False) -> int:
+                        gathered_half: bool = False) -> int:
     """Bytes alive while a layer's backward makes its expert weights' gradient on the CPU, beyond the layer's
     transient: torch's CPU grouped_mm computes a bf16/fp16 expert weight's gradient through an fp32 buffer of
     one expert's weight outside the c10 allocator (only the resident set shows it: 4 bytes per element of one
     expert, measured at 2-8 experts and two widths; fp32 experts have none; CUDA accumulates in registers), and
     under full fine-tuning the layer's expert gradients already exist then. Folded adapters' gradients are in
     `backward_layer_transient`."""
-    dt = step_dtypes(setup, experts_half=experts_half)
+    dt = step_dtypes(setup, gathered_half=gathered_half)
     experts = [g for g in layout.modules if g.per_layer and g.kind == "experts"]
     trained = setup.method == "full" or any(g.kind == "experts" for g in adapted)
     if device != "cpu" or not experts or not trained or expert_bytes(dt) != 2:
@@ -361,9 +375,9 @@ def _folded_gradient(adapted: list[ModuleGroup], dt: Dtypes) -> int:
 
 
 def head_activations(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup],
-                     device: Device = "cuda") -> dict[str, int]:
+                     device: Device = "cuda", gathered_half: bool = False) -> dict[str, int]:
     """Outside the layers: the final norm, the head's input and weight copy, log-softmax's fp32 output."""
-    dt = step_dtypes(setup, device)
+    dt = step_dtypes(setup, device, gathered_half)
     t, d = setup.tokens, layout.dims
     head = next(g for g in layout.modules if g.kind == "head")
     top_level = [g for g in layout.modules if not g.per_layer and g.kind != "embedding"]

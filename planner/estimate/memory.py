@@ -185,13 +185,14 @@ def _head_gradient(layout: ModelLayout, setup: TrainingSetup, grad_size: int, he
 
 
 def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts | None = None,
-                    device: act.Device = "cuda", experts_half: bool = False,
+                    device: act.Device = "cuda", gathered_half: bool = False,
                     accumulating: bool = False) -> MemoryBreakdown:
     """Itemised per-GPU memory of one training step of `layout` under `setup`.
 
     `device="cpu"` models the CPU's kernels instead (dropout keeps its noise, not a bool mask; the optimizers'
-    CPU code paths), which is what `ftplan measure --device cpu` compares with. `experts_half`: parameter
-    sharding gathers fp32 MoE experts in the compute dtype, so they compute in it (ftplan.estimate.sharding).
+    CPU code paths), which is what `ftplan measure --device cpu` compares with. `gathered_half`: parameter
+    sharding gathers every parameter in the compute dtype (ftplan.estimate.sharding): no autocast copies, a
+    half-precision residual stream under -mixed, fp32 MoE experts computing in it.
     `accumulating`: a later micro-step of gradient accumulation, where the gradients of the earlier ones are held
     from the forward on and each new gradient is a transient added into them.
     """
@@ -208,11 +209,11 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     logits = act.logits_kept(layout, setup)
     static = sum(weights.values()) + adapter + states + logits
     phases, activations, layer, head = _phases(layout, setup, counts, adapted, device, gradients, grad_size,
-                                               opt.step_transient(tensors, setup, device), experts_half,
+                                               opt.step_transient(tensors, setup, device), gathered_half,
                                                accumulating)
     phase = max(phases, key=lambda k: sum(phases[k]))
     held, transient = phases[phase]
-    first_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
+    first_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup, gathered_half)
     grads_held = dict.fromkeys(phases, gradients) if accumulating else {
         END_OF_BACKWARD: gradients, OPTIMIZER_STEP: gradients, FIRST_LAYER: phases[FIRST_LAYER][0] - first_held}
     phase_bytes = {k: (grads_held.get(k, 0), sum(v) - grads_held.get(k, 0)) for k, v in phases.items()}
@@ -232,33 +233,33 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
 
 
 def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adapted: list[ModuleGroup],
-            device: act.Device, gradients: int, grad_size: int, optimizer_step: int, experts_half: bool = False,
+            device: act.Device, gradients: int, grad_size: int, optimizer_step: int, gathered_half: bool = False,
             accumulating: bool = False):
     """Candidates for the peak, each as (what is held, what is transient on top), beyond the static bytes.
 
     The backward pass frees activations layer by layer while gradients accumulate, so within it the peak is at
     one end: just after the loss (all activations) or at the end (all gradients); then the optimizer steps."""
-    layer = act.layer_activations(layout, setup, adapted, device, experts_half)
-    head = act.head_activations(layout, setup, adapted, device)
+    layer = act.layer_activations(layout, setup, adapted, device, gathered_half)
+    head = act.head_activations(layout, setup, adapted, device, gathered_half)
     layers = layout.dims.layers
     if setup.grad_ckpt:
         # Only layer inputs are kept; autocast's cache still holds the bf16 weight copies until
         # the forward ends, and one layer is recomputed at a time in backward.
-        kept = layers * act.checkpointed_layer(layout, setup)
+        kept = layers * act.checkpointed_layer(layout, setup, gathered_half)
         forward_only = layers * layer.terms.get("weight_copies", 0) if setup.method == "full" else 0
         recompute = layer.total
     else:
-        kept = layers * layer.total - act.first_layer_savings(layout, setup, adapted, device)
+        kept = layers * layer.total - act.first_layer_savings(layout, setup, adapted, device, gathered_half)
         forward_only, recompute = 0, 0
     activations = kept + sum(head.values())
     dequant = 0
     if setup.method == "qlora":
         quant = [g for g in layout.modules if g.kind in QUANTIZED_KINDS]
         dequant = max((g.weight_numel * 2 for g in quant), default=0)
-    layer_backward = act.backward_layer_transient(layout, setup, adapted, experts_half) + dequant
+    layer_backward = act.backward_layer_transient(layout, setup, adapted, gathered_half) + dequant
     # made inside a layer's backward, over by the end of it
-    expert_gradient = act.cpu_expert_gradient(layout, setup, adapted, device, experts_half)
-    first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup)
+    expert_gradient = act.cpu_expert_gradient(layout, setup, adapted, device, gathered_half)
+    first_layer_held = layer.total if not setup.grad_ckpt else act.checkpointed_layer(layout, setup, gathered_half)
     # accumulating: every gradient is held from the forward on
     earlier = gradients if accumulating else 0
     grads_at_first_layer = earlier or gradients - _grads_not_yet_at_first_layer(layout, counts, adapted, setup.lora,

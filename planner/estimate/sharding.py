@@ -25,10 +25,6 @@ from pydantic import BaseModel, Field
 from ftplan.errors import PlannerError
 from ftplan.estimate import deepspeed as ds
 from ftplan.estimate.memory import (
-    BACKWARD_START,
-    END_OF_FORWARD,
-    END_OF_BACKWARD,
-    FIRST_LAYER,
     OPTIMIZER_STEP,
     MemoryBreakdown,
     estimate_memory,
@@ -45,7 +41,6 @@ SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
 OFFLOADS: tuple[str, ...] = Offload.__args__  # type: ignore[attr-defined]
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default; two buckets in flight
 PARAM_SHARDED = {"zero3", "fsdp", "fsdp-hybrid"}
-HEAD_COPY_PHASES = (END_OF_FORWARD, BACKWARD_START)  # the phases that hold autocast's copy of the head weight
 
 
 class ShardedMemory(BaseModel):
@@ -197,24 +192,15 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, 
             group: int, notes: list[str], device: Device = "cuda") -> dict[str, tuple[int, int]]:
     """The single-GPU phases, (gradients, the rest), as a GPU of the sharded job sees them."""
     weights, states = memory.weights_bytes + memory.adapter_bytes, memory.optimizer_bytes
-    gathered_half = sharding in PARAM_SHARDED and gpus > 1
-    if gathered_half and layout.dims.experts:
-        # the mixed-precision policy gathers fp32 experts in bf16, and grouped_mm computes in the weights' dtype
-        memory = estimate_memory(layout, setup, device=device, experts_half=True, accumulating=memory.accumulating)
+    if sharding in PARAM_SHARDED and gpus > 1 and (layout.dims.experts or setup.precision.endswith("-mixed")):
+        # the mixed-precision policy (FSDP) and ZeRO-3 gather every weight in bf16: autocast copies none, the
+        # embeddings hand the layers a bf16 stream, fp32 experts compute in bf16
+        memory = estimate_memory(layout, setup, device=device, gathered_half=True, accumulating=memory.accumulating)
+        if setup.precision.endswith("-mixed"):
+            notes.append("weights gathered in bf16 by the mixed-precision policy: no autocast weight copies, a bf16 "
+                         "residual stream")
     phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
                                                              - weights - states - memory.held_gradient_bytes)})
-    copies = memory.activation_terms.get("weight_copies", 0) * layout.dims.layers
-    head_copy = memory.head_terms.get("head_weight_copy", 0)
-    if gathered_half and head_copy:  # the root unit gathers the head in bf16 (counted in the gathered units)
-        phases = {k: (grads, other - min(head_copy, other)) if k in HEAD_COPY_PHASES else (grads, other)
-                  for k, (grads, other) in phases.items()}
-    if gathered_half and copies:
-        # FSDP's mixed-precision policy and ZeRO-3 gather weights in bf16: autocast keeps no bf16 copy of
-        # every weight (the gathered units are counted by shard instead)
-        phases = {k: (grads, max(0, other - copies) if k not in (END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP)
-                      else other)
-                  for k, (grads, other) in phases.items()}
-        notes.append("no autocast weight copies: sharded weights are gathered in bf16 by the mixed-precision policy")
     if OPTIMIZER_STEP in phases and sharding not in ("none", "ddp"):  # each GPU steps only its shard of the states
         grads, step = phases[OPTIMIZER_STEP]
         phases[OPTIMIZER_STEP] = (grads, step // group)
