@@ -215,7 +215,9 @@ def report(records: list[dict]) -> str:
          "above the collective's start by the end of backward - FSDP2 keeps the reduce-scatter input (the root's "
          "125 MiB of bf16 gradients) until the end of backward while it makes the output shard and its fp32 "
          "cast. Replacing gloo's reduce-scatter by one with bounded buffers did not move the peak (992.09 vs "
-         "992.08 MB), so it is FSDP's, not gloo's. The model does not count those buffers; a term for the copy-in "
+         "992.08 MB), so it is FSDP's, not gloo's; a census of tensors at the collective's end also found one bf16 "
+         "32000 x 1024 tensor held only from C++ (no parameter's gradient or gathered storage of the root unit). "
+         "The model does not count those buffers; a term for the copy-in "
          "buffer alone brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5% (it counted "
          "gradients the last micro-step had already reduce-scattered), so it was not kept."), "",
         ("What this does not show: CUDA (NCCL, the caching allocator, streams that prefetch the next unit's "
