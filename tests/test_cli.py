@@ -29,6 +29,21 @@ def test_estimate_table_shows_assumptions_and_prices():
         assert text in result.stdout
 
 
+def test_sync_each_batch_shards_fsdp_gradients_under_accumulation():
+    args = ("estimate", "llama2-7b", "--method", "full", "--gpus", "8", "--sharding", "fsdp", "--grad-accum", "4",
+            "--json")
+    trainer, synced = run_cli(*args), run_cli(*args, "--sync-each-batch")
+    assert trainer.returncode == synced.returncode == 0, trainer.stderr + synced.stderr
+    t, s = json.loads(trainer.stdout), json.loads(synced.stdout)
+    assert (t["settings"]["sync_each_batch"], s["settings"]["sync_each_batch"]) == (False, True)
+    held, shard = t["estimates"][0]["sharded"], s["estimates"][0]["sharded"]
+    total = t["estimates"][0]["total_params"]
+    assert held["gradients_bytes"] == 2 * total and shard["gradients_bytes"] == 4 * total // 8  # bf16 whole; fp32 /8
+    assert any("no_sync" in n for n in held["notes"]) and not any("no_sync" in n for n in shard["notes"])
+    table = run_cli(*args[:-1])
+    assert "no_sync" in table.stdout and "--sync-each-batch" in table.stdout
+
+
 def test_unquantized_layers_are_called_out_only_where_they_exist():
     falcon = run_cli("estimate", "falcon-7b", "--method", "qlora")
     assert "stay unquantized" in falcon.stdout

@@ -101,7 +101,9 @@ def assumption(a: Assumption) -> str:
             f"several GPUs ({f['sharding']}): data parallel with a whole replica per GPU (DDP) when it fits, else "
             "FSDP with parameters, gradients and optimizer states sharded over all GPUs; FSDP gathers the weights "
             f"{f['gathers_per_micro_batch']} times per micro-batch as stored (4-bit weights as 4-bit, fp32 ones in "
-            "the compute dtype), prefetched behind compute; gradients all-reduced once per optimizer step, "
+            "the compute dtype), prefetched behind compute, and with gradient accumulation reduce-scatters the "
+            "gradients every micro-batch (sync_each_batch: each GPU holds only its shard; the Trainer's default "
+            "no_sync would hold them whole); DDP gradients all-reduced once per optimizer step, "
             f"{f['allreduce_overlap']:.0%} of it hidden behind the last backward; NVLink/NVSwitch or PCIe inside "
             "an instance, the whole instance network between instances (half of it without EFA)"),
         "setup": lambda: (f"billed time adds {f['setup_seconds'] / 60:.0f} minutes of setup per instance (boot, "
