@@ -34,7 +34,8 @@ RESULTS = HERE / "results" / "fsdp_cpu.jsonl"
 # held-out cases first measured after the model's last change (the rest had been seen before it)
 AFTER_LAST_CHANGE = {"qwen-896-4l-tied/fsdp/2x256-ckpt", "llama-1k-2l/fsdp/lora/2x512-ckpt",
                      "qwen-896-4l-tied/fsdp/lora/2x256-accum2-4proc", "llama-1k-2l/fsdp/1x256",
-                     "llama-2k-10l/fsdp/1x64"}
+                     "llama-2k-10l/fsdp/1x64", "llama-1k-2l/fsdp/qlora/2x512-ckpt", "llama-1k-2l/fsdp/qlora/2x512",
+                     "qwen-896-4l-tied/fsdp/qlora/2x256-ckpt"}
 AFTER_LABEL = "held-out, measured after the last change"
 REPORT = HERE / "FSDP.md"
 
@@ -42,8 +43,11 @@ REPORT = HERE / "FSDP.md"
 def _setup(batch: int, seq: int, ckpt: bool = False, accum: int = 1, sync: bool = False, world: int = 2,
            precision: str = "bf16-mixed", method: str = "full") -> dict:
     """The case's TrainingSetup as JSON, with `grad_accum` (micro-batches per optimizer step) and `world`
-    (processes) beside it. LoRA: r 16 on every linear layer, a bf16 base, fp32 adapters."""
-    lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["all-linear"]}} if method == "lora" else {}
+    (processes) beside it. LoRA: r 16 on every linear layer, a bf16 base, fp32 adapters; QLoRA the same over an
+    NF4 double-quantized base stored in bf16 (bnb_4bit_quant_storage, the QLoRA + FSDP recipe)."""
+    lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["all-linear"]}} if method != "full" else {}
+    if method == "qlora":
+        lora |= {"quant_type": "nf4", "double_quant": True}
     return {"method": method, "batch_size": batch, "seq_len": seq, "precision": precision,
             "optimizer": "adamw_torch_fused", "grad_ckpt": ckpt, "attention": "sdpa", "loop": "trainer",
             "sync_each_batch": sync, **lora, "grad_accum": accum, "world": world}
@@ -79,6 +83,11 @@ CASES = [  # (id, model, setup, split)
      _setup(2, 256, accum=2, world=4, method="lora"), "held-out"),
     ("llama-1k-2l/fsdp/1x256", "llama-1k-2l", _setup(1, 256), "held-out"),
     ("llama-2k-10l/fsdp/1x64", "llama-2k-10l", _setup(1, 64), "held-out"),
+    # QLoRA under FSDP, added after all of the above had run and with the model unchanged since; held out
+    ("llama-1k-2l/fsdp/qlora/2x512-ckpt", "llama-1k-2l", _setup(2, 512, True, method="qlora"), "held-out"),
+    ("llama-1k-2l/fsdp/qlora/2x512", "llama-1k-2l", _setup(2, 512, method="qlora"), "held-out"),
+    ("qwen-896-4l-tied/fsdp/qlora/2x256-ckpt", "qwen-896-4l-tied", _setup(2, 256, True, method="qlora"),
+     "held-out"),
 ]
 
 
@@ -120,11 +129,14 @@ def worker(config: dict, setup_json: dict) -> dict:
     kernels = cpu_bf16.needed()
     if kernels:
         cpu_bf16.install()
-    dist.init_process_group("gloo", timeout=timedelta(hours=2))
     spec = spec_from_config(config, name="case", source="benchmark")
     setup, accum = _parse(setup_json)
     torch.manual_seed(0)
-    model = _wrap(build_model(spec, setup, device="cpu"), torch, setup.precision.endswith("-mixed"))
+    # built before the process group exists: QLoRA's save-and-reload through bitsandbytes would otherwise save
+    # on rank 0 alone (transformers' save_pretrained under torch.distributed)
+    model = build_model(spec, setup, device="cpu", sharded=True)
+    dist.init_process_group("gloo", timeout=timedelta(hours=2))
+    model = _wrap(model, torch, setup.precision.endswith("-mixed"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
     batch = random_batch(spec.dims.vocab, setup, "cpu")
@@ -196,7 +208,8 @@ def report(records: list[dict]) -> str:
          f"over gloo; cases measured {records[0]['date'] if records else ''} onward. Method, instruments and held-out "
          "rule: the script's docstring. Estimate = `ftplan estimate --device cpu --gpus 2 --sharding fsdp "
          "[--grad-accum 2] [--sync-each-batch]` (today's model); measured = census + RSS rise of the larger "
-         "process. Full fine-tuning (and LoRA r16 all-linear where named), bf16-mixed (accelerate's FSDP2 policy) "
+         "process. Full fine-tuning (LoRA and QLoRA r16 all-linear where named), bf16-mixed (accelerate's FSDP2 "
+         "policy) "
          "unless named fp32, fused AdamW."), "",
         *error_summary(errors), "",
         ("| case | split | params | estimated MiB | measured MiB | error | error when measured | error if gradients "
@@ -209,7 +222,8 @@ def report(records: list[dict]) -> str:
          "stream (norms save bf16; full fine-tuning's layers need no fp32-input copies), autocast copies no "
          "weight, and PEFT casts the adapters' input to the gathered bf16 adapters before dropout (the CPU keeps "
          "the dropout's noise in that dtype); the single-GPU step is re-estimated so (estimate_memory "
-         "gathered_half), which replaced (1). The last five cases were measured after (2). "
+         "gathered_half), which replaced (1). The last eight cases were measured after (2), the three QLoRA ones "
+         "(4-bit weights stored in bf16 so FSDP can shard them) the first time QLoRA under FSDP ran here. "
          "The three misses (1x128, 1x256, the 10-layer 1x64) peak at the end of backward, after the root unit "
          "(embeddings and head) reduce-scatters last: a probe of the 1x128 step read the resident set 187 MiB "
          "above the collective's start by the end of backward - FSDP2 keeps the reduce-scatter input (the root's "
@@ -221,7 +235,7 @@ def report(records: list[dict]) -> str:
          "buffer alone brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5% (it counted "
          "gradients the last micro-step had already reduce-scattered), so it was not kept."), "",
         ("What this does not show: CUDA (NCCL, the caching allocator, streams that prefetch the next unit's "
-         "all-gather while this one computes), more than four processes, HSDP, QLoRA under FSDP, offload, "
+         "all-gather while this one computes), more than four processes, HSDP, offload, "
          "and torch versions other than the one above."), ""])
 
 

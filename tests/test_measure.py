@@ -155,3 +155,17 @@ def test_build_model_loads_local_safetensors(tmp_path):
     loaded = dict(model.base_model.model.named_parameters())["model.embed_tokens.weight"]
     assert torch.equal(loaded.float(), saved.model.embed_tokens.weight.to(loaded.dtype).float())
     assert loaded.dtype == torch.bfloat16 and not loaded.requires_grad
+
+
+def test_sharded_qlora_stores_its_4bit_weights_in_the_compute_dtype_from_random_weights_too():
+    """FSDP shards only float tensors: for a sharded run QLoRA packs its 4-bit weights into bf16 storage
+    (bnb_4bit_quant_storage), whether the weights are loaded or random - the same bytes either way."""
+    from ftplan.estimate.settings import SetupChoices, resolve
+    from ftplan.train.build import build_model
+
+    spec = spec_from_config(TINY, name="tiny", source="test")
+    setup = resolve("qlora", SetupChoices())
+    packed = {sharded: next(p for n, p in build_model(spec, setup, sharded=sharded).named_parameters()
+                            if n.endswith("q_proj.base_layer.weight")) for sharded in (False, True)}
+    assert packed[False].dtype == torch.uint8 and packed[True].dtype == torch.bfloat16
+    assert packed[False].numel() == 2 * packed[True].numel()

@@ -100,7 +100,7 @@ def _load_quantized(source: str, setup: TrainingSetup, device: str, trust_remote
                                                 attn_implementation=setup.attention)
 
 
-def _quantized_from_config(config, setup: TrainingSetup, device: str, trust_remote_code: bool):
+def _quantized_from_config(config, setup: TrainingSetup, device: str, trust_remote_code: bool, sharded: bool = False):
     """Random-initialised weights, saved as safetensors and reloaded through bitsandbytes, which
     is how a real checkpoint reaches 4 bit (from_config cannot quantize)."""
     import torch
@@ -117,7 +117,7 @@ def _quantized_from_config(config, setup: TrainingSetup, device: str, trust_remo
         model.generation_config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         del model
-        return _load_quantized(tmp, setup, device, trust_remote_code)
+        return _load_quantized(tmp, setup, device, trust_remote_code, sharded)
 
 
 def apply_lora(model, targets: TargetResolution, setup: TrainingSetup):
@@ -151,7 +151,7 @@ def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", p
         if pretrained:
             model = _load_quantized(pretrained, setup, device, trust_remote_code, sharded)
         else:
-            model = _quantized_from_config(config, setup, device, trust_remote_code)
+            model = _quantized_from_config(config, setup, device, trust_remote_code, sharded)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_ckpt,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     else:
