@@ -1,6 +1,6 @@
 """FSDP's per-process memory, measured on the CPU, against ftplan's sharded estimate.
 
-Runs torch's FSDP2 (`fully_shard`) itself - two processes over gloo - on models built by the code ftplan's
+Runs torch's FSDP2 (`fully_shard`) itself - two or four processes over gloo - on models built by the code ftplan's
 backend trains with, wrapped as accelerate wraps them for `fsdp_version: 2` with TRANSFORMER_BASED_WRAP (each
 decoder layer a unit, then the root; trainable parameters in fp32; the mixed-precision policy accelerate sets
 from bf16: param_dtype = reduce_dtype = bf16; autocast around the forward), and steps as the Trainer steps:
@@ -35,22 +35,25 @@ RESULTS = HERE / "results" / "fsdp_cpu.jsonl"
 AFTER_LAST_CHANGE = {"qwen-896-4l-tied/fsdp/2x256-ckpt", "llama-1k-2l/fsdp/lora/2x512-ckpt",
                      "qwen-896-4l-tied/fsdp/lora/2x256-accum2-4proc", "llama-1k-2l/fsdp/1x256",
                      "llama-2k-10l/fsdp/1x64", "llama-1k-2l/fsdp/qlora/2x512-ckpt", "llama-1k-2l/fsdp/qlora/2x512",
-                     "qwen-896-4l-tied/fsdp/qlora/2x256-ckpt"}
+                     "qwen-896-4l-tied/fsdp/qlora/2x256-ckpt", "llama-1k-2l/hsdp/2x512-4proc",
+                     "llama-1k-2l/hsdp/2x512-accum2-4proc"}
 AFTER_LABEL = "held-out, measured after the last change"
 REPORT = HERE / "FSDP.md"
 
 
 def _setup(batch: int, seq: int, ckpt: bool = False, accum: int = 1, sync: bool = False, world: int = 2,
-           precision: str = "bf16-mixed", method: str = "full") -> dict:
-    """The case's TrainingSetup as JSON, with `grad_accum` (micro-batches per optimizer step) and `world`
-    (processes) beside it. LoRA: r 16 on every linear layer, a bf16 base, fp32 adapters; QLoRA the same over an
-    NF4 double-quantized base stored in bf16 (bnb_4bit_quant_storage, the QLoRA + FSDP recipe)."""
+           precision: str = "bf16-mixed", method: str = "full", nodes: int = 1) -> dict:
+    """The case's TrainingSetup as JSON, with `grad_accum` (micro-batches per optimizer step), `world`
+    (processes) and `nodes` beside it (more than one: HSDP, sharded within a "node", replicated across).
+    LoRA: r 16 on every linear layer, a bf16 base, fp32 adapters; QLoRA the same over an NF4 double-quantized
+    base stored in bf16 (bnb_4bit_quant_storage, the QLoRA + FSDP recipe)."""
     lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["all-linear"]}} if method != "full" else {}
     if method == "qlora":
         lora |= {"quant_type": "nf4", "double_quant": True}
     return {"method": method, "batch_size": batch, "seq_len": seq, "precision": precision,
             "optimizer": "adamw_torch_fused", "grad_ckpt": ckpt, "attention": "sdpa", "loop": "trainer",
-            "sync_each_batch": sync, **lora, "grad_accum": accum, "world": world}
+            "sync_each_batch": sync, **lora, "grad_accum": accum, "world": world,
+            **({"nodes": nodes} if nodes > 1 else {})}
 
 
 CASES = [  # (id, model, setup, split)
@@ -88,6 +91,10 @@ CASES = [  # (id, model, setup, split)
     ("llama-1k-2l/fsdp/qlora/2x512", "llama-1k-2l", _setup(2, 512, method="qlora"), "held-out"),
     ("qwen-896-4l-tied/fsdp/qlora/2x256-ckpt", "qwen-896-4l-tied", _setup(2, 256, True, method="qlora"),
      "held-out"),
+    # HSDP (--sharding fsdp-hybrid): 4 processes as 2 "nodes" of 2, added after all of the above had run and
+    # with the model unchanged since; held out
+    ("llama-1k-2l/hsdp/2x512-4proc", "llama-1k-2l", _setup(2, 512, world=4, nodes=2), "held-out"),
+    ("llama-1k-2l/hsdp/2x512-accum2-4proc", "llama-1k-2l", _setup(2, 512, accum=2, world=4, nodes=2), "held-out"),
 ]
 
 
@@ -95,21 +102,26 @@ def _parse(setup_json: dict):
     """(the TrainingSetup, its accumulation) from a case's setup JSON."""
     from ftplan.estimate.settings import TrainingSetup
 
-    extra = ("grad_accum", "world")
+    extra = ("grad_accum", "world", "nodes")
     return TrainingSetup.model_validate({k: v for k, v in setup_json.items() if k not in extra}), \
         setup_json["grad_accum"]
 
 
-def _wrap(model, torch, mixed: bool):
-    """FSDP2 as accelerate's fsdp2_prepare_model applies it: under bf16 mixed precision its policy, else none."""
+def _wrap(model, torch, mixed: bool, nodes: int = 1):
+    """FSDP2 as accelerate's fsdp2_prepare_model applies it: under bf16 mixed precision its policy, else none;
+    over several nodes a (replicate, shard) mesh (HSDP, accelerate's fsdp-hybrid)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
                                   output_dtype=torch.bfloat16) if mixed else MixedPrecisionPolicy()
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (nodes, world // nodes), mesh_dim_names=("replicate", "shard")) \
+        if nodes > 1 else None
     units = tuple(m for m in model.modules() if type(m).__name__ in set(model._no_split_modules))
     for unit in units:
-        fully_shard(unit, reshard_after_forward=True, mp_policy=policy)
-    fully_shard(model, reshard_after_forward=True, mp_policy=policy)
+        fully_shard(unit, reshard_after_forward=True, mp_policy=policy, mesh=mesh)
+    fully_shard(model, reshard_after_forward=True, mp_policy=policy, mesh=mesh)
     return model
 
 
@@ -136,7 +148,7 @@ def worker(config: dict, setup_json: dict) -> dict:
     # on rank 0 alone (transformers' save_pretrained under torch.distributed)
     model = build_model(spec, setup, device="cpu", sharded=True)
     dist.init_process_group("gloo", timeout=timedelta(hours=2))
-    model = _wrap(model, torch, setup.precision.endswith("-mixed"))
+    model = _wrap(model, torch, setup.precision.endswith("-mixed"), setup_json.get("nodes", 1))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
     batch = random_batch(spec.dims.vocab, setup, "cpu")
@@ -178,7 +190,9 @@ def estimate(model: str, setup_json: dict, **update) -> dict:
     setup, accum = _parse(setup_json)
     setup = setup.model_copy(update=update)
     memory = estimate_memory(layout, setup, device="cpu", accumulating=accum > 1)
-    s = shard(layout, setup, memory, gpus=setup_json["world"], sharding="fsdp", device="cpu")
+    nodes = setup_json.get("nodes", 1)
+    s = shard(layout, setup, memory, gpus=setup_json["world"], nodes=nodes,
+              sharding="fsdp-hybrid" if nodes > 1 else "fsdp", device="cpu")
     return {"estimated_bytes": s.peak_allocated_bytes, "peak_phase": s.peak_phase, "params": layout.total_params()}
 
 
@@ -222,8 +236,10 @@ def report(records: list[dict]) -> str:
          "stream (norms save bf16; full fine-tuning's layers need no fp32-input copies), autocast copies no "
          "weight, and PEFT casts the adapters' input to the gathered bf16 adapters before dropout (the CPU keeps "
          "the dropout's noise in that dtype); the single-GPU step is re-estimated so (estimate_memory "
-         "gathered_half), which replaced (1). The last eight cases were measured after (2), the three QLoRA ones "
-         "(4-bit weights stored in bf16 so FSDP can shard them) the first time QLoRA under FSDP ran here. "
+         "gathered_half), which replaced (1). The last ten cases were measured after (2): the three QLoRA ones "
+         "(4-bit weights stored in bf16 so FSDP can shard them) the first time QLoRA under FSDP ran here, the two "
+         "hsdp ones the first time HSDP did (a 2 x 2 mesh; at two per node bf16 gradients held whole weigh what "
+         "fp32 shards do, so the accumulating one cannot tell no_sync apart). "
          "The three misses (1x128, 1x256, the 10-layer 1x64) peak at the end of backward, after the root unit "
          "(embeddings and head) reduce-scatters last: a probe of the 1x128 step read the resident set 187 MiB "
          "above the collective's start by the end of backward - FSDP2 keeps the reduce-scatter input (the root's "
@@ -235,7 +251,7 @@ def report(records: list[dict]) -> str:
          "buffer alone brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5% (it counted "
          "gradients the last micro-step had already reduce-scattered), so it was not kept."), "",
         ("What this does not show: CUDA (NCCL, the caching allocator, streams that prefetch the next unit's "
-         "all-gather while this one computes), more than four processes, HSDP, offload, "
+         "all-gather while this one computes), more than four processes, HSDP beyond a 2 x 2 mesh, offload, "
          "and torch versions other than the one above."), ""])
 
 
