@@ -27,7 +27,7 @@ from ftplan.model.spec import ModelSpec
 from ftplan.names import Name
 from ftplan.recommend.models import Assumption
 
-PLAN_SCHEMA_VERSION = 2
+PLAN_SCHEMA_VERSION = 3
 DEFAULT_PLAN = Path("ftplan-plan.yaml")
 # Bounds past which a value is a typo, not a plan: they keep step counts and seeds within what runs
 MAX_EPOCHS = 1000
@@ -121,7 +121,7 @@ class PlanEstimates(_Strict):
 class Plan(_Strict):
     """An accepted plan (schema_version 2)."""
 
-    schema_version: Literal[2] = PLAN_SCHEMA_VERSION
+    schema_version: Literal[3] = PLAN_SCHEMA_VERSION
     ftplan_version: str = __version__
     created_at: str
     task: str

@@ -84,7 +84,8 @@ def edited(accepted, tmp_path, change):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(schema_version=3), "schema_version 3; this ftplan"),
+    (lambda d: d.update(schema_version=4), "schema_version 4; this ftplan"),
+    (lambda d: d.update(schema_version=2), "schema_version 2; this ftplan"),
     (lambda d: d.update(schema_version=1), "schema_version 1; this ftplan"),
     (lambda d: d.pop("schema_version"), "schema_version None"),
     (lambda d: d.update(surprise=1), "surprise: Extra inputs are not permitted"),

@@ -197,9 +197,10 @@ def _candidate(ctx: _Context, st: Setting, setup: TrainingSetup, inst: catalog.I
                count: int, scheme: str, micro: int, need: tuple[int, int], price: HourlyPrice) -> Candidate:
     request, world = ctx.request, count * inst.gpu_count
     accum = request.global_batch // (micro * world)
-    # an FSDP plan that accumulates reduce-scatters every micro-batch (sync_each_batch), the lean choice: the
-    # Trainer's no_sync would hold every gradient unsharded on every GPU
-    synced = scheme == "fsdp" and accum > 1
+    # an FSDP plan reduce-scatters every micro-batch (sync_each_batch), the lean choice: the Trainer's no_sync
+    # would hold every gradient unsharded on every GPU. Set at any accumulation: a run on fewer processes than
+    # the plan's GPUs accumulates more (plugins/hf/loop.accumulation)
+    synced = scheme == "fsdp"
     skey = (id(st), micro, setup.precision, synced)
     micro_setup = ctx.caches["setup"].get(skey) or ctx.caches["setup"].setdefault(
         skey, setup.model_copy(update={"batch_size": micro, "sync_each_batch": synced}))
