@@ -15,7 +15,7 @@ from ftplan.estimate import deepspeed as ds
 from ftplan.estimate.memory import END_OF_BACKWARD as END
 from ftplan.estimate.memory import OPTIMIZER_STEP as STEP
 from ftplan.estimate.memory import estimate_memory
-from ftplan.estimate.settings import SetupChoices, resolve
+from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
 from ftplan.estimate.sharding import shard, smallest_gpu_count
 from ftplan.model.architectures import build_layout
 from ftplan.model.resolve import from_catalog
@@ -278,6 +278,30 @@ def test_fsdp_accumulation_holds_unsharded_gradients_unless_each_batch_syncs(pre
     assert any("no_sync" in n for n in trainer.notes) and not any("no_sync" in n for n in synced.notes)
     hybrid = shard(LAYOUT, setup, acc, gpus=16, nodes=2, sharding="fsdp-hybrid")
     assert hybrid.gradients_bytes == held * TOTAL
-    # one micro-batch per step, or one GPU: nothing to hold apart from the usual
+    # one micro-batch per step, or one GPU: nothing held apart from the usual (the shard, or the one GPU's own)
     one = estimate_memory(LAYOUT, setup)
-    assert shard(LAYOUT, setup, one, gpus=8, sharding="fsdp").gradients_bytes < held * TOTAL
+    assert shard(LAYOUT, setup, one, gpus=8, sharding="fsdp").gradients_bytes <= one.gradients_bytes // 8
+    assert shard(LAYOUT, setup, acc, gpus=1, sharding="fsdp").gradients_bytes == acc.gradients_bytes
+
+
+@pytest.mark.parametrize("scheme", ["zero1", "zero2", "zero3"])
+def test_deepspeed_runs_lora_on_a_bf16_model_at_every_stage(scheme):
+    """DeepSpeed's bf16 casts the whole module (adapters included) and accelerate turns autocast off, at every
+    ZeRO stage: the step is the bf16-gathered one, as under FSDP's policy - not the single GPU's autocast step."""
+    setup, m = breakdown("lora", lora=LoraSettings(targets=["all-linear"]))
+    half = estimate_memory(LAYOUT, setup, gathered_half=True)
+    assert m.activation_terms["weight_copies"] > 0 == half.activation_terms["weight_copies"]  # the adapters' copies
+    zero, ddp = (shard(LAYOUT, setup, m, gpus=8, sharding=s) for s in (scheme, "ddp"))  # DDP: the autocast step
+    assert zero.peak_phase == ddp.peak_phase
+    saved = m.phase_bytes[ddp.peak_phase][1] - half.phase_bytes[ddp.peak_phase][1]
+    assert saved > 0 and zero.other_bytes <= ddp.other_bytes - saved + 2 * LAYOUT.dims.hidden ** 2 * 2  # + a bucket
+    assert any("DeepSpeed casts the model to bf16" in n for n in zero.notes)
+
+
+def test_zero3_full_fine_tuning_of_moe_keeps_deepspeeds_own_step():
+    """DeepSpeed full fine-tuning is re-modelled by deepspeed.view (a bf16 model, its optimizer's step): the MoE
+    experts are already bf16 there, and no phase may lose view's optimizer step (no negative transient)."""
+    layout = build_layout(from_catalog(catalog.find_model("mixtral-8x7b")))
+    setup = resolve("full", SetupChoices(seq_len=256, grad_ckpt=True), model_type="mixtral")
+    s = shard(layout, setup, estimate_memory(layout, setup), gpus=8, sharding="zero3")
+    assert s.other_bytes >= 0 and s.peak_phase == STEP

@@ -39,7 +39,8 @@ class Dtypes(BaseModel):
     base_trainable: bool
     quantized: bool   # QLoRA: 4-bit layers answer in their input's dtype
     device: Device
-    # parameter sharding (FSDP's mixed-precision policy, ZeRO-3) gathers every parameter in the compute dtype
+    # every parameter computes in the compute dtype: FSDP's mixed-precision policy gathers them so, DeepSpeed's
+    # bf16 casts the module (ftplan.estimate.sharding)
     gathered_half: bool = False
 
     @property
@@ -334,7 +335,8 @@ def checkpointed_layer(layout: ModelLayout, setup: TrainingSetup, gathered_half:
 def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup] = (),
                              gathered_half: bool = False) -> int:
     """Gradient buffers alive while backward runs through one MLP (the widest part of a layer),
-    plus, with adapters, the fp32 gradient of the widest input PEFT cast to the adapter dtype, or, for a
+    plus, with adapters, the gradient of the widest input PEFT cast to the adapter dtype (fp32, or the compute
+    dtype where every parameter computes in it), or, for a
     parameter PEFT's ParamWrapper adapts, the gradient of its full-size effective weight."""
     d, dt = layout.dims, step_dtypes(setup, gathered_half=gathered_half)
     width = d.intermediate * max(1, d.experts_per_token)
@@ -343,7 +345,8 @@ def backward_layer_transient(layout: ModelLayout, setup: TrainingSetup, adapted:
     lora_input = max((g.in_features for g in linear), default=0)
     mlp = setup.tokens * width * mlp_bytes
     # a folded weight's gradient is made beside one intermediate's gradient, before the MLP's others exist
-    return setup.tokens * (d.hidden * 4 + lora_input * 4) + max(2 * mlp, mlp + _folded_gradient(adapted, dt))
+    lora_input_grad = lora_input * adapter_bytes(dt)  # the gradient of PEFT's cast of the input to the adapters
+    return setup.tokens * (d.hidden * 4 + lora_input_grad) + max(2 * mlp, mlp + _folded_gradient(adapted, dt))
 
 
 def cpu_expert_gradient(layout: ModelLayout, setup: TrainingSetup, adapted: list[ModuleGroup], device: Device,

@@ -7,8 +7,11 @@ Starts from the single-GPU breakdown (memory.py) and divides what each scheme sh
 | none, ddp   | replicated     | replicated| replicated       |
 | zero1       | replicated     | replicated| / N              |
 | zero2       | replicated     | / N       | / N              |
-| zero3, fsdp | / N + gathered | / N       | / N              |
+| zero3, fsdp | / N + gathered | / N (*)   | / N              |
 | fsdp-hybrid | / GPUs per node + gathered, replicated across nodes  |
+
+(*) FSDP with gradient accumulation as the Trainer runs it (no_sync): whole, in bf16, until the last micro-batch;
+/ N with sync_each_batch.
 
 Full fine-tuning under ZeRO is DeepSpeed's: weights and gradients in the compute dtype (no autocast), fp32
 master weights with the optimizer's states on flat partitions. Activations are per GPU in data parallelism
@@ -192,13 +195,19 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, 
             group: int, notes: list[str], device: Device = "cuda") -> dict[str, tuple[int, int]]:
     """The single-GPU phases, (gradients, the rest), as a GPU of the sharded job sees them."""
     weights, states = memory.weights_bytes + memory.adapter_bytes, memory.optimizer_bytes
-    if sharding in PARAM_SHARDED and gpus > 1 and (layout.dims.experts or setup.precision.endswith("-mixed")):
-        # the mixed-precision policy (FSDP) and ZeRO-3 gather every weight in bf16: autocast copies none, the
-        # embeddings hand the layers a bf16 stream, fp32 experts compute in bf16
+    mixed = setup.precision.endswith("-mixed")
+    # DeepSpeed full fine-tuning arrives as ds.view made it (a bf16 model, its own optimizer step): nothing to redo
+    ds_full = sharding.startswith("zero") and setup.method == "full"
+    # FSDP's mixed-precision policy gathers every weight in bf16 (and fp32 experts, whatever the precision);
+    # DeepSpeed's bf16 casts the whole module, at every stage, and accelerate turns autocast off
+    policy = sharding in ("fsdp", "fsdp-hybrid") and gpus > 1 and (layout.dims.experts or mixed)
+    zero3_experts = sharding == "zero3" and gpus > 1 and layout.dims.experts
+    deepspeed_cast = sharding.startswith("zero") and mixed
+    if not ds_full and (policy or zero3_experts or deepspeed_cast):
         memory = estimate_memory(layout, setup, device=device, gathered_half=True, accumulating=memory.accumulating)
-        if setup.precision.endswith("-mixed"):
-            notes.append("weights gathered in bf16 by the mixed-precision policy: no autocast weight copies, a bf16 "
-                         "residual stream")
+        if mixed:
+            notes.append(("DeepSpeed casts the model to bf16" if deepspeed_cast else "weights gathered in bf16 by the "
+                          "mixed-precision policy") + ": no autocast weight copies, a bf16 residual stream")
     phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
                                                              - weights - states - memory.held_gradient_bytes)})
     if OPTIMIZER_STEP in phases and sharding not in ("none", "ddp"):  # each GPU steps only its shard of the states
