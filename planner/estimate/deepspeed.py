@@ -71,13 +71,11 @@ def bucket_bytes(layout: ModelLayout, setup: TrainingSetup, sharding: str) -> in
     return buckets * layout.dims.hidden ** 2 * grad_bytes(setup)
 
 
-def kept_params(layout: ModelLayout, grad_ckpt: bool = False, frozen_embedding: bool = False) -> int:
+def kept_params(layout: ModelLayout, grad_ckpt: bool = False) -> int:
     """Parameters ZeRO-3 still holds gathered at the end of the forward: a unit stays gathered while its
     backward use comes within MAX_REUSE_DISTANCE parameters of the trace, i.e. twice the parameters of the units
     after it (each is used once more in the forward and once in the backward; a checkpointed layer three times,
-    its recomputation too). A tied head is the embedding's weight, gathered again at the end of the forward.
-    A frozen, untied embedding (LoRA, QLoRA) has no backward use - its output needs no gradient, so no
-    backward hook fetches it - and is released after the forward uses it."""
+    its recomputation too). A tied head is the embedding's weight, gathered again at the end of the forward."""
     per_layer = layout.layer_params()
     first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
     last = layout.total_params() - per_layer * layout.dims.layers - first
@@ -85,13 +83,11 @@ def kept_params(layout: ModelLayout, grad_ckpt: bool = False, frozen_embedding: 
         last += max(g.weight_numel for g in layout.modules if g.kind == "head")
     units = [first] + [per_layer] * layout.dims.layers + [last]  # forward order
     uses = [2] + [3 if grad_ckpt else 2] * layout.dims.layers + [2]
-    if frozen_embedding and not layout.dims.tied_embeddings:
-        uses[0] = 1
     kept, distance = 0, 0
     for unit, used in zip(reversed(units), reversed(uses)):
         if distance >= MAX_REUSE_DISTANCE:
             break
-        kept += unit if used > 1 else 0
+        kept += unit
         distance += used * unit
     return min(kept, layout.total_params())
 
@@ -111,8 +107,7 @@ def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group:
         if phase in (END_OF_BACKWARD, OPTIMIZER_STEP):
             gathered = 0  # released by the end of the backward
         elif phase != FIRST_LAYER:  # by then the trailing units' backward is done and they are released
-            kept = kept_params(layout, setup.grad_ckpt, frozen_embedding=not full) * gathered \
-                // max(1, _unit_params(layout))
+            kept = kept_params(layout, setup.grad_ckpt) * gathered // max(1, _unit_params(layout))
             gathered = max(gathered, kept)
     elif phase == OPTIMIZER_STEP:
         bucket = 0
