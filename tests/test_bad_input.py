@@ -55,6 +55,7 @@ def write_plan_variants(ws: Path) -> None:
     variant("plan_two_nodes.yaml", lambda d: (  # two instances at half the micro-batch: the same global batch
         d["hardware"].update(instance_count=2), d["training"]["setup"].update(batch_size=2)))
     variant("plan_method.yaml", lambda d: d["training"].update(method="dora"))
+    variant("plan_hybrid.yaml", lambda d: d["hardware"].update(sharding="fsdp-hybrid"))
     variant("plan_extra.yaml", lambda d: d.update(run_this="rm -rf /"))
     variant("plan_targets.yaml", lambda d: d["training"].update(targets=["foo_proj"]))
     variant("plan_targets_other.yaml", lambda d: d["training"].update(targets=["q_proj", "v_proj"]))
@@ -277,6 +278,7 @@ CASES = [
     ("plan-seed-huge", ["plan", "show", "plan_seed.yaml"], "training.seed: Input should be less than"),
     ("run-targets-unknown", ["run", "plan_targets.yaml", "--data", "train.jsonl"], "has no module 'foo_proj'"),
     ("run-targets-differ", ["run", "plan_targets_other.yaml", "--data", "train.jsonl"], "adapt other modules"),
+    ("run-hsdp", ["run", "plan_hybrid.yaml", "--data", "train.jsonl"], "cannot run hardware.sharding fsdp-hybrid"),
     ("run-processes-unsplittable", ["run", "plan_odd.yaml", "--data", "train.jsonl", "--option", "processes=2"],
      "2 processes cannot split the plan's global batch (3 = micro-batch 1 x 3"),
     # run

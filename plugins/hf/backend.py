@@ -144,6 +144,11 @@ class HuggingFaceBackend(TrainerBackend):
         if options.machines and options.machine_rank >= options.machines:
             problems.append(Problem(message=f"machine_rank {options.machine_rank} is not below machines "
                                             f"{options.machines}", fix="number the nodes 0 to machines - 1"))
+        if plan.hardware.sharding == "fsdp-hybrid":  # launch.accelerate_config has no hybrid-shard (HSDP) form
+            problems.append(Problem(message="backend 'hf' cannot run hardware.sharding fsdp-hybrid: it would start "
+                                            "plain DDP, every GPU holding the whole model",
+                                    fix="edit hardware.sharding to fsdp (sharded over every GPU: no more memory "
+                                        "per GPU than fsdp-hybrid)"))
         problems += self._split_problems(plan, request, options)
         problems += self._resume_problems(plan, request)
         return problems

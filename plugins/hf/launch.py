@@ -33,8 +33,8 @@ ERROR_PREFIX = "ftplan-worker: error:"  # the one line a failing worker prints f
 
 def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank: int, main_ip: str,
                       main_port: int, cpu: bool, deepspeed_file: Path | None = None) -> dict:
-    """The accelerate config for the plan's sharding: DDP, FSDP (full or hybrid shard) or DeepSpeed ZeRO (whose
-    settings are in `deepspeed_file`, written from deepspeed_config())."""
+    """The accelerate config for the plan's sharding: DDP, FSDP (full shard; the backend refuses fsdp-hybrid) or
+    DeepSpeed ZeRO (whose settings are in `deepspeed_file`, written from deepspeed_config())."""
     sharding = plan.hardware.sharding
     config = {"compute_environment": "LOCAL_MACHINE", "num_processes": processes, "num_machines": machines,
               "machine_rank": machine_rank, "main_process_ip": main_ip, "main_process_port": main_port,
