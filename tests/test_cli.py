@@ -42,6 +42,9 @@ def test_sync_each_batch_shards_fsdp_gradients_under_accumulation():
     assert any("no_sync" in n for n in held["notes"]) and not any("no_sync" in n for n in shard["notes"])
     table = run_cli(*args[:-1])
     assert "no_sync" in table.stdout and "--sync-each-batch" in table.stdout
+    moot = run_cli("estimate", "llama2-7b", "--method", "full", "--gpus", "8", "--sync-each-batch", "--json")
+    assert any("--sync-each-batch changes nothing here" in a for a in json.loads(moot.stdout)["assumptions"])
+    assert not any("changes nothing" in a for a in s["assumptions"])
 
 
 def test_unquantized_layers_are_called_out_only_where_they_exist():

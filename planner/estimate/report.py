@@ -203,6 +203,9 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding, device),
         ))
     warnings += _report_warnings(spec, choices, estimates, gpu_memory_bytes)
+    if choices.sync_each_batch and not (sharding in ("fsdp", "fsdp-hybrid") and gpus > 1 and grad_accum > 1):
+        warnings.append("--sync-each-batch changes nothing here: it is about FSDP (--sharding fsdp or fsdp-hybrid "
+                        "over several GPUs) with --grad-accum above 1")
     info = ModelInfo(name=spec.name, hf_id=spec.hf_id, model_type=spec.model_type, source=spec.source,
                      license=spec.license, layers=spec.dims.layers, hidden_size=spec.dims.hidden,
                      vocab_size=spec.dims.vocab, counting=counting)
