@@ -216,10 +216,10 @@ def run_ranks(script: str, request: dict, port: int, label: str, world: int = 2)
     return ranks
 
 
-def run_case(case, port: int) -> dict:
-    """Both ranks of one case."""
+def run_case(case, index: int) -> dict:
+    """Both ranks of one case (the `index`-th: its rendezvous port)."""
     cid, model, stage, setup_json, split = case
-    ranks = run_ranks(__file__, {"stage": stage, "config": MODELS[model], "setup": setup_json}, port, cid)
+    ranks = run_ranks(__file__, {"stage": stage, "config": MODELS[model], "setup": setup_json}, 29900 + index, cid)
     return {"id": cid, "model": model, "stage": stage, "setup": setup_json, "split": split, "ranks": ranks,
             "measured_bytes": max(r["measured_bytes"] for r in ranks),
             "estimate_at_measure_bytes": estimate(model, stage, setup_json)["estimated_bytes"],
@@ -284,36 +284,44 @@ def report(records: list[dict]) -> str:
         "",
         ("What this does not show: CUDA (NCCL's collectives, the fp64 norm copies, the caching allocator's "
          "rounding), more than two processes, partitions over 1e9 elements (ZeRO-3's sub-groups), gradient "
-         "accumulation beyond the one model above, QLoRA under ZeRO, LoRA beyond the three cases above, offload, "
+         "accumulation beyond the one model above, QLoRA under ZeRO, LoRA beyond the /lora cases above, offload, "
          "and DeepSpeed versions other than the one above."), ""])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_main(doc: str, worker, cases: list, results: Path, report_path: Path, run_case, report) -> int:
+    """The command line both sharded benchmarks share. `--worker REQUEST` runs one rank (`worker(request)`);
+    otherwise every case not yet in `results` (with `--only`, those whose id contains it) runs through
+    `run_case(case, index)` and is appended as it finishes, then `report(records)` is written in case order.
+    `--report` only rewrites the report from the stored records."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true", help="rewrite the report from the stored results")
     parser.add_argument("--only", help="run only cases whose id contains this")
     args = parser.parse_args()
     if args.worker:
-        request = json.loads(args.worker)
-        print(json.dumps(worker(request["stage"], request["config"], request["setup"])))
+        print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    records = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     if not args.report:
         done = {r["id"] for r in records}
-        for i, case in enumerate(CASES):
+        for i, case in enumerate(cases):
             if case[0] in done or (args.only and args.only not in case[0]):
                 continue
-            record = run_case(case, 29900 + i)
+            record = run_case(case, i)
             print(json.dumps({k: record[k] for k in ("id", "split", "measured_bytes")}), flush=True)
             records.append(record)
-            RESULTS.parent.mkdir(exist_ok=True)
-            with RESULTS.open("a") as f:
+            results.parent.mkdir(exist_ok=True)
+            with results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-    order = {c[0]: i for i, c in enumerate(CASES)}
-    REPORT.write_text(report(sorted(records, key=lambda r: order.get(r["id"], len(order)))))
-    print(f"wrote {REPORT}")
+    order = {c[0]: i for i, c in enumerate(cases)}
+    report_path.write_text(report(sorted(records, key=lambda r: order.get(r["id"], len(order)))))
+    print(f"wrote {report_path}")
     return 0
+
+
+def main() -> int:
+    return bench_main(__doc__, lambda r: worker(r["stage"], r["config"], r["setup"]), CASES, RESULTS, REPORT,
+                      run_case, report)
 
 
 if __name__ == "__main__":

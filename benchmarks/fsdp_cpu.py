@@ -20,15 +20,13 @@ Cases added later are held out too; the report says which were measured after th
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from deepspeed_cpu import MODELS, _census, _status, error_summary, run_ranks  # noqa: E402 - benchmarks/ sibling
+from deepspeed_cpu import MODELS, _census, _status, bench_main, error_summary, run_ranks  # noqa: E402 - sibling
 
 RESULTS = HERE / "results" / "fsdp_cpu.jsonl"
 # held-out cases first measured after the model's last change (the rest had been seen before it)
@@ -255,38 +253,19 @@ def report(records: list[dict]) -> str:
          "and torch versions other than the one above."), ""])
 
 
+def run_case(case, index: int) -> dict:
+    """Every rank of one case (the `index`-th: its rendezvous port), with the estimate as it stands now."""
+    cid, model, setup_json, split = case
+    before = estimate(model, setup_json)["estimated_bytes"]
+    ranks = run_ranks(__file__, {"config": MODELS[model], "setup": setup_json}, 29700 + index, cid,
+                      setup_json["world"])
+    return {"id": cid, "model": model, "setup": setup_json, "split": split, "ranks": ranks,
+            "measured_bytes": max(r["measured_bytes"] for r in ranks), "estimate_at_measure_bytes": before,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--report", action="store_true", help="rewrite the report from the stored results")
-    parser.add_argument("--only", help="run only cases whose id contains this")
-    args = parser.parse_args()
-    if args.worker:
-        request = json.loads(args.worker)
-        print(json.dumps(worker(request["config"], request["setup"])))
-        return 0
-    records = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-    if not args.report:
-        done = {r["id"] for r in records}
-        for i, (cid, model, setup_json, split) in enumerate(CASES):
-            if cid in done or (args.only and args.only not in cid):
-                continue
-            before = estimate(model, setup_json)["estimated_bytes"]
-            ranks = run_ranks(__file__, {"config": MODELS[model], "setup": setup_json}, 29700 + i, cid,
-                              setup_json["world"])
-            record = {"id": cid, "model": model, "setup": setup_json, "split": split, "ranks": ranks,
-                      "measured_bytes": max(r["measured_bytes"] for r in ranks), "estimate_at_measure_bytes": before,
-                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            print(json.dumps({k: record[k] for k in ("id", "split", "measured_bytes", "estimate_at_measure_bytes")}),
-                  flush=True)
-            records.append(record)
-            RESULTS.parent.mkdir(exist_ok=True)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-    order = {c[0]: i for i, c in enumerate(CASES)}
-    REPORT.write_text(report(sorted(records, key=lambda r: order.get(r["id"], len(order)))))
-    print(f"wrote {REPORT}")
-    return 0
+    return bench_main(__doc__, lambda r: worker(r["config"], r["setup"]), CASES, RESULTS, REPORT, run_case, report)
 
 
 if __name__ == "__main__":
