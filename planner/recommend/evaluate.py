@@ -167,6 +167,14 @@ def _file(out: Outcome, request: SearchRequest, cand: Candidate) -> None:
         out.feasible.append(cand)
 
 
+def plan_setup(setup: TrainingSetup, micro: int, scheme: str) -> TrainingSetup:
+    """The setup a candidate trains with: `micro` sequences per GPU, and under FSDP sync_each_batch - gradients
+    reduce-scattered every micro-batch, the lean choice (the Trainer's no_sync would hold every gradient unsharded
+    on every GPU), set at any accumulation since a run on fewer processes than the plan's GPUs accumulates more
+    (plugins/hf/loop.accumulation)."""
+    return setup.model_copy(update={"batch_size": micro, "sync_each_batch": scheme == "fsdp"})
+
+
 def _fit(ctx: _Context, st: Setting, setup: TrainingSetup, gpu_bytes: int, world: int,
          count: int) -> tuple[str | None, dict[int, tuple[int, int]]]:
     """How `st` runs on `world` GPUs of `gpu_bytes` each: a whole replica per GPU (none/ddp) when one fits,
@@ -183,11 +191,10 @@ def _fit(ctx: _Context, st: Setting, setup: TrainingSetup, gpu_bytes: int, world
             continue
         key = (id(st), m, world, count)
         cache = ctx.caches["shard"]
-        # shard() re-estimates the step as the gathered weights run it: it needs this micro-batch's setup; FSDP
-        # plans reduce-scatter gradients every micro-batch (sync_each_batch)
-        micro_setup = setup.model_copy(update={"batch_size": m, "sync_each_batch": True})
+        # shard() re-estimates the step as the gathered weights run it: it needs this micro-batch's setup
         sharded = cache.get(key) or cache.setdefault(key, shard(
-            ctx.layout, micro_setup, st.memory_at(m, world, batch), gpus=world, nodes=count, sharding="fsdp"))
+            ctx.layout, plan_setup(setup, m, "fsdp"), st.memory_at(m, world, batch), gpus=world, nodes=count,
+            sharding="fsdp"))
         if sharded.required_bytes <= gpu_bytes:
             return "fsdp", {m: (sharded.required_bytes, sharded.peak_allocated_bytes)}
     return "fsdp", {}
@@ -197,13 +204,9 @@ def _candidate(ctx: _Context, st: Setting, setup: TrainingSetup, inst: catalog.I
                count: int, scheme: str, micro: int, need: tuple[int, int], price: HourlyPrice) -> Candidate:
     request, world = ctx.request, count * inst.gpu_count
     accum = request.global_batch // (micro * world)
-    # an FSDP plan reduce-scatters every micro-batch (sync_each_batch), the lean choice: the Trainer's no_sync
-    # would hold every gradient unsharded on every GPU. Set at any accumulation: a run on fewer processes than
-    # the plan's GPUs accumulates more (plugins/hf/loop.accumulation)
-    synced = scheme == "fsdp"
-    skey = (id(st), micro, setup.precision, synced)
+    skey = (id(st), micro, setup.precision, scheme == "fsdp")
     micro_setup = ctx.caches["setup"].get(skey) or ctx.caches["setup"].setdefault(
-        skey, setup.model_copy(update={"batch_size": micro, "sync_each_batch": synced}))
+        skey, plan_setup(setup, micro, scheme))
     timing = _timing(ctx, st, micro_setup, gpu, micro, accum, Parallel(instance=inst, count=count, sharding=scheme))
     train = ctx.optimizer_steps * timing.seconds
     tokens_per_second = world * timing.tokens_per_micro_batch * accum / timing.seconds

@@ -7,7 +7,6 @@ resume, the steps, finish (final save, result)."""
 
 from __future__ import annotations
 
-
 import math
 import os
 import resource
