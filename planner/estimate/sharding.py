@@ -191,23 +191,32 @@ def _unsynced_gradients(setup: TrainingSetup, memory: MemoryBreakdown, sharding:
     return memory.gradients_bytes // 2 if setup.precision.endswith("-mixed") else memory.gradients_bytes
 
 
+def _bf16_step(layout: ModelLayout, setup: TrainingSetup, sharding: Sharding, gpus: int) -> str | None:
+    """What makes every parameter compute in bf16 under `sharding` (None: nothing, the single GPU's step holds).
+    DeepSpeed's bf16 casts the whole module at every stage and accelerate turns autocast off - full fine-tuning
+    arrives already as the bf16 model deepspeed.view made, with its own optimizer step, so nothing is redone;
+    FSDP's mixed-precision policy gathers every weight in bf16, and fp32 MoE experts whatever the precision, as
+    ZeRO-3's gathering does."""
+    mixed, experts = setup.precision.endswith("-mixed"), bool(layout.dims.experts)
+    if sharding.startswith("zero"):
+        if setup.method == "full":
+            return None
+        if mixed:
+            return "DeepSpeed casts the model to bf16"
+        return "ZeRO-3 gathers the experts in bf16" if sharding == "zero3" and gpus > 1 and experts else None
+    if sharding.startswith("fsdp") and gpus > 1 and (mixed or experts):
+        return "weights gathered in bf16 by the mixed-precision policy"
+    return None
+
+
 def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
             group: int, notes: list[str], device: Device = "cuda") -> dict[str, tuple[int, int]]:
     """The single-GPU phases, (gradients, the rest), as a GPU of the sharded job sees them."""
     weights, states = memory.weights_bytes + memory.adapter_bytes, memory.optimizer_bytes
-    mixed = setup.precision.endswith("-mixed")
-    # DeepSpeed full fine-tuning arrives as ds.view made it (a bf16 model, its own optimizer step): nothing to redo
-    ds_full = sharding.startswith("zero") and setup.method == "full"
-    # FSDP's mixed-precision policy gathers every weight in bf16 (and fp32 experts, whatever the precision);
-    # DeepSpeed's bf16 casts the whole module, at every stage, and accelerate turns autocast off
-    policy = sharding in ("fsdp", "fsdp-hybrid") and gpus > 1 and (layout.dims.experts or mixed)
-    zero3_experts = sharding == "zero3" and gpus > 1 and layout.dims.experts
-    deepspeed_cast = sharding.startswith("zero") and mixed
-    if not ds_full and (policy or zero3_experts or deepspeed_cast):
+    if maker := _bf16_step(layout, setup, sharding, gpus):
         memory = estimate_memory(layout, setup, device=device, gathered_half=True, accumulating=memory.accumulating)
-        if mixed:
-            notes.append(("DeepSpeed casts the model to bf16" if deepspeed_cast else "weights gathered in bf16 by the "
-                          "mixed-precision policy") + ": no autocast weight copies, a bf16 residual stream")
+        if setup.precision.endswith("-mixed"):
+            notes.append(f"{maker}: no autocast weight copies, a bf16 residual stream")
     phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
                                                              - weights - states - memory.held_gradient_bytes)})
     if OPTIMIZER_STEP in phases and sharding not in ("none", "ddp"):  # each GPU steps only its shard of the states
