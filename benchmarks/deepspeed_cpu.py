@@ -274,7 +274,8 @@ def report(records: list[dict]) -> str:
         "",
         ("The /lora cases (r 16, all-linear) ran after the model learned that DeepSpeed's bf16 casts the whole "
          "PEFT model at every stage (adapters included, autocast off): ZeRO-1/2 +0.36% and +0.31% (ZeRO-2 read "
-         "+4.73% on the autocast step it replaced). ZeRO-3 LoRA is not modelled to 3%: -1.74% to +18.79%. Set "
+         "+4.73% on the autocast step it replaced, the model at commit f7e0150). ZeRO-3 LoRA is not modelled to "
+         "3%: -1.74% to +18.79%. Set "
          "against the ZeRO-1 case of the same step, ZeRO-3 with checkpointing holds the whole bf16 model gathered "
          "at the peak (176.7 MiB beside 174.7), as modelled; without checkpointing about 49 MiB less than that "
          "at 2x512, which the model does not know. Excluding the frozen embedding from the kept span (no "

@@ -194,6 +194,22 @@ def estimate(model: str, setup_json: dict, **update) -> dict:
     return {"estimated_bytes": s.peak_allocated_bytes, "peak_phase": s.peak_phase, "params": layout.total_params()}
 
 
+def _no_sync_pairs(records: list[dict]) -> list[str]:
+    """Lines for each case run as the Trainer runs it (no_sync) beside its -sync twin: what holding the gradients
+    whole costs over sharding them every micro-batch, measured and estimated."""
+    by_id = {r["id"]: r for r in records}
+    lines = []
+    for cid, r in by_id.items():
+        twin = by_id.get(cid + "-sync")
+        if twin:
+            measured = (r["measured_bytes"] - twin["measured_bytes"]) / 1e6
+            estimated = (estimate(r["model"], r["setup"])["estimated_bytes"]
+                         - estimate(twin["model"], twin["setup"])["estimated_bytes"]) / 1e6
+            lines.append(f"- {cid}: no_sync holds {measured:.1f} MB more than its -sync twin, estimated "
+                         f"{estimated:.1f} MB")
+    return lines
+
+
 def report(records: list[dict]) -> str:
     """FSDP.md: each case with today's estimate, and the error summary per split."""
     rows, errors = [], {"train": [], "held-out": [], AFTER_LABEL: []}
@@ -224,6 +240,9 @@ def report(records: list[dict]) -> str:
          "policy) "
          "unless named fp32, fused AdamW."), "",
         *error_summary(errors), "",
+        "What the Trainer's no_sync costs under FSDP with gradient accumulation (gradients held whole, in bf16 "
+        "under the policy, against sharded every micro-batch; on two processes with bf16 the two weigh the same):",
+        "", *_no_sync_pairs(records), "",
         ("| case | split | params | estimated MiB | measured MiB | error | error when measured | error if gradients "
          "were sharded every micro-batch | census MiB (ranks) | RSS rise MiB (ranks) | estimated peak phase |"),
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
@@ -245,8 +264,8 @@ def report(records: list[dict]) -> str:
          "cast. Replacing gloo's reduce-scatter by one with bounded buffers did not move the peak (992.09 vs "
          "992.08 MB), so it is FSDP's, not gloo's; a census of tensors at the collective's end also found one bf16 "
          "32000 x 1024 tensor held only from C++ (no parameter's gradient or gathered storage of the root unit). "
-         "The model does not count those buffers; a term for the copy-in "
-         "buffer alone brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5% (it counted "
+         "The model does not count those buffers; a term for the copy-in buffer alone (an experiment, not "
+         "committed) brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5% (it counted "
          "gradients the last micro-step had already reduce-scattered), so it was not kept."), "",
         ("What this does not show: CUDA (NCCL, the caching allocator, streams that prefetch the next unit's "
          "all-gather while this one computes), more than four processes, HSDP beyond a 2 x 2 mesh, offload, "
