@@ -30,11 +30,10 @@ from deepspeed_cpu import MODELS, _census, _status, bench_main, error_summary, r
 
 RESULTS = HERE / "results" / "fsdp_cpu.jsonl"
 # held-out cases first measured after the model's last change (the rest had been seen before it)
-AFTER_LAST_CHANGE = {"qwen-896-4l-tied/fsdp/2x256-ckpt", "llama-1k-2l/fsdp/lora/2x512-ckpt",
-                     "qwen-896-4l-tied/fsdp/lora/2x256-accum2-4proc", "llama-1k-2l/fsdp/1x256",
-                     "llama-2k-10l/fsdp/1x64", "llama-1k-2l/fsdp/qlora/2x512-ckpt", "llama-1k-2l/fsdp/qlora/2x512",
-                     "qwen-896-4l-tied/fsdp/qlora/2x256-ckpt", "llama-1k-2l/hsdp/2x512-4proc",
-                     "llama-1k-2l/hsdp/2x512-accum2-4proc"}
+AFTER_LAST_CHANGE = {"llama-1k-2l/fsdp/1x64-accum2", "llama-2k-10l/fsdp/1x128-accum2-4proc",
+                     "llama-1k-2l/fsdp/1x128-accum2-fp32-4proc", "llama-1k-2l/hsdp/1x64-accum2-4proc",
+                     "qwen-896-4l-tied/fsdp/1x128-accum2-4proc", "qwen-896-4l-tied/fsdp/1x32-4proc",
+                     "llama-1k-2l/fsdp/2x128-accum2-bf16"}
 AFTER_LABEL = "held-out, measured after the last change"
 REPORT = HERE / "FSDP.md"
 
@@ -93,6 +92,53 @@ CASES = [  # (id, model, setup, split)
     # with the model unchanged since; held out
     ("llama-1k-2l/hsdp/2x512-4proc", "llama-1k-2l", _setup(2, 512, world=4, nodes=2), "held-out"),
     ("llama-1k-2l/hsdp/2x512-accum2-4proc", "llama-1k-2l", _setup(2, 512, accum=2, world=4, nodes=2), "held-out"),
+    # measured after the model learned the root unit's reduce-scatter buffers at the end of backward (each term
+    # of sharding._root_reduce: no cast in fp32 and pure bf16, sync_each_batch's added shard, 4-way shards,
+    # HSDP's all-reduce, a tied head); held out
+    ("llama-1k-2l/fsdp/1x128-fp32", "llama-1k-2l", _setup(1, 128, precision="fp32"), "held-out"),
+    ("llama-1k-2l/fsdp/1x128-bf16", "llama-1k-2l", _setup(1, 128, precision="bf16"), "held-out"),
+    ("llama-1k-2l/fsdp/1x128-accum2-sync", "llama-1k-2l", _setup(1, 128, accum=2, sync=True), "held-out"),
+    ("llama-1k-2l/fsdp/1x128-accum2-fp32-sync", "llama-1k-2l", _setup(1, 128, accum=2, sync=True, precision="fp32"),
+     "held-out"),
+    ("llama-1k-2l/fsdp/1x128-4proc", "llama-1k-2l", _setup(1, 128, world=4), "held-out"),
+    ("llama-1k-2l/hsdp/1x128-4proc", "llama-1k-2l", _setup(1, 128, world=4, nodes=2), "held-out"),
+    ("llama-1k-2l/fsdp/1x128-accum2-4proc-sync", "llama-1k-2l", _setup(1, 128, accum=2, sync=True, world=4),
+     "held-out"),
+    ("qwen-896-4l-tied/fsdp/1x64", "qwen-896-4l-tied", _setup(1, 64), "held-out"),
+    ("llama-2k-10l/fsdp/1x64-accum2-sync", "llama-2k-10l", _setup(1, 64, accum=2, sync=True), "held-out"),
+    # measured after the model learned that gloo's reduce-scatter copies its whole input (the CPU's term of
+    # sharding._root_reduce, found from four of the cases above); held out
+    ("llama-1k-2l/fsdp/1x128-bf16-4proc", "llama-1k-2l", _setup(1, 128, precision="bf16", world=4), "held-out"),
+    ("llama-1k-2l/fsdp/1x128-fp32-4proc", "llama-1k-2l", _setup(1, 128, precision="fp32", world=4), "held-out"),
+    ("qwen-896-4l-tied/fsdp/1x64-fp32", "qwen-896-4l-tied", _setup(1, 64, precision="fp32"), "held-out"),
+    ("llama-2k-10l/fsdp/1x64-fp32", "llama-2k-10l", _setup(1, 64, precision="fp32"), "held-out"),
+    ("llama-1k-2l/hsdp/1x128-fp32-4proc", "llama-1k-2l", _setup(1, 128, precision="fp32", world=4, nodes=2),
+     "held-out"),
+    ("llama-1k-2l/fsdp/1x128-accum2-bf16-sync", "llama-1k-2l", _setup(1, 128, accum=2, sync=True, precision="bf16"),
+     "held-out"),
+    ("llama-1k-2l/fsdp/1x256-accum2-fp32", "llama-1k-2l", _setup(1, 256, accum=2, precision="fp32"), "held-out"),
+    # measured after the model learned the forward's start (the root's all-gather output kept beside its copy),
+    # the root unit's gradients whole until it reduces, and a tied head's out-of-place sum without autocast,
+    # each found from the two misses just above; held out
+    ("llama-1k-2l/fsdp/1x128-accum2-fp32", "llama-1k-2l", _setup(1, 128, accum=2, precision="fp32"), "held-out"),
+    ("qwen-896-4l-tied/fsdp/1x64-accum2", "qwen-896-4l-tied", _setup(1, 64, accum=2), "held-out"),
+    ("llama-1k-2l/fsdp/1x64-accum2-4proc", "llama-1k-2l", _setup(1, 64, accum=2, world=4), "held-out"),
+    ("qwen-896-4l-tied/fsdp/1x64-fp32-4proc", "qwen-896-4l-tied", _setup(1, 64, precision="fp32", world=4),
+     "held-out"),
+    ("qwen-896-4l-tied/fsdp/1x64-bf16", "qwen-896-4l-tied", _setup(1, 64, precision="bf16"), "held-out"),
+    ("llama-1k-2l/fsdp/2x256-fp32-4proc", "llama-1k-2l", _setup(2, 256, precision="fp32", world=4), "held-out"),
+    ("llama-2k-10l/fsdp/1x64-accum2", "llama-2k-10l", _setup(1, 64, accum=2), "held-out"),
+    # measured after the model learned the backward's start (the root unit gathered again beside every
+    # activation), the forward's later layers, and that a new gradient of a weight gathered in bf16 stays bf16
+    # (the head's, a tied head's pending one), each found from two misses of the block above; held out
+    ("llama-1k-2l/fsdp/1x64-accum2", "llama-1k-2l", _setup(1, 64, accum=2), "held-out"),
+    ("llama-2k-10l/fsdp/1x128-accum2-4proc", "llama-2k-10l", _setup(1, 128, accum=2, world=4), "held-out"),
+    ("llama-1k-2l/fsdp/1x128-accum2-fp32-4proc", "llama-1k-2l", _setup(1, 128, accum=2, precision="fp32", world=4),
+     "held-out"),
+    ("llama-1k-2l/hsdp/1x64-accum2-4proc", "llama-1k-2l", _setup(1, 64, accum=2, world=4, nodes=2), "held-out"),
+    ("qwen-896-4l-tied/fsdp/1x128-accum2-4proc", "qwen-896-4l-tied", _setup(1, 128, accum=2, world=4), "held-out"),
+    ("qwen-896-4l-tied/fsdp/1x32-4proc", "qwen-896-4l-tied", _setup(1, 32, world=4), "held-out"),
+    ("llama-1k-2l/fsdp/2x128-accum2-bf16", "llama-1k-2l", _setup(2, 128, accum=2, precision="bf16"), "held-out"),
 ]
 
 
@@ -205,8 +251,8 @@ def _no_sync_pairs(records: list[dict]) -> list[str]:
             measured = (r["measured_bytes"] - twin["measured_bytes"]) / 1e6
             estimated = (estimate(r["model"], r["setup"])["estimated_bytes"]
                          - estimate(twin["model"], twin["setup"])["estimated_bytes"]) / 1e6
-            lines.append(f"- {cid}: no_sync holds {measured:.1f} MB more than its -sync twin, estimated "
-                         f"{estimated:.1f} MB")
+            lines.append(f"- {cid}: no_sync minus its -sync twin, measured {measured:+.1f} MB, estimated "
+                         f"{estimated:+.1f} MB")
     return lines
 
 
@@ -241,32 +287,50 @@ def report(records: list[dict]) -> str:
          "unless named fp32, fused AdamW."), "",
         *error_summary(errors), "",
         "What the Trainer's no_sync costs under FSDP with gradient accumulation (gradients held whole, in bf16 "
-        "under the policy, against sharded every micro-batch; on two processes with bf16 the two weigh the same):",
+        "under the policy, against sharded every micro-batch; on two processes with bf16 the two weigh the same; "
+        "at small micro-batches syncing costs more, each micro-batch making the root unit's reduce-scatter "
+        "buffers):",
         "", *_no_sync_pairs(records), "",
         ("| case | split | params | estimated MiB | measured MiB | error | error when measured | error if gradients "
          "were sharded every micro-batch | census MiB (ranks) | RSS rise MiB (ranks) | estimated peak phase |"),
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
-        ("'error when measured': the model as it stood when the case ran. Two changes since, each made after the "
-         "cases before it had been seen: (1) under bf16-mixed the root unit gathers the head in bf16, so "
-         "autocast's copy of the head weight is not counted on top (65.5 MB here); (2) more generally, FSDP's "
-         "mixed-precision policy gathers every weight in bf16, so the embeddings hand the layers a bf16 residual "
-         "stream (norms save bf16; full fine-tuning's layers need no fp32-input copies), autocast copies no "
-         "weight, and PEFT casts the adapters' input to the gathered bf16 adapters before dropout (the CPU keeps "
-         "the dropout's noise in that dtype); the single-GPU step is re-estimated so (estimate_memory "
-         "gathered_half), which replaced (1). The last ten cases were measured after (2): the three QLoRA ones "
-         "(4-bit weights stored in bf16 so FSDP can shard them) the first time QLoRA under FSDP ran here, the two "
-         "hsdp ones the first time HSDP did (a 2 x 2 mesh; at two per node bf16 gradients held whole weigh what "
-         "fp32 shards do, so the accumulating one cannot tell no_sync apart). "
-         "The three misses (1x128, 1x256, the 10-layer 1x64) peak at the end of backward, after the root unit "
-         "(embeddings and head) reduce-scatters last: a probe of the 1x128 step read the resident set 187 MiB "
-         "above the collective's start by the end of backward - FSDP2 keeps the reduce-scatter input (the root's "
-         "125 MiB of bf16 gradients) until the end of backward while it makes the output shard and its fp32 "
-         "cast. Replacing gloo's reduce-scatter by one with bounded buffers did not move the peak (992.09 vs "
-         "992.08 MB), so it is FSDP's, not gloo's; a census of tensors at the collective's end also found one bf16 "
-         "32000 x 1024 tensor held only from C++ (no parameter's gradient or gathered storage of the root unit). "
-         "The model does not count those buffers; a term for the copy-in buffer alone (an experiment, not "
-         "committed) brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5% (it counted "
-         "gradients the last micro-step had already reduce-scattered), so it was not kept."), "",
+        ("'error when measured': the model as it stood when the case ran. Each change below was made after the "
+         "cases before it had been seen, and each block of cases in the table after it was measured with it in "
+         "place (held out; the summary's last line is the last block):"), "",
+        ("1. Under bf16-mixed the root unit gathers the head in bf16, so autocast's copy of the head weight is "
+         "not counted on top (65.5 MB here)."),
+        ("2. More generally, FSDP's mixed-precision policy gathers every weight in bf16, so the embeddings hand "
+         "the layers a bf16 residual stream (norms save bf16; full fine-tuning's layers need no fp32-input "
+         "copies), autocast copies no weight, and PEFT casts the adapters' input to the gathered bf16 adapters "
+         "before dropout (the CPU keeps the dropout's noise in that dtype); the single-GPU step is re-estimated "
+         "so (estimate_memory gathered_half), which replaced 1. Next block: LoRA, QLoRA (4-bit weights stored in "
+         "bf16 so FSDP can shard them) and HSDP, the first time each ran here."),
+        ("3. The root unit (embeddings, final norm, head) reduce-scatters full fine-tuning's gradients last "
+         "(sharding._root_reduce, from torch's foreach_reduce and a probe of the resident set at each of its "
+         "calls): its reduce-scatter input is kept until the end of backward, a loop variable keeps the unit's "
+         "last gradient (the untied head's) past the copy-in, and the output shard and its fp32 cast exist "
+         "beside them. The three misses before it (1x128 -10.43%, 1x256 -10.22%, the 10-layer 1x64 -2.77%) "
+         "peak there; a probe had found the root's reduce-scatter input held, and an uncommitted copy-in term "
+         "alone had brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5%. Next block: "
+         "four misses at -9.94% to -18.92% (fp32, pure bf16, 4 processes)."),
+        ("4. Gloo's reduce-scatter copies its whole input while it runs (a bare dist.reduce_scatter_tensor of "
+         "64 MiB rose 97.7 MiB on two processes and 81.8 MiB on four: the copy and the output's first touch); "
+         "under the policy on two processes that copy weighs what the fp32 cast does, which hid it. Counted "
+         "for the CPU only (NCCL has no input-sized copy). Next block: two misses, a tied head in fp32 "
+         "(-23.15%) and no_sync fp32 at 1x256 (-6.59%)."),
+        ("5. Until the root unit reduces, its gradients are whole in the gathered dtype, not this GPU's shard "
+         "(sharding._root_held_whole; under the policy on two processes the two weigh the same); a tied head's "
+         "gradient and the embedding's are summed into a new tensor unless autocast's cast hands the sum its "
+         "own buffer (memory.embedding_backward: 2 x 4 bytes per element in fp32, measured); and the forward's "
+         "start: FSDP2 frees a unit's all-gather output only when the next unit's weights are copied out "
+         "(in the forward only; torch's wait_for_unshard), so the root's weights and output sit beside the "
+         "first layer's. Next block: two misses under no_sync with bf16-mixed, +10.13% (tied) and +5.14%."),
+        ("6. A new gradient of a weight gathered in bf16 stays bf16 (the head's under no_sync, a tied head's "
+         "pending one: both had been counted in fp32 with autocast's cast); the root unit, resharded after "
+         "the forward, is gathered again at the start of backward beside every activation (on the CPU beside "
+         "gloo's copy of the all-gather output and the input cast to bf16); a later layer's all-gather in the "
+         "forward holds the root and three layers' worth."),
+        ("HSDP's all-reduce of the shard across nodes is not modelled (hsdp/1x128-4proc -2.54%)."), "",
         ("What this does not show: CUDA (NCCL, the caching allocator, streams that prefetch the next unit's "
          "all-gather while this one computes), more than four processes, HSDP beyond a 2 x 2 mesh, offload, "
          "and torch versions other than the one above."), ""])

@@ -16,7 +16,7 @@ from ftplan.estimate.memory import END_OF_BACKWARD as END
 from ftplan.estimate.memory import OPTIMIZER_STEP as STEP
 from ftplan.estimate.memory import estimate_memory
 from ftplan.estimate.settings import LoraSettings, SetupChoices, resolve
-from ftplan.estimate.sharding import shard, smallest_gpu_count
+from ftplan.estimate.sharding import _root_held_whole, shard, smallest_gpu_count
 from ftplan.model.architectures import build_layout
 from ftplan.model.resolve import from_catalog
 from tests.conftest import run_cli
@@ -154,7 +154,8 @@ def test_fsdp_runs_the_step_on_weights_gathered_in_bf16():
     assert half.activation_terms["weight_copies"] == 0 and half.head_terms["head_weight_copy"] == 0
     assert half.activation_terms["norms"] < m.activation_terms["norms"]
     fsdp = shard(LAYOUT, setup, m, gpus=8, sharding="fsdp")
-    expected = max(g // 8 + (other // 8 if phase == STEP else other)
+    expected = max(g // 8 + _root_held_whole(LAYOUT, setup, m, "fsdp", 8, phase) + (other // 8 if phase == STEP
+                                                                                     else other)
                    for phase, (g, other) in half.phase_bytes.items())
     assert fsdp.gradients_bytes + fsdp.other_bytes == expected
     ddp = shard(LAYOUT, setup, m, gpus=8, sharding="ddp")  # keeps the copies
@@ -225,7 +226,8 @@ def test_parameter_sharding_gathers_fp32_experts_in_bf16():
     """QLoRA keeps Mixtral's fused experts in fp32, so on one GPU they compute in fp32 (grouped_mm ignores
     autocast); FSDP's mixed-precision policy gathers them in bf16, so sharded they compute in bf16."""
     layout = build_layout(from_catalog(catalog.find_model("mixtral-8x7b")))
-    setup = resolve("qlora", SetupChoices(seq_len=2048), model_type="mixtral")
+    # four sequences: the activations make the peak (with one, the forward's start does: 3 layers gathered)
+    setup = resolve("qlora", SetupChoices(seq_len=2048, batch_size=4), model_type="mixtral")
     fp32, half = estimate_memory(layout, setup), estimate_memory(layout, setup, gathered_half=True)
     assert half.activation_terms["mlp_experts"] * 2 == fp32.activation_terms["mlp_experts"]
     sharded = shard(layout, setup, fp32, gpus=8, sharding="fsdp")
@@ -305,3 +307,68 @@ def test_zero3_full_fine_tuning_of_moe_keeps_deepspeeds_own_step():
     setup = resolve("full", SetupChoices(seq_len=256, grad_ckpt=True), model_type="mixtral")
     s = shard(layout, setup, estimate_memory(layout, setup), gpus=8, sharding="zero3")
     assert s.other_bytes >= 0 and s.peak_phase == STEP
+
+
+def test_fsdp_root_unit_reduce_scatters_last_with_its_buffers():
+    """FSDP2 reduce-scatters the root unit (embeddings, final norm, head) after the rest of backward, resharded
+    first: its reduce-scatter input (the unit's gradients in bf16 under the policy), the head's gradient (a loop
+    variable in torch's foreach_reduce keeps the unit's last one), the output shard and its fp32 cast exist
+    together (a probe of the step, benchmarks/FSDP.md). Only full fine-tuning trains the root unit."""
+    from ftplan.estimate.sharding import ROOT_REDUCE, _root_reduce
+
+    layer = LAYOUT.layer_params()
+    root, head = TOTAL - 32 * layer, 32000 * 4096
+    setup, m = breakdown(batch_size=1, seq_len=64)
+    assert _root_reduce(LAYOUT, setup, m, "fsdp", 8) == (root + head) * 2 + root // 8 * 2
+    assert _root_reduce(LAYOUT, setup, m, "fsdp", 1) == 0 == _root_reduce(LAYOUT, setup, m, "zero3", 8)
+    fp32, m32 = breakdown(batch_size=1, seq_len=64, precision="fp32")
+    assert _root_reduce(LAYOUT, fp32, m32, "fsdp", 8) == (root + head) * 4  # no cast: the output is the shard
+    acc = estimate_memory(LAYOUT, setup, accumulating=True)
+    synced = setup.model_copy(update={"sync_each_batch": True})  # a later micro-batch's shard beside the held one
+    assert _root_reduce(LAYOUT, synced, acc, "fsdp", 8) == (root + head) * 2 + root // 8 * (2 + 4)
+    lora, ml = breakdown("lora", batch_size=1, seq_len=64)
+    assert _root_reduce(LAYOUT, lora, ml, "fsdp", 8) == 0
+    s = shard(LAYOUT, setup, m, gpus=2, sharding="fsdp")
+    assert s.peak_phase == ROOT_REDUCE and s.gathered_bytes == (root + head) * 2 + root // 2 * 2
+    assert s.gradients_bytes == m.gradients_bytes // 2 and s.other_bytes == 0
+
+
+def test_fsdp_forward_start_keeps_the_previous_all_gather_output_until_the_next_copy_out():
+    """In the forward FSDP2 frees a unit's all-gather output only when the next unit's weights are copied out of
+    theirs: the root unit's weights and output beside the first layer's, or a layer's beside the previous one's.
+    In the backward it frees each at once; the root unit, resharded after the forward, is gathered again beside
+    every activation (on the CPU gloo's all-gather also copies its output, beside the input cast to bf16)."""
+    from ftplan.estimate.sharding import FORWARD_START, REGATHER, _fsdp_moments, _unit_bytes
+
+    setup, m = breakdown(batch_size=1, seq_len=64)
+    layer, root = _unit_bytes(LAYOUT, setup, m)
+    assert (layer, root) == (LAYOUT.layer_params() * 2, (TOTAL - 32 * LAYOUT.layer_params()) * 2)  # bf16
+    s = shard(LAYOUT, setup, m, gpus=8, sharding="fsdp")
+    terms = {"end of forward (activations + logits)": (0, 0, 0, 0)}
+    moments = _fsdp_moments(LAYOUT, setup, m, "fsdp", 8, "cuda", terms)
+    assert moments[FORWARD_START][2] == max(2 * (root + layer), root + 3 * layer)  # 70B-like: layer > root
+    assert moments[REGATHER][2] == 2 * root
+    assert _fsdp_moments(LAYOUT, setup, m, "fsdp", 8, "cpu", terms)[REGATHER][2] == 2 * root + root // 8
+    assert _fsdp_moments(LAYOUT, setup, m, "ddp", 8, "cuda", terms) == {}
+    assert _fsdp_moments(LAYOUT, setup, m, "fsdp", 1, "cuda", terms) == {}
+    assert s.peak_allocated_bytes >= s.weights_bytes + s.optimizer_bytes + moments[FORWARD_START][2]
+
+
+def test_fsdp_root_gradients_stay_whole_until_the_root_unit_reduces():
+    """The root unit reduce-scatters only at the end of backward: until then its gradients (the head's from the
+    last layer on, the embedding's at the end) are whole in the gathered dtype, not this GPU's fp32 shard. Under
+    the policy on two GPUs the two weigh the same; in fp32, or over more GPUs, they do not."""
+    from ftplan.estimate.memory import FIRST_LAYER, LAST_LAYER
+    from ftplan.estimate.sharding import _root_held_whole
+
+    head = 32000 * 4096 + 4096  # the head and the final norm
+    root = TOTAL - 32 * LAYOUT.layer_params()
+    setup, m = breakdown(batch_size=1, seq_len=64)
+    assert _root_held_whole(LAYOUT, setup, m, "fsdp", 2, END) == 0  # 2 bytes whole = 4 bytes / 2
+    assert _root_held_whole(LAYOUT, setup, m, "fsdp", 8, END) == root * 2 - root * 4 // 8
+    for phase in (LAST_LAYER, FIRST_LAYER):
+        assert _root_held_whole(LAYOUT, setup, m, "fsdp", 8, phase) == head * 2 - head * 4 // 8
+    fp32, m32 = breakdown(batch_size=1, seq_len=64, precision="fp32")
+    assert _root_held_whole(LAYOUT, fp32, m32, "fsdp", 2, END) == root * 4 - root * 4 // 2
+    assert _root_held_whole(LAYOUT, setup, m, "fsdp", 8, STEP) == 0 == _root_held_whole(
+        LAYOUT, setup, estimate_memory(LAYOUT, setup, accumulating=True), "fsdp", 8, END)  # no_sync: all whole

@@ -20,14 +20,20 @@ checked on the CPU by benchmarks/deepspeed_cpu.py (two gloo processes, DeepSpeed
 from __future__ import annotations
 
 from ftplan.estimate import optimizer as opt
-from ftplan.estimate.memory import END_OF_BACKWARD, FIRST_LAYER, OPTIMIZER_STEP, MemoryBreakdown, estimate_memory
+from ftplan.estimate.memory import (
+    END_OF_BACKWARD,
+    FIRST_LAYER,
+    LAST_LAYER,
+    OPTIMIZER_STEP,
+    MemoryBreakdown,
+    estimate_memory,
+)
 from ftplan.estimate.optimizer import Device
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.model.layout import ModelLayout
 
 MAX_REUSE_DISTANCE = 10**9  # DeepSpeed's stage3_max_reuse_distance default, in parameters
 SUB_GROUP_SIZE = 10**9  # DeepSpeed's sub_group_size default: ZeRO-3 steps its partition in groups this large
-LAST_LAYER = "backward through the last layer"
 OVERLAP_COMM = {"zero1": False, "zero2": False, "zero3": True}  # DeepSpeed's default by stage
 
 

@@ -24,6 +24,7 @@ NESTED_BLOCK = 256             # double quantization: one fp32 absmax per 256 ab
 END_OF_FORWARD = "end of forward (activations + logits)"
 BACKWARD_START = "backward start (activations + loss gradients)"
 END_OF_BACKWARD = "end of backward (all gradients)"
+LAST_LAYER = "backward through the last layer"
 FIRST_LAYER = "backward through the first layer"
 OPTIMIZER_STEP = "optimizer step (gradients + its temporaries)"
 HEAD = "backward through the head (its new gradient)"
@@ -157,28 +158,38 @@ def _grads_at_last_layer(layout: ModelLayout, adapted: list[ModuleGroup], lora, 
     return (above + tied) * grad_size
 
 
-def embedding_backward(layout: ModelLayout, setup: TrainingSetup, grad_size: int, accumulating: bool = False) -> int:
-    """Full fine-tuning: the embedding's backward allocates a dense vocab x hidden gradient to add to a .grad that
-    already exists - a tied head's (measured 4 bytes per element with fp32 and with bf16 gradients), or with
-    gradient accumulation the earlier micro-steps' (`grad_size` bytes per element)."""
+def embedding_backward(layout: ModelLayout, setup: TrainingSetup, grad_size: int, accumulating: bool = False,
+                       gathered_half: bool = False) -> int:
+    """Full fine-tuning: the embedding's backward allocates a dense vocab x hidden gradient to add to one that
+    already exists - a tied head's, or with gradient accumulation the earlier micro-steps' (`grad_size` bytes
+    per element). Tied, autograd sums the two before .grad: under autocast the head's arrives as the weight
+    cast's own fp32 tensor and takes the sum in place (measured 4 bytes per element); without autocast, or with
+    the weights gathered in bf16, the sum is a new tensor beside both (measured 2 x 2 bytes with bf16 gradients,
+    2 x 4 with fp32 under FSDP: benchmarks/ACCURACY.md, benchmarks/FSDP.md)."""
     if setup.method != "full" or not (layout.dims.tied_embeddings or accumulating):
         return 0
-    return (4 if layout.dims.tied_embeddings else grad_size) * layout.dims.vocab * layout.dims.hidden
+    if gathered_half and setup.precision.endswith("-mixed"):
+        grad_size = 2  # the gradient of the weight as gathered, in bf16
+    if not layout.dims.tied_embeddings:
+        return grad_size * layout.dims.vocab * layout.dims.hidden
+    in_place = setup.precision.endswith("-mixed") and not gathered_half
+    return (4 if in_place else 2 * grad_size) * layout.dims.vocab * layout.dims.hidden
 
 
 def _head_gradient(layout: ModelLayout, setup: TrainingSetup, grad_size: int, head: dict[str, int],
-                   numel: int) -> tuple[int, int]:
+                   numel: int, gathered_half: bool = False) -> tuple[int, int]:
     """Gradient accumulation, full fine-tuning: the moment the head's new weight gradient exists beside the held
     ones, as (activations freed by then, bytes made). Without autocast the head's backward makes it beside the
     logits' gradient; under autocast it is made in bf16 for the weight copy, then cast: at the cast the head's
-    saved input and weight copy are gone, the bf16 gradient and its fp32 cast exist. Untied, the new gradient is
-    added into .grad at once; tied, autograd holds it until the embedding's backward (`pending`). `numel`: the
-    head weight's elements."""
+    saved input and weight copy are gone, the bf16 gradient and its fp32 cast exist. With the weights gathered
+    in bf16 (FSDP's policy) it is made in bf16 for the gathered weight and never cast. Untied, the new gradient
+    is added into .grad at once; tied, autograd holds it until the embedding's backward (`pending`). `numel`:
+    the head weight's elements."""
     dt = act.step_dtypes(setup)
     logits_grad = setup.tokens * layout.dims.vocab * dt.compute
     freed = head.get("log_softmax", 0)
     during = (freed, numel * (2 if dt.autocast else grad_size) + logits_grad)
-    if not dt.autocast:
+    if not dt.autocast or gathered_half:
         return during
     cast = (freed + head.get("head_input", 0) + head.get("head_weight_copy", 0), numel * (2 + grad_size))
     return max(during, cast, key=lambda t: t[1] - t[0])
@@ -269,14 +280,16 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     loss_forward, loss_backward = act.loss_transients(layout, setup)
     full_accumulating = accumulating and setup.method == "full"
     head_numel = sum(g.weight_numel for g in layout.modules if g.kind == "head")
-    pending = head_numel * grad_size if full_accumulating and layout.dims.tied_embeddings else 0
-    embedding = embedding_backward(layout, setup, grad_size, accumulating)
+    # a new gradient of a weight gathered in bf16 (FSDP's policy) is bf16 until FSDP reduces it
+    new_grad_size = 2 if gathered_half and setup.precision.endswith("-mixed") else grad_size
+    pending = head_numel * new_grad_size if full_accumulating and layout.dims.tied_embeddings else 0
+    embedding = embedding_backward(layout, setup, grad_size, accumulating, gathered_half)
     phases = {
         END_OF_FORWARD: (activations + earlier, forward_only + loss_forward),
         BACKWARD_START: (activations + earlier, loss_backward),
         # the head's backward has run: what it saved (its input, autocast's weight copy, log-softmax's output,
         # the final norm's) is freed and its gradients exist; only the embedding's dropout mask waits
-        "backward through the last layer": (activations - sum(v for k, v in head.items() if k != "embedding_dropout")
+        LAST_LAYER: (activations - sum(v for k, v in head.items() if k != "embedding_dropout")
                                             + grads_at_last_layer + pending,
                                             layer_backward + recompute + expert_gradient),
         # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
@@ -286,6 +299,6 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
         OPTIMIZER_STEP: (gradients, optimizer_step),
     }
     if full_accumulating:
-        freed, made = _head_gradient(layout, setup, grad_size, head, head_numel)
+        freed, made = _head_gradient(layout, setup, grad_size, head, head_numel, gathered_half)
         phases[HEAD] = (activations - freed + earlier, made)
     return phases, activations, layer, head

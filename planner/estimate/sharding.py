@@ -11,7 +11,9 @@ Starts from the single-GPU breakdown (memory.py) and divides what each scheme sh
 | fsdp-hybrid | / GPUs per node + gathered, replicated across nodes  |
 
 (*) FSDP with gradient accumulation as the Trainer runs it (no_sync): whole, in bf16, until the last micro-batch;
-/ N with sync_each_batch.
+/ N with sync_each_batch. FSDP's root unit (embeddings, final norm, head) reduce-scatters last: its gradients
+are whole until then and its reduce-scatter buffers make the end of backward; the forward's start holds the
+root's and the first layer's all-gather outputs beside the weights copied out of them.
 
 Full fine-tuning under ZeRO is DeepSpeed's: weights and gradients in the compute dtype (no autocast), fp32
 master weights with the optimizer's states on flat partitions. Activations are per GPU in data parallelism
@@ -28,6 +30,10 @@ from pydantic import BaseModel, Field
 from ftplan.errors import PlannerError
 from ftplan.estimate import deepspeed as ds
 from ftplan.estimate.memory import (
+    END_OF_BACKWARD,
+    END_OF_FORWARD,
+    FIRST_LAYER,
+    LAST_LAYER,
     OPTIMIZER_STEP,
     MemoryBreakdown,
     estimate_memory,
@@ -44,6 +50,9 @@ SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
 OFFLOADS: tuple[str, ...] = Offload.__args__  # type: ignore[attr-defined]
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default; two buckets in flight
 PARAM_SHARDED = {"zero3", "fsdp", "fsdp-hybrid"}
+ROOT_REDUCE = "end of backward (embeddings and head reduce-scatter)"
+FORWARD_START = "forward start (embeddings, head and the first layer gathered)"
+REGATHER = "backward start (embeddings and head gathered again)"
 
 
 class ShardedMemory(BaseModel):
@@ -121,9 +130,11 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     terms = {}
     for name, (grads, other) in _phases(layout, setup, memory, sharding, gpus, group, notes, device).items():
         held = unsynced if unsynced and name != OPTIMIZER_STEP else grads // grad_divisor
+        held += _root_held_whole(layout, setup, memory, sharding, group, name)
         terms[name] = (held, other, gathered, comm)
         if deepspeed and gpus > 1:
             terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
+    terms |= _fsdp_moments(layout, setup, memory, sharding, group, device, terms)
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
                      + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
@@ -152,12 +163,21 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
 def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, group: int,
               notes: list[str]) -> int:
     """Bytes of the gathered working set under parameter sharding: the unit being computed (a decoder layer,
-    or embeddings and head) plus the next one prefetched.
+    or embeddings and head) plus the next one prefetched."""
+    if group <= 1:
+        return 0
+    layer, root = _unit_bytes(layout, setup, memory)
+    notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) plus "
+                 f"the next one prefetched, in the {'compute' if setup.precision.endswith('-mixed') else 'storage'} "
+                 "dtype")
+    return max(layer, root) + layer
+
+
+def _unit_bytes(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown) -> tuple[int, int]:
+    """Bytes of one decoder layer's unit and of the root unit (embeddings, final norm, head) once gathered.
 
     Under -mixed precision FSDP's mixed-precision policy (accelerate sets param_dtype from --mixed_precision) and
     DeepSpeed's bf16/fp16 modules gather in the compute dtype; QLoRA's 4-bit weights are gathered as stored."""
-    if group <= 1:
-        return 0
     mixed = setup.precision.endswith("-mixed")
     layers = layout.dims.layers
     per_layer = [g for g in layout.modules if g.per_layer]
@@ -172,9 +192,89 @@ def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown
         per_param = min(per_param, 2) if mixed else per_param
         layer, root = layer_params * per_param, root_params * per_param
     layer += memory.adapter_bytes / max(layers, 1) * (0.5 if mixed else 1)  # adapters live in their layer's unit
-    notes.append("gathered working set: the unit being computed (a decoder layer, or embeddings and head) plus "
-                 f"the next one prefetched, in the {'compute' if mixed else 'storage'} dtype")
-    return int(max(layer, root) + layer)
+    return int(layer), int(root)
+
+
+def _fsdp_moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
+                  group: int, device: Device, terms: dict[str, tuple[int, int, int, int]]) -> dict:
+    """FSDP2's own candidates for the peak, as (held gradients, other, gathered, comm) like the phases' terms:
+
+    - the forward's start: as each unit's weights are copied out of its all-gather, FSDP keeps the previous
+      unit's all-gather output until then - the root unit's weights (gathered for the embeddings, kept until
+      the head) and their all-gather output beside the first layer's, or later a layer's beside the previous
+      one's;
+    - the backward's start: the root unit, resharded after the forward, is gathered again beside every
+      activation; its all-gather output is freed once copied (on the CPU gloo's all-gather also copies its
+      output while it runs, beside the input cast to bf16);
+    - the end of backward: the root unit reduce-scatters last (_root_reduce).
+
+    Gradients held are those of the earlier micro-batches, as the phases hold them. None without FSDP over
+    several GPUs."""
+    if sharding not in ("fsdp", "fsdp-hybrid") or group <= 1:
+        return {}
+    layer, root = _unit_bytes(layout, setup, memory)
+    step = estimate_memory(layout, setup, device=device, accumulating=memory.accumulating,
+                           gathered_half=bool(_bf16_step(layout, setup, sharding, group)))
+    earlier, kept = terms[END_OF_FORWARD][0], step.logits_kept_bytes  # a custom loop's logits, until replaced
+    cast = root // group if setup.precision.endswith("-mixed") else 0
+    regather = 2 * root + (cast if device == "cpu" else 0)
+    moments = {FORWARD_START: (earlier, kept, max(2 * (root + layer), root + 3 * layer), 0),
+               REGATHER: (earlier, step.activations_bytes + kept, regather, 0)}
+    if reduce := _root_reduce(layout, setup, memory, sharding, group, device):
+        # every unit reduced (no_sync's whole gradients are gone); the root unit was resharded first
+        moments[ROOT_REDUCE] = (memory.gradients_bytes // group, 0, reduce, 0)
+    return moments
+
+
+def _root_unit(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
+               group: int) -> tuple[int, int, int] | None:
+    """FSDP's root unit (embeddings, final norm, head) as full fine-tuning trains it: (its parameters, the bytes
+    of a sharded gradient, the bytes of a gathered one - bf16 under accelerate's policy, which also reduces in
+    bf16). None where it has no gradients to reduce-scatter."""
+    if sharding not in ("fsdp", "fsdp-hybrid") or group <= 1 or setup.method != "full":
+        return None
+    own = memory.gradients_bytes // max(layout.total_params(), 1)
+    return (layout.total_params() - layout.dims.layers * layout.layer_params(), own,
+            2 if setup.precision.endswith("-mixed") else own)
+
+
+def _root_held_whole(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
+                     group: int, phase: str) -> int:
+    """Bytes a backward phase holds beyond its sharded gradients: the root unit reduce-scatters only after the
+    rest of backward, so until then the gradients it has (the head's and final norm's from the last layer on,
+    the embedding's at the end) are whole, in the gathered dtype, not this GPU's shard. Without accumulation
+    (with it, no_sync already holds every gradient whole)."""
+    unit = _root_unit(layout, setup, memory, sharding, group)
+    if unit is None or memory.accumulating:
+        return 0
+    root, own, gathered = unit
+    embedding = 0 if layout.dims.tied_embeddings else \
+        sum(g.params() for g in layout.modules if g.kind == "embedding")
+    present = {LAST_LAYER: root - embedding, FIRST_LAYER: root - embedding, END_OF_BACKWARD: root}.get(phase, 0)
+    return present * gathered - present * own // group
+
+
+def _root_reduce(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
+                 group: int, device: Device = "cuda") -> int:
+    """FSDP2's buffers while the root unit, the last to finish backward, reduce-scatters full fine-tuning's
+    gradients (torch's foreach_reduce): its reduce-scatter input (the unit's gradients in the reduce dtype, kept
+    until the end of backward), the unit's last gradient (the head's, untied; a loop variable keeps it past the
+    copy-in), the output shard and, where the reduce dtype is not the parameters', its cast - and with
+    sync_each_batch a later micro-batch's new shard beside the one it is added to. The unit's own gathered
+    weights are resharded before it reduces. On the CPU gloo's reduce-scatter copies its whole input while it
+    runs, before the shard is made. 0 where no such reduce happens."""
+    unit = _root_unit(layout, setup, memory, sharding, group)
+    if unit is None:
+        return 0
+    root, own, reduce = unit
+    last = 0 if layout.dims.tied_embeddings else sum(g.weight_numel for g in layout.modules if g.kind == "head")
+    shard = root // group
+    synced = memory.accumulating and setup.sync_each_batch  # the shard it adds into is held already
+    kept = (root + last) * reduce
+    cast = kept + (shard * reduce if reduce != own else 0) + (shard * own if synced else 0)
+    if device != "cpu":
+        return cast
+    return max(cast, kept + shard * reduce + root * reduce - (0 if synced else shard * own))
 
 
 def _unsynced_gradients(setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
