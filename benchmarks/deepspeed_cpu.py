@@ -96,6 +96,13 @@ CASES = [  # (id, model, ZeRO stage, setup, split)
     ("llama-1k-2l/zero3/lora/1x256", "llama-1k-2l", 3, _setup(1, 256, method="lora"), "held-out"),
     ("llama-1k-2l/zero3/lora/2x512-ckpt", "llama-1k-2l", 3, _setup(2, 512, True, method="lora"), "held-out"),
     ("llama-1k-2l/zero1/lora/2x512-ckpt", "llama-1k-2l", 1, _setup(2, 512, True, method="lora"), "held-out"),
+    # measured after the model learned that ZeRO-3 fetches module by module (not FSDP's units) and releases a
+    # frozen embedding after its forward unless checkpointing makes PEFT require its output's gradient; held out
+    ("llama-1k-2l/zero3/lora/1x128", "llama-1k-2l", 3, _setup(1, 128, method="lora"), "held-out"),
+    ("llama-1k-2l/zero3/lora/1x256-ckpt", "llama-1k-2l", 3, _setup(1, 256, True, method="lora"), "held-out"),
+    ("qwen-896-4l-tied/zero3/lora/1x64", "qwen-896-4l-tied", 3, _setup(1, 64, method="lora"), "held-out"),
+    ("llama-2k-10l/zero3/lora/1x64", "llama-2k-10l", 3, _setup(1, 64, method="lora"), "held-out"),
+    ("llama-2k-10l/zero3/lora/1x64-ckpt", "llama-2k-10l", 3, _setup(1, 64, True, method="lora"), "held-out"),
 ]
 
 
@@ -274,14 +281,25 @@ def report(records: list[dict]) -> str:
         "",
         ("The /lora cases (r 16, all-linear) ran after the model learned that DeepSpeed's bf16 casts the whole "
          "PEFT model at every stage (adapters included, autocast off): ZeRO-1/2 +0.36% and +0.31% (ZeRO-2 read "
-         "+4.73% on the autocast step it replaced, the model at commit f7e0150). ZeRO-3 LoRA is not modelled to "
-         "3%: -1.74% to +18.79%. Set "
-         "against the ZeRO-1 case of the same step, ZeRO-3 with checkpointing holds the whole bf16 model gathered "
-         "at the peak (176.7 MiB beside 174.7), as modelled; without checkpointing about 49 MiB less than that "
-         "at 2x512, which the model does not know. Excluding the frozen embedding from the kept span (no "
-         "backward use) read +3.20%, +11.36% and -4.26% on three of the cases and was not kept: PEFT makes the "
-         "embedding's output require grad (enable_input_require_grads), so DeepSpeed does fetch it in the "
-         "backward."),
+         "+4.73% on the autocast step it replaced, the model at commit f7e0150). ZeRO-3 LoRA first read -1.74% "
+         "to +18.79% on four cases. A probe of the parameters ZeRO-3 holds gathered at the start of backward "
+         "(llama-1k-2l, 1x256) found 55.95M without checkpointing - the head and the layers, not the "
+         "embedding - and all 91.86M with it: PEFT makes the frozen embedding's output require grad only for "
+         "gradient checkpointing (enable_input_require_grads), so without it the embedding has no backward use "
+         "and is released after its forward. Excluding it alone read +3.20%, +11.36% and -4.26% (an earlier "
+         "session's try, not kept), because ftplan also gave ZeRO-3 FSDP's working set (embeddings and head as "
+         "one unit, plus a layer); ZeRO-3 fetches module by module with a 0.9 hidden^2 prefetch bucket, so the "
+         "working set is one module's weights and the bucket. With both (the cases above the llama-1k-2l/zero3/"
+         "lora/1x128 row were seen before), five cases were measured: 1x256-ckpt -0.56%, the tied 1x64 "
+         "-1.16%, 1x128 -5.3% and the 10-layer model's -10.62% and -31.94%. 1x128 peaks in the forward: as the "
+         "last layer's module prefetches the untied head, the resident set rose by the head's bf16 bytes and "
+         "fell by them at the head's own fetch (gloo's all-gather holding a copy of its output; counted for the "
+         "CPU only, so 1x128 now reads +0.15%, after being seen). The 10-layer cases are not understood: "
+         "without checkpointing about 200 MiB more is resident at the end of the forward than the kept "
+         "parameters (516.6M measured at the start of backward, 528M modelled), the head's copy and the "
+         "activations; with checkpointing DeepSpeed keeps 505M where the reuse distance ftplan counts "
+         "(a layer used three times: forward, recomputation, backward) keeps 374M."),
+
         "",
         ("What this does not show: CUDA (NCCL's collectives, the fp64 norm copies, the caching allocator's "
          "rounding), more than two processes, partitions over 1e9 elements (ZeRO-3's sub-groups), gradient "

@@ -372,3 +372,29 @@ def test_fsdp_root_gradients_stay_whole_until_the_root_unit_reduces():
     assert _root_held_whole(LAYOUT, fp32, m32, "fsdp", 2, END) == root * 4 - root * 4 // 2
     assert _root_held_whole(LAYOUT, setup, m, "fsdp", 8, STEP) == 0 == _root_held_whole(
         LAYOUT, setup, estimate_memory(LAYOUT, setup, accumulating=True), "fsdp", 8, END)  # no_sync: all whole
+
+
+def test_deepspeed_zero3_fetches_module_by_module_and_drops_a_frozen_embedding_after_its_forward():
+    """ZeRO-3 gathers each module's own weights (plus its prefetch bucket, 0.9 hidden^2 elements), not FSDP's
+    decoder-layer units; what stays gathered is what will be reused within 1e9 parameters. A frozen embedding
+    is reused only if its output requires grad, which PEFT arranges for gradient checkpointing alone (a probe of
+    llama-1k-2l LoRA at the start of backward: 55.95M parameters gathered - head and layers - against 91.86M
+    with checkpointing: benchmarks/DEEPSPEED.md)."""
+    embedding = 32000 * 4096
+    assert ds.kept_params(LAYOUT, embedding_in_backward=False) == ds.kept_params(LAYOUT)  # beyond 1e9 anyway
+    small = build_layout(from_catalog(catalog.find_model("qwen2.5-0.5b")))  # tied: the head keeps the weight
+    assert ds.kept_params(small, embedding_in_backward=False) == small.total_params()
+    from ftplan.model.spec import spec_from_config
+
+    untied = build_layout(spec_from_config(  # the benchmark's llama-1k-2l: everything within 1e9
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 1024,
+         "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 2,
+         "vocab_size": 32000, "tie_word_embeddings": False}, name="llama-1k-2l", source="test"))
+    assert ds.kept_params(untied) == untied.total_params()
+    assert ds.kept_params(untied, embedding_in_backward=False) == untied.total_params() - 32000 * 1024
+    setup, m = breakdown("lora", batch_size=1, seq_len=64)
+    s = shard(LAYOUT, setup, m, gpus=8, sharding="zero3")
+    # what is kept (the head and the last two layers) outweighs one module and its prefetch bucket
+    assert s.gathered_bytes == pytest.approx(2 * ds.kept_params(LAYOUT), rel=0.01)  # bf16, adapters beside
+    assert 2 * ds.kept_params(LAYOUT) > 2 * (embedding + 0.9 * 4096 ** 2)
+    assert s.gathered_bytes < shard(LAYOUT, setup, m, gpus=8, sharding="fsdp").gathered_bytes * 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 from ftplan.estimate import optimizer as opt
 from ftplan.estimate.memory import (
     END_OF_BACKWARD,
+    END_OF_FORWARD,
     FIRST_LAYER,
     LAST_LAYER,
     OPTIMIZER_STEP,
@@ -35,6 +36,8 @@ from ftplan.model.layout import ModelLayout
 MAX_REUSE_DISTANCE = 10**9  # DeepSpeed's stage3_max_reuse_distance default, in parameters
 SUB_GROUP_SIZE = 10**9  # DeepSpeed's sub_group_size default: ZeRO-3 steps its partition in groups this large
 OVERLAP_COMM = {"zero1": False, "zero2": False, "zero3": True}  # DeepSpeed's default by stage
+HEAD_PREFETCH = "end of the layers' forward (the head prefetched)"
+PREFETCH_BUCKET = 0.9  # the Trainer's "auto" stage3_prefetch_bucket_size, in hidden^2 elements
 
 
 def view(layout: ModelLayout, setup: TrainingSetup, sharding: str, device: Device,
@@ -77,11 +80,13 @@ def bucket_bytes(layout: ModelLayout, setup: TrainingSetup, sharding: str) -> in
     return buckets * layout.dims.hidden ** 2 * grad_bytes(setup)
 
 
-def kept_params(layout: ModelLayout, grad_ckpt: bool = False) -> int:
+def kept_params(layout: ModelLayout, grad_ckpt: bool = False, embedding_in_backward: bool = True) -> int:
     """Parameters ZeRO-3 still holds gathered at the end of the forward: a unit stays gathered while its
     backward use comes within MAX_REUSE_DISTANCE parameters of the trace, i.e. twice the parameters of the units
     after it (each is used once more in the forward and once in the backward; a checkpointed layer three times,
-    its recomputation too). A tied head is the embedding's weight, gathered again at the end of the forward."""
+    its recomputation too). A tied head is the embedding's weight, gathered again at the end of the forward.
+    A frozen embedding has no backward use unless PEFT makes its output require grad, which it does only for
+    gradient checkpointing (enable_input_require_grads): then it is released after its forward."""
     per_layer = layout.layer_params()
     first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
     last = layout.total_params() - per_layer * layout.dims.layers - first
@@ -89,6 +94,8 @@ def kept_params(layout: ModelLayout, grad_ckpt: bool = False) -> int:
         last += max(g.weight_numel for g in layout.modules if g.kind == "head")
     units = [first] + [per_layer] * layout.dims.layers + [last]  # forward order
     uses = [2] + [3 if grad_ckpt else 2] * layout.dims.layers + [2]
+    if not embedding_in_backward:
+        units, uses = units[1:], uses[1:]
     kept, distance = 0, 0
     for unit, used in zip(reversed(units), reversed(uses)):
         if distance >= MAX_REUSE_DISTANCE:
@@ -110,11 +117,14 @@ def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group:
     if sharding == "zero3":
         if full:
             grads = max(grads, partition)  # the gradient partition lives from start-up
+        per_param = gathered / max(1, _unit_params(layout))  # bytes of a gathered parameter
         if phase in (END_OF_BACKWARD, OPTIMIZER_STEP):
             gathered = 0  # released by the end of the backward
-        elif phase != FIRST_LAYER:  # by then the trailing units' backward is done and they are released
-            kept = kept_params(layout, setup.grad_ckpt) * gathered // max(1, _unit_params(layout))
-            gathered = max(gathered, kept)
+        else:  # ZeRO-3 fetches each module's own weights, and prefetches within its bucket
+            gathered = int((largest_param(layout) + PREFETCH_BUCKET * layout.dims.hidden ** 2) * per_param)
+        if phase not in (END_OF_BACKWARD, OPTIMIZER_STEP, FIRST_LAYER):  # by the first layer the rest is released
+            in_backward = setup.method == "full" or setup.grad_ckpt
+            gathered = max(gathered, int(kept_params(layout, setup.grad_ckpt, in_backward) * per_param))
     elif phase == OPTIMIZER_STEP:
         bucket = 0
     elif sharding == "zero1" and full and phase == END_OF_BACKWARD:
@@ -125,6 +135,26 @@ def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group:
     if full and phase == OPTIMIZER_STEP:
         grads, other = _step(layout, sharding, group, b, grads, other, straddle)
     return grads, other, gathered, bucket
+
+
+def zero3_moments(layout: ModelLayout, setup: TrainingSetup, step: MemoryBreakdown, gathered: int,
+                  terms: dict[str, tuple[int, int, int, int]], device: Device = "cuda") -> dict:
+    """ZeRO-3's own candidate for the peak, as (gradients, other, gathered, buffers) like phase_terms': the end
+    of the layers' forward, as the head is prefetched - what is kept for the backward is gathered beside the
+    activations saved so far (none of the head's yet). On the CPU gloo's all-gather of an untied head holds a copy
+    of its output until the head's own fetch waits on it (a probe of DeepSpeed's fetches: the resident set rose by
+    the head's bf16 bytes at the prefetch and fell by them at the fetch). `gathered`: the working set ftplan
+    counts for parameter sharding, which gives the bytes of a gathered parameter; `step`: the step's memory as
+    it runs (DeepSpeed's bf16 module); `terms`: the phases' terms, whose end of forward gives the gradients held
+    and the bucket."""
+    per_param = gathered / max(1, _unit_params(layout))
+    grads, _, _, bucket = terms[END_OF_FORWARD]
+    saved = step.activations_bytes - sum(v for k, v in step.head_terms.items() if k != "embedding_dropout")
+    in_backward = setup.method == "full" or setup.grad_ckpt
+    kept = kept_params(layout, setup.grad_ckpt, in_backward)
+    fetched = device == "cpu" and not layout.dims.tied_embeddings  # a tied head is the embedding, gathered already
+    head = max((g.weight_numel for g in layout.modules if g.kind == "head"), default=0) if fetched else 0
+    return {HEAD_PREFETCH: (grads, saved + step.logits_kept_bytes, int((kept + head) * per_param), bucket)}
 
 
 def _step(layout: ModelLayout, sharding: str, group: int, b: int, grads: int, other: int,

@@ -135,6 +135,10 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
         if deepspeed and gpus > 1:
             terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
     terms |= _fsdp_moments(layout, setup, memory, sharding, group, device, terms)
+    if sharding == "zero3" and gpus > 1:
+        step = estimate_memory(layout, setup, device=device, accumulating=memory.accumulating,
+                               gathered_half=bool(_bf16_step(layout, setup, sharding, gpus)))
+        terms |= ds.zero3_moments(layout, setup, step, gathered, terms, device)
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
                      + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
