@@ -338,19 +338,19 @@ def test_fsdp_forward_start_keeps_the_previous_all_gather_output_until_the_next_
     theirs: the root unit's weights and output beside the first layer's, or a layer's beside the previous one's.
     In the backward it frees each at once; the root unit, resharded after the forward, is gathered again beside
     every activation (on the CPU gloo's all-gather also copies its output, beside the input cast to bf16)."""
-    from ftplan.estimate.sharding import FORWARD_START, REGATHER, _fsdp_moments, _unit_bytes
+    from ftplan.estimate.sharding import FORWARD_START, REGATHER, _moments, _unit_bytes
 
     setup, m = breakdown(batch_size=1, seq_len=64)
     layer, root = _unit_bytes(LAYOUT, setup, m)
     assert (layer, root) == (LAYOUT.layer_params() * 2, (TOTAL - 32 * LAYOUT.layer_params()) * 2)  # bf16
     s = shard(LAYOUT, setup, m, gpus=8, sharding="fsdp")
     terms = {"end of forward (activations + logits)": (0, 0, 0, 0)}
-    moments = _fsdp_moments(LAYOUT, setup, m, "fsdp", 8, "cuda", terms)
+    moments = _moments(LAYOUT, setup, m, "fsdp", 8, "cuda", terms, 0)
     assert moments[FORWARD_START][2] == max(2 * (root + layer), root + 3 * layer)  # 70B-like: layer > root
     assert moments[REGATHER][2] == 2 * root
-    assert _fsdp_moments(LAYOUT, setup, m, "fsdp", 8, "cpu", terms)[REGATHER][2] == 2 * root + root // 8
-    assert _fsdp_moments(LAYOUT, setup, m, "ddp", 8, "cuda", terms) == {}
-    assert _fsdp_moments(LAYOUT, setup, m, "fsdp", 1, "cuda", terms) == {}
+    assert _moments(LAYOUT, setup, m, "fsdp", 8, "cpu", terms, 0)[REGATHER][2] == 2 * root + root // 8
+    assert _moments(LAYOUT, setup, m, "ddp", 8, "cuda", terms, 0) == {}
+    assert _moments(LAYOUT, setup, m, "fsdp", 1, "cuda", terms, 0) == {}
     assert s.peak_allocated_bytes >= s.weights_bytes + s.optimizer_bytes + moments[FORWARD_START][2]
 
 

@@ -114,7 +114,6 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                      "it steps")
     weights = memory.weights_bytes + memory.adapter_bytes
     states = memory.optimizer_bytes
-
     w, s = weights, states
     grad_divisor = group if sharding in ("zero2", "zero3", "fsdp", "fsdp-hybrid") else 1
     if sharding in ("zero1", "zero2", "zero3", "fsdp", "fsdp-hybrid"):
@@ -134,11 +133,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
         terms[name] = (held, other, gathered, comm)
         if deepspeed and gpus > 1:
             terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
-    terms |= _fsdp_moments(layout, setup, memory, sharding, group, device, terms)
-    if sharding == "zero3" and gpus > 1:
-        step = estimate_memory(layout, setup, device=device, accumulating=memory.accumulating,
-                               gathered_half=bool(_bf16_step(layout, setup, sharding, gpus)))
-        terms |= ds.zero3_moments(layout, setup, step, gathered, terms, device)
+    terms |= _moments(layout, setup, memory, sharding, group, device, terms, gathered)
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
                      + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
@@ -158,8 +153,8 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     required = peak + sum(outside_allocator(peak)) + (0 if offload != "none" else paged)
     return ShardedMemory(gpus=gpus, nodes=nodes, sharding=sharding, offload=offload, shard_group=group,
                          weights_bytes=w, gathered_bytes=gathered, gradients_bytes=g, peak_phase=phase,
-                         optimizer_bytes=s,
-                         comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak, required_bytes=required,
+                         optimizer_bytes=s, comm_buffer_bytes=comm, other_bytes=other, peak_allocated_bytes=peak,
+                         required_bytes=required,
                          host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
                          checkpoint_bytes=checkpoint, notes=notes)
 
@@ -199,8 +194,22 @@ def _unit_bytes(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdo
     return int(layer), int(root)
 
 
-def _fsdp_moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
-                  group: int, device: Device, terms: dict[str, tuple[int, int, int, int]]) -> dict:
+def _moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, group: int,
+             device: Device, terms: dict[str, tuple[int, int, int, int]], gathered: int) -> dict:
+    """Candidates for the peak the single GPU's phases do not have - FSDP2's and ZeRO-3's own moments - from the
+    step as it runs sharded (`step`: its memory, bf16 where the scheme gathers so)."""
+    if sharding not in ("zero3", "fsdp", "fsdp-hybrid") or group <= 1:
+        return {}
+    step = estimate_memory(layout, setup, device=device, accumulating=memory.accumulating,
+                           gathered_half=bool(_bf16_step(layout, setup, sharding, group)))
+    if sharding == "zero3":
+        return ds.zero3_moments(layout, setup, step, gathered, terms, device)
+    return _fsdp_moments(layout, setup, memory, step, sharding, group, device, terms)
+
+
+def _fsdp_moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, step: MemoryBreakdown,
+                  sharding: Sharding, group: int, device: Device,
+                  terms: dict[str, tuple[int, int, int, int]]) -> dict:
     """FSDP2's own candidates for the peak, as (held gradients, other, gathered, comm) like the phases' terms:
 
     - the forward's start: as each unit's weights are copied out of its all-gather, FSDP keeps the previous
@@ -212,13 +221,8 @@ def _fsdp_moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreak
       output while it runs, beside the input cast to bf16);
     - the end of backward: the root unit reduce-scatters last (_root_reduce).
 
-    Gradients held are those of the earlier micro-batches, as the phases hold them. None without FSDP over
-    several GPUs."""
-    if sharding not in ("fsdp", "fsdp-hybrid") or group <= 1:
-        return {}
+    Gradients held are those of the earlier micro-batches, as the phases hold them."""
     layer, root = _unit_bytes(layout, setup, memory)
-    step = estimate_memory(layout, setup, device=device, accumulating=memory.accumulating,
-                           gathered_half=bool(_bf16_step(layout, setup, sharding, group)))
     earlier, kept = terms[END_OF_FORWARD][0], step.logits_kept_bytes  # a custom loop's logits, until replaced
     cast = root // group if setup.precision.endswith("-mixed") else 0
     regather = 2 * root + (cast if device == "cpu" else 0)
