@@ -297,8 +297,10 @@ def report(records: list[dict]) -> str:
          "CPU only, so 1x128 now reads +0.15%, after being seen). The 10-layer cases are not understood: "
          "without checkpointing about 200 MiB more is resident at the end of the forward than the kept "
          "parameters (516.6M measured at the start of backward, 528M modelled), the head's copy and the "
-         "activations; with checkpointing DeepSpeed keeps 505M where the reuse distance ftplan counts "
-         "(a layer used three times: forward, recomputation, backward) keeps 374M."),
+         "activations - a census of tensors at the head's fetch found, beside the gathered weights, eight flat "
+         "all-gather buffers of about one layer's modules (each a Linear's weight with its adapters, 107 MiB), "
+         "whose owner and lifetime are not modelled; with checkpointing DeepSpeed keeps 505M where the reuse "
+         "distance ftplan counts (a layer used three times: forward, recomputation, backward) keeps 374M."),
 
         "",
         ("What this does not show: CUDA (NCCL's collectives, the fp64 norm copies, the caching allocator's "
