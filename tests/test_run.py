@@ -308,6 +308,19 @@ def test_zero_plans_run_with_the_buckets_the_estimate_models(workdir, stage):
                                cpu=False, deepspeed_file=path)
     assert config["distributed_type"] == "DEEPSPEED"
     assert config["deepspeed_config"] == {"deepspeed_config_file": str(path), "zero3_init_flag": stage == 3}
+    # accelerate's launcher, reading this config: a mixed_precision key beside the DeepSpeed config file would be
+    # passed on, and DeepSpeedPlugin would refuse to start ("the following accelerate config variables will be
+    # ignored") - the precision is the DeepSpeed config's, and the worker's Accelerator agrees with it
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    from ftplan.backends.hf.loop import mixed_precision
+
+    yaml_path = workdir / "accelerate_config.yaml"
+    yaml_path.write_text(yaml.safe_dump(config))
+    _, _, precision_from_config = _validate_launch_command(launch_command_parser().parse_args(
+        ["--config_file", str(yaml_path), "train.py"]))
+    assert not precision_from_config
+    assert written["bf16"] == {"enabled": plan.training.setup.precision.startswith("bf16")}
     plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False)
     hidden = 64
     # what accelerate's prepare() passes for this run and a model of this hidden size
@@ -315,6 +328,8 @@ def test_zero_plans_run_with_the_buckets_the_estimate_models(workdir, stage):
         "zero_optimization.reduce_bucket_size": hidden * hidden,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden})
+    plugin.set_mixed_precision(mixed_precision(plan))  # what the worker's Accelerator does with it
+    assert plugin.deepspeed_config["bf16"]["enabled"] == plan.training.setup.precision.startswith("bf16")
     zero = plugin.deepspeed_config["zero_optimization"]
     assert plugin.zero_stage == stage and zero["reduce_bucket_size"] == hidden * hidden
     assert "overlap_comm" not in zero  # DeepSpeed's default by stage, as ftplan.estimate.deepspeed assumes

@@ -47,6 +47,9 @@ def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank
             "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
     elif sharding.startswith("zero") and not cpu:
+        # accelerate refuses a config file that sets mixed_precision beside a DeepSpeed config file (its
+        # launcher passes the key on, and DeepSpeedPlugin raises): the precision is in deepspeed_config()
+        del config["mixed_precision"]
         config["distributed_type"] = "DEEPSPEED"
         config["deepspeed_config"] = {"deepspeed_config_file": str(deepspeed_file),
                                       "zero3_init_flag": sharding == "zero3"}
@@ -59,11 +62,15 @@ def deepspeed_config(plan: Plan, processes: int) -> dict:
     counts the accumulation and clips itself (the loop does neither under DeepSpeed). The buckets follow the
     Trainer's documented recipe, "auto" (filled by accelerate from the model's hidden size: reduce hidden^2,
     ZeRO-3 prefetch 0.9 hidden^2, persistence 10 hidden) - what ftplan's estimate models. Without them
-    DeepSpeed's defaults apply: a reduce bucket of 5e8 elements, about 1 GB more per GPU."""
+    DeepSpeed's defaults apply: a reduce bucket of 5e8 elements, about 1 GB more per GPU. The engine's dtype
+    is the plan's half precision, with or without -mixed (DeepSpeed casts the module; accelerate has no
+    autocast under it), as ftplan.estimate.deepspeed assumes."""
     t, hw = plan.training, plan.hardware
     accum = accumulation(plan, processes)  # the backend has refused process counts that do not split the batch
+    precision = t.setup.precision
     return {"train_micro_batch_size_per_gpu": t.setup.batch_size, "gradient_accumulation_steps": accum,
             "train_batch_size": t.setup.batch_size * accum * processes, "gradient_clipping": t.max_grad_norm,
+            "bf16": {"enabled": precision.startswith("bf16")}, "fp16": {"enabled": precision.startswith("fp16")},
             "zero_optimization": {"stage": int(hw.sharding[-1]), "offload_optimizer": {"device": "none"},
                                   "offload_param": {"device": "none"}, "reduce_bucket_size": "auto",
                                   "stage3_prefetch_bucket_size": "auto",
