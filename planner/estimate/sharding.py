@@ -275,7 +275,9 @@ def _root_reduce(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakd
     if unit is None:
         return 0
     root, own, reduce = unit
-    last = 0 if layout.dims.tied_embeddings else sum(g.weight_numel for g in layout.modules if g.kind == "head")
+    heads = [g for g in layout.modules if g.kind == "head"]
+    # the unit's parameters in registration order end with the head's weight, or its bias where it has one
+    last = 0 if layout.dims.tied_embeddings else sum(g.bias or g.weight_numel for g in heads)
     shard = root // group
     synced = memory.accumulating and setup.sync_each_batch  # the shard it adds into is held already
     kept = (root + last) * reduce
