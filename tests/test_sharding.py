@@ -329,8 +329,8 @@ def test_fsdp_root_unit_reduce_scatters_last_with_its_buffers():
     lora, ml = breakdown("lora", batch_size=1, seq_len=64)
     assert _root_reduce(LAYOUT, lora, ml, "fsdp", 8) == 0
     s = shard(LAYOUT, setup, m, gpus=2, sharding="fsdp")
-    assert s.peak_phase == ROOT_REDUCE and s.gathered_bytes == (root + head) * 2 + root // 2 * 2
-    assert s.gradients_bytes == m.gradients_bytes // 2 and s.other_bytes == 0
+    assert s.peak_phase == ROOT_REDUCE and s.other_bytes == (root + head) * 2 + root // 2 * 2  # buffers
+    assert s.gradients_bytes == m.gradients_bytes // 2 and s.gathered_bytes == 0
 
 
 def test_fsdp_forward_start_keeps_the_previous_all_gather_output_until_the_next_copy_out():

@@ -36,7 +36,7 @@ from ftplan.model.layout import ModelLayout
 MAX_REUSE_DISTANCE = 10**9  # DeepSpeed's stage3_max_reuse_distance default, in parameters
 SUB_GROUP_SIZE = 10**9  # DeepSpeed's sub_group_size default: ZeRO-3 steps its partition in groups this large
 OVERLAP_COMM = {"zero1": False, "zero2": False, "zero3": True}  # DeepSpeed's default by stage
-HEAD_PREFETCH = "end of the layers' forward (the head prefetched)"
+HEAD_PREFETCH = "head prefetched (at the end of the layers' forward)"
 PREFETCH_BUCKET = 0.9  # the Trainer's "auto" stage3_prefetch_bucket_size, in hidden^2 elements
 
 

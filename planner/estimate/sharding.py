@@ -50,9 +50,9 @@ SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
 OFFLOADS: tuple[str, ...] = Offload.__args__  # type: ignore[attr-defined]
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default; two buckets in flight
 PARAM_SHARDED = {"zero3", "fsdp", "fsdp-hybrid"}
-ROOT_REDUCE = "end of backward (embeddings and head reduce-scatter)"
+ROOT_REDUCE = "root unit's reduce-scatter (embeddings and head, at the end of backward)"
 FORWARD_START = "forward start (embeddings, head and the first layer gathered)"
-REGATHER = "backward start (embeddings and head gathered again)"
+REGATHER = "root unit gathered again (embeddings and head, at the start of backward)"
 
 
 class ShardedMemory(BaseModel):
@@ -230,7 +230,7 @@ def _fsdp_moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreak
                REGATHER: (earlier, step.activations_bytes + kept, regather, 0)}
     if reduce := _root_reduce(layout, setup, memory, sharding, group, device):
         # every unit reduced (no_sync's whole gradients are gone); the root unit was resharded first
-        moments[ROOT_REDUCE] = (memory.gradients_bytes // group, 0, reduce, 0)
+        moments[ROOT_REDUCE] = (memory.gradients_bytes // group, reduce, 0, 0)  # buffers, nothing gathered
     return moments
 
 
