@@ -398,3 +398,21 @@ def test_deepspeed_zero3_fetches_module_by_module_and_drops_a_frozen_embedding_a
     assert s.gathered_bytes == pytest.approx(2 * ds.kept_params(LAYOUT), rel=0.01)  # bf16, adapters beside
     assert 2 * ds.kept_params(LAYOUT) > 2 * (embedding + 0.9 * 4096 ** 2)
     assert s.gathered_bytes < shard(LAYOUT, setup, m, gpus=8, sharding="fsdp").gathered_bytes * 2
+
+
+def test_hsdp_holds_every_units_all_reduced_shard_to_the_end_of_backward():
+    """Across nodes each FSDP2 unit all-reduces its reduce-scattered shard, and FSDPParamGroup keeps that buffer
+    (its _all_reduce_state) until the end of backward: under the policy every unit's bf16 shard sits beside the
+    fp32 shards cast from it. Without a cast the buffer is the sharded gradient itself; within one node there is
+    no all-reduce."""
+    from ftplan.estimate.sharding import _all_reduced
+
+    layers = 32 * LAYOUT.layer_params()
+    setup, m = breakdown(batch_size=1, seq_len=64)
+    assert _all_reduced(LAYOUT, setup, m, 8) == layers // 8 * 2
+    fp32, m32 = breakdown(batch_size=1, seq_len=64, precision="fp32")
+    assert _all_reduced(LAYOUT, fp32, m32, 8) == 0
+    hybrid = shard(LAYOUT, setup, m, gpus=16, nodes=2, sharding="fsdp-hybrid")
+    one_node = shard(LAYOUT, setup, m, gpus=8, nodes=1, sharding="fsdp-hybrid")
+    assert hybrid.peak_phase == one_node.peak_phase == END  # 64 tokens: the gradients make the peak
+    assert hybrid.peak_allocated_bytes - one_node.peak_allocated_bytes == layers // 8 * 2  # 1.5 GiB on 7B

@@ -133,7 +133,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
         terms[name] = (held, other, gathered, comm)
         if deepspeed and gpus > 1:
             terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
-    terms |= _moments(layout, setup, memory, sharding, group, device, terms, gathered)
+    terms |= _moments(layout, setup, memory, sharding, group, device, terms, gathered, gpus // group)
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
                      + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
@@ -195,7 +195,7 @@ def _unit_bytes(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdo
 
 
 def _moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, group: int,
-             device: Device, terms: dict[str, tuple[int, int, int, int]], gathered: int) -> dict:
+             device: Device, terms: dict[str, tuple[int, int, int, int]], gathered: int, replicas: int = 1) -> dict:
     """Candidates for the peak the single GPU's phases do not have - FSDP2's and ZeRO-3's own moments - from the
     step as it runs sharded (`step`: its memory, bf16 where the scheme gathers so)."""
     if sharding not in ("zero3", "fsdp", "fsdp-hybrid") or group <= 1:
@@ -204,12 +204,12 @@ def _moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown,
                            gathered_half=bool(_bf16_step(layout, setup, sharding, group)))
     if sharding == "zero3":
         return ds.zero3_moments(layout, setup, step, gathered, terms, device)
-    return _fsdp_moments(layout, setup, memory, step, sharding, group, device, terms)
+    return _fsdp_moments(layout, setup, memory, step, sharding, group, device, terms, replicas)
 
 
 def _fsdp_moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, step: MemoryBreakdown,
-                  sharding: Sharding, group: int, device: Device,
-                  terms: dict[str, tuple[int, int, int, int]]) -> dict:
+                  sharding: Sharding, group: int, device: Device, terms: dict[str, tuple[int, int, int, int]],
+                  replicas: int = 1) -> dict:
     """FSDP2's own candidates for the peak, as (held gradients, other, gathered, comm) like the phases' terms:
 
     - the forward's start: as each unit's weights are copied out of its all-gather, FSDP keeps the previous
@@ -221,17 +221,35 @@ def _fsdp_moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreak
       output while it runs, beside the input cast to bf16);
     - the end of backward: the root unit reduce-scatters last (_root_reduce).
 
-    Gradients held are those of the earlier micro-batches, as the phases hold them."""
+    Gradients held are those of the earlier micro-batches, as the phases hold them. Across nodes (HSDP) each
+    unit all-reduces its shard in the reduce dtype, and FSDP2 holds that buffer until the end of backward
+    (FSDPParamGroup._all_reduce_state): every unit's before the root unit reduces, beside the end of backward."""
     layer, root = _unit_bytes(layout, setup, memory)
     earlier, kept = terms[END_OF_FORWARD][0], step.logits_kept_bytes  # a custom loop's logits, until replaced
     cast = root // group if setup.precision.endswith("-mixed") else 0
     regather = 2 * root + (cast if device == "cpu" else 0)
     moments = {FORWARD_START: (earlier, kept, max(2 * (root + layer), root + 3 * layer), 0),
                REGATHER: (earlier, step.activations_bytes + kept, regather, 0)}
+    shards = _all_reduced(layout, setup, memory, group) if replicas > 1 else 0
     if reduce := _root_reduce(layout, setup, memory, sharding, group, device):
         # every unit reduced (no_sync's whole gradients are gone); the root unit was resharded first
-        moments[ROOT_REDUCE] = (memory.gradients_bytes // group, reduce, 0, 0)  # buffers, nothing gathered
+        moments[ROOT_REDUCE] = (memory.gradients_bytes // group + shards, reduce, 0, 0)  # buffers, none gathered
+    if shards:
+        held, other, gathered, comm = terms[END_OF_BACKWARD]
+        moments[END_OF_BACKWARD] = (held + shards, other, gathered, comm)
     return moments
+
+
+def _all_reduced(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, group: int) -> int:
+    """HSDP: the all-reduced gradient shards of every unit but the root, in the reduce dtype (bf16 under the
+    policy), which FSDP2 holds until the end of backward - beside the sharded gradients cast from them; with no
+    cast the buffer is the sharded gradient itself."""
+    own = 2 if setup.method == "full" and setup.precision in ("bf16", "fp16") else 4  # a gradient's bytes
+    reduce = 2 if setup.precision.endswith("-mixed") else own
+    if reduce == own:
+        return 0
+    root = layout.total_params() - layout.dims.layers * layout.layer_params() if setup.method == "full" else 0
+    return max(0, memory.gradients_bytes // own - root) // group * reduce
 
 
 def _root_unit(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
