@@ -130,7 +130,8 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     for name, (grads, other) in _phases(layout, setup, memory, sharding, gpus, group, notes, device).items():
         held = unsynced if unsynced and name != OPTIMIZER_STEP else grads // grad_divisor
         held += _root_held_whole(layout, setup, memory, sharding, group, name)
-        terms[name] = (held, other, gathered, comm)
+        terms[name] = (held, other, _in_backward(layout, setup, memory, sharding, group, name, device) or gathered,
+                       comm)
         if deepspeed and gpus > 1:
             terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
     terms |= _moments(layout, setup, memory, sharding, group, device, terms, gathered, gpus // group)
@@ -170,6 +171,24 @@ def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown
                  f"the next one prefetched, in the {'compute' if setup.precision.endswith('-mixed') else 'storage'} "
                  "dtype")
     return max(layer, root) + layer
+
+
+def _in_backward(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
+                 group: int, phase: str, device: Device = "cuda") -> int:
+    """FSDP2's gathered bytes through the decoder layers' backward (0 elsewhere, or without FSDP): the root unit
+    stays gathered from the start of backward until it reduces at the end, beside the layer being computed and
+    the next one prefetched - and, for full fine-tuning, the reduce-scatter input of the layer before, which
+    FSDP keeps until the next layer reduces (its reduce_scatter_states; at the first layer, the second's). On
+    the CPU gloo's all-gather of the prefetched layer also copies its output while it runs."""
+    if sharding not in ("fsdp", "fsdp-hybrid") or group <= 1 or phase not in (LAST_LAYER, FIRST_LAYER):
+        return 0
+    layer, root = _unit_bytes(layout, setup, memory)
+    if phase == FIRST_LAYER:  # nothing left to prefetch; the second layer's reduce-scatter input is kept
+        return root + layer + (layer if setup.method == "full" and layout.dims.layers > 1 else 0)
+    # the layers' backward below the top one: the layer above has reduced, the one below is being gathered
+    kept = layer if setup.method == "full" and layout.dims.layers > 2 else 0
+    prefetched = layer * (2 if device == "cpu" else 1) if layout.dims.layers > 1 else 0
+    return root + layer + kept + prefetched
 
 
 def _unit_bytes(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown) -> tuple[int, int]:
@@ -268,15 +287,17 @@ def _root_held_whole(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBr
                      group: int, phase: str) -> int:
     """Bytes a backward phase holds beyond its sharded gradients: the root unit reduce-scatters only after the
     rest of backward, so until then the gradients it has (the head's and final norm's from the last layer on,
-    the embedding's at the end) are whole, in the gathered dtype, not this GPU's shard. Without accumulation
-    (with it, no_sync already holds every gradient whole)."""
+    the embedding's at the end) are whole, in the gathered dtype, not this GPU's shard - beside the earlier
+    micro-batches' shards with sync_each_batch; under no_sync every gradient is held whole already."""
     unit = _root_unit(layout, setup, memory, sharding, group)
-    if unit is None or memory.accumulating:
+    if unit is None or (memory.accumulating and not setup.sync_each_batch):
         return 0
     root, own, gathered = unit
     embedding = 0 if layout.dims.tied_embeddings else \
         sum(g.params() for g in layout.modules if g.kind == "embedding")
     present = {LAST_LAYER: root - embedding, FIRST_LAYER: root - embedding, END_OF_BACKWARD: root}.get(phase, 0)
+    if memory.accumulating:  # sync_each_batch: this micro-batch's whole gradients beside the earlier shards
+        return present * gathered
     return present * gathered - present * own // group
 
 
