@@ -352,12 +352,12 @@ def test_fsdp_forward_start_keeps_the_previous_all_gather_output_until_the_next_
     assert (layer, root) == (LAYOUT.layer_params() * 2, (TOTAL - 32 * LAYOUT.layer_params()) * 2)  # bf16
     s = shard(LAYOUT, setup, m, gpus=8, sharding="fsdp")
     terms = {"end of forward (activations + logits)": (0, 0, 0, 0)}
-    moments = _moments(LAYOUT, setup, m, "fsdp", 8, "cuda", terms, 0)
+    moments = _moments(LAYOUT, setup, m, m, "fsdp", 8, "cuda", terms, 0)
     assert moments[FORWARD_START][2] == max(2 * (root + layer), root + 3 * layer)  # 70B-like: layer > root
     assert moments[REGATHER][2] == 2 * root
-    assert _moments(LAYOUT, setup, m, "fsdp", 8, "cpu", terms, 0)[REGATHER][2] == 2 * root + root // 8
-    assert _moments(LAYOUT, setup, m, "ddp", 8, "cuda", terms, 0) == {}
-    assert _moments(LAYOUT, setup, m, "fsdp", 1, "cuda", terms, 0) == {}
+    assert _moments(LAYOUT, setup, m, m, "fsdp", 8, "cpu", terms, 0)[REGATHER][2] == 2 * root + root // 8
+    assert _moments(LAYOUT, setup, m, m, "ddp", 8, "cuda", terms, 0) == {}
+    assert _moments(LAYOUT, setup, m, m, "fsdp", 1, "cuda", terms, 0) == {}
     assert s.peak_allocated_bytes >= s.weights_bytes + s.optimizer_bytes + moments[FORWARD_START][2]
 
 

@@ -127,14 +127,15 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
         comm, gathered = 0, 0
     unsynced = _unsynced_gradients(setup, memory, sharding, gpus, notes)
     terms = {}
-    for name, (grads, other) in _phases(layout, setup, memory, sharding, gpus, group, notes, device).items():
+    step = _as_run(layout, setup, memory, sharding, gpus, device, notes)
+    for name, (grads, other) in _phases(memory, step, sharding, group).items():
         held = unsynced if unsynced and name != OPTIMIZER_STEP else grads // grad_divisor
         held += _root_held_whole(layout, setup, memory, sharding, group, name)
         terms[name] = (held, other, _in_backward(layout, setup, memory, sharding, group, name, device) or gathered,
                        comm)
         if deepspeed and gpus > 1:
             terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
-    terms |= _moments(layout, setup, memory, sharding, group, device, terms, gathered, gpus // group)
+    terms |= _moments(layout, setup, memory, step, sharding, group, device, terms, gathered, gpus // group)
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
                      + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
@@ -213,14 +214,13 @@ def _unit_bytes(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdo
     return int(layer), int(root)
 
 
-def _moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, group: int,
-             device: Device, terms: dict[str, tuple[int, int, int, int]], gathered: int, replicas: int = 1) -> dict:
+def _moments(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, step: MemoryBreakdown,
+             sharding: Sharding, group: int, device: Device, terms: dict[str, tuple[int, int, int, int]],
+             gathered: int, replicas: int = 1) -> dict:
     """Candidates for the peak the single GPU's phases do not have - FSDP2's and ZeRO-3's own moments - from the
     step as it runs sharded (`step`: its memory, bf16 where the scheme gathers so)."""
     if sharding not in ("zero3", "fsdp", "fsdp-hybrid") or group <= 1:
         return {}
-    step = estimate_memory(layout, setup, device=device, accumulating=memory.accumulating,
-                           gathered_half=bool(_bf16_step(layout, setup, sharding, group)))
     if sharding == "zero3":
         return ds.zero3_moments(layout, setup, step, gathered, terms, device)
     return _fsdp_moments(layout, setup, memory, step, sharding, group, device, terms, replicas)
@@ -358,19 +358,28 @@ def _bf16_step(layout: ModelLayout, setup: TrainingSetup, sharding: Sharding, gp
     return None
 
 
-def _phases(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
-            group: int, notes: list[str], device: Device = "cuda") -> dict[str, tuple[int, int]]:
-    """The single-GPU phases, (gradients, the rest), as a GPU of the sharded job sees them."""
+def _as_run(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding, gpus: int,
+            device: Device, notes: list[str]) -> MemoryBreakdown:
+    """The single-GPU step as it runs under `sharding`: re-estimated on bf16 parameters where the scheme makes
+    them so (_bf16_step), else `memory` itself."""
+    maker = _bf16_step(layout, setup, sharding, gpus)
+    if not maker:
+        return memory
+    if setup.precision.endswith("-mixed"):
+        notes.append(f"{maker}: no autocast weight copies, a bf16 residual stream")
+    return estimate_memory(layout, setup, device=device, gathered_half=True, accumulating=memory.accumulating)
+
+
+def _phases(memory: MemoryBreakdown, step: MemoryBreakdown, sharding: Sharding,
+            group: int) -> dict[str, tuple[int, int]]:
+    """The phases of the step as it runs (`step`), (gradients, the rest), as a GPU of the sharded job sees them;
+    `memory`, the breakdown shard() was given, for its weights and states."""
     weights, states = memory.weights_bytes + memory.adapter_bytes, memory.optimizer_bytes
-    if maker := _bf16_step(layout, setup, sharding, gpus):
-        memory = estimate_memory(layout, setup, device=device, gathered_half=True, accumulating=memory.accumulating)
-        if setup.precision.endswith("-mixed"):
-            notes.append(f"{maker}: no autocast weight copies, a bf16 residual stream")
-    phases = dict(memory.phase_bytes or {memory.peak_phase: (memory.held_gradient_bytes, memory.peak_allocated_bytes
-                                                             - weights - states - memory.held_gradient_bytes)})
+    phases = dict(step.phase_bytes or {step.peak_phase: (step.held_gradient_bytes, step.peak_allocated_bytes
+                                                         - weights - states - step.held_gradient_bytes)})
     if OPTIMIZER_STEP in phases and sharding not in ("none", "ddp"):  # each GPU steps only its shard of the states
-        grads, step = phases[OPTIMIZER_STEP]
-        phases[OPTIMIZER_STEP] = (grads, step // group)
+        grads, transient = phases[OPTIMIZER_STEP]
+        phases[OPTIMIZER_STEP] = (grads, transient // group)
     return phases
 
 
