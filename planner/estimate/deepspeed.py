@@ -89,7 +89,7 @@ def kept_params(layout: ModelLayout, grad_ckpt: bool = False, embedding_in_backw
     gradient checkpointing (enable_input_require_grads): then it is released after its forward."""
     per_layer = layout.layer_params()
     first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
-    last = layout.total_params() - per_layer * layout.dims.layers - first
+    last = layout.root_params() - first
     if layout.dims.tied_embeddings:
         last += max(g.weight_numel for g in layout.modules if g.kind == "head")
     units = [first] + [per_layer] * layout.dims.layers + [last]  # forward order
@@ -188,5 +188,4 @@ def largest_layer_param(layout: ModelLayout) -> int:
 def _unit_params(layout: ModelLayout) -> int:
     """Parameters of the working set ftplan gathers for parameter sharding (sharding._gathered's units)."""
     per_layer = layout.layer_params()
-    root = layout.total_params() - per_layer * layout.dims.layers
-    return max(per_layer, root) + per_layer
+    return max(per_layer, layout.root_params()) + per_layer

@@ -158,6 +158,12 @@ def _grads_at_last_layer(layout: ModelLayout, adapted: list[ModuleGroup], lora, 
     return (above + tied) * grad_size
 
 
+def gradient_bytes(setup: TrainingSetup) -> int:
+    """Bytes of one trained parameter's gradient: the parameter's dtype - half precision for a pure bf16/fp16
+    full fine-tune, fp32 otherwise (master weights, PEFT's fp32 adapters)."""
+    return 2 if setup.method == "full" and setup.precision in ("bf16", "fp16") else 4
+
+
 def embedding_backward(layout: ModelLayout, setup: TrainingSetup, grad_size: int, accumulating: bool = False,
                        gathered_half: bool = False) -> int:
     """Full fine-tuning: the embedding's backward allocates a dense vocab x hidden gradient to add to one that
@@ -211,7 +217,7 @@ def estimate_memory(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     adapted = adapted_groups(layout, counts.targets) if counts.targets else []
     weights = weight_bytes(layout, setup)
     adapter = counts.adapter_params * 4
-    grad_size = 4 if setup.method != "full" else (2 if setup.precision in ("bf16", "fp16") else 4)
+    grad_size = gradient_bytes(setup)
     gradients = counts.trainable_params * grad_size
     tensors = trainable_tensors(layout, setup, adapted)
     states = opt.state_bytes(tensors, setup)

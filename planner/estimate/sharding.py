@@ -37,6 +37,7 @@ from ftplan.estimate.memory import (
     OPTIMIZER_STEP,
     MemoryBreakdown,
     estimate_memory,
+    gradient_bytes,
     outside_allocator,
     qlora_group_bytes,
 )
@@ -200,8 +201,7 @@ def _unit_bytes(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdo
     mixed = setup.precision.endswith("-mixed")
     layers = layout.dims.layers
     per_layer = [g for g in layout.modules if g.per_layer]
-    layer_params = layout.layer_params()
-    root_params = layout.total_params() - layers * layer_params
+    layer_params, root_params = layout.layer_params(), layout.root_params()
     if setup.method == "qlora":
         cap = 2 if mixed else 4  # prepare_model_for_kbit_training keeps every unquantized parameter in fp32
         layer = sum(qlora_group_bytes(g, setup.double_quant, unquantized=cap) for g in per_layer)
@@ -263,24 +263,28 @@ def _all_reduced(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakd
     """HSDP: the all-reduced gradient shards of every unit but the root, in the reduce dtype (bf16 under the
     policy), which FSDP2 holds until the end of backward - beside the sharded gradients cast from them; with no
     cast the buffer is the sharded gradient itself."""
-    own = 2 if setup.method == "full" and setup.precision in ("bf16", "fp16") else 4  # a gradient's bytes
-    reduce = 2 if setup.precision.endswith("-mixed") else own
+    own, reduce = _grad_bytes(setup)
     if reduce == own:
         return 0
-    root = layout.total_params() - layout.dims.layers * layout.layer_params() if setup.method == "full" else 0
+    root = layout.root_params() if setup.method == "full" else 0
     return max(0, memory.gradients_bytes // own - root) // group * reduce
 
 
-def _root_unit(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
+def _root_unit(layout: ModelLayout, setup: TrainingSetup, sharding: Sharding,
                group: int) -> tuple[int, int, int] | None:
     """FSDP's root unit (embeddings, final norm, head) as full fine-tuning trains it: (its parameters, the bytes
     of a sharded gradient, the bytes of a gathered one - bf16 under accelerate's policy, which also reduces in
     bf16). None where it has no gradients to reduce-scatter."""
     if sharding not in ("fsdp", "fsdp-hybrid") or group <= 1 or setup.method != "full":
         return None
-    own = memory.gradients_bytes // max(layout.total_params(), 1)
-    return (layout.total_params() - layout.dims.layers * layout.layer_params(), own,
-            2 if setup.precision.endswith("-mixed") else own)
+    return (layout.root_params(), *_grad_bytes(setup))
+
+
+def _grad_bytes(setup: TrainingSetup) -> tuple[int, int]:
+    """(bytes of a sharded gradient, bytes of a gathered one): the parameters' dtype, and under accelerate's
+    mixed-precision policy bf16 - which it also reduces in."""
+    own = gradient_bytes(setup)
+    return own, 2 if setup.precision.endswith("-mixed") else own
 
 
 def _root_held_whole(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, sharding: Sharding,
@@ -289,7 +293,7 @@ def _root_held_whole(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBr
     rest of backward, so until then the gradients it has (the head's and final norm's from the last layer on,
     the embedding's at the end) are whole, in the gathered dtype, not this GPU's shard - beside the earlier
     micro-batches' shards with sync_each_batch; under no_sync every gradient is held whole already."""
-    unit = _root_unit(layout, setup, memory, sharding, group)
+    unit = _root_unit(layout, setup, sharding, group)
     if unit is None or (memory.accumulating and not setup.sync_each_batch):
         return 0
     root, own, gathered = unit
@@ -310,7 +314,7 @@ def _root_reduce(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakd
     sync_each_batch a later micro-batch's new shard beside the one it is added to. The unit's own gathered
     weights are resharded before it reduces. On the CPU gloo's reduce-scatter copies its whole input while it
     runs, before the shard is made. 0 where no such reduce happens."""
-    unit = _root_unit(layout, setup, memory, sharding, group)
+    unit = _root_unit(layout, setup, sharding, group)
     if unit is None:
         return 0
     root, own, reduce = unit

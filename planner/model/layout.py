@@ -95,3 +95,7 @@ class ModelLayout(BaseModel):
     def layer_params(self) -> int:
         """Parameters of one decoder layer."""
         return sum(g.params() for g in self.modules if g.per_layer)
+
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers: embeddings, final norm, head (FSDP's root unit)."""
+        return sum(g.params() for g in self.modules if not g.per_layer)
