@@ -168,14 +168,13 @@ def embedding_backward(layout: ModelLayout, setup: TrainingSetup, grad_size: int
                        gathered_half: bool = False) -> int:
     """Full fine-tuning: the embedding's backward allocates a dense vocab x hidden gradient to add to one that
     already exists - a tied head's, or with gradient accumulation the earlier micro-steps' (`grad_size` bytes
-    per element). Tied, autograd sums the two before .grad: under autocast the head's arrives as the weight
-    cast's own fp32 tensor and takes the sum in place (measured 4 bytes per element); without autocast, or with
-    the weights gathered in bf16, the sum is a new tensor beside both (measured 2 x 2 bytes with bf16 gradients,
-    2 x 4 with fp32 under FSDP: benchmarks/ACCURACY.md, benchmarks/FSDP.md)."""
+    per element: the new gradient's, bf16 for a weight gathered in bf16). Tied, autograd sums the two before
+    .grad: under autocast the head's arrives as the weight cast's own fp32 tensor and takes the sum in place
+    (measured 4 bytes per element); without autocast, or with the weights gathered in bf16, the sum is a new
+    tensor beside both (measured 2 x 2 bytes with bf16 gradients, 2 x 4 with fp32 under FSDP:
+    benchmarks/ACCURACY.md, benchmarks/FSDP.md)."""
     if setup.method != "full" or not (layout.dims.tied_embeddings or accumulating):
         return 0
-    if gathered_half and setup.precision.endswith("-mixed"):
-        grad_size = 2  # the gradient of the weight as gathered, in bf16
     if not layout.dims.tied_embeddings:
         return grad_size * layout.dims.vocab * layout.dims.hidden
     in_place = setup.precision.endswith("-mixed") and not gathered_half
@@ -289,7 +288,7 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
     # a new gradient of a weight gathered in bf16 (FSDP's policy) is bf16 until FSDP reduces it
     new_grad_size = 2 if gathered_half and setup.precision.endswith("-mixed") else grad_size
     pending = head_numel * new_grad_size if full_accumulating and layout.dims.tied_embeddings else 0
-    embedding = embedding_backward(layout, setup, grad_size, accumulating, gathered_half)
+    embedding = embedding_backward(layout, setup, new_grad_size, accumulating, gathered_half)
     phases = {
         END_OF_FORWARD: (activations + earlier, forward_only + loss_forward),
         BACKWARD_START: (activations + earlier, loss_backward),
