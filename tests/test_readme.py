@@ -60,3 +60,47 @@ def test_the_readmes_memory_figures_are_what_estimate_gives(words, model, field,
         e = estimate(resolve_model(model), ["full"], choices, **options).estimates[0]
         figures.append(f"{getattr(getattr(e, field[0]), field[1]) / 2**30:.1f}")
     assert re.findall(r"\d+\.\d", words) == figures
+
+
+def _summary(report: str) -> dict[str, tuple[str, ...]]:
+    """A benchmark report's summary table: split -> (n, median, max) as written."""
+    rows = re.findall(r"^\| ([a-z ,-]+) \| (\d+) \| ([\d.]+%) \| ([\d.]+%) \| \d+/\d+ \|$", report, re.M)
+    return {split: rest for split, *rest in rows}
+
+
+def _errors(report: str, pattern: str) -> list[float]:
+    """The 'error' column (today's model) of a benchmark report's rows whose case id matches `pattern`."""
+    return [float(m) for m in re.findall(rf"^\| {pattern} \|[^|]*\|[^|]*\|[^|]*\|[^|]*\| ([+-][\d.]+)%", report,
+                                         re.M)]
+
+
+def test_the_readmes_sharded_accuracy_figures_are_the_reports():
+    """The FSDP and DeepSpeed accuracy figures the README quotes are those benchmarks/FSDP.md and DEEPSPEED.md
+    print (both re-rendered from their records by tests/test_fsdp_accuracy.py and test_deepspeed_accuracy.py),
+    and the HSDP figure is what the estimate holds."""
+    from ftplan.data import catalog
+    from ftplan.estimate.memory import estimate_memory
+    from ftplan.estimate.settings import SetupChoices, resolve
+    from ftplan.estimate.sharding import _all_reduced
+    from ftplan.model.architectures import build_layout
+    from ftplan.model.resolve import from_catalog
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    fsdp_report = (ROOT / "benchmarks" / "FSDP.md").read_text()
+    fsdp = _summary(fsdp_report)
+    n, median, largest = fsdp["held-out"]
+    last = fsdp["held-out, measured after the last change"]
+    assert (f"train n=2, max {fsdp['train'][2]}; held-out n={n} median {median}, max {largest}, all within 3%; "
+            f"the last {last[0]}, measured after the model's last change, median {last[1]}, max {last[2]}.") in readme
+    when_measured = re.findall(r"^\| [^ |]+ \| held-out \|(?:[^|]*\|){4} ([+-][\d.]+)%", fsdp_report, re.M)
+    assert f"up to {min(map(float, when_measured)):+.2f}% when measured" in readme
+    ds = (ROOT / "benchmarks" / "DEEPSPEED.md").read_text()
+    two_layer = _errors(ds, r"(?:llama-1k-2l|qwen-896-4l-tied)/zero3/lora/[^ ]+")
+    ten_layer = _errors(ds, r"llama-2k-10l/zero3/lora/[^ ]+")
+    assert len(two_layer) == 7 and len(ten_layer) == 2
+    assert f"ZeRO-3 on the 2-layer models {min(two_layer):+.2f}% to {max(two_layer):+.2f}% over seven cases" in readme
+    assert f"the 10-layer model reads {ten_layer[0]:+.2f}% and {ten_layer[1]:+.2f}% (with checkpointing)" in readme
+    layout = build_layout(from_catalog(catalog.find_model("llama2-7b")))
+    setup = resolve("full", SetupChoices())
+    hsdp = _all_reduced(layout, setup, estimate_memory(layout, setup), 8) / 2**30
+    assert f"({hsdp:.1f} GiB per GPU for Llama-2-7B full over 2 x 8 GPUs)" in readme
