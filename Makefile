@@ -14,7 +14,7 @@ install: $(BIN)/python
 	$(PIP) install --quiet -e .
 
 install-dev: $(BIN)/python
-	$(PIP) install --quiet -c constraints.txt -e '.[train,aws,skypilot,test]'
+	DS_BUILD_OPS=0 $(PIP) install --quiet -c constraints.txt -e '.[train,aws,skypilot,deepspeed,test]'
 
 demo: install
 	$(BIN)/ftplan estimate llama2-7b

@@ -143,6 +143,9 @@ def test_the_backends_writers_unlink_a_link_instead_of_writing_through_it(tmp_pa
         def save_pretrained(self, directory, **kwargs):
             Path(directory, "weights.safetensors").write_text("w")
 
+        def parameters(self):  # none partitioned by DeepSpeed ZeRO-3: saved as they are
+            return iter(())
+
     assert loop._save_final(Saves(), Saves(), out, False, checkpoint.Processes()) == ["adapter"]
     assert (out / "adapter" / "weights.safetensors").exists() and not (out / "adapter").is_symlink()
     for name in (launch.CONFIG, launch.COMMAND, ".request.json", ".result.json.tmp"):

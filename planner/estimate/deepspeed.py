@@ -40,8 +40,7 @@ HEAD_PREFETCH = "head prefetched (at the end of the layers' forward)"
 PREFETCH_BUCKET = 0.9  # the Trainer's "auto" stage3_prefetch_bucket_size, in hidden^2 elements
 
 
-def view(layout: ModelLayout, setup: TrainingSetup, sharding: str, device: Device,
-         accumulating: bool = False) -> tuple[TrainingSetup, MemoryBreakdown, int]:
+def view(layout: ModelLayout, setup: TrainingSetup, device: Device, accumulating: bool = False) -> tuple[TrainingSetup, MemoryBreakdown, int]:
     """Full fine-tuning under DeepSpeed ZeRO, as the Trainer runs it: (the setup the step runs in, its memory
     before sharding, one checkpoint's bytes).
 
@@ -63,9 +62,9 @@ def view(layout: ModelLayout, setup: TrainingSetup, sharding: str, device: Devic
     phases = {**memory.phase_bytes, OPTIMIZER_STEP: (grads, 4 * params + opt.step_transient(flat, fp32, device))}
     memory = memory.model_copy(update={"optimizer_bytes": 4 * params + states - paged, "paged_optimizer_bytes": paged,
                                        "phase_bytes": phases})
-    # the Trainer saves the model in the compute dtype, and DeepSpeed's checkpoint the module again below
-    # ZeRO-3 (its model states) with the fp32 master weights and the optimizer's states
-    checkpoint = memory.weights_bytes * (1 if sharding == "zero3" else 2) + 4 * params + states
+    # ftplan's hf backend checkpoints the fp32 master weights and the optimizer's states, gathered from ZeRO's
+    # partitions by parameter (the 16-bit module is the masters rounded: it is not saved again)
+    checkpoint = 4 * params + states
     return pure, memory, checkpoint
 
 

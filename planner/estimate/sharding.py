@@ -109,7 +109,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     loading = loading_bytes_per_node(memory.weights_bytes, sharding, per_node)
     deepspeed = sharding.startswith("zero")
     if deepspeed and setup.method == "full":
-        setup, memory, checkpoint = ds.view(layout, setup, sharding, device, memory.accumulating)
+        setup, memory, checkpoint = ds.view(layout, setup, device, memory.accumulating)
         notes.append("DeepSpeed: the model in the compute dtype (no autocast under DeepSpeed); the optimizer's "
                      "partitions hold fp32 master weights and its states, and an fp32 gradient partition while "
                      "it steps")

@@ -144,6 +144,7 @@ class HuggingFaceBackend(TrainerBackend):
         if options.machines and options.machine_rank >= options.machines:
             problems.append(Problem(message=f"machine_rank {options.machine_rank} is not below machines "
                                             f"{options.machines}", fix="number the nodes 0 to machines - 1"))
+        problems += self._zero_problems(plan, request, options)
         if plan.hardware.sharding == "fsdp-hybrid":  # launch.accelerate_config has no hybrid-shard (HSDP) form
             problems.append(Problem(message="backend 'hf' cannot run hardware.sharding fsdp-hybrid: it would start "
                                             "plain DDP, every GPU holding the whole model",
@@ -151,6 +152,25 @@ class HuggingFaceBackend(TrainerBackend):
                                         "per GPU than fsdp-hybrid)"))
         problems += self._split_problems(plan, request, options)
         problems += self._resume_problems(plan, request)
+        return problems
+
+    def _zero_problems(self, plan: Plan, request: RunRequest, options: HuggingFaceOptions) -> list[Problem]:
+        """A ZeRO plan over several processes runs under DeepSpeed, which must be installed, and checkpoints its
+        partitioned optimizer states by parameter (zero.py): bitsandbytes' 8-bit states are quantised per block of
+        DeepSpeed's flat partition, not per element, so no checkpoint of them could be resumed."""
+        if not plan.hardware.sharding.startswith("zero") or (self.processes(plan, request, options)[0] <= 1
+                                                             and not options.main_process_ip):
+            return []
+        problems = []
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append(Problem(message=f"the plan shards with DeepSpeed {plan.hardware.sharding} and deepspeed "
+                                            "is not installed", fix="pip install 'ftplan[deepspeed]'"))
+        optimizer = plan.training.setup.optimizer
+        if "8bit" in optimizer:
+            problems.append(Problem(
+                message=f"optimizer {optimizer} under DeepSpeed ZeRO: its 8-bit states are quantised per block of "
+                        "ZeRO's flat partitions, so its checkpoints could not be resumed",
+                fix="edit training.setup.optimizer to adamw_torch_fused, or hardware.sharding to fsdp"))
         return problems
 
     def _resume_problems(self, plan: Plan, request: RunRequest) -> list[Problem]:

@@ -7,8 +7,9 @@ truncated or edited file is detected and the next older intact checkpoint is use
 
 Under DDP every process holds the same weights and optimizer states, so process 0 writes them; under
 FSDP they are gathered into a full state dict first (every process takes part) and broadcast back on
-load. Every process writes its own RNG state, so a resumed multi-process run draws what an uninterrupted
-one would.
+load; under DeepSpeed ZeRO (any stage) the fp32 masters and optimizer states are gathered by parameter name
+(zero.py) and each process takes its partition back on load. Every process writes its own RNG state, so a
+resumed multi-process run draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import zero
+
 CHECKPOINT = re.compile(r"^checkpoint-(\d{6})$")
 KEEP = 2  # complete checkpoints kept; older ones are removed after a new one lands
 MANIFEST = "manifest.json"
 FULL_STATE = "full_state_dict"  # optimizer state keyed by parameter names (FSDP), not by position
+ZERO_STATE = "zero_full"  # fp32 masters and optimizer states gathered from DeepSpeed ZeRO's partitions, by name
 
 
 @dataclass
@@ -110,8 +114,12 @@ def save(output_dir: Path, step: int, *, model, full: bool, optimizer, scheduler
 
     final = output_dir / f"checkpoint-{step:06d}"
     tmp = output_dir / f".checkpoint-{step:06d}.tmp"
-    sharded = procs.count > 1 and is_sharded(model)
-    gathered = _gathered(model, optimizer) if sharded else None
+    if zero.is_zero(model):
+        fmt, gathered = ZERO_STATE, zero.gathered(model, optimizer, procs.main)
+    elif procs.count > 1 and is_sharded(model):
+        fmt, gathered = FULL_STATE, _gathered(model, optimizer)
+    else:
+        fmt, gathered = "positional", None
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -123,7 +131,7 @@ def save(output_dir: Path, step: int, *, model, full: bool, optimizer, scheduler
         tmp.mkdir(parents=True)
         for rank, rng_state in enumerate(rngs):
             save_file(rng_state, str(tmp / f"rng-rank{rank}.safetensors"))
-        _write_main(tmp, model, full, optimizer, scheduler, scaler, state, step, procs.count, gathered)
+        _write_main(tmp, model, full, optimizer, scheduler, scaler, state, step, procs.count, gathered, fmt)
         clear(final)
         os.replace(tmp, final)
         for old in complete(output_dir)[:-KEEP]:
@@ -133,7 +141,7 @@ def save(output_dir: Path, step: int, *, model, full: bool, optimizer, scheduler
 
 
 def _write_main(tmp: Path, model, full: bool, optimizer, scheduler, scaler, state: dict, step: int, processes: int,
-                gathered: tuple[dict, dict] | None) -> None:
+                gathered: tuple[dict, dict] | None, fmt: str) -> None:
     """Process 0's part: weights, optimizer and scaler states, scheduler, trainer state, then the manifest."""
     from safetensors.torch import save_file, save_model
 
@@ -149,7 +157,7 @@ def _write_main(tmp: Path, model, full: bool, optimizer, scheduler, scaler, stat
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         optim_state = optimizer.state_dict()
     tensors: dict = {}
-    rest: dict = {"format": FULL_STATE if gathered is not None else "positional"}
+    rest: dict = {"format": fmt}
     _split_state(optim_state, "optimizer/", tensors, rest.setdefault("optimizer", {}))
     if scaler is not None:
         _split_state(scaler.state_dict(), "scaler/", tensors, rest.setdefault("scaler", {}))
@@ -257,7 +265,14 @@ def load(path: Path, *, model, full: bool, optimizer, scheduler, scaler, device,
     weights_file = path / ("model.safetensors" if full else "trainable.safetensors")
     weights = load_file(str(weights_file))
     _check_weights(model, weights, full)
-    if rest.get("format") == FULL_STATE:
+    fmt = rest.get("format")
+    if (fmt == ZERO_STATE) != zero.is_zero(model):
+        raise ValueError(f"it was written {'with' if fmt == ZERO_STATE else 'without'} DeepSpeed ZeRO, this run "
+                         f"{'uses' if zero.is_zero(model) else 'does not use'} it")
+    if fmt == ZERO_STATE:
+        zero.load(model, optimizer, weights, _join_state(rest["optimizer"], "optimizer/", tensors, "cpu",
+                                                         int_keys=False))
+    elif fmt == FULL_STATE:
         _load_gathered(model, optimizer, weights, _join_state(rest["optimizer"], "optimizer/", tensors, "cpu",
                                                               int_keys=False), procs)
     else:
@@ -289,7 +304,7 @@ def _check_weights(model, saved: dict, full: bool) -> None:
     if unexpected or (missing and not full):
         raise ValueError(f"it does not match this model (missing {missing[:2]}, unexpected {unexpected[:2]})")
     for name, tensor in saved.items():
-        shape = tuple(params[name].shape)  # a DTensor (FSDP) reports its full shape
+        shape = zero.full_shape(params[name])  # a DTensor (FSDP) reports its full shape; ZeRO-3 its ds_shape
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, the model {shape}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

@@ -46,7 +46,7 @@ def accelerate_config(plan: Plan, *, processes: int, machines: int, machine_rank
             "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
             "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
-    elif sharding.startswith("zero") and not cpu:
+    elif sharding.startswith("zero"):  # on the CPU too: DeepSpeed has a CPU accelerator (command() starts it there)
         # accelerate refuses a config file that sets mixed_precision beside a DeepSpeed config file (its
         # launcher passes the key on, and DeepSpeedPlugin raises): the precision is in deepspeed_config()
         del config["mixed_precision"]
@@ -101,13 +101,17 @@ def free_port() -> int:
 
 
 def command(config_path: Path, processes: int, cpu: bool, worker_args: list[str], port: int, *, machines: int = 1,
-            machine_rank: int = 0, main_ip: str = "127.0.0.1") -> list[str]:
+            machine_rank: int = 0, main_ip: str = "127.0.0.1", deepspeed_file: Path | None = None,
+            zero3: bool = False) -> list[str]:
     """The launch command on this machine: accelerate's on GPUs (the config says machines, rank and address),
-    torch's launcher with a static rendezvous on the CPU."""
+    torch's launcher with a static rendezvous on the CPU - for a ZeRO plan with the variables accelerate's own
+    launcher sets for DeepSpeed (the config file, ZeRO-3's sharded model initialisation)."""
     if cpu:
         nodes = ["--nnodes", str(machines), "--node_rank", str(machine_rank), "--master_addr", main_ip] \
             if machines > 1 else []
-        return [sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc_per_node", str(processes),
+        deepspeed = ["env", "ACCELERATE_USE_DEEPSPEED=true", f"ACCELERATE_DEEPSPEED_CONFIG_FILE={deepspeed_file}",
+                     f"ACCELERATE_DEEPSPEED_ZERO3_INIT={str(zero3).lower()}"] if deepspeed_file else []
+        return [*deepspeed, sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc_per_node", str(processes),
                 "--master_port", str(port), "-m", "ftplan.backends.hf.worker", *worker_args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path), "-m",
             "ftplan.backends.hf.worker", *worker_args]
@@ -123,7 +127,8 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     out.mkdir(parents=True, exist_ok=True)
     port = free_port() if machines == 1 else main_port
     written = [CONFIG, COMMAND]
-    if plan.hardware.sharding.startswith("zero") and not cpu:
+    zero = plan.hardware.sharding.startswith("zero")
+    if zero:
         write_new(out / DEEPSPEED_CONFIG, json.dumps(deepspeed_config(plan, processes * machines), indent=1) + "\n")
         written.append(DEEPSPEED_CONFIG)
     config = accelerate_config(plan, processes=processes * machines, machines=machines, machine_rank=machine_rank,
@@ -134,7 +139,8 @@ def launch(plan: Plan, request: RunRequest, *, processes: int, cpu: bool, machin
     write_new(request_file, request.model_dump_json())
     args = ["--plan", str(out / "plan.yaml"), "--request", str(request_file)]
     cmd = command(out / CONFIG, processes, cpu, args, port, machines=machines, machine_rank=machine_rank,
-                  main_ip=main_ip)
+                  main_ip=main_ip, deepspeed_file=(out / DEEPSPEED_CONFIG).resolve() if zero else None,
+                  zero3=plan.hardware.sharding == "zero3")
     write_new(out / COMMAND, "#!/bin/sh\n# rerun this plan's launch by hand (on every node, with its machine_rank)\n"
               + " ".join(shlex.quote(c) for c in cmd) + "\n")
     (out / RESULT).unlink(missing_ok=True)

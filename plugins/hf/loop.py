@@ -29,7 +29,7 @@ from ftplan.api import (
     uses_autocast,
 )
 
-from . import checkpoint, data, fingerprint
+from . import checkpoint, data, fingerprint, zero
 from .quiet import no_save_bar
 
 
@@ -99,9 +99,11 @@ def _eval_loss(model, examples, micro: int, pad_id: int, accelerator) -> float:
 def _save_final(model, tokenizer, output_dir: Path, full: bool, procs: checkpoint.Processes) -> list[str]:
     """The adapter (or full model) with the tokenizer beside it - so AutoTokenizer, AutoPeftModelForCausalLM and
     pipeline() load the folder as it is - written to a temporary name, then renamed. Every process calls it:
-    under FSDP the weights are gathered first."""
+    under FSDP and ZeRO-3 the weights are gathered first."""
     state_dict = None
-    if procs.count > 1 and checkpoint.is_sharded(model):
+    if zero.partitioned(model):
+        state_dict = zero.model_state(model, full, procs.main)
+    elif procs.count > 1 and checkpoint.is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -174,7 +176,12 @@ def _start(plan: Plan, request: RunRequest) -> Session:
 
     hf_logging.disable_progress_bar()  # ftplan shows its own progress
     cpu = request.device == "cpu" or (request.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=mixed_precision(plan), cpu=cpu)
+    deepspeed_on_cpu = cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"  # launch.command() set it
+    if deepspeed_on_cpu:  # accelerate starts DeepSpeed only off its CPU path, and then needs the backend named
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    accelerator = Accelerator(mixed_precision=mixed_precision(plan), cpu=cpu and not deepspeed_on_cpu)
     procs = checkpoint.Processes(rank=accelerator.process_index, count=accelerator.num_processes,
                                  barrier=accelerator.wait_for_everyone, gather=_gather_objects)
     if procs.main:
