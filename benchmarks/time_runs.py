@@ -24,12 +24,16 @@ from ftplan.model.resolve import from_catalog
 from ftplan.model.spec import spec_from_config
 
 RUNS_JSONL = Path(__file__).resolve().parent / "published_runs.jsonl"
+FRESH = "fresh"  # the split of runs collected after the model was fixed, blind to its predictions
 REQUIRED = ("id", "source", "source_title", "quoted", "model", "method", "gpu", "gpus_per_node", "nodes", "seq_len",
             "micro_batch", "grad_accum", "grad_ckpt", "precision", "sharding", "measured", "time_basis", "split")
 # The closest EC2 type of each GPU gives a run its interconnect and network; its GPU count becomes the run's.
 BASE_INSTANCE = {"A100-80GB": "p4de.24xlarge", "A100-40GB": "p4d.24xlarge", "H100": "p5.48xlarge",
-                 "H200": "p5e.48xlarge", "L40S": "g6e.48xlarge", "RTX 4090": "g6e.xlarge"}
-L4_INSTANCE = {1: "g6.2xlarge", 4: "g6.12xlarge", 8: "g6.48xlarge"}
+                 "H200": "p5e.48xlarge", "B200": "p6-b200.48xlarge", "V100-32GB": "p3dn.24xlarge",
+                 "L40S": "g6e.48xlarge", "RTX 4090": "g6e.xlarge", "RTX A6000": "g6e.xlarge"}
+BY_GPUS_PER_NODE = {"L4": {1: "g6.2xlarge", 4: "g6.12xlarge", 8: "g6.48xlarge"},
+                    "A10G": {1: "g5.2xlarge", 4: "g5.12xlarge", 8: "g5.48xlarge"}}
+WORKSTATION = ("RTX 4090", "RTX A6000")  # desktop boxes: PCIe without peer-to-peer, no fabric
 
 
 @dataclass
@@ -84,13 +88,13 @@ def gpu_for(name: str, extra: dict[str, catalog.Gpu]) -> catalog.Gpu:
 
 def instance_for(gpu: str, gpus_per_node: int) -> catalog.Instance:
     """The run's machine: the closest EC2 type with the run's GPUs per node; a workstation for the 4090."""
-    if gpu == "L4":
-        base = catalog.get_instance(L4_INSTANCE[gpus_per_node])
+    if gpu in BY_GPUS_PER_NODE:
+        base = catalog.get_instance(BY_GPUS_PER_NODE[gpu][gpus_per_node])
     else:
         base = catalog.get_instance(BASE_INSTANCE[gpu])
     update: dict = {"gpu_count": gpus_per_node}
-    if gpu == "RTX 4090":  # a desktop box: PCIe without peer-to-peer, no fabric
-        update |= {"type": f"workstation-{gpus_per_node}x4090", "gpu": "RTX 4090", "interconnect": "PCIe",
+    if gpu in WORKSTATION:
+        update |= {"type": f"workstation-{gpus_per_node}x{gpu.replace(' ', '')}", "gpu": gpu, "interconnect": "PCIe",
                    "network": "10 Gb", "efa": False}
     return base.model_copy(update=update)
 
@@ -194,9 +198,11 @@ def predict(c: Case) -> StepTime:
 
 def held_out_ids(recs: list[dict]) -> set[str]:
     """The held-out rule, fixed before any fitting: among the used runs of each GPU, ordered by id, every
-    third one (index % 3 == 2) is held out; the rest train."""
+    third one (index % 3 == 2) is held out; the rest train. The fresh block (collected after the model was
+    fixed, split "fresh") is outside the rule: it is neither."""
     out: set[str] = set()
-    for gpu in {r["gpu"] for r in recs if r["record"] == "run"}:
-        used = sorted(r["id"] for r in recs if r["record"] == "run" and r["use"] and r["gpu"] == gpu)
+    fitted = [r for r in recs if r["record"] == "run" and r["use"] and r["split"] != FRESH]
+    for gpu in {r["gpu"] for r in fitted}:
+        used = sorted(r["id"] for r in fitted if r["gpu"] == gpu)
         out |= {rid for i, rid in enumerate(used) if i % 3 == 2}
     return out

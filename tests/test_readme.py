@@ -104,3 +104,22 @@ def test_the_readmes_sharded_accuracy_figures_are_the_reports():
     setup = resolve("full", SetupChoices())
     hsdp = _all_reduced(layout, setup, estimate_memory(layout, setup), 8) / 2**30
     assert f"({hsdp:.1f} GiB per GPU for Llama-2-7B full over 2 x 8 GPUs)" in readme
+
+
+def test_the_readmes_time_accuracy_figures_are_the_validation_catalogs():
+    """The time model's figures the README quotes are catalogs/time_validation.json's (kept current with the model
+    by tests/test_time_accuracy.py), for each split, the fresh block's included."""
+    import json
+
+    summary = json.loads((ROOT / "catalogs" / "time_validation.json").read_text())["summary"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+
+    def words(s: dict, digits: int) -> str:
+        return (f"x{s['median_factor']:.{digits}f}, {s['within_1_25']}/{s['n']} within 1.25x "
+                f"({s['min_ratio']:.2f}-{s['max_ratio']:.2f})")
+
+    train, held, fresh = summary["train"], summary["held-out"], summary["fresh"]
+    assert f"split ({train['n']} runs) median factor {words(train, 2)}" in readme
+    assert (f"held-out ({held['n']} runs) x{held['median_factor']:.2f}, {held['within_1_25']}/{held['n']} within "
+            f"1.25x ({held['min_ratio']:.2f}-{held['max_ratio']:.2f})") in readme
+    assert f"A fresh block of {fresh['n']} runs" in readme and f"{words(fresh, 3)}**" in readme

@@ -80,9 +80,17 @@ def test_the_split_follows_the_stated_rule():
     recs = runs.records()
     held = runs.held_out_ids(recs)
     for r in recs:
-        if r["record"] == "run" and r["use"]:
+        if r["record"] == "run" and r["use"] and r.get("block") is None:
             assert r["split"] == ("held-out" if r["id"] in held else "train"), r["id"]
-    a100 = sorted(r["id"] for r in recs if r["record"] == "run" and r["use"] and r["gpu"] == "A100-80GB")
+    # a block collected after the model was fixed is its own split, used by no fit, its rules on record
+    blocks = {b["name"]: b for b in recs if b["record"] == "block"}
+    for r in recs:
+        if r["record"] == "run" and r.get("block"):
+            assert r["block"] in blocks and r["id"] not in held
+            assert r["split"] == (blocks[r["block"]]["split"] if r["use"] else "rejected"), r["id"]
+    assert all(b["rules"] and b["about"] for b in blocks.values())
+    a100 = sorted(r["id"] for r in recs if r["record"] == "run" and r["use"] and r["gpu"] == "A100-80GB"
+                  and r["split"] != "fresh")
     assert [i for i, rid in enumerate(a100) if rid in held] == list(range(2, len(a100), 3))
 
 

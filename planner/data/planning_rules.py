@@ -175,7 +175,9 @@ class ValidatedRun(_Rules):
     gpu_architecture: str
     gpus: int = Field(ge=1)
     tokens_per_micro_batch: float = Field(gt=0, description="per GPU, padding included")
-    split: Literal["train", "held-out"]
+    split: Literal["train", "held-out", "fresh"] = Field(
+        description="train (the constants were fitted on it), held-out, or fresh (collected after the model was "
+                    "fixed, blind to its predictions)")
     predicted_seconds: float = Field(gt=0)
     measured_seconds: float = Field(gt=0)
     ratio: float = Field(gt=0)
