@@ -300,7 +300,16 @@ def report(records: list[dict]) -> str:
          "activations - a census of tensors at the head's fetch found, beside the gathered weights, eight flat "
          "all-gather buffers of about one layer's modules (each a Linear's weight with its adapters, 107 MiB), "
          "whose owner and lifetime are not modelled; with checkpointing DeepSpeed keeps 505M where the reuse "
-         "distance ftplan counts (a layer used three times: forward, recomputation, backward) keeps 374M."),
+         "distance ftplan counts (a layer used three times: forward, recomputation, backward) keeps 374M. A "
+         "probe of DeepSpeed's parameter coordinator in the second step (2026-12-01) located where the 505M "
+         "come from, though not why: the reuse distance does not decide it. Layers 2-9, the head and part of "
+         "layer 1 stay gathered. Between layer 1's gate and up projections the prefetch queue drained from 624 "
+         "trace entries to 48 in one fetch (the prefetcher pops without counting entries whose parameters are "
+         "gathered or already in its batch). Every parameter popped that way takes its later use as the step it "
+         "was 'fetched for' (layer 1's up projection: step 1132, its recomputation), and __params_to_release "
+         "keeps any parameter fetched for a later step - though its traversal to that use, 1,420M parameters, "
+         "exceeds the 1e9 reuse distance. Why the queue drained there is not established; modelling it means "
+         "simulating the coordinator's queue over the module trace, not done."),
 
         "",
         ("What this does not show: CUDA (NCCL's collectives, the fp64 norm copies, the caching allocator's "
