@@ -135,7 +135,9 @@ def test_image_uri_option_overrides_the_choice(plans):
 def test_the_job_installs_ftplans_requirements_with_their_bounds():
     wanted = job.requirements()
     assert "peft>=0.18" in wanted and "accelerate>=1.0" in wanted and "pydantic>=2.6" in wanted
-    assert not any(r.startswith(("torch", "transformers", "pytest", "skypilot")) for r in wanted)
+    assert not any(r.startswith(("torch", "transformers", "pytest", "skypilot", "deepspeed")) for r in wanted)
+    # a ZeRO plan (a hand edit) runs under DeepSpeed in the job too
+    assert any(r.startswith("deepspeed>=") for r in job.requirements(("train", "deepspeed")))
 
 
 class Recording:

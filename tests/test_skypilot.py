@@ -128,6 +128,12 @@ def test_the_task_parses_and_validates_with_skypilots_own_task_and_resources(sky
                                                   bucket_uri="s3://b/p", install="release", disk_gb=100), {})
     [spot_resources] = list(spot_task.resources)
     assert spot_resources.use_spot and "ftplan[train]==" in spot_task.setup
+    # a ZeRO plan (a hand edit) runs under DeepSpeed: its nodes install the deepspeed extra the staged source declares
+    zero = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"sharding": "zero3"})})
+    zero_task = task.task_config(zero, request, name="z", workdir=str(staged), bucket_uri="s3://b/p",
+                                 install="source", disk_gb=100)
+    assert "pip install --quiet '.[train,deepspeed]'" in zero_task["setup"]
+    assert "deepspeed = [\"deepspeed>=" in (staged / "pyproject.toml").read_text()
     wrong = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"instance_type": "g5.nonexistent"})})
     with pytest.raises(ValueError, match="Invalid instance type"):
         cloud.build_task(task.task_config(wrong, request, name="x", workdir=str(staged), bucket_uri="s3://b/p",

@@ -163,7 +163,7 @@ class SageMakerBackend(TrainerBackend):
         notes: list[str] = []
         try:
             spec, model_dir, why = self._request(plan, request, options, c["sts"])
-            job.stage(c["s3"], spec, to_yaml(plan), request.data, model_dir)
+            job.stage(c["s3"], spec, to_yaml(plan), request.data, model_dir, job.extras_for(plan))
             c["sagemaker"].create_training_job(**spec)
             name = spec["TrainingJobName"]
             image = spec["AlgorithmSpecification"]["TrainingImage"]

@@ -31,9 +31,10 @@ REQUIREMENTS = ("peft", "bitsandbytes", "accelerate", "safetensors", "pydantic>=
 IMAGE_PROVIDES = ("torch", "transformers")
 
 
-def requirements() -> list[str]:
-    """requirements.txt for the job: ftplan's dependencies and train extra as installed here, with their version
-    bounds (the image's own peft or accelerate may be older than ftplan needs), less what the image provides."""
+def requirements(extras: tuple[str, ...] = ("train",)) -> list[str]:
+    """requirements.txt for the job: ftplan's dependencies and `extras` (train; deepspeed for a ZeRO plan) as
+    installed here, with their version bounds (the image's own peft or accelerate may be older than ftplan needs),
+    less what the image provides."""
     from importlib import metadata
 
     try:
@@ -44,7 +45,8 @@ def requirements() -> list[str]:
     for line in requires:
         requirement, _, marker = line.partition(";")
         name = re.match(r"[A-Za-z0-9_.\-]+", requirement.strip()).group(0).lower()
-        if name not in IMAGE_PROVIDES and (not marker.strip() or re.search(r"""extra\s*==\s*["']train["']""", marker)):
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if name not in IMAGE_PROVIDES and (not marker.strip() or (extra and extra.group(1) in extras)):
             kept.append(requirement.strip())
     return kept or list(REQUIREMENTS)
 
@@ -165,14 +167,19 @@ def training_request(plan: Plan, *, name: str, role: str, bucket: str, prefix: s
     return request
 
 
-def source_tarball() -> bytes:
+def extras_for(plan: Plan) -> tuple[str, ...]:
+    """The extras the job installs: train, and deepspeed for a ZeRO plan (the hf backend runs it under DeepSpeed)."""
+    return ("train", "deepspeed") if plan.hardware.sharding.startswith("zero") else ("train",)
+
+
+def source_tarball(extras: tuple[str, ...] = ("train",)) -> bytes:
     """ftplan's own packages, the entry script and requirements.txt, as sourcedir.tar.gz."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for path, name in source_files():
             tar.add(path, arcname=name)
         tar.add(Path(__file__).with_name("entry.py"), arcname=ENTRY)
-        texts = {**dist_info_files(), "requirements.txt": "\n".join(requirements()) + "\n"}
+        texts = {**dist_info_files(), "requirements.txt": "\n".join(requirements(extras)) + "\n"}
         for name, text in texts.items():
             data = text.encode()
             info = tarfile.TarInfo(name)
@@ -186,7 +193,8 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def stage(s3, request: dict, plan_yaml: str, data: Path, model_dir: Path | None) -> list[str]:
+def stage(s3, request: dict, plan_yaml: str, data: Path, model_dir: Path | None,
+          extras: tuple[str, ...] = ("train",)) -> list[str]:
     """Upload the data, the plan, the model directory (if local) and the source; returns the URIs."""
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
     uploads: list[tuple[Path | bytes, str]] = []
@@ -198,7 +206,7 @@ def stage(s3, request: dict, plan_yaml: str, data: Path, model_dir: Path | None)
             if f.is_file():
                 uploads.append((f, channels["model"] + str(f.relative_to(model_dir))))
     uploads.append((plan_yaml.encode(), channels["plan"] + "plan.yaml"))
-    uploads.append((source_tarball(), json.loads(request["HyperParameters"]["sagemaker_submit_directory"])))
+    uploads.append((source_tarball(extras), json.loads(request["HyperParameters"]["sagemaker_submit_directory"])))
     for body, uri in uploads:
         bucket, key = _split(uri)
         if isinstance(body, Path):

@@ -56,7 +56,8 @@ def pyproject() -> str:
         "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
         "[project]", 'name = "ftplan"', f'version = "{__version__}"', 'requires-python = ">=3.10"',
         f"dependencies = {_toml_list(base)}", "",
-        "[project.optional-dependencies]", f"train = {_toml_list(extras.get('train', []))}", "",
+        "[project.optional-dependencies]", f"train = {_toml_list(extras.get('train', []))}",
+        f"deepspeed = {_toml_list(extras.get('deepspeed', []))}", "",
         "[project.scripts]", 'ftplan = "ftplan.cli.main:main"', "",
         "[project.entry-points.ftplan]", eps, "",
         "[tool.setuptools.packages.find]", 'where = ["src"]', 'include = ["ftplan*"]', "",
@@ -88,9 +89,14 @@ def stage(folder: Path, plan_yaml: str) -> list[str]:
     return written + ["pyproject.toml", PLAN]
 
 
-def setup_script(install: str) -> str:
-    """Installs this ftplan version with the train extra on each node."""
-    target = f"'ftplan[train]=={__version__}'" if install == "release" else "'.[train]'"
+def extras_for(plan: Plan) -> str:
+    """The extras a node installs: train, and deepspeed for a ZeRO plan (the hf backend runs it under DeepSpeed)."""
+    return "train,deepspeed" if plan.hardware.sharding.startswith("zero") else "train"
+
+
+def setup_script(install: str, extras: str = "train") -> str:
+    """Installs this ftplan version with `extras` on each node."""
+    target = f"'ftplan[{extras}]=={__version__}'" if install == "release" else f"'.[{extras}]'"
     return "\n".join(["set -e", "python -m pip install --quiet --upgrade pip",
                       f"python -m pip install --quiet {target}", "python -m ftplan --version", ""])
 
@@ -143,4 +149,5 @@ def task_config(plan: Plan, request: RunRequest, *, name: str, workdir: str, buc
                        max_steps=request.max_steps, trust_remote_code=request.trust_remote_code)
     return {"name": name, "resources": resources, "num_nodes": hw.instance_count, "workdir": workdir,
             "envs": {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "FTPLAN_RUN_NAME": name},
-            "file_mounts": mounts, "setup": setup_script(install), "run": run + "\n"}
+            "file_mounts": mounts, "setup": setup_script(install, extras_for(plan)),
+            "run": run + "\n"}
