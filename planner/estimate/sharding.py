@@ -127,15 +127,9 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     if gpus == 1:
         comm, gathered = 0, 0
     unsynced = _unsynced_gradients(setup, memory, sharding, gpus, notes)
-    terms = {}
     step = _as_run(layout, setup, memory, sharding, gpus, device, notes)
-    for name, (grads, other) in _phases(memory, step, sharding, group).items():
-        held = unsynced if unsynced and name != OPTIMIZER_STEP else grads // grad_divisor
-        held += _root_held_whole(layout, setup, memory, sharding, group, name)
-        terms[name] = (held, other, _in_backward(layout, setup, memory, sharding, group, name, device) or gathered,
-                       comm)
-        if deepspeed and gpus > 1:
-            terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
+    terms = _phase_terms(layout, setup, memory, step, sharding, group, device, gpus,
+                         unsynced=unsynced, grad_divisor=grad_divisor, gathered=gathered, comm=comm)
     terms |= _moments(layout, setup, memory, step, sharding, group, device, terms, gathered, gpus // group)
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
@@ -143,14 +137,7 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                         if sharding == "zero3" else ""))
     phase = max(terms, key=lambda k: sum(terms[k]))
     g, other, gathered, comm = terms[phase]
-    host = 0
-    if offload == "optimizer":
-        host += s * per_node
-        s = 0
-    elif offload == "params":
-        host += (w + s) * per_node
-        w, s = 0, 0
-        notes.append("parameters offloaded: each unit is copied to the GPU when used (PCIe-bound)")
+    w, s, host = _offloaded(w, s, offload, per_node, notes)
     peak = w + gathered + g + s + comm + other
     paged = memory.paged_optimizer_bytes // (group if sharding not in ("none", "ddp") else 1)
     required = peak + sum(outside_allocator(peak)) + (0 if offload != "none" else paged)
@@ -160,6 +147,33 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
                          required_bytes=required,
                          host_offload_bytes_per_node=host, host_loading_bytes_per_node=loading,
                          checkpoint_bytes=checkpoint, notes=notes)
+
+
+def _phase_terms(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, step: MemoryBreakdown,
+                 sharding: Sharding, group: int, device: Device, gpus: int, *, unsynced: int, grad_divisor: int,
+                 gathered: int, comm: int) -> dict[str, tuple[int, int, int, int]]:
+    """(gradients held, other, gathered, buffers) per phase of the step on one GPU: a gradient not yet reduced is
+    whole (unsynced), else this GPU's share; the root unit's gradients stay whole until it reduces; the layers'
+    backward holds its own gathered set; DeepSpeed adds its buffers."""
+    terms = {}
+    for name, (grads, other) in _phases(memory, step, sharding, group).items():
+        held = unsynced if unsynced and name != OPTIMIZER_STEP else grads // grad_divisor
+        held += _root_held_whole(layout, setup, memory, sharding, group, name)
+        terms[name] = (held, other, _in_backward(layout, setup, memory, sharding, group, name, device) or gathered,
+                       comm)
+        if sharding.startswith("zero") and gpus > 1:
+            terms[name] = ds.phase_terms(layout, setup, sharding, group, name, *terms[name][:3])
+    return terms
+
+
+def _offloaded(weights: int, states: int, offload: Offload, per_node: int, notes: list[str]) -> tuple[int, int, int]:
+    """(weights, states) left on the GPU and the host RAM per node that takes the rest."""
+    if offload == "optimizer":
+        return weights, 0, states * per_node
+    if offload == "params":
+        notes.append("parameters offloaded: each unit is copied to the GPU when used (PCIe-bound)")
+        return 0, 0, (weights + states) * per_node
+    return weights, states, 0
 
 
 def _gathered(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, group: int,
