@@ -134,6 +134,8 @@ def shard(layout: ModelLayout, setup: TrainingSetup, memory: MemoryBreakdown, *,
     if deepspeed and gpus > 1:
         notes.append("DeepSpeed buffers: a reduce bucket of hidden^2 elements (the Trainer's 'auto')"
                      + ("; parameters gathered for the forward stay gathered while reused within 1e9 parameters"
+                        "; not counted: DeepSpeed's prefetch can hold up to stage3_max_live_parameters (1e9) "
+                        "gathered, up to 2 GB more in bf16 (benchmarks/DEEPSPEED.md)"
                         if sharding == "zero3" else ""))
     phase = max(terms, key=lambda k: sum(terms[k]))
     g, other, gathered, comm = terms[phase]
