@@ -12,9 +12,9 @@ Trainer's "auto" buckets), and measures each process with instruments that do no
 
 measured = census + RSS rise, per process (bf16 matmuls through benchmarks/cpu_bf16.py's kernels where the CPU
 has no bf16 instructions, as for ACCURACY.md); the larger of the two processes is compared with
-`shard(..., device="cpu")` for the same setup. Needs DeepSpeed, which ftplan does not depend on:
+`shard(..., device="cpu")` for the same setup. Needs DeepSpeed (the `deepspeed` extra, which `make test` installs):
 
-    DS_BUILD_OPS=0 pip install deepspeed        # 0.19.8 was measured
+    make install-dev                            # installs the deepspeed extra (0.19.8 was measured)
     python benchmarks/deepspeed_cpu.py          # all cases; writes benchmarks/DEEPSPEED.md
     python benchmarks/deepspeed_cpu.py --report # rewrite the report from benchmarks/results/deepspeed_cpu.jsonl
 
