@@ -60,7 +60,8 @@ def test_zero_runs_save_whole_outputs_and_resume_with_the_same_losses(ws, method
     assert done.returncode == 0, done.stderr
     notes = json.loads(done.stdout)["result"]["notes"]
     assert any(f"{processes} processes (DEEPSPEED)" in n for n in notes), notes
-    assert (ref / "launch.sh").read_text().split("\n")[2].startswith("env ACCELERATE_USE_DEEPSPEED=true")
+    assert (ref / "launch.sh").read_text().split("\n")[2].startswith("env CUDA_VISIBLE_DEVICES= "
+                                                                     "ACCELERATE_USE_DEEPSPEED=true")
     saved = ref / "checkpoint-000002"
     assert json.loads((saved / "states.json").read_text())["format"] == "zero_full"  # by name, not one partition
     if method == "full":  # what `estimate --sharding zeroN` says one checkpoint weighs: fp32 masters + AdamW states

@@ -109,7 +109,9 @@ def command(config_path: Path, processes: int, cpu: bool, worker_args: list[str]
     if cpu:
         nodes = ["--nnodes", str(machines), "--node_rank", str(machine_rank), "--master_addr", main_ip] \
             if machines > 1 else []
-        deepspeed = ["env", "ACCELERATE_USE_DEEPSPEED=true", f"ACCELERATE_DEEPSPEED_CONFIG_FILE={deepspeed_file}",
+        # no GPU visible: accelerate and DeepSpeed would otherwise take a machine's GPUs for a --device cpu run
+        deepspeed = ["env", "CUDA_VISIBLE_DEVICES=", "ACCELERATE_USE_DEEPSPEED=true",
+                     f"ACCELERATE_DEEPSPEED_CONFIG_FILE={deepspeed_file}",
                      f"ACCELERATE_DEEPSPEED_ZERO3_INIT={str(zero3).lower()}"] if deepspeed_file else []
         return [*deepspeed, sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc_per_node", str(processes),
                 "--master_port", str(port), "-m", "ftplan.backends.hf.worker", *worker_args]

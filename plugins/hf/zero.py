@@ -79,7 +79,9 @@ def load(model, optimizer, weights: dict, optim_state: dict) -> None:
     zero, base = _zero_optimizer(optimizer)
     states = optim_state.get("state", {})
     _create_states(zero, base, sorted(next(iter(states.values()), {})), optim_state.get("scalars", {}))
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 point fragments at the states at a step
+    # ZeRO-1/2 point each parameter's fragments at the states once, at a step; linked to no states (a checkpoint
+    # taken before any step was applied, as fp16's skipped overflow steps allow) they would never be linked again
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state") and any(base.state.values()):
         zero._lazy_init_hp_params_optimizer_state()
     for name, param in model.named_parameters():
         if not param.requires_grad or name not in weights:
