@@ -32,7 +32,7 @@ from ftplan.data.jsonl import open_dataset, record_at, record_kind
 from ftplan.errors import PlannerError
 from ftplan.model.resolve import resolve_model
 from ftplan.model.spec import ModelSpec
-from ftplan.plan import Plan, check_targets, weights_source
+from ftplan.plan import Plan, check_targets, install_extras, weights_source
 from ftplan.plan import load as load_plan
 from ftplan.plan import to_yaml as plan_to_yaml
 from ftplan.run.backend import (
@@ -51,8 +51,8 @@ from ftplan.run.execute import prepare as prepare_run
 from ftplan.run.hookspecs import hookimpl
 from ftplan.train.build import build_model, build_optimizer, uses_autocast
 
-API_VERSION = "1.2"  # 1.1: TrainerBackend.notices, RunResult.wall_clock_seconds, sagemaker_images, ec2_quotas,
-# iter_record_offsets, open_dataset, record_at, check_targets; 1.2: record_kind
+API_VERSION = "1.3"  # 1.1: TrainerBackend.notices, RunResult.wall_clock_seconds, sagemaker_images, ec2_quotas,
+# iter_record_offsets, open_dataset, record_at, check_targets; 1.2: record_kind; 1.3: install_extras
 
 __all__ = [
     "API_VERSION", "__version__",
@@ -64,7 +64,8 @@ __all__ = [
     # clouds: SageMaker's training images, EC2's vCPU quota codes
     "sagemaker_images", "ec2_quotas",
     # plans, files and data
-    "load_plan", "plan_to_yaml", "weights_source", "check_targets", "user_dir", "atomic_write_text",
+    "load_plan", "plan_to_yaml", "weights_source", "check_targets", "install_extras", "user_dir",
+    "atomic_write_text",
     "read_records",
     "check_training_data", "is_saved_dataset", "example_text",
     # JSONL read in constant memory (1.1): (line, byte offset, record, text) per line; a record by offset

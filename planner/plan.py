@@ -144,6 +144,12 @@ class Plan(_Strict):
         return self
 
 
+def install_extras(plan: Plan) -> tuple[str, ...]:
+    """The pip extras of ftplan that training the plan needs: train, and deepspeed for a ZeRO plan (the hf backend
+    runs it under DeepSpeed)."""
+    return ("train", "deepspeed") if plan.hardware.sharding.startswith("zero") else ("train",)
+
+
 def weights_source(plan: Plan, model_path: str | None = None) -> str | None:
     """Where a run takes the weights from: --model-path, else the plan's local directory, else its HF id."""
     return model_path or plan.model.local_dir or plan.model.hf_id

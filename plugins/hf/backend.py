@@ -17,6 +17,7 @@ from ftplan.api import (
     RunResult,
     TrainerBackend,
     check_targets,
+    install_extras,
     resolve_model,
     weights_source,
 )
@@ -164,7 +165,8 @@ class HuggingFaceBackend(TrainerBackend):
         problems = []
         if importlib.util.find_spec("deepspeed") is None:
             problems.append(Problem(message=f"the plan shards with DeepSpeed {plan.hardware.sharding} and deepspeed "
-                                            "is not installed", fix="pip install 'ftplan[deepspeed]'"))
+                                            "is not installed",
+                                    fix=f"pip install 'ftplan[{','.join(install_extras(plan))}]'"))
         optimizer = plan.training.setup.optimizer
         if "8bit" in optimizer:
             problems.append(Problem(

@@ -19,6 +19,7 @@ from ftplan.api import (
     RunResult,
     TrainerBackend,
     aws_error,
+    install_extras,
     pricing_rules,
     user_dir,
     weights_source,
@@ -163,7 +164,7 @@ class SageMakerBackend(TrainerBackend):
         notes: list[str] = []
         try:
             spec, model_dir, why = self._request(plan, request, options, c["sts"])
-            job.stage(c["s3"], spec, to_yaml(plan), request.data, model_dir, job.extras_for(plan))
+            job.stage(c["s3"], spec, to_yaml(plan), request.data, model_dir, install_extras(plan))
             c["sagemaker"].create_training_job(**spec)
             name = spec["TrainingJobName"]
             image = spec["AlgorithmSpecification"]["TrainingImage"]

@@ -167,11 +167,6 @@ def training_request(plan: Plan, *, name: str, role: str, bucket: str, prefix: s
     return request
 
 
-def extras_for(plan: Plan) -> tuple[str, ...]:
-    """The extras the job installs: train, and deepspeed for a ZeRO plan (the hf backend runs it under DeepSpeed)."""
-    return ("train", "deepspeed") if plan.hardware.sharding.startswith("zero") else ("train",)
-
-
 def source_tarball(extras: tuple[str, ...] = ("train",)) -> bytes:
     """ftplan's own packages, the entry script and requirements.txt, as sourcedir.tar.gz."""
     buffer = io.BytesIO()

@@ -9,7 +9,15 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from ftplan.api import Plan, RunRequest, __version__, dist_info_files, source_files, weights_source
+from ftplan.api import (
+    Plan,
+    RunRequest,
+    __version__,
+    dist_info_files,
+    install_extras,
+    source_files,
+    weights_source,
+)
 
 DATA_DIR = "/ftplan/data"
 MODEL_DIR = "/ftplan/model"
@@ -89,14 +97,10 @@ def stage(folder: Path, plan_yaml: str) -> list[str]:
     return written + ["pyproject.toml", PLAN]
 
 
-def extras_for(plan: Plan) -> str:
-    """The extras a node installs: train, and deepspeed for a ZeRO plan (the hf backend runs it under DeepSpeed)."""
-    return "train,deepspeed" if plan.hardware.sharding.startswith("zero") else "train"
-
-
-def setup_script(install: str, extras: str = "train") -> str:
+def setup_script(install: str, extras: tuple[str, ...] = ("train",)) -> str:
     """Installs this ftplan version with `extras` on each node."""
-    target = f"'ftplan[{extras}]=={__version__}'" if install == "release" else f"'.[{extras}]'"
+    names = ",".join(extras)
+    target = f"'ftplan[{names}]=={__version__}'" if install == "release" else f"'.[{names}]'"
     return "\n".join(["set -e", "python -m pip install --quiet --upgrade pip",
                       f"python -m pip install --quiet {target}", "python -m ftplan --version", ""])
 
@@ -149,5 +153,5 @@ def task_config(plan: Plan, request: RunRequest, *, name: str, workdir: str, buc
                        max_steps=request.max_steps, trust_remote_code=request.trust_remote_code)
     return {"name": name, "resources": resources, "num_nodes": hw.instance_count, "workdir": workdir,
             "envs": {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "FTPLAN_RUN_NAME": name},
-            "file_mounts": mounts, "setup": setup_script(install, extras_for(plan)),
+            "file_mounts": mounts, "setup": setup_script(install, install_extras(plan)),
             "run": run + "\n"}
