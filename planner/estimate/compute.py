@@ -46,7 +46,7 @@ def flops_per_token(layout: ModelLayout, setup: TrainingSetup, counts: ParamCoun
     d = layout.dims
     matmul = sum(g.weight_numel * layout.instances(g) * active_fraction(layout, g.kind)
                  for g in layout.modules if g.kind in MATMUL_KINDS)
-    head = sum(g.weight_numel for g in layout.modules if g.kind == "head")
+    head = layout.head_numel()
     attention = 2.0 * d.layers * context * d.q_dim
     adapter = 0.0
     if counts.targets:

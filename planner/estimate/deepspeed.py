@@ -40,7 +40,8 @@ HEAD_PREFETCH = "head prefetched (at the end of the layers' forward)"
 PREFETCH_BUCKET = 0.9  # the Trainer's "auto" stage3_prefetch_bucket_size, in hidden^2 elements
 
 
-def view(layout: ModelLayout, setup: TrainingSetup, device: Device, accumulating: bool = False) -> tuple[TrainingSetup, MemoryBreakdown, int]:
+def view(layout: ModelLayout, setup: TrainingSetup, device: Device,
+         accumulating: bool = False) -> tuple[TrainingSetup, MemoryBreakdown, int]:
     """Full fine-tuning under DeepSpeed ZeRO, as the Trainer runs it: (the setup the step runs in, its memory
     before sharding, one checkpoint's bytes).
 
@@ -90,7 +91,7 @@ def kept_params(layout: ModelLayout, grad_ckpt: bool = False, embedding_in_backw
     first = sum(g.params() for g in layout.modules if not g.per_layer and g.kind == "embedding")
     last = layout.root_params() - first
     if layout.dims.tied_embeddings:
-        last += max(g.weight_numel for g in layout.modules if g.kind == "head")
+        last += layout.head_numel()
     units = [first] + [per_layer] * layout.dims.layers + [last]  # forward order
     uses = [2] + [3 if grad_ckpt else 2] * layout.dims.layers + [2]
     if not embedding_in_backward:
@@ -116,14 +117,13 @@ def phase_terms(layout: ModelLayout, setup: TrainingSetup, sharding: str, group:
     if sharding == "zero3":
         if full:
             grads = max(grads, partition)  # the gradient partition lives from start-up
-        per_param = gathered / max(1, _unit_params(layout))  # bytes of a gathered parameter
+        per_param = _bytes_per_param(layout, gathered)
         if phase in (END_OF_BACKWARD, OPTIMIZER_STEP):
             gathered = 0  # released by the end of the backward
         else:  # ZeRO-3 fetches each module's own weights, and prefetches within its bucket
             gathered = int((largest_param(layout) + PREFETCH_BUCKET * layout.dims.hidden ** 2) * per_param)
         if phase not in (END_OF_BACKWARD, OPTIMIZER_STEP, FIRST_LAYER):  # by the first layer the rest is released
-            in_backward = setup.method == "full" or setup.grad_ckpt
-            gathered = max(gathered, int(kept_params(layout, setup.grad_ckpt, in_backward) * per_param))
+            gathered = max(gathered, int(_kept(layout, setup) * per_param))
     elif phase == OPTIMIZER_STEP:
         bucket = 0
     elif sharding == "zero1" and full and phase == END_OF_BACKWARD:
@@ -146,14 +146,22 @@ def zero3_moments(layout: ModelLayout, setup: TrainingSetup, step: MemoryBreakdo
     counts for parameter sharding, which gives the bytes of a gathered parameter; `step`: the step's memory as
     it runs (DeepSpeed's bf16 module); `terms`: the phases' terms, whose end of forward gives the gradients held
     and the bucket."""
-    per_param = gathered / max(1, _unit_params(layout))
     grads, _, _, bucket = terms[END_OF_FORWARD]
     saved = step.activations_bytes - sum(v for k, v in step.head_terms.items() if k != "embedding_dropout")
-    in_backward = setup.method == "full" or setup.grad_ckpt
-    kept = kept_params(layout, setup.grad_ckpt, in_backward)
     fetched = device == "cpu" and not layout.dims.tied_embeddings  # a tied head is the embedding, gathered already
-    head = max((g.weight_numel for g in layout.modules if g.kind == "head"), default=0) if fetched else 0
-    return {HEAD_PREFETCH: (grads, saved + step.logits_kept_bytes, int((kept + head) * per_param), bucket)}
+    head = layout.head_numel() if fetched else 0
+    gathered_now = int((_kept(layout, setup) + head) * _bytes_per_param(layout, gathered))
+    return {HEAD_PREFETCH: (grads, saved + step.logits_kept_bytes, gathered_now, bucket)}
+
+
+def _kept(layout: ModelLayout, setup: TrainingSetup) -> int:
+    """kept_params for this setup: a frozen embedding takes part in the backward only under checkpointing."""
+    return kept_params(layout, setup.grad_ckpt, embedding_in_backward=setup.method == "full" or setup.grad_ckpt)
+
+
+def _bytes_per_param(layout: ModelLayout, gathered: int) -> float:
+    """Bytes of one gathered parameter, from the working set ftplan counts for parameter sharding."""
+    return gathered / max(1, _unit_params(layout))
 
 
 def _step(layout: ModelLayout, sharding: str, group: int, b: int, grads: int, other: int,

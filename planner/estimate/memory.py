@@ -284,7 +284,7 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
                                                           setup.method == "full")
     loss_forward, loss_backward = act.loss_transients(layout, setup)
     full_accumulating = accumulating and setup.method == "full"
-    head_numel = sum(g.weight_numel for g in layout.modules if g.kind == "head")
+    head_numel = layout.head_numel()
     # a new gradient of a weight gathered in bf16 (FSDP's policy) is bf16 until FSDP reduces it
     new_grad_size = 2 if gathered_half and setup.precision.endswith("-mixed") else grad_size
     pending = head_numel * new_grad_size if full_accumulating and layout.dims.tied_embeddings else 0
@@ -295,8 +295,8 @@ def _phases(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, adap
         # the head's backward has run: what it saved (its input, autocast's weight copy, log-softmax's output,
         # the final norm's) is freed and its gradients exist; only the embedding's dropout mask waits
         LAST_LAYER: (activations - sum(v for k, v in head.items() if k != "embedding_dropout")
-                                            + grads_at_last_layer + pending,
-                                            layer_backward + recompute + expert_gradient),
+                     + grads_at_last_layer + pending,
+                     layer_backward + recompute + expert_gradient),
         # by the first layer nearly every gradient exists (matters for wide adapters with checkpointing)
         FIRST_LAYER: (grads_at_first_layer + first_layer_held + pending,
                       layer_backward + recompute + expert_gradient),

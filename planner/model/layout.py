@@ -96,6 +96,10 @@ class ModelLayout(BaseModel):
         """Parameters of one decoder layer."""
         return sum(g.params() for g in self.modules if g.per_layer)
 
+    def head_numel(self) -> int:
+        """Elements of the output head's weight (a tied head shares the embedding's)."""
+        return sum(g.weight_numel for g in self.modules if g.kind == "head")
+
     def root_params(self) -> int:
         """Parameters outside the decoder layers: embeddings, final norm, head (FSDP's root unit)."""
         return sum(g.params() for g in self.modules if not g.per_layer)
