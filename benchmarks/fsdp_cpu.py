@@ -330,8 +330,9 @@ def report(records: list[dict]) -> str:
          "peak there; a probe had found the root's reduce-scatter input held, and an uncommitted copy-in term "
          "alone had brought 1x128 to +2.8% but moved two accumulating cases to +5.7% and +10.5%. Next block: "
          "four misses at -9.94% to -18.92% (fp32, pure bf16, 4 processes)."),
-        ("4. Gloo's reduce-scatter copies its whole input while it runs (a bare dist.reduce_scatter_tensor of "
-         "64 MiB rose 97.7 MiB on two processes and 81.8 MiB on four: the copy and the output's first touch); "
+        ("4. Gloo's reduce-scatter copies its whole input while it runs (benchmarks/gloo_copies.py: a bare "
+         "dist.reduce_scatter_tensor of a 64 MiB input, its output touched before, raises the resident set "
+         "66.3 MiB on two processes and 66.4 MiB on four); "
          "under the policy on two processes that copy weighs what the fp32 cast does, which hid it. Counted "
          "for the CPU only (NCCL has no input-sized copy). Next block: two misses, a tied head in fp32 "
          "(-23.15%) and no_sync fp32 at 1x256 (-6.59%)."),
@@ -353,8 +354,9 @@ def report(records: list[dict]) -> str:
          "shard itself. hsdp/1x128-4proc read -2.54% before it."),
         ("8. Through the layers' backward the root unit stays gathered (resharded only when it reduces, at the "
          "end), beside the layer being computed, the one below being prefetched (on the CPU with gloo's copy of "
-         "its all-gather output: a bare all_gather_into_tensor of 64 MiB rose 65.7 MiB on two and four "
-         "processes) and, for full fine-tuning, the reduce-scatter input of the layer above, kept until the next "
+         "its all-gather output: a bare all_gather_into_tensor of a 64 MiB output, touched before, rises "
+         "64.2 MiB on two and four processes, benchmarks/gloo_copies.py) and, for full fine-tuning, the "
+         "reduce-scatter input of the layer above, kept until the next "
          "reduce; with sync_each_batch this micro-batch's root gradients are whole beside the earlier shards. "
          "Found from the 10-layer accum2-sync case (-2.05%: a probe put its peak in the second layer's "
          "backward); it moves Llama-2-70B full on 16 GPUs from 122.5 to 125.2 GiB per GPU."), "",
