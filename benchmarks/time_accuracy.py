@@ -32,10 +32,22 @@ REPORT = HERE / "TIME-ACCURACY.md"
 VALIDATION = ROOT / "catalogs" / "time_validation.json"
 COMMAND = "python benchmarks/time_accuracy.py"
 WITHIN = 1.25
-SPLITS = ("train", "held-out", runs.FRESH)
+SPLITS = ("train", "held-out", *runs.FRESH_SPLITS)
+# the splits the constants are fitted on: fresh-1 tested the model of 6a21d4f blind, then joined the fit (v2)
+FITTED = ("train", "fresh-1")
 # u_max groups fitted as one value: the same SMs (t_half carries the bandwidth difference)
-GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "L4": ("L4",), "L40S": ("L40S",),
+GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "A10G": ("A10G",), "L4": ("L4",), "L40S": ("L40S",),
           "RTX 4090": ("RTX 4090",)}
+# architecture defaults that carry a fitted group's value (their sources in catalogs/throughput.json say so):
+# a GPU without its own row (A10G, B200) is predicted, and fitted, with it
+ARCH_FROM = {"ampere": "A100", "ada": "L40S", "hopper": "H100/H200", "blackwell": "H100/H200"}
+SPLIT_LABEL = {"train": "train (fitted)", "held-out": "held-out (never fitted)",
+               "fresh-1": "fresh-1 (first blind block, fitted since)", "fresh-2": "fresh-2 (blind test of this model)"}
+# The model before the elementwise term and A10G's own u_max, as it stood when fresh-1 tested it
+PREVIOUS_MODEL = {"model": "model before this one (ftplan at 6a21d4f: no elementwise term, A10G on A100's u_max, "
+                           "fitted on the training split alone)",
+                  "rows": [("train", 30, "x1.070", "28/30", "0.69-1.26"), ("held-out", 13, "x1.140", "10/13",
+                           "0.49-1.18"), ("fresh-1, its blind test", 31, "x1.128", "25/31", "0.62-1.18")]}
 # The study that fitted the form, quoted as context (ftplan 0.1 at 67436ee, constant utilisation per architecture)
 OLD_MODEL = {"study": "the study that preceded this model (its figures quoted here), ftplan at 67436ee: a constant "
                       "utilisation per GPU architecture and method, no optimizer step, QLoRA dequantization at 0.6 "
@@ -152,27 +164,32 @@ def _rejected(preds: list) -> list[str]:
     return lines
 
 
+def _block(preds: list, block: dict) -> list[str]:
+    """One block collected after a model was fixed: its rules, its blind result, its runs."""
+    mine = [p for p in preds if p[0].rec.get("block") == block["name"]]
+    used = sum(c.used for c, _, _ in mine)
+    lines = [f"## Fresh block {block['split']} ({block['name']}): runs collected after the model was fixed", "",
+             block["about"], ""]
+    if block.get("tested"):
+        t = block["tested"]
+        lines += [f"Its blind test, of {t['model']}: n {t['n']}, median factor x{t['median_factor']:.3f}, "
+                  f"{t['within_1_25']}/{t['n']} within 1.25x, range {t['min_ratio']:.2f}-{t['max_ratio']:.2f}. "
+                  f"In the fit since {block['fitted_since']}", ""]
+    lines += [f"{used} runs used, {len(mine) - used} recorded and rejected (in 'Rejected runs' below), "
+              f"{len(block['not_recorded'])} examined and not recorded. Rules:", "",
+              *[f"- {rule}" for rule in block["rules"]], "", *_run_table(preds, block["split"]), "",
+              "<details><summary>Examined and not recorded (the collectors' reasons)</summary>", ""]
+    return lines + [f"- {item}" for item in block["not_recorded"]] + ["", "</details>", ""]
+
+
 def _fresh(preds: list) -> list[str]:
-    """The block collected after the model was fixed: its rules, its runs, and what was examined and left out."""
-    blocks = [r for r in runs.records() if r["record"] == "block"]
-    if not blocks:
-        return []
-    lines = ["## Fresh block: runs collected after the model was fixed", ""]
-    for block in blocks:
-        fresh = [p for p in preds if p[0].rec.get("block") == block["name"]]
-        used = sum(c.used for c, _, _ in fresh)
-        lines += [block["about"], "", f"{used} runs used, {len(fresh) - used} recorded and rejected (in 'Rejected "
-                  f"runs' below), {len(block['not_recorded'])} examined and not recorded. Rules:", "",
-                  *[f"- {rule}" for rule in block["rules"]], ""]
-    lines += _run_table(preds, runs.FRESH)
-    lines += ["", "<details><summary>Examined and not recorded (the collectors' reasons)</summary>", ""]
-    lines += [f"- {item}" for block in blocks for item in block["not_recorded"]]
-    return lines + ["", "</details>"]
+    return [line for block in runs.records() if block["record"] == "block" for line in _block(preds, block)]
 
 
 def report(preds: list, doc: dict) -> str:
     s = doc["summary"]
     used = [p for p in preds if p[0].used]
+    history = [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in PREVIOUS_MODEL["rows"]]
     lines = [
         "# Training time against published runs", "",
         f"Generated {doc['date']} by `{COMMAND}` (ftplan's current model and catalogs; `--fit` refits the "
@@ -187,20 +204,23 @@ def report(preds: list, doc: dict) -> str:
         "wall clock / optimizer steps; a correction (with its reason in the file) replaces a figure that "
         "includes work outside the steps. Ratio = predicted / measured (below 1: the run was slower than "
         "predicted). The median factor is exp(median |ln ratio|).", "",
-        "Split, fixed before any fit: among the used runs of each GPU, ordered by id, every third one "
-        "(index % 3 == 2) is held out. The fitted constants of catalogs/throughput.json (u_max per GPU, kappa, "
-        "the optimizer's passes per byte) come from the training split only; `--fit` reproduces them.", "",
+        "Splits. The first runs were split before any fit: among the used runs of each GPU, ordered by id, every "
+        "third one (index % 3 == 2) is held out and never fitted. Later runs come in blocks collected after a "
+        "model was fixed, by helpers who neither ran ftplan nor read this report, under rules written before "
+        "any of their runs was predicted: each block is first a blind test of the model of its day. The fitted "
+        "constants of catalogs/throughput.json (u_max per GPU, kappa, the optimizer's passes per byte, the "
+        f"elementwise bytes) come from the splits {', '.join(FITTED)} only; `--fit` reproduces them.", "",
         "## Summary", "",
         "| split | n | median factor | within 1.25x | range |", "|---|---|---|---|---|",
-        f"| train {_fmt(s['train'])}", f"| held-out {_fmt(s['held-out'])}",
-        f"| fresh block (collected after the model was fixed) {_fmt(s[runs.FRESH])}", f"| all used {_fmt(s['all'])}",
-        "",
-        f"For context, the {OLD_MODEL['study']}, on the same runs:", "",
+        *[f"| {SPLIT_LABEL[k]} {_fmt(s[k])}" for k in SPLITS], f"| all used {_fmt(s['all'])}", "",
+        f"The {PREVIOUS_MODEL['model']}, on the runs it was tested on:", "",
+        "| split | n | median factor | within 1.25x | range |", "|---|---|---|---|---|", *history, "",
+        f"For context, {OLD_MODEL['study']}, on the same runs:", "",
         "| split | n | median factor | within 1.25x | range |", "|---|---|---|---|---|",
         *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in OLD_MODEL["rows"]], "",
         "## Training split", "", *_run_table(preds, "train"), "",
         "## Held-out split", "", *_run_table(preds, "held-out"), "",
-        *_fresh(preds), "",
+        *_fresh(preds),
         "## Runs outside 1.25x, and why", "", *_misses(preds), "",
         SMALL_MODELS, "",
         "## Rejected runs", "", *_rejected(preds), "",
@@ -210,14 +230,14 @@ def report(preds: list, doc: dict) -> str:
 
 
 # -- the fit ------------------------------------------------------------------------------------------------
-PARAMS = [f"u_max[{g}]" for g in GROUPS] + ["kappa", "passes_per_byte"]
+PARAMS = [f"u_max[{g}]" for g in GROUPS] + ["kappa", "passes_per_byte", "bytes_per_hidden"]
 
 
 def current_values() -> list[float]:
     rules = catalog.throughput()
     ceilings = {row.gpu: row.u_max for row in rules.utilization.gpus}
-    return [ceilings[names[0]] for names in GROUPS.values()] + [rules.utilization.kappa,
-                                                                 rules.optimizer_step.passes_per_byte]
+    return [ceilings[names[0]] for names in GROUPS.values()] + [
+        rules.utilization.kappa, rules.optimizer_step.passes_per_byte, rules.elementwise.bytes_per_hidden]
 
 
 def with_values(values: list[float]):
@@ -227,8 +247,12 @@ def with_values(values: list[float]):
     for row in rules.utilization.gpus:
         if row.gpu in by_gpu:
             row.u_max = by_gpu[row.gpu]
+    for row in rules.utilization.architectures:
+        if row.architecture in ARCH_FROM:
+            row.u_max = by_gpu[GROUPS[ARCH_FROM[row.architecture]][0]]
     rules.utilization.kappa = values[len(GROUPS)]
     rules.optimizer_step.passes_per_byte = values[len(GROUPS) + 1]
+    rules.elementwise.bytes_per_hidden = values[len(GROUPS) + 2]
     return rules
 
 
@@ -311,10 +335,10 @@ def fit(cases: list[runs.Case], start: list[float] | None = None, iterations: in
 
 
 def print_fit(cases: list[runs.Case]) -> None:
-    train = [c for c in cases if c.used and c.split == "train"]
+    train = [c for c in cases if c.used and c.split in FITTED]
     result = fit(train)
     current = current_values()
-    print(f"Fit on the training split: {result['n']} runs, {len(PARAMS)} constants, rms |ln ratio| "
+    print(f"Fit on the splits {', '.join(FITTED)}: {result['n']} runs, {len(PARAMS)} constants, rms |ln ratio| "
           f"{result['rms_log']:.3f}")
     print(f"{'constant':<20} {'fitted':>9} {'1-sigma':>8} {'throughput.json':>16} {'change':>8}")
     for name, v, f, c in zip(PARAMS, result["values"], result["factor_1sigma"], current):
@@ -323,6 +347,8 @@ def print_fit(cases: list[runs.Case]) -> None:
         preds = predictions([c for c in cases if c.used])
     for split in SPLITS:
         s = stats([r for c, _, r in preds if c.split == split])
+        if not s["n"]:
+            continue
         print(f"at the fitted constants, {split}: n {s['n']}, median x{s['median_factor']:.3f}, within 1.25x "
               f"{s['within_1_25']}/{s['n']}, range {s['min_ratio']:.2f}-{s['max_ratio']:.2f}")
 

@@ -24,7 +24,9 @@ from ftplan.model.resolve import from_catalog
 from ftplan.model.spec import spec_from_config
 
 RUNS_JSONL = Path(__file__).resolve().parent / "published_runs.jsonl"
-FRESH = "fresh"  # the split of runs collected after the model was fixed, blind to its predictions
+# Blocks of runs collected after a model was fixed, blind to its predictions: each tested the model of its day
+# and is named by the split its runs carry (fresh-1 tested the model of 6a21d4f and is fitted since v2).
+FRESH_SPLITS = ("fresh-1", "fresh-2")
 REQUIRED = ("id", "source", "source_title", "quoted", "model", "method", "gpu", "gpus_per_node", "nodes", "seq_len",
             "micro_batch", "grad_accum", "grad_ckpt", "precision", "sharding", "measured", "time_basis", "split")
 # The closest EC2 type of each GPU gives a run its interconnect and network; its GPU count becomes the run's.
@@ -198,10 +200,10 @@ def predict(c: Case) -> StepTime:
 
 def held_out_ids(recs: list[dict]) -> set[str]:
     """The held-out rule, fixed before any fitting: among the used runs of each GPU, ordered by id, every
-    third one (index % 3 == 2) is held out; the rest train. The fresh block (collected after the model was
-    fixed, split "fresh") is outside the rule: it is neither."""
+    third one (index % 3 == 2) is held out; the rest train. The fresh blocks (collected after a model was
+    fixed, splits FRESH_SPLITS) are outside the rule."""
     out: set[str] = set()
-    fitted = [r for r in recs if r["record"] == "run" and r["use"] and r["split"] != FRESH]
+    fitted = [r for r in recs if r["record"] == "run" and r["use"] and r["split"] not in FRESH_SPLITS]
     for gpu in {r["gpu"] for r in fitted}:
         used = sorted(r["id"] for r in fitted if r["gpu"] == gpu)
         out |= {rid for i, rid in enumerate(used) if i % 3 == 2}

@@ -82,19 +82,23 @@ def test_the_split_follows_the_stated_rule():
     for r in recs:
         if r["record"] == "run" and r["use"] and r.get("block") is None:
             assert r["split"] == ("held-out" if r["id"] in held else "train"), r["id"]
-    # a block collected after the model was fixed is its own split, used by no fit, its rules on record
+    # a block collected after a model was fixed is its own split, outside the held-out rule, its rules on record;
+    # it joins the fit only after it has served as a blind test, and says with what result
     blocks = {b["name"]: b for b in recs if b["record"] == "block"}
     for r in recs:
         if r["record"] == "run" and r.get("block"):
             assert r["block"] in blocks and r["id"] not in held
             assert r["split"] == (blocks[r["block"]]["split"] if r["use"] else "rejected"), r["id"]
     assert all(b["rules"] and b["about"] for b in blocks.values())
+    for b in blocks.values():
+        assert b["split"] in runs.FRESH_SPLITS
+        assert (b["split"] in accuracy.FITTED) == bool(b.get("fitted_since") and b.get("tested")), b["name"]
     a100 = sorted(r["id"] for r in recs if r["record"] == "run" and r["use"] and r["gpu"] == "A100-80GB"
-                  and r["split"] != "fresh")
+                  and r["split"] not in runs.FRESH_SPLITS)
     assert [i for i, rid in enumerate(a100) if rid in held] == list(range(2, len(a100), 3))
 
 
-def test_the_fit_sees_only_the_training_split(cases, monkeypatch, capsys):
+def test_the_fit_sees_only_the_fitted_splits(cases, monkeypatch, capsys):
     seen = []
     real_fit = accuracy.fit
 
@@ -104,12 +108,13 @@ def test_the_fit_sees_only_the_training_split(cases, monkeypatch, capsys):
 
     monkeypatch.setattr(accuracy, "fit", spy)
     accuracy.print_fit(cases)
-    assert seen and all(c.used and c.split == "train" for c in seen)
-    assert {c.id for c in seen} == {c.id for c in cases if c.used and c.split == "train"}
+    assert accuracy.FITTED == ("train", "fresh-1")  # held-out and the newest block stay out
+    assert seen and all(c.used and c.split in accuracy.FITTED for c in seen)
+    assert {c.id for c in seen} == {c.id for c in cases if c.used and c.split in accuracy.FITTED}
 
 
-def test_the_catalogued_constants_are_the_training_split_fit(cases):
-    result = accuracy.fit([c for c in cases if c.used and c.split == "train"])
+def test_the_catalogued_constants_are_the_fit(cases):
+    result = accuracy.fit([c for c in cases if c.used and c.split in accuracy.FITTED])
     for name, fitted, stored in zip(accuracy.PARAMS, result["values"], accuracy.current_values()):
         assert fitted == pytest.approx(stored, rel=0.03), name
 

@@ -56,6 +56,13 @@ class Dequantization(_Rules):
     source: str
 
 
+class Elementwise(_Rules):
+    about: str
+    bytes_per_hidden: float = Field(ge=0, description="bytes read and written per token, decoder layer, hidden "
+                                                       "unit and forward-equivalent pass")
+    source: str
+
+
 class OptimizerStep(_Rules):
     about: str
     passes_per_byte: float = Field(ge=0)
@@ -93,6 +100,7 @@ class Throughput(_Rules):
     utilization: Utilization
     launch_floor: LaunchFloor
     dequantization: Dequantization
+    elementwise: Elementwise
     optimizer_step: OptimizerStep
     communication: Communication
     overhead: Overhead
@@ -175,9 +183,9 @@ class ValidatedRun(_Rules):
     gpu_architecture: str
     gpus: int = Field(ge=1)
     tokens_per_micro_batch: float = Field(gt=0, description="per GPU, padding included")
-    split: Literal["train", "held-out", "fresh"] = Field(
-        description="train (the constants were fitted on it), held-out, or fresh (collected after the model was "
-                    "fixed, blind to its predictions)")
+    split: Literal["train", "held-out", "fresh-1", "fresh-2"] = Field(
+        description="train (the constants were fitted on it), held-out (never fitted), or a fresh block (collected "
+                    "after a model was fixed, blind to its predictions; fresh-1 has been fitted since)")
     predicted_seconds: float = Field(gt=0)
     measured_seconds: float = Field(gt=0)
     ratio: float = Field(gt=0)

@@ -1,7 +1,8 @@
 """How long one optimizer step takes on one GPU, term by term.
 
-    micro-batch = max(max(compute + dequantization, launch floor), FSDP gathers)   (prefetch hides gathers)
+    micro-batch = max(max(compute + elementwise + dequantization, launch floor), FSDP gathers)   (prefetch)
     compute     = FLOPs per token x (T + t_half) / (peak x u_max),   t_half = kappa x peak / bandwidth
+    elementwise = T x bytes_per_hidden x hidden x layers x (passes + 1) / bandwidth
     step        = accumulation x micro-batch + optimizer step + exposed gradient all-reduce
 
 T is the tokens of one micro-batch on one GPU, so utilisation u(T) = u_max x T / (T + t_half) rises with
@@ -58,6 +59,8 @@ class StepTime(BaseModel):
     tokens_per_micro_batch: float = Field(description="tokens of one micro-batch on one GPU, padding included")
     grad_accum: int
     compute_seconds: float = Field(description="per micro-batch: the counted FLOPs at u(T)")
+    elementwise_seconds: float = Field(description="per micro-batch: memory-bound normalisation, activation and "
+                                                   "residual kernels")
     dequant_seconds: float = Field(description="per micro-batch: QLoRA dequantizing its 4-bit weights")
     launch_floor_seconds: float = Field(description="per micro-batch: the least time to launch its kernels")
     gather_seconds: float = Field(description="per micro-batch: FSDP weight gathers (and gradient reduce-scatter "
@@ -71,7 +74,12 @@ class StepTime(BaseModel):
     @property
     def busy_seconds(self) -> float:
         """What the GPU itself spends on one micro-batch."""
-        return max(self.compute_seconds + self.dequant_seconds, self.launch_floor_seconds)
+        return max(self.kernel_seconds, self.launch_floor_seconds)
+
+    @property
+    def kernel_seconds(self) -> float:
+        """The GPU's kernels for one micro-batch: matmuls and attention, elementwise work, dequantization."""
+        return self.compute_seconds + self.elementwise_seconds + self.dequant_seconds
 
     @property
     def micro_seconds(self) -> float:
@@ -89,7 +97,7 @@ class StepTime(BaseModel):
         """What sets a micro-batch's time."""
         if self.gather_seconds > (self.busy_seconds if self.gathers_hidden else 0.0):
             return "communication"
-        return "launch" if self.launch_floor_seconds > self.compute_seconds + self.dequant_seconds else "compute"
+        return "launch" if self.launch_floor_seconds > self.kernel_seconds else "compute"
 
     @property
     def utilization(self) -> float:
@@ -121,6 +129,13 @@ def dequant_seconds(layout: ModelLayout, setup: TrainingSetup, gpu: catalog.Gpu)
     weights = sum(g.weight_numel * layout.instances(g) for g in layout.modules if g.kind in QUANTIZED_KINDS)
     bandwidth = gpu.memory_bandwidth_gbps * 1e9 * rules.bandwidth_efficiency
     return passes(setup) * weights * rules.bytes_per_weight / bandwidth
+
+
+def elementwise_seconds(layout: ModelLayout, setup: TrainingSetup, gpu: catalog.Gpu, tokens: float) -> float:
+    """Memory-bound elementwise kernels of one micro-batch of `tokens`: traffic per token proportional to
+    hidden size x layers, once per forward-equivalent pass (the backward counts as two)."""
+    per_token = catalog.throughput().elementwise.bytes_per_hidden * layout.dims.hidden * layout.dims.layers
+    return tokens * per_token * (passes(setup) + 1) / (gpu.memory_bandwidth_gbps * 1e9)
 
 
 def launch_floor_seconds(layout: ModelLayout, setup: TrainingSetup) -> float:
@@ -178,7 +193,8 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
     hidden = parallel is None or parallel.sharding != "zero3"
     return StepTime(flops_per_token=flops, peak_flops=peak, bandwidth_bytes_per_s=bandwidth, u_max=ceiling,
                     u_max_source=source, t_half_tokens=t_half, tokens_per_micro_batch=tokens, grad_accum=accum,
-                    compute_seconds=compute, dequant_seconds=dequant_seconds(layout, setup, gpu),
+                    compute_seconds=compute, elementwise_seconds=elementwise_seconds(layout, setup, gpu, tokens),
+                    dequant_seconds=dequant_seconds(layout, setup, gpu),
                     launch_floor_seconds=launch_floor_seconds(layout, setup), gather_seconds=gather,
                     optimizer_seconds=optimizer, sync_seconds=sync, gathers_hidden=hidden)
 

@@ -29,8 +29,8 @@ class EvidenceRun(BaseModel):
     gpus: int
     tokens_per_micro_batch: float
     ratio: float = Field(description="predicted / measured step time: below 1 the run was slower than predicted")
-    split: str = Field(description="train (the constants were fitted on it), held-out, or fresh (collected after "
-                                   "the model was fixed)")
+    split: str = Field(description="train (the constants were fitted on it), held-out (never fitted), or a fresh "
+                                   "block (collected after a model was fixed; fresh-1 has been fitted since)")
     source: str
 
 

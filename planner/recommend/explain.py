@@ -135,6 +135,8 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
             "utilization": best.utilization, "u_max": best.time.u_max, "source": best.utilization_source,
             "t_half_tokens": best.time.t_half_tokens, "tokens_per_micro_batch": best.time.tokens_per_micro_batch,
             "bound": best.time.bound, "optimizer_seconds": best.time.optimizer_seconds,
+            "elementwise_seconds": best.time.elementwise_seconds,
+            "elementwise_bytes_per_hidden": rules.elementwise.bytes_per_hidden,
             "launch_floor_seconds_per_layer_pass": rules.launch_floor.seconds_per_layer_pass}),
     ]
     out.append(Assumption(code="host_ram", figures={}))

@@ -90,7 +90,9 @@ def assumption(a: Assumption) -> str:
             f"utilisation u = u_max x T / (T + t_half) rises with the tokens T of a micro-batch and saturates; "
             f"this plan: u_max {f['u_max']:.0%} ({f['source']}), T {f['tokens_per_micro_batch']:,.0f}, t_half "
             f"{f['t_half_tokens']:,.0f} tokens, {f['utilization']:.0%} of peak over the whole step, "
-            f"{f['bound']}-bound; each step adds the optimizer's memory-bound update "
+            f"{f['bound']}-bound; each micro-batch adds memory-bound elementwise kernels "
+            f"({f['elementwise_bytes_per_hidden']:g} bytes per token, layer and hidden unit per pass: "
+            f"{f['elementwise_seconds']:.3f} s) and each step the optimizer's memory-bound update "
             f"({f['optimizer_seconds']:.2f} s) and no micro-batch is shorter than "
             f"{f['launch_floor_seconds_per_layer_pass'] * 1000:.2f} ms of kernel launches per layer and pass"),
         "dequantization": lambda: ("QLoRA adds the memory-bound dequantization of every 4-bit weight in each pass "
