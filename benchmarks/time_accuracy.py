@@ -161,6 +161,9 @@ def _sources(preds: list) -> list[str]:
 def _rejected(preds: list) -> list[str]:
     lines = ["| run | ratio (information) | reason |", "|---|---|---|"]
     lines += [f"| {c.id} | {ratio:.2f} | {c.rec['reject_reason']} |" for c, _, ratio in preds if not c.used]
+    predicted = {c.id for c, _, _ in preds}
+    lines += [f"| {r['id']} | - | {r['reject_reason']} |" for r in runs.records()
+              if r["record"] == "run" and not r["use"] and r["id"] not in predicted]
     return lines
 
 

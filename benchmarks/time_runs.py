@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftplan.data import catalog
+from ftplan.errors import PlannerError
 from ftplan.estimate.compute import FlopsPerToken, flops_per_token
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory
 from ftplan.estimate.params import ParamCounts, count_params
 from ftplan.estimate.settings import LoraSettings, SetupChoices, TrainingSetup, resolve
 from ftplan.estimate.timing import Parallel, StepTime, step_time
-from ftplan.model.architectures import build_layout
+from ftplan.model import inventory
 from ftplan.model.layout import ModelLayout
 from ftplan.model.resolve import from_catalog
 from ftplan.model.spec import spec_from_config
@@ -32,10 +33,11 @@ REQUIRED = ("id", "source", "source_title", "quoted", "model", "method", "gpu", 
 # The closest EC2 type of each GPU gives a run its interconnect and network; its GPU count becomes the run's.
 BASE_INSTANCE = {"A100-80GB": "p4de.24xlarge", "A100-40GB": "p4d.24xlarge", "H100": "p5.48xlarge",
                  "H200": "p5e.48xlarge", "B200": "p6-b200.48xlarge", "V100-32GB": "p3dn.24xlarge",
-                 "L40S": "g6e.48xlarge", "RTX 4090": "g6e.xlarge", "RTX A6000": "g6e.xlarge"}
+                 "L40S": "g6e.48xlarge", "RTX 4090": "g6e.xlarge", "RTX A6000": "g6e.xlarge",
+                 "RTX 6000 Ada": "g6e.xlarge", "RTX 3090": "g6e.xlarge"}
 BY_GPUS_PER_NODE = {"L4": {1: "g6.2xlarge", 4: "g6.12xlarge", 8: "g6.48xlarge"},
                     "A10G": {1: "g5.2xlarge", 4: "g5.12xlarge", 8: "g5.48xlarge"}}
-WORKSTATION = ("RTX 4090", "RTX A6000")  # desktop boxes: PCIe without peer-to-peer, no fabric
+WORKSTATION = ("RTX 4090", "RTX A6000", "RTX 6000 Ada", "RTX 3090")  # desktop boxes: PCIe, no fabric
 
 
 @dataclass
@@ -115,7 +117,7 @@ def layout_for(model: str | dict) -> ModelLayout:
             spec = from_catalog(entry)
         else:
             spec = spec_from_config(model["config"], name=model["name"], source=model["source"])
-        _layouts[key] = build_layout(spec)
+        _layouts[key] = inventory.layout_for(spec)[0]  # as ftplan does for a user: transformers where not analytic
     return _layouts[key]
 
 
@@ -126,13 +128,16 @@ def display_name(model: str | dict) -> str:
     return entry.display_name if entry else model
 
 
-def measured_step_seconds(rec: dict, tokens_per_step: float) -> float:
-    """The published figure as seconds per optimizer step on each GPU (before any correction)."""
+def measured_step_seconds(rec: dict, tokens_per_step: float, gpus: int = 1) -> float:
+    """The published figure as seconds per optimizer step on each GPU (before any correction); `tokens_per_step`
+    counts every GPU's tokens."""
     m = rec["measured"]
     if m["kind"] == "step_seconds":
         return m["value"]
     if m["kind"] == "tokens_per_second":  # over all GPUs
         return tokens_per_step / m["value"]
+    if m["kind"] == "tokens_per_second_per_gpu":
+        return tokens_per_step / (m["value"] * gpus)
     if m["kind"] == "wall_clock_seconds":
         steps = m["steps"] or m["tokens_total"] / tokens_per_step
         return m["value"] / steps
@@ -152,7 +157,7 @@ def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
     instance = instance_for(rec["gpu"], rec["gpus_per_node"])
     parallel = Parallel(instance=instance, count=rec["nodes"], sharding=rec["sharding"])
     accum = rec["grad_accum"] or 1
-    published = measured_step_seconds(rec, tokens_per_micro * accum * parallel.gpus)
+    published = measured_step_seconds(rec, tokens_per_micro * accum * parallel.gpus, parallel.gpus)
     corrected = (rec.get("correction") or {}).get("step_seconds") or published
     return Case(rec=rec, layout=layout, setup=setup, counts=count_params(layout, setup.method, setup.lora),
                 gpu=gpu, parallel=parallel, accum=accum, tokens_per_sequence=tokens_per_micro / micro,
@@ -160,13 +165,28 @@ def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
 
 
 def load(path: Path = RUNS_JSONL) -> list[Case]:
-    """Every run of the file, used and rejected, with memory and FLOPs computed once."""
+    """Every used run of the file, and every rejected one that can still be predicted (for information), with
+    memory and FLOPs computed once."""
     recs = records(path)
     extra = inline_gpus(recs)
-    cases = [case_for(r, extra) for r in recs if r["record"] == "run"]
+    cases = []
+    for r in recs:
+        if r["record"] == "run" and (r["use"] or predictable(r, extra)):
+            cases.append(case_for(r, extra))
     for c in cases:
         c.memory, c.flops = _memory(c), _flops(c)
     return cases
+
+
+def predictable(rec: dict, extra: dict[str, catalog.Gpu]) -> bool:
+    """Whether a rejected run can still be predicted: a known GPU, a measurement, settings ftplan takes."""
+    if not (rec.get("measured") or {}).get("value"):
+        return False
+    try:
+        case_for(rec, extra)
+    except (KeyError, ValueError, PlannerError):  # pydantic's ValidationError is a ValueError
+        return False
+    return True
 
 
 def _head_numel(layout: ModelLayout) -> int:

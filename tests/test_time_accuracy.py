@@ -53,7 +53,8 @@ def test_every_line_parses_and_every_used_run_states_what_the_prediction_needs()
     for r in used:
         missing = [k for k in runs.REQUIRED if r.get(k) in (None, "")]
         assert not missing, (r["id"], missing)
-        assert r["measured"]["kind"] in ("step_seconds", "tokens_per_second", "wall_clock_seconds")
+        assert r["measured"]["kind"] in ("step_seconds", "tokens_per_second", "tokens_per_second_per_gpu",
+                                         "wall_clock_seconds")
         assert r["measured"]["value"] > 0
         if r["method"] != "full":
             assert r["lora_r"] and r["lora_targets"], r["id"]
@@ -71,8 +72,8 @@ def test_gpus_outside_the_catalog_are_defined_with_their_source():
     recs = runs.records()
     inline = runs.inline_gpus(recs)
     for r in recs:
-        if r["record"] == "run":
-            assert r["gpu"].lower() in catalog.gpus() or r["gpu"] in inline, r["id"]
+        if r["record"] == "run" and not (r["gpu"].lower() in catalog.gpus() or r["gpu"] in inline):
+            assert not r["use"] and "R2 GPU" in r["reject_reason"], r["id"]  # rejected, and says why
     assert all(g.source and g.memory_source for g in inline.values())
 
 
@@ -131,3 +132,11 @@ def test_validation_catalog_summarises_each_split():
         rows = [r for r in doc["runs"] if r["split"] == split]
         assert doc["summary"][split]["n"] == len(rows) > 0
         assert doc["summary"][split]["within_1_25"] <= len(rows)
+
+
+@pytest.mark.parametrize("kind, value, expected", [("step_seconds", 2.5, 2.5), ("tokens_per_second", 16_000, 2.0),
+                                                   ("tokens_per_second_per_gpu", 1_000, 4.0)])
+def test_published_figures_become_seconds_per_optimizer_step(kind, value, expected):
+    # 8 GPUs x 4,000 tokens per optimizer step each: 32,000 tokens per step over all GPUs
+    rec = {"id": "x", "measured": {"kind": kind, "value": value, "steps": None, "tokens_total": None}}
+    assert runs.measured_step_seconds(rec, 32_000, 8) == pytest.approx(expected)
