@@ -184,7 +184,7 @@ def predictable(rec: dict, extra: dict[str, catalog.Gpu]) -> bool:
         return False
     try:
         case_for(rec, extra)
-    except (KeyError, ValueError, PlannerError):  # pydantic's ValidationError is a ValueError
+    except (KeyError, TypeError, ValueError, PlannerError):  # pydantic's ValidationError is a ValueError
         return False
     return True
 

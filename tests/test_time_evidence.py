@@ -74,10 +74,14 @@ def test_the_recommendation_carries_the_evidence_for_its_own_plan():
 
 
 def test_render_names_ratio_model_method_gpus_and_source_and_warns_for_small_models():
-    v = validation(run("a", ratio=0.934), run("tiny", params=1.8e9, ratio=0.488, method="full"))
+    v = validation(run("a", ratio=0.934), run("tiny", params=1.8e9, ratio=0.488, method="full"),
+                   run("small", params=1.1e9, ratio=1.12, method="lora"))
     rec = SimpleNamespace(time_evidence=evidence.time_evidence(v, gpu="A100-80GB", architecture="ampere",
                                                                method="lora", params=1_000_000_000, tokens=2048))
     lines = time_evidence_lines(rec)
-    assert "Time model on the nearest published runs: x0.93 (M-a LoRA, 1 x A100-80GB, Src)" in lines[0]
-    assert "Caveat" in lines[1] and "2B parameters or fewer" in lines[1] and "x0.49 (M-tiny full" in lines[1]
+    assert "Time model on the nearest published runs: x1.12 (M-small LoRA, 1 x A100-80GB, Src), x0.93 (M-a LoRA" \
+        in str(lines[0])
+    caveat = " ".join(str(lines[1]).split())
+    assert "Caveat: on 2 published runs of models of 2B parameters or fewer" in caveat
+    assert "read x0.49-x1.12 of the measured step (slowest: M-tiny full, 1 x A100-80GB)" in caveat
     assert time_evidence_lines(SimpleNamespace(time_evidence=None)) == []

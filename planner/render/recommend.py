@@ -166,11 +166,12 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
     lines = [line(f"  Time model on the nearest published runs: {runs} ",
                   ("(predicted / measured step time; benchmarks/TIME-ACCURACY.md)", "dim"))]
     if ev.small_model_runs:
-        small = ", ".join(f"x{r.ratio:.2f} ({r.model} {label.get(r.method, r.method)}, {r.gpus} x {r.gpu})"
-                          for r in ev.small_model_runs)
-        lines.append(line(f"  Caveat: published runs of models of {ev.small_model_max_params / 1e9:g}B "
-                          f"parameters or fewer ran slower than predicted ({small}); this time may be optimistic.",
-                          style="yellow"))
+        ratios = sorted(r.ratio for r in ev.small_model_runs)  # below 1: the run was slower than predicted
+        slowest = ev.small_model_runs[0]  # sorted by ratio
+        lines.append(line(f"  Caveat: on {len(ratios)} published runs of models of {ev.small_model_max_params / 1e9:g}B "
+                          f"parameters or fewer the time model read x{ratios[0]:.2f}-x{ratios[-1]:.2f} of the measured "
+                          f"step (slowest: {slowest.model} {label.get(slowest.method, slowest.method)}, {slowest.gpus} "
+                          f"x {slowest.gpu}); this time may be off by as much.", style="yellow"))
     if ev.fp32_expert_share:
         lines.append(line(f"  Caveat: {ev.fp32_expert_share:.0%} of this plan's matmul FLOPs are MoE experts that "
                           "compute in fp32 (transformers' grouped_mm ignores autocast); the time counts them at the "
