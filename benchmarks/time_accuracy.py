@@ -36,8 +36,8 @@ SPLITS = ("train", "held-out", *runs.FRESH_SPLITS)
 # the splits the constants are fitted on: fresh-1 tested the model of 6a21d4f blind, then joined the fit (v2)
 FITTED = ("train", "fresh-1")
 # u_max groups fitted as one value: the same SMs (t_half carries the bandwidth difference)
-GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "A10G": ("A10G",), "L4": ("L4",), "L40S": ("L40S",),
-          "RTX 4090": ("RTX 4090",)}
+GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "A10G": ("A10G",), "L4": ("L4",),
+          "L40S": ("L40S",), "RTX 4090": ("RTX 4090",)}
 # architecture defaults that carry a fitted group's value (their sources in catalogs/throughput.json say so):
 # a GPU without its own row (A10G, B200) is predicted, and fitted, with it
 ARCH_FROM = {"ampere": "A100", "ada": "L40S", "hopper": "H100/H200", "blackwell": "H100/H200"}

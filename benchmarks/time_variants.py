@@ -108,8 +108,9 @@ def table(cases) -> list[str]:
     current = {s: accuracy.stats([r for c, _, r in accuracy.predictions(cases) if c.split == s])
                for s in accuracy.SPLITS}
     rows = [("the model (fitted on train + fresh-1)", current, "")]
-    for extra, robust in (([], False), (["gamma"], False), (["dequant_efficiency"], False),
-                          (["gamma", "dequant_efficiency"], False), ([], True), (["gamma", "dequant_efficiency"], True)):
+    both = ["gamma", "dequant_efficiency"]
+    for extra, robust in (([], False), (["gamma"], False), (["dequant_efficiency"], False), (both, False),
+                          ([], True), (both, True)):
         v = variant(cases, extra, robust)
         name = "refit on train + fresh-1 + fresh-2" + "".join(f" + {k}" for k in extra) + (", robust" if robust else "")
         shown = ", ".join(f"{k} {v['values'][k]:.3g}" for k in ("kappa", "bytes_per_hidden", *extra))

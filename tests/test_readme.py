@@ -129,7 +129,8 @@ def test_the_readmes_time_accuracy_figures_are_the_validation_catalogs():
     train, held, first = summary["train"], summary["held-out"], summary["fresh-1"]
     assert f"split ({train['n']} runs) median factor {words(train, 2)}" in readme
     assert f"held-out ({held['n']} runs, never fitted) {words(held, 2)}" in readme
-    assert f"the block joined the fit (now x{first['median_factor']:.2f}, {first['within_1_25']}/{first['n']})" in readme
+    now = f"x{first['median_factor']:.2f}, {first['within_1_25']}/{first['n']}"
+    assert f"the block joined the fit (now {now})" in readme
     tested = next(b for b in _blocks() if b["split"] == "fresh-1")["tested"]
     assert (f"of {tested['n']} runs, collected after the previous model was fixed by helpers who never saw its "
             f"predictions, tested it blind at x{tested['median_factor']:.3f}, {tested['within_1_25']}/{tested['n']} "

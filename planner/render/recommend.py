@@ -168,7 +168,8 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
     if ev.small_model_runs:
         ratios = sorted(r.ratio for r in ev.small_model_runs)  # below 1: the run was slower than predicted
         slowest = ev.small_model_runs[0]  # sorted by ratio
-        lines.append(line(f"  Caveat: on {len(ratios)} published runs of models of {ev.small_model_max_params / 1e9:g}B "
+        size = f"{ev.small_model_max_params / 1e9:g}B"
+        lines.append(line(f"  Caveat: on {len(ratios)} published runs of models of {size} "
                           f"parameters or fewer the time model read x{ratios[0]:.2f}-x{ratios[-1]:.2f} of the measured "
                           f"step (slowest: {slowest.model} {label.get(slowest.method, slowest.method)}, {slowest.gpus} "
                           f"x {slowest.gpu}); this time may be off by as much.", style="yellow"))
