@@ -42,7 +42,8 @@ GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "A1
 # a GPU without its own row (A10G, B200) is predicted, and fitted, with it
 ARCH_FROM = {"ampere": "A100", "ada": "L40S", "hopper": "H100/H200", "blackwell": "H100/H200"}
 SPLIT_LABEL = {"train": "train (fitted)", "held-out": "held-out (never fitted)",
-               "fresh-1": "fresh-1 (first blind block, fitted since)", "fresh-2": "fresh-2 (blind test of this model)"}
+               "fresh-1": "fresh-1 (first blind block, fitted since)", "fresh-2": "fresh-2 (blind test of this model)",
+               "fresh-3": "fresh-3 (second blind test of this model)"}
 # The model before the elementwise term and A10G's own u_max, as it stood when fresh-1 tested it
 PREVIOUS_MODEL = {"model": "model before this one (ftplan at 6a21d4f: no elementwise term, A10G on A100's u_max, "
                            "fitted on the training split alone)",
@@ -74,8 +75,8 @@ VARIANTS = ("Once fresh-2 had tested the model blind, benchmarks/time_variants.p
             "fit, with two terms fresh-2's misses suggest (`gamma`: the LoRA adapter path's own memory traffic per "
             "adapted feature; `dequant_efficiency`: bitsandbytes' dequantization fitted instead of taken from "
             "LitGPT's pairs), and with a robust loss. The held-out split, never fitted, decides: every variant "
-            "reads worse on it than the model (8-10 of 13 within 1.25x against 11), and gains on fresh-2 only by "
-            "fitting it, so the model stays as fitted on train and fresh-1. Splits after fresh-2 (if any) were "
+            "reads worse on it than the model (the table), and gains on fresh-2 only by fitting it, so the model "
+            "stays as fitted on train and fresh-1. Splits after fresh-2 (if any) were "
             "collected after this table's variants were defined, so they test them blind too.")
 
 

@@ -27,7 +27,7 @@ from ftplan.model.spec import spec_from_config
 RUNS_JSONL = Path(__file__).resolve().parent / "published_runs.jsonl"
 # Blocks of runs collected after a model was fixed, blind to its predictions: each tested the model of its day
 # and is named by the split its runs carry (fresh-1 tested the model of 6a21d4f and is fitted since v2).
-FRESH_SPLITS = ("fresh-1", "fresh-2")
+FRESH_SPLITS = ("fresh-1", "fresh-2", "fresh-3")
 REQUIRED = ("id", "source", "source_title", "quoted", "model", "method", "gpu", "gpus_per_node", "nodes", "seq_len",
             "micro_batch", "grad_accum", "grad_ckpt", "precision", "sharding", "measured", "time_basis", "split")
 # The closest EC2 type of each GPU gives a run its interconnect and network; its GPU count becomes the run's.
@@ -221,9 +221,11 @@ def predict(c: Case) -> StepTime:
 def held_out_ids(recs: list[dict]) -> set[str]:
     """The held-out rule, fixed before any fitting: among the used runs of each GPU, ordered by id, every
     third one (index % 3 == 2) is held out; the rest train. The fresh blocks (collected after a model was
-    fixed, splits FRESH_SPLITS) are outside the rule."""
+    fixed, splits FRESH_SPLITS) are outside the rule. A run rejected after the split was dealt
+    (`rejected_after_split`) keeps its place in the deal, so no other run changes side."""
     out: set[str] = set()
-    fitted = [r for r in recs if r["record"] == "run" and r["use"] and r["split"] not in FRESH_SPLITS]
+    fitted = [r for r in recs if r["record"] == "run" and (r["use"] or r.get("rejected_after_split"))
+              and r["split"] not in FRESH_SPLITS]
     for gpu in {r["gpu"] for r in fitted}:
         used = sorted(r["id"] for r in fitted if r["gpu"] == gpu)
         out |= {rid for i, rid in enumerate(used) if i % 3 == 2}

@@ -100,7 +100,7 @@ def variant(cases, extra: list[str], robust: bool) -> dict:
 
 
 def cell(s: dict) -> str:
-    return f"x{s['median_factor']:.3f} {s['within_1_25']}/{s['n']}"
+    return f"x{s['median_factor']:.3f} {s['within_1_25']}/{s['n']}" if s["n"] else "-"
 
 
 def table(cases) -> list[str]:

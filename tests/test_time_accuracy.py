@@ -83,6 +83,8 @@ def test_the_split_follows_the_stated_rule():
     for r in recs:
         if r["record"] == "run" and r["use"] and r.get("block") is None:
             assert r["split"] == ("held-out" if r["id"] in held else "train"), r["id"]
+        if r.get("rejected_after_split"):  # a transcription error found later: out of every split, said why
+            assert not r["use"] and r["split"] == "rejected" and r["rejected_after_split"]["found"], r["id"]
     # a block collected after a model was fixed is its own split, outside the held-out rule, its rules on record;
     # it joins the fit only after it has served as a blind test, and says with what result
     blocks = {b["name"]: b for b in recs if b["record"] == "block"}

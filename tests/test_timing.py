@@ -31,8 +31,8 @@ def test_compute_is_flops_at_a_utilisation_that_saturates_with_tokens_per_micro_
     setup, _, t = timed(seq=2048)
     gpu = catalog.get_gpu("A100-80GB")
     t_half = KAPPA * 312e12 / (gpu.memory_bandwidth_gbps * 1e9)
-    assert t.t_half_tokens == pytest.approx(t_half)              # 276 tokens on an A100-80GB
-    assert 270 < t_half < 285
+    assert t.t_half_tokens == pytest.approx(t_half)              # 291 tokens on an A100-80GB
+    assert 285 < t_half < 295
     f = flops_per_token(LLAMA, setup, count_params(LLAMA, "lora", setup.lora), 2048).total
     assert t.compute_seconds == pytest.approx(f * (2048 + t_half) / (312e12 * 0.69))
     assert t.u_max == 0.69 and "A100" in t.u_max_source

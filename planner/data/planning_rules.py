@@ -183,7 +183,7 @@ class ValidatedRun(_Rules):
     gpu_architecture: str
     gpus: int = Field(ge=1)
     tokens_per_micro_batch: float = Field(gt=0, description="per GPU, padding included")
-    split: Literal["train", "held-out", "fresh-1", "fresh-2"] = Field(
+    split: Literal["train", "held-out", "fresh-1", "fresh-2", "fresh-3"] = Field(
         description="train (the constants were fitted on it), held-out (never fitted), or a fresh block (collected "
                     "after a model was fixed, blind to its predictions; fresh-1 has been fitted since)")
     predicted_seconds: float = Field(gt=0)
