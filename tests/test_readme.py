@@ -135,5 +135,7 @@ def test_the_readmes_time_accuracy_figures_are_the_validation_catalogs():
     assert (f"of {tested['n']} runs, collected after the previous model was fixed by helpers who never saw its "
             f"predictions, tested it blind at x{tested['median_factor']:.3f}, {tested['within_1_25']}/{tested['n']} "
             f"within 1.25x ({tested['min_ratio']:.2f}-{tested['max_ratio']:.2f})") in readme
-    second = summary["fresh-2"]
+    second, third = summary["fresh-2"], summary["fresh-3"]
     assert f"A second fresh block of {second['n']} runs" in readme and f"{words(second, 3)}**" in readme
+    assert f"A third fresh block of {third['n']} runs" in readme
+    assert f"reads x{third['median_factor']:.3f}, {third['within_1_25']}/{third['n']} within 1.25x" in readme
