@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from ftplan.data import catalog
 from ftplan.data.dataset import from_token_count
-from ftplan.data.planning_rules import SmallModels, TimeValidation, ValidatedRun
+from ftplan.data.planning_rules import LongContext, SmallModels, TimeValidation, ValidatedRun
 from ftplan.estimate.settings import SetupChoices
 from ftplan.model.inventory import layout_for
 from ftplan.model.resolve import from_catalog
@@ -13,16 +13,18 @@ from ftplan.recommend.search import SearchRequest, search
 from ftplan.render.recommend import time_evidence_lines
 
 
-def run(id, gpu="A100-80GB", arch="ampere", method="lora", params=7e9, tokens=2048, ratio=1.0, split="train"):
+def run(id, gpu="A100-80GB", arch="ampere", method="lora", params=7e9, tokens=2048, ratio=1.0, split="train",
+        seq_len=2048):
     return ValidatedRun(id=id, source="Src", source_title="A source", model=f"M-{id}", params=int(params),
                         method=method, gpu=gpu, gpu_architecture=arch, gpus=1, tokens_per_micro_batch=tokens,
-                        split=split, predicted_seconds=ratio, measured_seconds=1.0, ratio=ratio)
+                        seq_len=seq_len, split=split, predicted_seconds=ratio, measured_seconds=1.0, ratio=ratio)
 
 
 def validation(*runs):
     return TimeValidation.model_validate({
         "schema": 1, "date": "2026-11-30", "about": "", "source": "", "runs": [r.model_dump() for r in runs],
-        "summary": {}, "small_models": SmallModels(max_params=2_000_000_000, about="", source="").model_dump()})
+        "summary": {}, "small_models": SmallModels(max_params=2_000_000_000, about="", source="").model_dump(),
+        "long_context": LongContext(min_seq_len=16_384, about="", source="").model_dump()})
 
 
 def nearest(v, **kw):
@@ -85,3 +87,27 @@ def test_render_names_ratio_model_method_gpus_and_source_and_warns_for_small_mod
     assert "Caveat: on 2 published runs of models of 2B parameters or fewer" in caveat
     assert "read x0.49-x1.12 of the measured step (slowest: M-tiny full, 1 x A100-80GB)" in caveat
     assert time_evidence_lines(SimpleNamespace(time_evidence=None)) == []
+
+
+def test_long_sequences_get_the_runs_that_long_and_short_ones_none():
+    v = validation(run("short", ratio=1.02), run("long-a", ratio=0.45, seq_len=65536, method="full"),
+                   run("long-b", ratio=0.9, seq_len=16384))
+    long = evidence.time_evidence(v, gpu="A100-80GB", architecture="ampere", method="lora", params=7_000_000_000,
+                                  tokens=32768, seq_len=32768)
+    assert [r.id for r in long.long_context_runs] == ["long-a", "long-b"]  # slowest first
+    short = evidence.time_evidence(v, gpu="A100-80GB", architecture="ampere", method="lora", params=7_000_000_000,
+                                   tokens=4096, seq_len=4096)
+    assert short.long_context_runs == [] and short.long_context_min_seq_len == 16_384
+    caveat = " ".join(str(time_evidence_lines(SimpleNamespace(time_evidence=long))[1]).split())
+    assert "Caveat: on 2 published runs with sequences of 16,384 tokens or more" in caveat
+    assert "read x0.45-x0.90 of the measured step (slowest: M-long-a, 65,536 tokens, 1 x A100-80GB)" in caveat
+
+
+def test_a_long_context_plan_carries_the_caveat_from_the_bundled_runs():
+    spec = from_catalog(catalog.find_model("llama3.1-8b"))
+    layout, _ = layout_for(spec)
+    rec = search(spec, layout, from_token_count(20_000_000, 32768), SearchRequest(methods=["lora"], max_gpus=8),
+                 SetupChoices(seq_len=32768))
+    runs = rec.time_evidence.long_context_runs
+    assert runs and all(r.seq_len >= 16_384 for r in runs)
+    assert rec.model_dump(mode="json")["time_evidence"]["long_context_min_seq_len"] == 16_384

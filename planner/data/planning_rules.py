@@ -183,6 +183,7 @@ class ValidatedRun(_Rules):
     gpu_architecture: str
     gpus: int = Field(ge=1)
     tokens_per_micro_batch: float = Field(gt=0, description="per GPU, padding included")
+    seq_len: float = Field(gt=0, description="tokens per sequence, padding included")
     split: Literal["train", "held-out", "fresh-1", "fresh-2", "fresh-3"] = Field(
         description="train (the constants were fitted on it), held-out (never fitted), or a fresh block (collected "
                     "after a model was fixed, blind to its predictions; fresh-1 has been fitted since)")
@@ -205,6 +206,12 @@ class SmallModels(_Rules):
     source: str
 
 
+class LongContext(_Rules):
+    min_seq_len: int = Field(gt=0, description="plans with sequences this long or longer get the caveat")
+    about: str
+    source: str
+
+
 class TimeValidation(_Rules):
     """catalogs/time_validation.json, written by benchmarks/time_accuracy.py: the time model against
     published runs, per run and per split."""
@@ -216,3 +223,4 @@ class TimeValidation(_Rules):
     runs: list[ValidatedRun]
     summary: dict[str, SplitSummary]
     small_models: SmallModels
+    long_context: LongContext

@@ -49,4 +49,5 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
         assumptions=explain.assumptions(request, data, best),
         time_evidence=evidence.for_plan(best.gpu, best.method, layout.total_params(),
                                         best.time.tokens_per_micro_batch,
-                                        fp32_expert_share(layout, best.setup, best.sharding == "fsdp")))
+                                        fp32_expert_share(layout, best.setup, best.sharding == "fsdp"),
+                                        seq_len=best.setup.seq_len))

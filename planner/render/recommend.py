@@ -173,6 +173,14 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
                           f"parameters or fewer the time model read x{ratios[0]:.2f}-x{ratios[-1]:.2f} of the measured "
                           f"step (slowest: {slowest.model} {label.get(slowest.method, slowest.method)}, {slowest.gpus} "
                           f"x {slowest.gpu}); this time may be off by as much.", style="yellow"))
+    if ev.long_context_runs:
+        ratios = [r.ratio for r in ev.long_context_runs]  # sorted by ratio, slowest first
+        slowest = ev.long_context_runs[0]
+        least = f"{ev.long_context_min_seq_len:,}"
+        lines.append(line(f"  Caveat: on {len(ratios)} published runs with sequences of {least} "
+                          f"tokens or more the time model read x{ratios[0]:.2f}-x{ratios[-1]:.2f} of the measured step "
+                          f"(slowest: {slowest.model}, {slowest.seq_len:,.0f} tokens, {slowest.gpus} x {slowest.gpu}); "
+                          "older attention kernels run long sequences far below the matmul rate.", style="yellow"))
     if ev.fp32_expert_share:
         lines.append(line(f"  Caveat: {ev.fp32_expert_share:.0%} of this plan's matmul FLOPs are MoE experts that "
                           "compute in fp32 (transformers' grouped_mm ignores autocast); the time counts them at the "
