@@ -83,6 +83,12 @@ def edited(accepted, tmp_path, change):
     return path
 
 
+def test_a_plan_written_before_the_elementwise_time_term_still_loads(accepted, tmp_path):
+    older = load(edited(accepted, tmp_path, lambda d: d["estimates"]["time"].pop("elementwise_seconds")))
+    assert older.estimates.time.elementwise_seconds == 0.0  # its time had no such term
+    assert older.estimates.hours == load(accepted).estimates.hours  # the figures it was accepted with, unchanged
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(schema_version=4), "schema_version 4; this ftplan"),
     (lambda d: d.update(schema_version=2), "schema_version 2; this ftplan"),

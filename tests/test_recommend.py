@@ -93,15 +93,29 @@ def test_time_and_cost_of_one_fixed_plan_by_hand():
 def test_a_calibration_replaces_the_default_utilisation():
     args = dict(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost")
     before = run(**args).recommended
+    elementwise = catalog.throughput().elementwise.bytes_per_hidden
     calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5,
                                                u_max=0.66, tokens_per_micro_batch=2048, source="ftplan measure",
-                                               date="2026-11-28"))
+                                               date="2026-12-01", elementwise_bytes_per_hidden=elementwise))
     after = run(**args).recommended
     assert after.time.u_max == 0.66 and after.utilization_source.startswith("calibrated by ftplan measure")
     default = catalog.throughput().utilization.u_max("L40S", "ada")[0]
     assert before.time.u_max == default != 0.66
     compute = before.time.grad_accum * before.time.compute_seconds * before.optimizer_steps / 3600
     assert after.train_hours == pytest.approx(before.train_hours - compute * (1 - default / 0.66))
+
+
+def test_a_calibration_solved_before_the_elementwise_term_keeps_the_step_time_it_measured(monkeypatch):
+    args = dict(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost")
+    calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5,
+                                               u_max=0.45, tokens_per_micro_batch=2048, source="ftplan measure",
+                                               date="2026-11-28"))  # no elementwise constant: solved without it
+    after = run(**args).recommended
+    assert 0.45 < after.time.u_max < 1 and "restated for the elementwise term" in after.utilization_source
+    monkeypatch.setattr(catalog.throughput().elementwise, "bytes_per_hidden", 0.0)  # the time model it was solved in
+    then = run(**args).recommended
+    assert then.time.u_max == 0.45 and then.time.elementwise_seconds == 0
+    assert after.train_hours == pytest.approx(then.train_hours, rel=1e-9)
 
 
 def test_a_calibration_from_ftplan_0_1_is_taken_as_the_ceiling():

@@ -30,6 +30,9 @@ class Calibration(BaseModel):
     peak_memory_bytes: int | None = None
     source: str = Field(description="what measured it: 'ftplan measure' or 'ftplan run <dir>'")
     date: str
+    elementwise_bytes_per_hidden: float = Field(0.0, ge=0, description="the time model's elementwise constant "
+                                                                       "when u_max was solved (0: before the term, "
+                                                                       "2026-12-01)")
 
     def ceiling(self) -> float:
         """The utilisation ceiling to plan with (an entry from ftplan 0.1 has only the measured utilisation)."""

@@ -59,8 +59,9 @@ class StepTime(BaseModel):
     tokens_per_micro_batch: float = Field(description="tokens of one micro-batch on one GPU, padding included")
     grad_accum: int
     compute_seconds: float = Field(description="per micro-batch: the counted FLOPs at u(T)")
-    elementwise_seconds: float = Field(description="per micro-batch: memory-bound normalisation, activation and "
-                                                   "residual kernels")
+    elementwise_seconds: float = Field(0.0, description="per micro-batch: memory-bound normalisation, activation "
+                                                        "and residual kernels (absent from plans written before "
+                                                        "2026-12-01, whose times had no such term)")
     dequant_seconds: float = Field(description="per micro-batch: QLoRA dequantizing its 4-bit weights")
     launch_floor_seconds: float = Field(description="per micro-batch: the least time to launch its kernels")
     gather_seconds: float = Field(description="per micro-batch: FSDP weight gathers (and gradient reduce-scatter "
@@ -197,6 +198,17 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
                     dequant_seconds=dequant_seconds(layout, setup, gpu),
                     launch_floor_seconds=launch_floor_seconds(layout, setup), gather_seconds=gather,
                     optimizer_seconds=optimizer, sync_seconds=sync, gathers_hidden=hidden)
+
+
+def rebased_u_max(step: StepTime, bytes_per_hidden_then: float) -> float:
+    """A calibrated ceiling that was solved when the elementwise term had `bytes_per_hidden_then` (0 before it
+    existed), restated for today's constant: the ceiling under which the step takes what it took then. `step` is
+    today's step at the old ceiling."""
+    now = catalog.throughput().elementwise.bytes_per_hidden
+    if not now or bytes_per_hidden_then == now:
+        return step.u_max
+    missing = step.grad_accum * step.elementwise_seconds * (1 - bytes_per_hidden_then / now)
+    return calibrated_u_max(step, step.seconds - missing)
 
 
 def calibrated_u_max(step: StepTime, measured_seconds: float) -> float:

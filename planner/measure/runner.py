@@ -211,7 +211,7 @@ def throughput_figures(step, measured_tokens_per_second: float) -> tuple[float, 
 def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetup, calibrate: bool) -> None:
     import torch
 
-    from ftplan.data import calibration
+    from ftplan.data import calibration, catalog
     from ftplan.estimate.params import count_params
     from ftplan.estimate.timing import step_time
     from ftplan.model.inventory import layout_for
@@ -231,5 +231,6 @@ def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetu
             gpu=gpu.name, model=spec.name, method=setup.method, utilization=result.utilization, u_max=u_max,
             tokens_per_micro_batch=step.tokens_per_micro_batch, tokens_per_second=measured,
             peak_memory_bytes=result.measured.peak_allocated_bytes, source="ftplan measure",
-            date=calibration.today()))
+            date=calibration.today(), elementwise_bytes_per_hidden=catalog.throughput().elementwise.bytes_per_hidden,
+        ))
         result.calibration_file = str(path)

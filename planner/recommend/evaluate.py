@@ -16,7 +16,7 @@ from ftplan.estimate.cost import HourlyPrice, cost_usd, hourly_price
 from ftplan.estimate.fit import gpu_supports
 from ftplan.estimate.settings import TrainingSetup, for_gpu
 from ftplan.estimate.sharding import loading_bytes_per_node, shard
-from ftplan.estimate.timing import Parallel, StepTime, step_time
+from ftplan.estimate.timing import Parallel, StepTime, rebased_u_max, step_time
 from ftplan.model.layout import ModelLayout
 from ftplan.model.spec import ModelSpec
 from ftplan.recommend import grid
@@ -237,8 +237,15 @@ def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, 
     calib = ctx.calibrations.find(gpu.name, ctx.spec.name, setup.method)
     u_max = (calib.ceiling(), f"calibrated by {calib.source} on {calib.date}") if calib else None
     memory = st.memory_at(micro, parallel.gpus, ctx.request.global_batch)
-    return step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq,
+    step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq,
                      accum=accum, parallel=parallel, u_max=u_max, flops=flops)
+    if calib and calib.u_max:  # solved under an older elementwise constant: the same step time under today's
+        rebased = rebased_u_max(step, calib.elementwise_bytes_per_hidden)
+        if rebased != step.u_max:
+            step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq, accum=accum,
+                             parallel=parallel, u_max=(rebased, f"{u_max[1]}, restated for the elementwise term"),
+                             flops=flops)
+    return step
 
 
 def _processed(ctx: _Context, micro: int) -> int:

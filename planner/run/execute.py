@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from ftplan.data import calibration as calib
+from ftplan.data import catalog
 from ftplan.data.dataset import check_training_data
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
@@ -298,4 +299,5 @@ def _calibration(plan: Plan, gpu: str, ratio: float, result: RunResult) -> calib
                              utilization=min(1.0, plan.estimates.utilization * ratio), u_max=u_max,
                              tokens_per_micro_batch=step.tokens_per_micro_batch if step else None,
                              tokens_per_second=result.tokens_per_second, peak_memory_bytes=result.peak_memory_bytes,
-                             source=f"ftplan run {result.output_dir}", date=calib.today())
+                             source=f"ftplan run {result.output_dir}", date=calib.today(),
+                             elementwise_bytes_per_hidden=catalog.throughput().elementwise.bytes_per_hidden)
