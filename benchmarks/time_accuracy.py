@@ -39,7 +39,7 @@ FITTED = ("train", "fresh-1")
 GROUPS = {"A100": ("A100-40GB", "A100-80GB"), "H100/H200": ("H100", "H200"), "A10G": ("A10G",), "L4": ("L4",),
           "L40S": ("L40S",), "RTX 4090": ("RTX 4090",)}
 # architecture defaults that carry a fitted group's value (their sources in catalogs/throughput.json say so):
-# a GPU without its own row (A10G, B200) is predicted, and fitted, with it
+# a GPU without its own row (B200, A100-PCIe, RTX 6000 Ada) is predicted, and fitted, with it
 ARCH_FROM = {"ampere": "A100", "ada": "L40S", "hopper": "H100/H200", "blackwell": "H100/H200"}
 SPLIT_LABEL = {"train": "train (fitted)", "held-out": "held-out (never fitted)",
                "fresh-1": "fresh-1 (first blind block, fitted since)", "fresh-2": "fresh-2 (blind test of this model)",
@@ -59,33 +59,63 @@ OLD_MODEL = {"study": "the study that preceded this model (its figures quoted he
              "rows": [("train", 30, "x1.584", "4/30", "0.33-3.24"), ("held-out", 13, "x1.443", "3/13", "0.36-2.12"),
                       ("all used", 43, "x1.567", "7/43", "0.33-3.24")]}
 
-SMALL_MODELS = ("Small models. Before the elementwise term, every model of 1.1B parameters or fewer in fresh-1 ran "
-                "slower than predicted (0.75-0.87), and out of the set the Qwen README LoRA sweep put Qwen-1.8B at "
-                "0.59-0.64 (2k-8k tokens, 1 x A100-80GB). The term was fitted with fresh-1's small models; blind, "
-                "fresh-2's models of 2B or fewer read 0.82-1.15 at 512-2,048 tokens per sequence, but 0.67-0.77 at "
-                "8k (llm-foundry's Triton attention) and 0.58-0.71 in IBM ado's 30-second runs that include the "
-                "warm-up step. `recommend` shows the range for such models.")
+SMALL_PARAMS = 2_000_000_000
 # what `recommend` shows for small models; the runs it cites are the used runs of this size
-SMALL_MODEL_CAVEAT = {
-    "max_params": 2_000_000_000,
-    "about": "models of 2B parameters or fewer: the time model's ratios on the published runs of this size",
-    "source": "benchmarks/TIME-ACCURACY.md: before the elementwise term every fresh-1 model of 1.1B or fewer ran "
-              "slower than predicted (0.75-0.87); since, the fitted ones read 0.94-1.20 and fresh-2's, blind, "
-              "0.58-1.15 (the slowest: 8k-token llm-foundry rows and warm-up-laden 30-second runs)"}
+SMALL_MODEL_ABOUT = "models of 2B parameters or fewer: the time model's ratios on the published runs of this size"
+SMALL_MODEL_BEFORE = ("before the elementwise term every fresh-1 model of 1.1B parameters or fewer ran slower than "
+                      "predicted (0.75-0.87), and out of the set the Qwen README LoRA sweep put Qwen-1.8B at 0.59-0.64 "
+                      "(2k-8k tokens, 1 x A100-80GB)")
+
+
+def _span(preds: list, splits: tuple[str, ...], seq: tuple[float, float] = (0, math.inf)) -> str:
+    """The range of ratios of the used small-model runs of `splits` with tokens per sequence in [seq), and of
+    their sequence lengths."""
+    found = [(r, c.tokens_per_sequence) for c, _, r in preds if c.used and c.split in splits
+             and c.layout.total_params() <= SMALL_PARAMS and seq[0] <= c.tokens_per_sequence < seq[1]]
+    if not found:
+        return "none"
+    ratios, lengths = [r for r, _ in found], [n for _, n in found]
+    return (f"{min(ratios):.2f}-{max(ratios):.2f} ({len(found)} runs of {min(lengths):,.0f}-{max(lengths):,.0f} "
+            "tokens per sequence)")
+
+
+def small_models(preds: list) -> tuple[str, dict]:
+    """The report's paragraph on small models and the caveat recommend shows, their ranges from `preds`."""
+    fitted, blind = _span(preds, FITTED), _span(preds, runs.FRESH_SPLITS[1:], (0, 4096))
+    long = _span(preds, runs.FRESH_SPLITS[1:], (4096, math.inf))
+    text = (f"Small models (2B parameters or fewer). {SMALL_MODEL_BEFORE[0].upper()}{SMALL_MODEL_BEFORE[1:]}. The "
+            f"elementwise term was fitted with fresh-1's small models; the fitted ones now read {fitted}. Blind, "
+            f"the later blocks' small models read {blind}, and {long} with longer sequences (older Triton "
+            "attention). `recommend` shows the range for such models.")
+    caveat = {"max_params": SMALL_PARAMS, "about": SMALL_MODEL_ABOUT,
+              "source": f"benchmarks/TIME-ACCURACY.md: {SMALL_MODEL_BEFORE}; since, the fitted ones read {fitted}, "
+                        f"and blind ones {blind}, and {long}"}
+    return text, caveat
+
 
 # what `recommend` shows for long sequences: the blind blocks' one systematic miss (attention with older kernels)
-LONG_CONTEXT_CAVEAT = {
-    "min_seq_len": 16_384,
-    "about": "sequences of 16k tokens or more: the time model's ratios on the published runs that long",
-    "source": "benchmarks/TIME-ACCURACY.md: fresh-2's llm-foundry rows and fresh-3's MosaicGPT rows with 2023's Triton "
-              "attention ran at 0.45-0.78 of the predicted speed from 16k to 64k tokens (ftplan counts attention "
-              "FLOPs at the matmul utilisation); FlashAttention-2 runs at 8k read 0.99-1.17"}
+LONG_SEQ = 16_384
+
+
+def long_context(preds: list) -> dict:
+    """The caveat recommend shows for long sequences, its ranges from `preds`."""
+    long = [r for c, _, r in preds if c.used and c.tokens_per_sequence >= LONG_SEQ]
+    sources = sorted({c.rec["source_short"] for c, _, _ in preds if c.used and c.tokens_per_sequence >= LONG_SEQ})
+    fa2 = [r for c, _, r in preds if c.used and c.id.startswith("vectorlm") and c.tokens_per_sequence >= 8192]
+    return {"min_seq_len": LONG_SEQ,
+            "about": "sequences of 16k tokens or more: the time model's ratios on the published runs that long",
+            "source": f"benchmarks/TIME-ACCURACY.md: the {len(long)} used runs of 16k tokens per sequence or more "
+                      f"({', '.join(sources)}) read {min(long):.2f}-"
+                      f"{max(long):.2f} of the measured step (ftplan counts attention FLOPs at the matmul "
+                      f"utilisation); FlashAttention-2 runs at 8k (vectorlm) read {min(fa2):.2f}-{max(fa2):.2f}"}
+
 
 VARIANTS = ("Once fresh-2 had tested the model blind, benchmarks/time_variants.py refitted it with fresh-2 in the "
             "fit, with two terms fresh-2's misses suggest (`gamma`: the LoRA adapter path's own memory traffic per "
             "adapted feature; `dequant_efficiency`: bitsandbytes' dequantization fitted instead of taken from "
             "LitGPT's pairs), and with a robust loss. The held-out split, never fitted, decides: every variant "
-            "reads worse on it than the model (the table), and gains on fresh-2 only by fitting it, so the model "
+            "has fewer held-out runs within 1.25x than the model (the table), and gains on fresh-2 only by "
+            "fitting it, so the model "
             "stays as fitted on train and fresh-1. fresh-3 was collected after the variants were defined, so it "
             "tests them blind too: it favours the refits (7-8 of 13 within 1.25x against 5), because its long "
             "rows share the 2023 Triton attention of fresh-2's llm-foundry rows the refits were fitted on; the "
@@ -146,7 +176,8 @@ def validation(preds: list, date: str) -> dict:
                      "predicted / measured; below 1 the run was slower than predicted). Generated by "
                      f"`{COMMAND}` from benchmarks/published_runs.jsonl; benchmarks/TIME-ACCURACY.md reports it.",
             "source": "benchmarks/published_runs.jsonl (sources and quoted figures per run)",
-            "runs": rows, "summary": summary, "small_models": SMALL_MODEL_CAVEAT, "long_context": LONG_CONTEXT_CAVEAT}
+            "runs": rows, "summary": summary, "small_models": small_models(preds)[1],
+            "long_context": long_context(preds)}
 
 
 # -- the report ---------------------------------------------------------------------------------------------
@@ -206,9 +237,11 @@ def _block(preds: list, block: dict) -> list[str]:
              block["about"], ""]
     if block.get("tested"):
         t = block["tested"]
+        since = (f"In the fit since {block['fitted_since']}" if block.get("fitted_since") else
+                 "The table below is the current model's, still blind to this block.")
         lines += [f"Its blind test, of {t['model']}: n {t['n']}, median factor x{t['median_factor']:.3f}, "
                   f"{t['within_1_25']}/{t['n']} within 1.25x, range {t['min_ratio']:.2f}-{t['max_ratio']:.2f}. "
-                  f"In the fit since {block['fitted_since']}", ""]
+                  f"{since}", ""]
     lines += [f"{used} runs used, {len(mine) - used} recorded and rejected (in 'Rejected runs' below), "
               f"{len(block['not_recorded'])} examined and not recorded. Rules:", "",
               *[f"- {rule}" for rule in block["rules"]], "", *_run_table(preds, block["split"]), "",
@@ -257,7 +290,7 @@ def report(preds: list, doc: dict) -> str:
         *_fresh(preds),
         "## Variants refitted after fresh-2", "", VARIANTS, "", *variants_table(used), "",
         "## Runs outside 1.25x, and why", "", *_misses(preds), "",
-        SMALL_MODELS, "",
+        small_models(preds)[0], "",
         "## Rejected runs", "", *_rejected(preds), "",
         "## Sources", "", *_sources(preds), "",
     ]
@@ -265,6 +298,17 @@ def report(preds: list, doc: dict) -> str:
 
 
 # -- the fit ------------------------------------------------------------------------------------------------
+def fitted_ceiling(gpu: catalog.Gpu) -> bool:
+    """Whether the fit sets this GPU's ceiling: its own group, or an architecture default that carries one."""
+    return any(gpu.name in names for names in GROUPS.values()) or gpu.architecture in ARCH_FROM
+
+
+def fit_set(cases: list[runs.Case]) -> list[runs.Case]:
+    """The runs the constants are fitted on: the used runs of the fitted splits, except those on a GPU whose
+    ceiling is an assumption (volta, turing): one such run would steer the shared constants by up to 10%."""
+    return [c for c in cases if c.used and c.split in FITTED and fitted_ceiling(c.gpu)]
+
+
 PARAMS = [f"u_max[{g}]" for g in GROUPS] + ["kappa", "passes_per_byte", "bytes_per_hidden"]
 
 
@@ -370,7 +414,7 @@ def fit(cases: list[runs.Case], start: list[float] | None = None, iterations: in
 
 
 def print_fit(cases: list[runs.Case]) -> None:
-    train = [c for c in cases if c.used and c.split in FITTED]
+    train = fit_set(cases)
     result = fit(train)
     current = current_values()
     print(f"Fit on the splits {', '.join(FITTED)}: {result['n']} runs, {len(PARAMS)} constants, rms |ln ratio| "

@@ -91,7 +91,7 @@ def patched(extra: list[str], robust: bool):
 
 def variant(cases, extra: list[str], robust: bool) -> dict:
     with patched(extra, robust):
-        fitted = accuracy.fit([c for c in cases if c.split in FIT_ON],
+        fitted = accuracy.fit([c for c in cases if c.split in FIT_ON and accuracy.fitted_ceiling(c.gpu)],
                               start=accuracy.current_values() + [START[k] for k in extra])
         with accuracy.overridden(fitted["values"]):
             preds = accuracy.predictions(cases)

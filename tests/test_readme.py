@@ -139,3 +139,28 @@ def test_the_readmes_time_accuracy_figures_are_the_validation_catalogs():
     assert f"A second fresh block of {second['n']} runs" in readme and f"{words(second, 3)}**" in readme
     assert f"A third fresh block of {third['n']} runs" in readme
     assert f"reads x{third['median_factor']:.3f}, {third['within_1_25']}/{third['n']} within 1.25x" in readme
+
+
+def test_the_readmes_miss_ranges_are_the_validation_catalogs():
+    """Each range the README gives for a cause of the blind blocks' misses is that cause's runs' range."""
+    import json
+
+    ratio = {r["id"]: r for r in json.loads((ROOT / "catalogs" / "time_validation.json").read_text())["runs"]}
+    lines = (ROOT / "benchmarks" / "published_runs.jsonl").read_text().splitlines()
+    missed = [r for r in map(json.loads, filter(None, lines)) if r.get("known_miss_cause") and r["id"] in ratio
+              and not 0.8 <= ratio[r["id"]]["ratio"] <= 1.25]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+
+    def span(split: str, cause: str, min_seq: float = 0) -> str:
+        found = [ratio[r["id"]]["ratio"] for r in missed if ratio[r["id"]]["split"] == split
+                 and r["known_miss_cause"].startswith(cause) and ratio[r["id"]]["seq_len"] >= min_seq]
+        assert found, cause
+        return f"{min(found):.2f}-{max(found):.2f}"
+
+    assert f"LoRA's adapter path costing more than its FLOPs ({span('fresh-2', 'LoRA')})" in readme
+    assert f"Triton attention at 8k-32k tokens ({span('fresh-2', 'Long sequences with llm-foundry')})" in readme
+    assert f"include the warm-up step ({span('fresh-2', 'The source')})" in readme
+    assert f"fitted 25% of bandwidth ({span('fresh-2', 'Predicted too slow')})" in readme
+    assert f"500 W H100s ({span('fresh-2', 'Same cluster')}) and RTX 6000 Ada cards ({span('fresh-2', 'RTX')})" \
+        in readme
+    assert f"at 16k-64k tokens runs at {span('fresh-3', 'Long sequences', 16_384)} of the predicted" in readme

@@ -111,13 +111,15 @@ def test_the_fit_sees_only_the_fitted_splits(cases, monkeypatch, capsys):
 
     monkeypatch.setattr(accuracy, "fit", spy)
     accuracy.print_fit(cases)
-    assert accuracy.FITTED == ("train", "fresh-1")  # held-out and the newest block stay out
+    assert accuracy.FITTED == ("train", "fresh-1")  # held-out and the newer blocks stay out
     assert seen and all(c.used and c.split in accuracy.FITTED for c in seen)
-    assert {c.id for c in seen} == {c.id for c in cases if c.used and c.split in accuracy.FITTED}
+    left_out = {c.id for c in cases if c.used and c.split in accuracy.FITTED} - {c.id for c in seen}
+    # a run on a GPU whose ceiling is an assumption (V100: volta) is predicted, not fitted
+    assert left_out == {"dschat-opt-1.3b-full-16xv100-zero2-s512"}
 
 
 def test_the_catalogued_constants_are_the_fit(cases):
-    result = accuracy.fit([c for c in cases if c.used and c.split in accuracy.FITTED])
+    result = accuracy.fit(accuracy.fit_set(cases))
     for name, fitted, stored in zip(accuracy.PARAMS, result["values"], accuracy.current_values()):
         assert fitted == pytest.approx(stored, rel=0.03), name
 
