@@ -165,7 +165,7 @@ def validation(preds: list, date: str) -> dict:
             "id": c.id, "source": rec["source_short"], "source_title": rec["source_title"],
             "model": runs.display_name(rec["model"]), "params": c.layout.total_params(), "method": rec["method"],
             "gpu": c.gpu.name, "gpu_architecture": c.gpu.architecture, "gpus": c.parallel.gpus,
-            "tokens_per_micro_batch": sig(c.tokens_per_micro_batch), "seq_len": sig(c.tokens_per_sequence, 6),
+            "tokens_per_micro_batch": sig(c.tokens_per_micro_batch, 6), "seq_len": sig(c.tokens_per_sequence, 6),
             "split": c.split,
             "predicted_seconds": sig(step.seconds), "measured_seconds": sig(c.measured_seconds),
             "ratio": sig(ratio, 3)})
