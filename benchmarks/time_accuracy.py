@@ -257,12 +257,13 @@ def report(preds: list, doc: dict) -> str:
     s = doc["summary"]
     used = [p for p in preds if p[0].used]
     history = [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in PREVIOUS_MODEL["rows"]]
+    rejected = sum(r["record"] == "run" and not r["use"] for r in runs.records())
     lines = [
         "# Training time against published runs", "",
         f"Generated {doc['date']} by `{COMMAND}` (ftplan's current model and catalogs; `--fit` refits the "
         "constants, `--check` verifies catalogs/time_validation.json).", "",
         "## Method", "",
-        f"{len(used)} published, measured training runs are used and {len(preds) - len(used)} rejected (reasons "
+        f"{len(used)} published, measured training runs are used and {rejected} rejected (reasons "
         "below); each one's source, quoted figures and every modelling decision are in "
         "benchmarks/published_runs.jsonl. Each run is predicted with its own GPU, GPUs per node, nodes, "
         "micro-batch, accumulation, checkpointing, precision, LoRA targets and sharding, the step assembled as "
