@@ -156,7 +156,8 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
 
 
 def time_evidence_lines(rec: Recommendation) -> list[Text]:
-    """How far the time model was off on the published runs nearest the plan; a caveat for small models."""
+    """How far the time model was off on the published runs nearest the plan; caveats for small models, long
+    sequences and fp32 MoE experts."""
     ev = rec.time_evidence
     if ev is None or not ev.nearest:
         return []
@@ -165,28 +166,29 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
                      for r in ev.nearest)
     lines = [line(f"  Time model on the nearest published runs: {runs} ",
                   ("(predicted / measured step time; benchmarks/TIME-ACCURACY.md)", "dim"))]
-    if ev.small_model_runs:
-        ratios = sorted(r.ratio for r in ev.small_model_runs)  # below 1: the run was slower than predicted
-        slowest = ev.small_model_runs[0]  # sorted by ratio
-        size = f"{ev.small_model_max_params / 1e9:g}B"
-        lines.append(line(f"  Caveat: on {len(ratios)} published runs of models of {size} "
-                          f"parameters or fewer the time model read x{ratios[0]:.2f}-x{ratios[-1]:.2f} of the measured "
-                          f"step (slowest: {slowest.model} {label.get(slowest.method, slowest.method)}, {slowest.gpus} "
-                          f"x {slowest.gpu}); this time may be off by as much.", style="yellow"))
-    if ev.long_context_runs:
-        ratios = [r.ratio for r in ev.long_context_runs]  # sorted by ratio, slowest first
-        slowest = ev.long_context_runs[0]
-        least = f"{ev.long_context_min_seq_len:,}"
-        lines.append(line(f"  Caveat: on {len(ratios)} published runs with sequences of {least} "
-                          f"tokens or more the time model read x{ratios[0]:.2f}-x{ratios[-1]:.2f} of the measured step "
-                          f"(slowest: {slowest.model}, {slowest.seq_len:,.0f} tokens, {slowest.gpus} x {slowest.gpu}); "
-                          "older attention kernels run long sequences far below the matmul rate.", style="yellow"))
+    if small := ev.small_model_runs:
+        slowest = small[0]
+        lines.append(_range_caveat(small, f"of models of {ev.small_model_max_params / 1e9:g}B parameters or fewer",
+                                   f"{slowest.model} {label.get(slowest.method, slowest.method)}, {slowest.gpus} x "
+                                   f"{slowest.gpu}", "this time may be off by as much."))
+    if long := ev.long_context_runs:
+        slowest = long[0]
+        lines.append(_range_caveat(long, f"with sequences of {ev.long_context_min_seq_len:,} tokens or more",
+                                   f"{slowest.model}, {slowest.seq_len:,.0f} tokens, {slowest.gpus} x {slowest.gpu}",
+                                   "older attention kernels run long sequences far below the matmul rate."))
     if ev.fp32_expert_share:
         lines.append(line(f"  Caveat: {ev.fp32_expert_share:.0%} of this plan's matmul FLOPs are MoE experts that "
                           "compute in fp32 (transformers' grouped_mm ignores autocast); the time counts them at the "
                           "half-precision rate and no published MoE run checks it: it may be several times too "
                           "short.", style="yellow"))
     return lines
+
+
+def _range_caveat(runs: list, which: str, slowest: str, then: str) -> Text:
+    """A caveat line: the time model's ratios on the published runs `which` describes (sorted by ratio, slowest
+    first; below 1 a run was slower than predicted), the slowest named."""
+    return line(f"  Caveat: on {len(runs)} published runs {which} the time model read x{runs[0].ratio:.2f}-"
+                f"x{runs[-1].ratio:.2f} of the measured step (slowest: {slowest}); {then}", style="yellow")
 
 
 def _plan_rows(plan: Plan) -> list[tuple[str, str]]:
