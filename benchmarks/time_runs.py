@@ -169,24 +169,22 @@ def load(path: Path = RUNS_JSONL) -> list[Case]:
     memory and FLOPs computed once."""
     recs = records(path)
     extra = inline_gpus(recs)
-    cases = []
-    for r in recs:
-        if r["record"] == "run" and (r["use"] or predictable(r, extra)):
-            cases.append(case_for(r, extra))
+    cases = [c for c in (case_for(r, extra) if r["use"] else rejected_case(r, extra)
+                         for r in recs if r["record"] == "run") if c is not None]
     for c in cases:
         c.memory, c.flops = _memory(c), _flops(c)
     return cases
 
 
-def predictable(rec: dict, extra: dict[str, catalog.Gpu]) -> bool:
-    """Whether a rejected run can still be predicted: a known GPU, a measurement, settings ftplan takes."""
+def rejected_case(rec: dict, extra: dict[str, catalog.Gpu]) -> Case | None:
+    """A rejected run as a case, for its ratio's information, or None where it cannot be predicted: an unknown
+    GPU, no measurement, settings ftplan does not take."""
     if not (rec.get("measured") or {}).get("value"):
-        return False
+        return None
     try:
-        case_for(rec, extra)
+        return case_for(rec, extra)
     except (KeyError, TypeError, ValueError, PlannerError):  # pydantic's ValidationError is a ValueError
-        return False
-    return True
+        return None
 
 
 def _head_numel(layout: ModelLayout) -> int:
