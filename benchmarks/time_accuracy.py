@@ -220,11 +220,11 @@ def _sources(preds: list) -> list[str]:
     return lines
 
 
-def _rejected(preds: list) -> list[str]:
+def _rejected(preds: list, recs: list[dict]) -> list[str]:
     lines = ["| run | ratio (information) | reason |", "|---|---|---|"]
     lines += [f"| {c.id} | {ratio:.2f} | {c.rec['reject_reason']} |" for c, _, ratio in preds if not c.used]
     predicted = {c.id for c, _, _ in preds}
-    lines += [f"| {r['id']} | - | {r['reject_reason']} |" for r in runs.records()
+    lines += [f"| {r['id']} | - | {r['reject_reason']} |" for r in recs
               if r["record"] == "run" and not r["use"] and r["id"] not in predicted]
     return lines
 
@@ -249,15 +249,16 @@ def _block(preds: list, block: dict) -> list[str]:
     return lines + [f"- {item}" for item in block["not_recorded"]] + ["", "</details>", ""]
 
 
-def _fresh(preds: list) -> list[str]:
-    return [line for block in runs.records() if block["record"] == "block" for line in _block(preds, block)]
+def _fresh(preds: list, recs: list[dict]) -> list[str]:
+    return [line for block in recs if block["record"] == "block" for line in _block(preds, block)]
 
 
 def report(preds: list, doc: dict) -> str:
     s = doc["summary"]
     used = [p for p in preds if p[0].used]
     history = [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in PREVIOUS_MODEL["rows"]]
-    rejected = sum(r["record"] == "run" and not r["use"] for r in runs.records())
+    recs = runs.records()  # the blocks, and the rejected runs no case was made of
+    rejected = sum(r["record"] == "run" and not r["use"] for r in recs)
     lines = [
         "# Training time against published runs", "",
         f"Generated {doc['date']} by `{COMMAND}` (ftplan's current model and catalogs; `--fit` refits the "
@@ -288,11 +289,11 @@ def report(preds: list, doc: dict) -> str:
         *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in OLD_MODEL["rows"]], "",
         "## Training split", "", *_run_table(preds, "train"), "",
         "## Held-out split", "", *_run_table(preds, "held-out"), "",
-        *_fresh(preds),
+        *_fresh(preds, recs),
         "## Variants refitted after fresh-2", "", VARIANTS, "", *variants_table(used), "",
         "## Runs outside 1.25x, and why", "", *_misses(preds), "",
         small_models(preds)[0], "",
-        "## Rejected runs", "", *_rejected(preds), "",
+        "## Rejected runs", "", *_rejected(preds, recs), "",
         "## Sources", "", *_sources(preds), "",
     ]
     return "\n".join(lines)
