@@ -1,6 +1,9 @@
 """The CLI as a user meets it: output, --json schema, and one clear line for every bad input."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -150,3 +153,38 @@ def assert_one_line_error(result, expected: str) -> None:
     assert "Traceback" not in result.stderr
     assert expected.lower() in lines[0].lower(), lines[0]
     assert result.stdout == ""
+
+
+def test_json_stdout_holds_only_the_json_whatever_the_libraries_print():
+    # what training libraries do: print, a logger bound to stdout before or during the run, native code writing
+    # to descriptor 1 directly or through C's buffered stdio; stdout a pipe, so Python buffers it too
+    script = """
+import ctypes, json, logging, os, sys
+from ftplan.cli.json_stdout import stdout_kept_for_json
+early = logging.getLogger("early")
+early.addHandler(logging.StreamHandler(sys.stdout))
+with stdout_kept_for_json():
+    print("a library's print")
+    early.warning("a logger bound before")
+    logger = logging.getLogger("noisy")
+    logger.addHandler(logging.StreamHandler(sys.stdout))
+    logger.warning("a logger on stdout")
+    os.write(1, b"native code\\n")
+    ctypes.CDLL(None).printf(b"C stdio\\n")
+print(json.dumps({"ok": True}))
+logger.warning("the logger later")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert result.stdout == '{"ok": true}\n'
+    assert sorted(result.stderr.splitlines()) == sorted(["a library's print", "a logger bound before",
+                                                         "a logger on stdout", "native code", "C stdio",
+                                                         "the logger later"])
+
+
+def test_json_output_survives_a_closed_stdout_or_stderr():
+    script = "from ftplan.cli.json_stdout import stdout_kept_for_json\nwith stdout_kept_for_json():\n    print('x')\n"
+    for closed in (">&-", "2>&-"):  # the shell starts python without that descriptor: sys.stdout/stderr is None
+        result = subprocess.run(["bash", "-c", f'"$0" -c "$1" {closed}', sys.executable, script], capture_output=True,
+                                text=True)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (closed, result.stderr)

@@ -57,10 +57,13 @@ def losses(output: Path) -> dict[int, float]:
 def test_recommend_then_run_trains_and_the_loss_falls(workdir, method):
     plan = make_plan(workdir, method, None, "--epochs", "2")
     out = workdir / f"out-{method}"
+    as_json = ["--json"] if method == "qlora" else []  # the JSON contract with the heaviest imports (bitsandbytes)
     result = run_cli("run", plan.name, "--data", "train.jsonl", "--eval-data", "eval.jsonl", "--output", out.name,
-                     cwd=workdir)
+                     *as_json, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    if as_json:  # stdout is the summary alone
+        assert json.loads(result.stdout) == json.loads((out / "summary.json").read_text())
     curve = list(losses(out).values())
     assert len(curve) == load(plan).training.optimizer_steps == 32
     assert sum(curve[-4:]) / 4 < 0.95 * sum(curve[:4]) / 4   # at least 5% lower, far beyond step noise

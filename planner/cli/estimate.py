@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ftplan.cli.json_stdout import stdout_kept_for_json
 from ftplan.cli.options import (
     DEVICES,
     MemorySize,
@@ -115,8 +116,9 @@ def measure(model: str, method: str, layers: int | None, steps: int, grad_accum:
     spec = resolve_model(model)
     if layers is not None:
         spec = with_layers(spec, layers)
-    report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None, rss=rss,
-                         grad_accum=grad_accum)
+    with stdout_kept_for_json(as_json):
+        report = run_measure(spec, method, choices, steps=steps, device=device, calibrate=layers is None, rss=rss,
+                             grad_accum=grad_accum)
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ftplan.cli.json_stdout import stdout_kept_for_json
 from ftplan.cli.options import DEVICES, console, key_values
 from ftplan.errors import printable
 
@@ -62,7 +63,8 @@ def run(plan_file: Path, data: Path, eval_data: Path | None, backend: str | None
     for line in notices(plan, chosen, options, request):
         click.echo(f"ftplan: warning: {line}", err=True)
     if as_json:
-        summary = execute(plan, chosen, options, request, lambda event: None)
+        with stdout_kept_for_json():
+            summary = execute(plan, chosen, options, request, lambda event: None)
     else:
         from ftplan.render.run import print_run_start, print_summary, progress_display
         from ftplan.run.datanotes import data_notes
