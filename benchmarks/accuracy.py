@@ -143,9 +143,10 @@ FAMILY_BLOCK = [
     case("falcon-7b", 2, "qlora", "bf16", "paged_adamw_32bit", "trainer", 1, 64),
     case("falcon-7b", 2, "full", "bf16", "sgd", "custom", 1, 64),
     case("falcon-7b", 2, "lora", "bf16-mixed", "adamw_bnb_8bit", "custom", 1, 64),
-    case("gemma2-2b", 2, "full", "bf16-mixed", "adafactor", "custom", 1, 64, "--no-rss"),
-    case("gemma2-2b", 2, "lora", "bf16", "adamw_torch_fused", "trainer", 1, 128),
-    case("gemma2-2b", 2, "qlora", "bf16-mixed", "paged_adamw_32bit", "custom", 1, 128),
+    # measured with eager attention, ftplan's default for Gemma-2 until transformers 5.17's SDPA path was noticed
+    case("gemma2-2b", 2, "full", "bf16-mixed", "adafactor", "custom", 1, 64, "--no-rss", "--attn", "eager"),
+    case("gemma2-2b", 2, "lora", "bf16", "adamw_torch_fused", "trainer", 1, 128, "--attn", "eager"),
+    case("gemma2-2b", 2, "qlora", "bf16-mixed", "paged_adamw_32bit", "custom", 1, 128, "--attn", "eager"),
     case("mixtral-8x7b", 1, "lora", "bf16", "adamw_torch_fused", "trainer", 1, 64),
     case("mixtral-8x7b", 1, "qlora", "bf16-mixed", "adamw_torch", "custom", 1, 64),
     case("mixtral-8x7b", 1, "full", "bf16", "sgd", "trainer", 1, 64),  # with RSS since 2026-12-01 (see notes)

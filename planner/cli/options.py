@@ -74,7 +74,7 @@ def setting_options(*, search: bool = False):
                      help="gradient checkpointing [default: " + ("searched" if search else "on for qlora") + "]"),
         click.option("--attn", type=click.Choice([*ATTENTIONS, *ATTENTION_ALIASES]), default=None,
                      help="attention implementation, as transformers names it [default: what transformers uses "
-                          "for the model: sdpa, eager for gemma2 and bloom]"),
+                          "for the model: sdpa, eager for bloom]"),
         click.option("--loop", type=click.Choice(LOOPS), default="trainer", show_default=True,
                      help="trainer: the Hugging Face Trainer's step (only the loss outlives the forward); custom: "
                           "a plain PyTorch/accelerate loop (outputs = model(**batch) keeps the logits to the next "
@@ -192,5 +192,3 @@ def key_values(pairs: tuple[str, ...]) -> dict:
             raise PlannerError(f"--option '{pair}' must look like KEY=VALUE")
         out[key.strip()] = value
     return out
-
-

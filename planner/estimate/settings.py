@@ -138,7 +138,7 @@ def resolve(method: Method, choices: SetupChoices, *, bf16_supported: bool = Tru
     qlora: NF4 with double quantization, bf16 compute, paged 32-bit AdamW (the QLoRA recipe),
     gradient checkpointing on (prepare_model_for_kbit_training enables it).
     Without bf16 support (V100, T4) bf16 becomes fp16. The attention implementation defaults to what
-    transformers uses for `model_type` (SDPA, eager for Gemma-2 and BLOOM).
+    transformers uses for `model_type` (SDPA, eager for BLOOM).
     """
     precision = for_gpu(choices.precision or "bf16-mixed", bf16_supported)
     optimizer = choices.optimizer or DEFAULT_OPTIMIZER[method]

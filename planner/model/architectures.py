@@ -207,9 +207,9 @@ BUILDERS: dict[str, Callable[[ModelSpec], ModelLayout]] = {
 
 
 # transformers 5 has no SDPA path for these (their PreTrainedModel leaves _supports_sdpa False): left alone it
-# runs eager attention, and an explicit attn_implementation="sdpa" raises
-NO_SDPA = {"gemma2": "transformers has no SDPA path for Gemma-2 (SDPA cannot softcap attention scores)",
-           "bloom": "transformers has no SDPA path for BLOOM (its ALiBi attention)"}
+# runs eager attention, and an explicit attn_implementation="sdpa" raises. (Gemma-2 has one since: transformers
+# 5.17 builds it with SDPA by default, without the attention-score softcapping its eager path applies.)
+NO_SDPA = {"bloom": "transformers has no SDPA path for BLOOM (its ALiBi attention)"}
 
 
 def attention_for(model_type: str, requested: str | None) -> str:
