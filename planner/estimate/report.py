@@ -155,6 +155,16 @@ def _setups(layout: ModelLayout, methods: list[Method], choices: SetupChoices,
     return setups, notes
 
 
+def _verdict(need: int, setup: TrainingSetup, instance: catalog.Instance | None, gpu: catalog.Gpu | None,
+             memory_bytes: int | None, region: str | None) -> InstanceFit | None:
+    """Whether `need` bytes per GPU fit the instance, GPU or memory size the user named (None: none named)."""
+    if instance:
+        return judge(instance, need, setup, region)
+    if gpu or memory_bytes:
+        return judge_gpu(gpu, need, setup, memory_bytes=memory_bytes)
+    return None
+
+
 def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, gpu: str | None = None,
              instance: str | None = None, trust_remote_code: bool = False, device: str = "cuda", gpus: int = 1,
              nodes: int = 1, sharding: Sharding | None = None, offload: Offload = "none",
@@ -187,11 +197,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
         if counts.targets and (big := over_ranked(layout, counts.targets, setup.lora.r)):
             warnings.append(f"{setup.method}: rank r={setup.lora.r} is not low-rank for {len(big)} adapted module "
                             f"type(s) (e.g. {big[0]}): their adapters hold at least as many parameters as the layers")
-        selected = None
-        if selected_instance:
-            selected = judge(selected_instance, need, setup, region)
-        elif gpu_info or gpu_memory_bytes:
-            selected = judge_gpu(gpu_info, need, setup, memory_bytes=gpu_memory_bytes)
+        selected = _verdict(need, setup, selected_instance, gpu_info, gpu_memory_bytes, region)
         estimates.append(MethodEstimate(
             method=setup.method, setup=setup, total_params=counts.total_params,
             trainable_params=counts.trainable_params,
