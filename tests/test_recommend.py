@@ -111,10 +111,31 @@ def test_a_calibration_solved_before_the_elementwise_term_keeps_the_step_time_it
                                                u_max=0.45, tokens_per_micro_batch=2048, source="ftplan measure",
                                                date="2026-11-28"))  # no elementwise constant: solved without it
     after = run(**args).recommended
-    assert 0.45 < after.time.u_max < 1 and "restated for the elementwise term" in after.utilization_source
+    assert 0.45 < after.time.u_max < 1 and "restated for today's memory-bound terms" in after.utilization_source
     monkeypatch.setattr(catalog.throughput().elementwise, "bytes_per_hidden", 0.0)  # the time model it was solved in
     then = run(**args).recommended
     assert then.time.u_max == 0.45 and then.time.elementwise_seconds == 0
+    assert after.train_hours == pytest.approx(then.train_hours, rel=1e-9)
+
+
+def test_an_eager_calibration_solved_before_the_eager_attention_term_keeps_the_step_time_it_measured(monkeypatch):
+    # at the micro-batch it was measured at: the restated ceiling reproduces that step
+    args = dict(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost", micro_batch=1)
+    eager = SetupChoices(attention="eager")
+    measured = dict(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5, u_max=0.45,
+                    tokens_per_micro_batch=2048, source="ftplan measure", date="2026-11-30",
+                    elementwise_bytes_per_hidden=147.8)  # before the eager term
+    calibration.record(calibration.Calibration(**measured))  # attention not recorded: SDPA's, nothing to restate
+    sdpa_measured = run(choices=eager, **args).recommended
+    assert sdpa_measured.time.u_max == 0.45 and sdpa_measured.time.attention_seconds > 0
+    calibration.record(calibration.Calibration(**measured, attention="eager"))
+    after = run(choices=eager, **args).recommended
+    assert after.time.tokens_per_micro_batch == 2048 and after.time.attention_seconds > 0
+    monkeypatch.setattr(catalog.throughput().eager_attention, "forward_bytes_per_score", 0.0)
+    monkeypatch.setattr(catalog.throughput().eager_attention, "backward_bytes_per_score", 0.0)
+    monkeypatch.setattr(catalog.throughput().elementwise, "bytes_per_hidden", 147.8)
+    then = run(choices=eager, **args).recommended
+    assert then.time.u_max == 0.45 and then.time.attention_seconds == 0
     assert after.train_hours == pytest.approx(then.train_hours, rel=1e-9)
 
 
@@ -266,3 +287,16 @@ def test_each_assumption_is_listed_once():
         codes = [a.code for a in run(methods=[method]).assumptions]
         assert len(codes) == len(set(codes)), codes
         assert ("dequantization" in codes) == (method == "qlora")
+
+
+def test_the_time_model_names_eager_attentions_score_traffic_only_when_the_plan_pays_it():
+    def time_model(choices: SetupChoices) -> tuple[float, str]:
+        out = run(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, choices=choices)
+        text = next(words.assumption(a) for a in out.assumptions if a.code == "time_model")
+        return out.recommended.time.attention_seconds, text
+
+    paid, eager = time_model(SetupChoices(attention="eager"))
+    per_score = catalog.throughput().eager_attention.bytes_per_score
+    assert paid > 0 and f"({per_score:g} bytes per score over a forward and a backward: {paid:.3f} s" in eager
+    none, sdpa = time_model(SetupChoices())
+    assert none == 0 and "eager attention" not in sdpa

@@ -33,6 +33,10 @@ class Calibration(BaseModel):
     elementwise_bytes_per_hidden: float = Field(0.0, ge=0, description="the time model's elementwise constant "
                                                                        "when u_max was solved (0: before the term, "
                                                                        "2026-12-01)")
+    eager_bytes_per_score: float = Field(0.0, ge=0, description="the time model's eager-attention constant when "
+                                                                "u_max was solved (0: before the term, 2026-12-01)")
+    attention: str | None = Field(None, description="the attention implementation it was measured with (absent "
+                                                    "before 2026-12-01: eager attention's cost then went unrestated)")
 
     def ceiling(self) -> float:
         """The utilisation ceiling to plan with (an entry from ftplan 0.1 has only the measured utilisation)."""

@@ -63,6 +63,19 @@ class Elementwise(_Rules):
     source: str
 
 
+class EagerAttention(_Rules):
+    about: str
+    forward_bytes_per_score: float = Field(ge=0, description="bytes read and written per attention score (query "
+                                                             "head x query x key) in one forward, eager attention")
+    backward_bytes_per_score: float = Field(ge=0, description="the same in one backward")
+    source: str
+
+    @property
+    def bytes_per_score(self) -> float:
+        """Per score and step without checkpointing: what a calibration records it was solved with."""
+        return self.forward_bytes_per_score + self.backward_bytes_per_score
+
+
 class OptimizerStep(_Rules):
     about: str
     passes_per_byte: float = Field(ge=0)
@@ -101,6 +114,7 @@ class Throughput(_Rules):
     launch_floor: LaunchFloor
     dequantization: Dequantization
     elementwise: Elementwise
+    eager_attention: EagerAttention
     optimizer_step: OptimizerStep
     communication: Communication
     overhead: Overhead
@@ -184,7 +198,7 @@ class ValidatedRun(_Rules):
     gpus: int = Field(ge=1)
     tokens_per_micro_batch: float = Field(gt=0, description="per GPU, padding included")
     seq_len: float = Field(gt=0, description="tokens per sequence, padding included")
-    split: Literal["train", "held-out", "fresh-1", "fresh-2", "fresh-3"] = Field(
+    split: Literal["train", "held-out", "fresh-1", "fresh-2", "fresh-3", "fresh-4"] = Field(
         description="train (the constants were fitted on it), held-out (never fitted), or a fresh block (collected "
                     "after a model was fixed, blind to its predictions; fresh-1 has been fitted since)")
     predicted_seconds: float = Field(gt=0)

@@ -1,8 +1,10 @@
 """How long one optimizer step takes on one GPU, term by term.
 
-    micro-batch = max(max(compute + elementwise + dequantization, launch floor), FSDP gathers)   (prefetch)
+    micro-batch = max(max(compute + elementwise + eager attention + dequantization, launch floor), FSDP gathers)
     compute     = FLOPs per token x (T + t_half) / (peak x u_max),   t_half = kappa x peak / bandwidth
     elementwise = T x bytes_per_hidden x hidden x layers x (passes + 1) / bandwidth
+    eager attention (attn_implementation="eager" only) = sequences x heads x S^2 x layers
+                  x (forward bytes per score x (1 + recomputation) + backward bytes per score) / bandwidth
     step        = accumulation x micro-batch + optimizer step + exposed gradient all-reduce
 
 T is the tokens of one micro-batch on one GPU, so utilisation u(T) = u_max x T / (T + t_half) rises with
@@ -62,6 +64,9 @@ class StepTime(BaseModel):
     elementwise_seconds: float = Field(0.0, description="per micro-batch: memory-bound normalisation, activation "
                                                         "and residual kernels (absent from plans written before "
                                                         "2026-12-01, whose times had no such term)")
+    attention_seconds: float = Field(0.0, description="per micro-batch: eager attention's memory-bound work on its "
+                                                      "score matrices (0 with SDPA or FlashAttention, which never "
+                                                      "write them; absent from plans written before 2026-12-01)")
     dequant_seconds: float = Field(description="per micro-batch: QLoRA dequantizing its 4-bit weights")
     launch_floor_seconds: float = Field(description="per micro-batch: the least time to launch its kernels")
     gather_seconds: float = Field(description="per micro-batch: FSDP weight gathers (and gradient reduce-scatter "
@@ -80,7 +85,12 @@ class StepTime(BaseModel):
     @property
     def kernel_seconds(self) -> float:
         """The GPU's kernels for one micro-batch: matmuls and attention, elementwise work, dequantization."""
-        return self.compute_seconds + self.elementwise_seconds + self.dequant_seconds
+        return self.compute_seconds + self.memory_bound_seconds
+
+    @property
+    def memory_bound_seconds(self) -> float:
+        """The memory-bound kernels of one micro-batch: elementwise, eager attention scores, dequantization."""
+        return self.elementwise_seconds + self.attention_seconds + self.dequant_seconds
 
     @property
     def micro_seconds(self) -> float:
@@ -94,11 +104,15 @@ class StepTime(BaseModel):
         return self.grad_accum * self.micro_seconds + self.optimizer_seconds + self.sync_seconds
 
     @property
-    def bound(self) -> Literal["compute", "launch", "communication"]:
-        """What sets a micro-batch's time."""
+    def bound(self) -> Literal["compute", "memory", "launch", "communication"]:
+        """What sets a micro-batch's time: communication, kernel launches, or the kernels themselves - the
+        matmuls and attention (compute) or, when they take longer, the memory-bound kernels (memory):
+        elementwise, eager attention's scores, dequantization."""
         if self.gather_seconds > (self.busy_seconds if self.gathers_hidden else 0.0):
             return "communication"
-        return "launch" if self.launch_floor_seconds > self.kernel_seconds else "compute"
+        if self.launch_floor_seconds > self.kernel_seconds:
+            return "launch"
+        return "memory" if self.memory_bound_seconds > self.compute_seconds else "compute"
 
     @property
     def utilization(self) -> float:
@@ -139,6 +153,20 @@ def elementwise_seconds(layout: ModelLayout, setup: TrainingSetup, gpu: catalog.
     return tokens * per_token * (passes(setup) + 1) / (gpu.memory_bandwidth_gbps * 1e9)
 
 
+def eager_attention_seconds(layout: ModelLayout, setup: TrainingSetup, gpu: catalog.Gpu,
+                            tokens_per_sequence: float) -> float:
+    """Eager attention's memory-bound work on one micro-batch: every score (query head x query x key, causal
+    masking still computes the whole square) is scaled, masked, soft-maxed in fp32 and cast back in the forward
+    (again in the recomputation) and differentiated in the backward, which moves about as much as one forward.
+    SDPA's and FlashAttention's kernels never write the scores: nothing."""
+    if setup.attention != "eager":
+        return 0.0
+    scores = setup.batch_size * layout.dims.heads * tokens_per_sequence ** 2 * layout.dims.layers
+    rules = catalog.throughput().eager_attention
+    per_score = rules.forward_bytes_per_score * (2 if setup.grad_ckpt else 1) + rules.backward_bytes_per_score
+    return scores * per_score / (gpu.memory_bandwidth_gbps * 1e9)
+
+
 def launch_floor_seconds(layout: ModelLayout, setup: TrainingSetup) -> float:
     """The host's kernel launches for one micro-batch: a fixed cost per decoder layer and pass."""
     return catalog.throughput().launch_floor.seconds_per_layer_pass * layout.dims.layers * passes(setup)
@@ -175,7 +203,7 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
     compute = flops.total * (tokens + t_half) / (peak * ceiling)
     bandwidth = gpu.memory_bandwidth_gbps * 1e9
     optimizer = catalog.throughput().optimizer_step.passes_per_byte * update_bytes(setup, memory) / bandwidth
-    gather = sync = 0.0
+    gather = reduce = 0.0
     if parallel is not None and parallel.gpus > 1:
         comm = catalog.throughput().communication
         inst, count = parallel.instance, parallel.count
@@ -188,37 +216,60 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
                 no_sync = parallel.sharding.startswith("fsdp") and not setup.sync_each_batch
                 moved += memory.gradients_bytes / (accum if no_sync else 1)
             gather = gather_seconds(moved, inst, count)
-        if not sharded or setup.method != "full":  # once per optimizer step, overlapping the last backward
+        if not sharded or setup.method != "full":  # once per optimizer step
             reduce = allreduce_seconds(memory.gradients_bytes, inst, count)
-            sync = max(0.0, reduce - comm.allreduce_overlap * compute)
-    hidden = parallel is None or parallel.sharding != "zero3"
-    return StepTime(flops_per_token=flops, peak_flops=peak, bandwidth_bytes_per_s=bandwidth, u_max=ceiling,
+    step = StepTime(flops_per_token=flops, peak_flops=peak, bandwidth_bytes_per_s=bandwidth, u_max=ceiling,
                     u_max_source=source, t_half_tokens=t_half, tokens_per_micro_batch=tokens, grad_accum=accum,
                     compute_seconds=compute, elementwise_seconds=elementwise_seconds(layout, setup, gpu, tokens),
+                    attention_seconds=eager_attention_seconds(layout, setup, gpu, tokens_per_sequence),
                     dequant_seconds=dequant_seconds(layout, setup, gpu),
                     launch_floor_seconds=launch_floor_seconds(layout, setup), gather_seconds=gather,
-                    optimizer_seconds=optimizer, sync_seconds=sync, gathers_hidden=hidden)
+                    optimizer_seconds=optimizer, sync_seconds=0.0,
+                    gathers_hidden=parallel is None or parallel.sharding != "zero3")
+    if not reduce:
+        return step
+    # the all-reduce overlaps the last micro-batch's backward: all of what the GPU spends on it (busy_seconds)
+    hidden = catalog.throughput().communication.allreduce_overlap * step.busy_seconds
+    return step.model_copy(update={"sync_seconds": max(0.0, reduce - hidden)})
 
 
-def rebased_u_max(step: StepTime, bytes_per_hidden_then: float) -> float:
-    """A calibrated ceiling that was solved when the elementwise term had `bytes_per_hidden_then` (0 before it
-    existed), restated for today's constant: the ceiling under which the step takes what it took then. `step` is
-    today's step at the old ceiling."""
-    now = catalog.throughput().elementwise.bytes_per_hidden
-    if not now or bytes_per_hidden_then == now:
-        return step.u_max
-    missing = step.grad_accum * step.elementwise_seconds * (1 - bytes_per_hidden_then / now)
-    return calibrated_u_max(step, step.seconds - missing)
+def solved_constants(step: StepTime | None = None) -> dict[str, float]:
+    """The memory-bound constants a calibration's u_max is solved in (the fields of
+    ftplan.data.calibration.Calibration), so that rebased_u_max can restate it after they change: today's, or
+    for a `step` computed earlier (a plan's), 0 for a term it does not carry (planned before the term existed)."""
+    rules = catalog.throughput()
+    return {"elementwise_bytes_per_hidden": rules.elementwise.bytes_per_hidden
+            if step is None or step.elementwise_seconds else 0.0,
+            "eager_bytes_per_score": rules.eager_attention.bytes_per_score
+            if step is None or step.attention_seconds else 0.0}
+
+
+def rebased_u_max(step: StepTime, bytes_per_hidden_then: float, bytes_per_score_then: float | None = None) -> float:
+    """A calibrated ceiling that was solved under older memory-bound terms - the elementwise constant
+    `bytes_per_hidden_then` and eager attention's `bytes_per_score_then` (0 before each existed; None: as
+    today's) - restated for today's constants: the ceiling under which the step takes what it took then.
+    `step` is today's step at the old ceiling, so the restatement is made at its shape, not the calibration's;
+    where it would need more than the dense peak, or the kernels do not set the step, the ceiling stays."""
+    rules = catalog.throughput()
+    missing = 0.0
+    for seconds, then, now in ((step.elementwise_seconds, bytes_per_hidden_then, rules.elementwise.bytes_per_hidden),
+                               (step.attention_seconds, bytes_per_score_then, rules.eager_attention.bytes_per_score)):
+        if now and then is not None and then != now:
+            missing += step.grad_accum * seconds * (1 - then / now)
+    compute = step.grad_accum * step.compute_seconds
+    if not missing or step.bound not in ("compute", "memory") or missing >= compute * (1 - step.u_max):
+        return step.u_max  # no change, the kernels do not set the time, or it would take more than the peak
+    return step.u_max * compute / (compute - missing)  # the matmuls give back exactly what the new terms take
 
 
 def calibrated_u_max(step: StepTime, measured_seconds: float) -> float:
     """The utilisation ceiling under which `step` takes `measured_seconds` per optimizer step.
 
-    When compute sets the micro-batch time, only the compute term moves with u_max and the other terms stay
-    as modelled; otherwise (launch- or communication-bound, or the other terms already exceed the
+    When the kernels set the micro-batch time, only the compute term moves with u_max and the other terms
+    stay as modelled; otherwise (launch- or communication-bound, or the other terms already exceed the
     measurement) the ceiling scales with the whole step."""
     compute = step.grad_accum * step.compute_seconds
     measured_compute = measured_seconds - (step.seconds - compute)
-    if step.bound == "compute" and measured_compute > 0.25 * measured_seconds:
+    if step.bound in ("compute", "memory") and measured_compute > 0.25 * measured_seconds:
         return min(1.0, step.u_max * compute / measured_compute)
     return min(1.0, step.u_max * step.seconds / measured_seconds)

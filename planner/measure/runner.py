@@ -211,9 +211,9 @@ def throughput_figures(step, measured_tokens_per_second: float) -> tuple[float, 
 def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetup, calibrate: bool) -> None:
     import torch
 
-    from ftplan.data import calibration, catalog
+    from ftplan.data import calibration
     from ftplan.estimate.params import count_params
-    from ftplan.estimate.timing import step_time
+    from ftplan.estimate.timing import solved_constants, step_time
     from ftplan.model.inventory import layout_for
 
     props = torch.cuda.get_device_properties(0)
@@ -227,10 +227,10 @@ def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetu
     result.gpu = gpu.name
     result.utilization, result.predicted_tokens_per_second, u_max = throughput_figures(step, measured)
     if calibrate and 0 < result.utilization <= 1:
-        solved_with = catalog.throughput().elementwise.bytes_per_hidden  # the time model u_max was solved in
         path = calibration.record(calibration.Calibration(
             gpu=gpu.name, model=spec.name, method=setup.method, utilization=result.utilization, u_max=u_max,
             tokens_per_micro_batch=step.tokens_per_micro_batch, tokens_per_second=measured,
             peak_memory_bytes=result.measured.peak_allocated_bytes, source="ftplan measure",
-            date=calibration.today(), elementwise_bytes_per_hidden=solved_with))
+            date=calibration.today(), attention=setup.attention,
+            **solved_constants()))  # the time model u_max was solved in
         result.calibration_file = str(path)

@@ -239,12 +239,14 @@ def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, 
     memory = st.memory_at(micro, parallel.gpus, ctx.request.global_batch)
     step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq,
                      accum=accum, parallel=parallel, u_max=u_max, flops=flops)
-    if calib and calib.u_max:  # solved under an older elementwise constant: the same step time under today's
-        rebased = rebased_u_max(step, calib.elementwise_bytes_per_hidden)
+    if calib and calib.u_max:  # solved under older memory-bound constants: the same step time under today's
+        # eager attention's cost is restated only for a calibration measured with it
+        eager_then = calib.eager_bytes_per_score if calib.attention == "eager" else None
+        rebased = rebased_u_max(step, calib.elementwise_bytes_per_hidden, eager_then)
         if rebased != step.u_max:
             step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq, accum=accum,
-                             parallel=parallel, u_max=(rebased, f"{u_max[1]}, restated for the elementwise term"),
-                             flops=flops)
+                             parallel=parallel, u_max=(rebased, f"{u_max[1]}, restated for today's memory-bound "
+                                                                "terms"), flops=flops)
     return step
 
 

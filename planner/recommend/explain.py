@@ -137,6 +137,8 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
             "bound": best.time.bound, "optimizer_seconds": best.time.optimizer_seconds,
             "elementwise_seconds": best.time.elementwise_seconds,
             "elementwise_bytes_per_hidden": rules.elementwise.bytes_per_hidden,
+            "attention_seconds": best.time.attention_seconds,
+            "eager_bytes_per_score": rules.eager_attention.bytes_per_score,
             "launch_floor_seconds_per_layer_pass": rules.launch_floor.seconds_per_layer_pass}),
     ]
     out.append(Assumption(code="host_ram", figures={}))

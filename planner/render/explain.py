@@ -92,7 +92,11 @@ def assumption(a: Assumption) -> str:
             f"{f['t_half_tokens']:,.0f} tokens, {f['utilization']:.0%} of peak over the whole step, "
             f"{f['bound']}-bound; each micro-batch adds memory-bound elementwise kernels "
             f"({f['elementwise_bytes_per_hidden']:g} bytes per token, layer and hidden unit per pass: "
-            f"{f['elementwise_seconds']:.3f} s) and each step the optimizer's memory-bound update "
+            f"{f['elementwise_seconds']:.3f} s)"
+            + (f", eager attention's writes of every score ({f['eager_bytes_per_score']:g} bytes per score over a "
+               f"forward and a backward: {f['attention_seconds']:.3f} s; SDPA and FlashAttention write none)"
+               if f.get("attention_seconds") else "")
+            + " and each step the optimizer's memory-bound update "
             f"({f['optimizer_seconds']:.2f} s) and no micro-batch is shorter than "
             f"{f['launch_floor_seconds_per_layer_pass'] * 1000:.2f} ms of kernel launches per layer and pass"),
         "dequantization": lambda: ("QLoRA adds the memory-bound dequantization of every 4-bit weight in each pass "

@@ -19,11 +19,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from ftplan.data import calibration as calib
-from ftplan.data import catalog
 from ftplan.data.dataset import check_training_data
 from ftplan.data.files import atomic_write_text
 from ftplan.errors import PlannerError
-from ftplan.estimate.timing import calibrated_u_max
+from ftplan.estimate.timing import calibrated_u_max, solved_constants
 from ftplan.plan import Plan, check_targets, config_hash, load, to_yaml, weights_source
 from ftplan.run import output, registry
 from ftplan.run.backend import BackendOptions, ProgressCallback, ProgressEvent, RunRequest, RunResult, TrainerBackend
@@ -300,4 +299,4 @@ def _calibration(plan: Plan, gpu: str, ratio: float, result: RunResult) -> calib
                              tokens_per_micro_batch=step.tokens_per_micro_batch if step else None,
                              tokens_per_second=result.tokens_per_second, peak_memory_bytes=result.peak_memory_bytes,
                              source=f"ftplan run {result.output_dir}", date=calib.today(),
-                             elementwise_bytes_per_hidden=catalog.throughput().elementwise.bytes_per_hidden)
+                             attention=plan.training.setup.attention, **solved_constants(step))
