@@ -27,14 +27,14 @@ from ftplan.model.spec import spec_from_config
 RUNS_JSONL = Path(__file__).resolve().parent / "published_runs.jsonl"
 # Blocks of runs collected after a model was fixed, blind to its predictions: each tested the model of its day
 # and is named by the split its runs carry (fresh-1 tested the model of 6a21d4f and is fitted since v2).
-FRESH_SPLITS = ("fresh-1", "fresh-2", "fresh-3")
+FRESH_SPLITS = ("fresh-1", "fresh-2", "fresh-3", "fresh-4")
 REQUIRED = ("id", "source", "source_title", "quoted", "model", "method", "gpu", "gpus_per_node", "nodes", "seq_len",
             "micro_batch", "grad_accum", "grad_ckpt", "precision", "sharding", "measured", "time_basis", "split")
 # The closest EC2 type of each GPU gives a run its interconnect and network; its GPU count becomes the run's.
 BASE_INSTANCE = {"A100-80GB": "p4de.24xlarge", "A100-40GB": "p4d.24xlarge", "H100": "p5.48xlarge",
                  "H200": "p5e.48xlarge", "B200": "p6-b200.48xlarge", "V100-32GB": "p3dn.24xlarge",
                  "L40S": "g6e.48xlarge", "RTX 4090": "g6e.xlarge", "RTX A6000": "g6e.xlarge",
-                 "RTX 6000 Ada": "g6e.xlarge", "RTX 3090": "g6e.xlarge"}
+                 "RTX 6000 Ada": "g6e.xlarge", "RTX 3090": "g6e.xlarge", "H100 HBM2e 500W": "p5.48xlarge"}
 BY_GPUS_PER_NODE = {"L4": {1: "g6.2xlarge", 4: "g6.12xlarge", 8: "g6.48xlarge"},
                     "A10G": {1: "g5.2xlarge", 4: "g5.12xlarge", 8: "g5.48xlarge"}}
 WORKSTATION = ("RTX 4090", "RTX A6000", "RTX 6000 Ada", "RTX 3090")  # desktop boxes: PCIe, no fabric
@@ -149,9 +149,10 @@ def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
     micro = rec.get("micro_batch_per_gpu") or rec["micro_batch"]
     tokens_per_micro = rec.get("tokens_per_micro_batch") or micro * rec["seq_len"]
     lora = None if rec["method"] == "full" else LoraSettings(r=rec["lora_r"], targets=rec["lora_targets"])
+    # attn_implementation where the source states one ftplan names (eager); else what transformers would use
     choices = SetupChoices(batch_size=micro, seq_len=rec["seq_len"], precision=rec["precision"],
                            optimizer=rec.get("optimizer"), grad_ckpt=rec["grad_ckpt"],
-                           **({"lora": lora} if lora else {}))
+                           attention=rec.get("attn_implementation"), **({"lora": lora} if lora else {}))
     setup = resolve(rec["method"], choices, model_type=layout.model_type)
     gpu = gpu_for(rec["gpu"], extra)
     instance = instance_for(rec["gpu"], rec["gpus_per_node"])
@@ -187,15 +188,11 @@ def rejected_case(rec: dict, extra: dict[str, catalog.Gpu]) -> Case | None:
         return None
 
 
-def _head_numel(layout: ModelLayout) -> int:
-    return sum(g.weight_numel * layout.instances(g) for g in layout.modules if g.kind == "head")
-
-
 def _flops(c: Case) -> FlopsPerToken:
     flops = flops_per_token(c.layout, c.setup, c.counts, c.tokens_per_sequence)
     if c.rec.get("modules_to_save_params"):
         # a trained lm_head copy (modules_to_save) adds its weight gradient; the embedding's is a scatter-add
-        flops = flops.model_copy(update={"backward": flops.backward + 2.0 * _head_numel(c.layout)})
+        flops = flops.model_copy(update={"backward": flops.backward + 2.0 * c.layout.head_numel()})
     return flops
 
 
@@ -220,11 +217,13 @@ def held_out_ids(recs: list[dict]) -> set[str]:
     """The held-out rule, fixed before any fitting: among the used runs of each GPU, ordered by id, every
     third one (index % 3 == 2) is held out; the rest train. The fresh blocks (collected after a model was
     fixed, splits FRESH_SPLITS) are outside the rule. A run rejected after the split was dealt
-    (`rejected_after_split`) keeps its place in the deal, so no other run changes side."""
+    (`rejected_after_split`), or whose GPU was corrected after it (`dealt_gpu`: the GPU it was dealt with),
+    keeps its place in the deal, so no other run changes side."""
     out: set[str] = set()
     fitted = [r for r in recs if r["record"] == "run" and (r["use"] or r.get("rejected_after_split"))
               and r["split"] not in FRESH_SPLITS]
-    for gpu in {r["gpu"] for r in fitted}:
-        used = sorted(r["id"] for r in fitted if r["gpu"] == gpu)
+    dealt = {r["id"]: r.get("dealt_gpu", r["gpu"]) for r in fitted}
+    for gpu in set(dealt.values()):
+        used = sorted(rid for rid, g in dealt.items() if g == gpu)
         out |= {rid for i, rid in enumerate(used) if i % 3 == 2}
     return out
