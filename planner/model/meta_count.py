@@ -5,6 +5,8 @@ torch and transformers are imported only inside these functions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ftplan.errors import PlannerError
@@ -16,6 +18,20 @@ def transformers_version() -> str:
     import transformers
 
     return transformers.__version__
+
+
+@contextmanager
+def _config_warnings_silenced() -> Iterator[None]:
+    """transformers warns about config values that do not matter to a count (token ids beyond a small vocabulary,
+    say); left on, they would precede ftplan's own one-line error or output, so only errors pass while it counts."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def build_meta_model(config: dict[str, Any], *, trust_remote_code: bool = False):
@@ -33,14 +49,15 @@ def build_meta_model(config: dict[str, Any], *, trust_remote_code: bool = False)
     cfg = dict(config)
     model_type = cfg.pop("model_type")
     try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
+        with _config_warnings_silenced():
+            hf_config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as exc:
         raise PlannerError(f"transformers {transformers_version()} does not know model_type '{model_type}' and "
                            "ftplan has no analytic layout for it; check the config.json, or upgrade transformers "
                            "if the architecture is new") from exc
     _require_causal_lm(model_type, hf_config)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _config_warnings_silenced():
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, RuntimeError) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
