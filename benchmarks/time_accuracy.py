@@ -46,7 +46,7 @@ SPLIT_LABEL = {"train": "train (fitted)", "held-out": "held-out (never fitted)",
                "fresh-1": "fresh-1 (first blind block, fitted since)",
                "fresh-2": "fresh-2 (never fitted; blind at 1ef5a4c)",
                "fresh-3": "fresh-3 (never fitted; blind at b9dbb3d)",
-               "fresh-4": "fresh-4 (never fitted; blind at 3639c38)"}
+               "fresh-4": "fresh-4 (never fitted; blind at 3639c38, lost: see its block)"}
 # The model before the elementwise term and A10G's own u_max, as it stood when fresh-1 tested it
 PREVIOUS_MODEL = {"model": "model before this one (ftplan at 6a21d4f: no elementwise term, A10G on A100's u_max, "
                            "fitted on the training split alone)",
