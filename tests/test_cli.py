@@ -191,3 +191,13 @@ def test_json_output_survives_a_closed_stdout_or_stderr():
         result = subprocess.run(["bash", "-c", f'"$0" -c "$1" {closed}', sys.executable, script], capture_output=True,
                                 text=True)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (closed, result.stderr)
+
+
+def test_tf32_is_a_visible_setting_kept_only_with_fp32():
+    result = run_cli("estimate", "llama2-7b", "--method", "lora", "--precision", "fp32", "--tf32", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["estimates"][0]["setup"]["tf32"] is True
+    assert any("fp32 (matmuls on TF32 tensor cores)" in a for a in data["assumptions"])
+    mixed = json.loads(run_cli("estimate", "llama2-7b", "--method", "lora", "--tf32", "--json").stdout)
+    assert mixed["estimates"][0]["setup"]["tf32"] is False and not any("TF32" in a for a in mixed["assumptions"])

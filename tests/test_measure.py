@@ -174,3 +174,19 @@ def test_sharded_qlora_stores_its_4bit_weights_in_the_compute_dtype_from_random_
                             if n.endswith("q_proj.base_layer.weight")) for sharded in (False, True)}
     assert packed[False].dtype == torch.uint8 and packed[True].dtype == torch.bfloat16
     assert packed[False].numel() == 2 * packed[True].numel()
+
+
+def test_a_model_is_built_with_tf32_exactly_as_its_setup_says():
+    """torch keeps TF32 process-wide: each build sets it both ways, so a measurement without TF32 is not run
+    with the setting an earlier one left behind."""
+    from ftplan.estimate.settings import SetupChoices, resolve
+    from ftplan.train.build import build_model
+
+    spec = spec_from_config(TINY, name="tiny", source="test")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for on in (True, False):
+            build_model(spec, resolve("full", SetupChoices(precision="fp32", tf32=on)))
+            assert torch.backends.cuda.matmul.allow_tf32 is on
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

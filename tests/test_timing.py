@@ -274,3 +274,28 @@ def test_a_calibration_records_the_constants_its_step_was_solved_in_and_is_resta
     # 2,048 tokens: giving back eager's scores would take the matmuls past the dense peak: kept as calibrated
     assert eager.attention_seconds > eager.compute_seconds * (1 - eager.u_max)
     assert rebased_u_max(eager, today[0], 0.0) == eager.u_max
+
+
+def test_fp32_matmuls_run_on_the_cuda_cores_unless_tf32_is_on_and_the_gpu_has_it():
+    from ftplan.estimate.compute import peak_flops
+
+    fp32, tf32 = (resolve("full", SetupChoices(precision="fp32", tf32=on)) for on in (False, True))
+    for name in ("A100-80GB", "L40S", "L4", "H100", "RTX 4090", "A10G"):
+        gpu = catalog.get_gpu(name)
+        assert peak_flops(gpu, fp32) == gpu.fp32_tflops * 1e12 and peak_flops(gpu, tf32) == gpu.tf32_tflops * 1e12
+        assert gpu.fp32_tflops <= gpu.tf32_tflops < (gpu.bf16_tflops or gpu.fp16_tflops)
+    a100, l40s, rtx = (catalog.get_gpu(n) for n in ("A100-80GB", "L40S", "RTX 4090"))
+    # datacenter Ampere/Hopper: TF32 about 8x fp32; pro Ada: 2x; GeForce-rate tensor cores: no gain
+    assert a100.tf32_tflops / a100.fp32_tflops == 8 and l40s.tf32_tflops / l40s.fp32_tflops == pytest.approx(2, 0.01)
+    assert rtx.tf32_tflops == rtx.fp32_tflops
+    v100 = catalog.get_gpu("V100-32GB")  # Volta has no TF32: the flag changes nothing
+    assert v100.tf32_tflops is None and peak_flops(v100, tf32) == peak_flops(v100, fp32) == v100.fp32_tflops * 1e12
+    unlisted = catalog.get_gpu("A100-80GB").model_copy(update={"fp32_tflops": None, "tf32_tflops": None})
+    assert peak_flops(unlisted, tf32) == unlisted.fp16_tflops * 1e12 / 16  # a GPU registered without the figures
+
+
+def test_tf32_is_kept_only_where_there_are_fp32_matmuls_and_makes_fp32_training_faster():
+    assert resolve("lora", SetupChoices(tf32=True)).tf32 is False  # bf16-mixed: autocast leaves no fp32 matmul
+    assert resolve("lora", SetupChoices(precision="fp32", tf32=True)).tf32 is True
+    slow, fast = (timed("lora", precision="fp32", tf32=on)[2] for on in (False, True))
+    assert fast.compute_seconds < slow.compute_seconds / 2 and fast.peak_flops > slow.peak_flops

@@ -79,6 +79,9 @@ def setting_options(*, search: bool = False):
                      help="trainer: the Hugging Face Trainer's step (only the loss outlives the forward); custom: "
                           "a plain PyTorch/accelerate loop (outputs = model(**batch) keeps the logits to the next "
                           "forward)"),
+        click.option("--tf32/--no-tf32", default=False, show_default=True,
+                     help="fp32 matmuls on TF32 tensor cores, as TrainingArguments(tf32=True) (only --precision "
+                          "fp32 has fp32 matmuls; NVIDIA's NGC PyTorch images turn it on)"),
         click.option("--quant", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True,
                      help="qlora 4-bit type"),
         click.option("--double-quant/--no-double-quant", default=True, show_default=True,
@@ -123,7 +126,8 @@ def choices_from(kw: dict) -> SetupChoices:
     return SetupChoices(batch_size=batch if batch is not None else 1, seq_len=kw.pop("seq_len"),
                         precision=kw.pop("precision"),
                         optimizer=kw.pop("optimizer"), grad_ckpt=kw.pop("grad_ckpt"), attention=kw.pop("attn"),
-                        loop=kw.pop("loop"), lora=lora, quant_type=kw.pop("quant"), double_quant=kw.pop("double_quant"))
+                        loop=kw.pop("loop"), tf32=kw.pop("tf32"), lora=lora, quant_type=kw.pop("quant"),
+                        double_quant=kw.pop("double_quant"))
 
 
 class TokenCount(click.ParamType):

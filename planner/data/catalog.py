@@ -62,12 +62,19 @@ class Gpu(BaseModel):
                                                                              "fp32 accumulate, TFLOP/s; null without bf16")
     fp16_tflops: float = Field(ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False, description="dense fp16 tensor-core peak with fp32 "
                                                                       "accumulate, TFLOP/s")
+    fp32_tflops: float | None = Field(None, ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False,
+                                      description="dense fp32 peak on the CUDA cores, TFLOP/s: fp32 matmuls without "
+                                                  "TF32 (null: taken as 1/16 of fp16, the A100's ratio)")
+    tf32_tflops: float | None = Field(None, ge=MIN_TFLOPS, le=MAX_TFLOPS, allow_inf_nan=False,
+                                      description="dense TF32 tensor-core peak, TFLOP/s: fp32 matmuls with TF32 on "
+                                                  "(null: no TF32, as on Volta and Turing)")
     memory_bandwidth_gbps: float = Field(ge=1, le=10**6, allow_inf_nan=False, description="peak memory bandwidth, GB/s")
     architecture: str = Field(description="turing, volta, ampere, ada, hopper, blackwell... (utilisation defaults "
                                           "are per architecture)")
     supports_bf16: bool
     supports_flash_attention: bool = Field(description="FlashAttention-2 runs on it (Ampere or newer)")
     source: str = Field(description="where the throughput and bandwidth figures come from")
+    fp32_source: str = Field("", description="where fp32_tflops and tf32_tflops come from")
     memory_source: str = Field(description="where the memory figure comes from")
     notes: str = Field("", description="caveats: memory that depends on the driver or ECC, provisional figures")
     retrieved: str = Field("", description="when the figures were read")

@@ -87,9 +87,12 @@ def fp32_expert_share(layout: ModelLayout, setup: TrainingSetup, param_sharded: 
 
 
 def peak_flops(gpu: catalog.Gpu, setup: TrainingSetup) -> float:
-    """Dense tensor-core peak in the setup's compute dtype (fp32 without TF32: 1/16 of fp16)."""
+    """Dense peak in the setup's matmul dtype: the tensor cores' bf16/fp16; for fp32, TF32's tensor cores where
+    the setup turns TF32 on and the GPU has it, else the CUDA cores' fp32 (1/16 of fp16 where not catalogued)."""
     if setup.precision.startswith("bf16"):
         return (gpu.bf16_tflops or gpu.fp16_tflops) * 1e12
     if setup.precision.startswith("fp16"):
         return gpu.fp16_tflops * 1e12
-    return gpu.fp16_tflops * 1e12 / 16
+    if setup.tf32 and gpu.tf32_tflops:
+        return gpu.tf32_tflops * 1e12
+    return (gpu.fp32_tflops or gpu.fp16_tflops / 16) * 1e12

@@ -76,7 +76,8 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None, grad_acc
     """The defaults and modelling choices behind the numbers, in words."""
     rules = catalog.memory_rules()
     notes = [
-        f"{s.method}: precision {s.precision}, optimizer {s.optimizer}, gradient checkpointing "
+        f"{s.method}: precision {s.precision}{' (matmuls on TF32 tensor cores)' if s.tf32 else ''}, "
+        f"optimizer {s.optimizer}, gradient checkpointing "
         f"{'on' if s.grad_ckpt else 'off'}, attention {s.attention}, micro-batch {s.batch_size} x {s.seq_len} tokens"
         + (f", LoRA r={s.lora.r} alpha={s.lora.alpha} dropout={s.lora.dropout}" if s.lora else "")
         + (f", {s.quant_type.upper()}{' double-quantized' if s.double_quant else ''} base, fp32 non-quantized "
@@ -86,8 +87,10 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None, grad_acc
     methods = {s.method for s in setups}
     # only what applies to the methods shown: a QLoRA base is 4-bit (said above), full fine-tuning has no adapters
     if methods & {"lora", "qlora"}:
-        notes.append("LoRA adapters are fp32 as PEFT creates them" + ("; LoRA's frozen base is bf16 (fp16 on GPUs "
-                                                                      "without bf16)" if "lora" in methods else ""))
+        bases = sorted({"fp32" if s.precision == "fp32" else "fp16" if s.precision.startswith("fp16") else
+                        "bf16 (fp16 on GPUs without bf16)" for s in setups if s.method == "lora"})
+        notes.append("LoRA adapters are fp32 as PEFT creates them"
+                     + (f"; LoRA's frozen base is {' / '.join(bases)}" if bases else ""))
     if any(s.optimizer == "adamw_torch_fused" for s in setups):
         notes.append("fused AdamW (the Trainer default with torch >= 2.8): no optimizer-step temporaries")
     notes += [

@@ -17,7 +17,7 @@ PRECISION_HELP = {
     "bf16": "weights in bf16, no autocast - a model loaded with dtype=torch.bfloat16, trained without bf16=True",
     "fp16-mixed": "autocast to fp16 - TrainingArguments(fp16=True)",
     "fp16": "weights in fp16, no autocast",
-    "fp32": "everything in fp32, no autocast",
+    "fp32": "everything in fp32, no autocast (matmuls as TF32 with --tf32)",
 }
 Precision = Literal["bf16-mixed", "bf16", "fp16-mixed", "fp16", "fp32"]
 # Hugging Face TrainingArguments.optim names; ftplan's earlier names stay accepted as aliases
@@ -80,6 +80,9 @@ class TrainingSetup(BaseModel):
     grad_ckpt: bool = False
     attention: Attention = "sdpa"
     loop: Loop = "trainer"
+    tf32: bool = Field(False, description="fp32 matmuls on TF32 tensor cores: TrainingArguments(tf32=True), i.e. "
+                                          "torch.backends.cuda.matmul.allow_tf32 (PyTorch's default is off); only "
+                                          "fp32 precision has fp32 matmuls, so it is kept only with it")
     sync_each_batch: bool = Field(False, description="FSDP with gradient accumulation: reduce-scatter the gradients "
                                                      "every micro-batch (accelerate's sync_each_batch) instead of "
                                                      "holding them unsharded until the last, as the Trainer does")
@@ -98,6 +101,8 @@ class TrainingSetup(BaseModel):
             self.lora = None
         if self.method != "qlora":  # a plan carries only settings that apply: no 4-bit type without QLoRA
             self.quant_type = self.double_quant = None
+        if self.precision != "fp32":  # autocast and half-precision weights leave no fp32 matmul to TF32
+            self.tf32 = False
         return self
 
     @property
@@ -115,6 +120,7 @@ class SetupChoices(BaseModel):
     grad_ckpt: bool | None = None
     attention: Attention | None = Field(None, description="None: what transformers uses for the architecture")
     loop: Loop = "trainer"
+    tf32: bool = False
     sync_each_batch: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quant_type: QuantType = "nf4"
@@ -146,7 +152,7 @@ def resolve(method: Method, choices: SetupChoices, *, bf16_supported: bool = Tru
     return TrainingSetup(
         method=method, batch_size=choices.batch_size, seq_len=choices.seq_len, precision=precision,
         optimizer=optimizer, grad_ckpt=grad_ckpt, attention=attention_for(model_type or "", choices.attention),
-        loop=choices.loop, sync_each_batch=choices.sync_each_batch,
+        loop=choices.loop, tf32=choices.tf32, sync_each_batch=choices.sync_each_batch,
         lora=None if method == "full" else choices.lora, quant_type=choices.quant_type,
         double_quant=choices.double_quant,
     )

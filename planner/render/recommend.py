@@ -200,7 +200,8 @@ def _plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("method", t.method + (f", LoRA r={s.lora.r} alpha={s.lora.alpha} dropout={s.lora.dropout} "
                                f"targets={t.targets}" if s.lora else "")
          + (f", {s.quant_type}{' double-quantized' if s.double_quant else ''}" if t.method == "qlora" else "")),
-        ("precision", f"{s.precision}, optimizer {s.optimizer}, gradient checkpointing "
+        ("precision", f"{s.precision}{' with TF32 matmuls' if s.tf32 else ''}, optimizer {s.optimizer}, "
+                      "gradient checkpointing "
                       f"{'on' if s.grad_ckpt else 'off'}, attention {s.attention}"),
         ("batch", f"micro-batch {s.batch_size} x {s.seq_len} tokens, accumulation {t.grad_accum}, "
                   f"global {t.global_batch} sequences"

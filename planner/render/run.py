@@ -20,7 +20,8 @@ def print_run_start(plan, backend, request, console: Console, data_notes: list[s
     console.print(line(("Running", "bold"), f" {plan.model.name} {t.method} with backend '{backend.name}' "
                                                f"({backend.description})"))
     console.print(f"  micro-batch {t.setup.batch_size} x {t.setup.seq_len}, accumulation {t.grad_accum}, "
-                  f"{t.setup.precision}, {t.setup.optimizer}, lr {t.learning_rate:g} {t.lr_scheduler}; "
+                  f"{t.setup.precision}{' (TF32)' if t.setup.tf32 else ''}, {t.setup.optimizer}, "
+                  f"lr {t.learning_rate:g} {t.lr_scheduler}; "
                   f"planned for {h.instance_count} x {h.instance_type}")
     console.print(f"  data {request.data} -> {request.output_dir}"
                   + (" (resuming from the last checkpoint)" if request.resume else ""))

@@ -144,6 +144,9 @@ def build_model(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cpu", p
     from transformers import AutoModelForCausalLM
 
     config = hf_config(spec, setup)
+    # process-wide in torch, as TrainingArguments(tf32=...) sets it; off is PyTorch's default, set explicitly so
+    # a setup without TF32 is measured without it whatever ran before in the process
+    torch.backends.cuda.matmul.allow_tf32 = setup.tf32
     ckpt_kwargs = {"use_reentrant": False}
     if setup.method == "qlora":
         from peft import prepare_model_for_kbit_training
