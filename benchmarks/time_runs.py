@@ -152,7 +152,8 @@ def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
     # attn_implementation where the source states one ftplan names (eager); else what transformers would use
     choices = SetupChoices(batch_size=micro, seq_len=rec["seq_len"], precision=rec["precision"],
                            optimizer=rec.get("optimizer"), grad_ckpt=rec["grad_ckpt"],
-                           attention=rec.get("attn_implementation"), **({"lora": lora} if lora else {}))
+                           attention=rec.get("attn_implementation"), tf32=bool(rec.get("tf32")),
+                           **({"lora": lora} if lora else {}))
     setup = resolve(rec["method"], choices, model_type=layout.model_type)
     gpu = gpu_for(rec["gpu"], extra)
     instance = instance_for(rec["gpu"], rec["gpus_per_node"])
