@@ -87,12 +87,17 @@ def weight_bytes(layout: ModelLayout, setup: TrainingSetup) -> dict[str, int]:
         label, size = {"bf16": ("bf16", 2), "fp16": ("fp16", 2)}.get(setup.precision, ("fp32", 4))
         return {label: total * size}
     if setup.method == "lora":
-        label = "fp32" if setup.precision == "fp32" else ("fp16" if setup.precision.startswith("fp16") else "bf16")
+        label = lora_base_dtype(setup)
         return {label: total * (4 if label == "fp32" else 2)}
     quant = sum(layout.instances(g) * quantized_bytes(g.weight_numel, setup.double_quant) for g in layout.modules
                 if g.kind in QUANTIZED_KINDS)
     fp32 = sum(layout.instances(g) * qlora_group_bytes(g, setup.double_quant) for g in layout.modules) - quant
     return {setup.quant_type: quant, "fp32": fp32}
+
+
+def lora_base_dtype(setup: TrainingSetup) -> str:
+    """The storage dtype of LoRA's frozen base: fp32 under fp32, else half precision (fp16 under fp16)."""
+    return "fp32" if setup.precision == "fp32" else ("fp16" if setup.precision.startswith("fp16") else "bf16")
 
 
 def qlora_group_bytes(g: ModuleGroup, double_quant: bool | None, unquantized: int = 4) -> int:

@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 
 from ftplan.data import catalog
 from ftplan.estimate.fit import InstanceFit, cheapest_fits, hypothetical_gpu_name, judge, judge_gpu
-from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, unquantized_matmul_params
+from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, lora_base_dtype, unquantized_matmul_params
 from ftplan.estimate.optimizer import Device
 from ftplan.estimate.params import TargetResolution, count_params, fit_dropout, over_ranked
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
@@ -87,8 +87,8 @@ def assumptions(setups: list[TrainingSetup], region: str | None = None, grad_acc
     methods = {s.method for s in setups}
     # only what applies to the methods shown: a QLoRA base is 4-bit (said above), full fine-tuning has no adapters
     if methods & {"lora", "qlora"}:
-        bases = sorted({"fp32" if s.precision == "fp32" else "fp16" if s.precision.startswith("fp16") else
-                        "bf16 (fp16 on GPUs without bf16)" for s in setups if s.method == "lora"})
+        bases = sorted({lora_base_dtype(s).replace("bf16", "bf16 (fp16 on GPUs without bf16)")
+                        for s in setups if s.method == "lora"})
         notes.append("LoRA adapters are fp32 as PEFT creates them"
                      + (f"; LoRA's frozen base is {' / '.join(bases)}" if bases else ""))
     if any(s.optimizer == "adamw_torch_fused" for s in setups):
