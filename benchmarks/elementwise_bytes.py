@@ -23,14 +23,13 @@ eager_attention constants.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parent.parent
+from ftplan.data import catalog
+
 # Llama-3-8B's proportions (intermediate 3.5 x hidden, 4 query heads per kv head, head dim 128) at an eighth
 # and a quarter of its width: the time model takes the bytes per token to grow with the hidden size
 WIDTHS = (512, 1024)
@@ -40,6 +39,8 @@ MLP_RATIOS = (2.0, 3.5, 8.0)
 def shape(hidden: int, mlp_ratio: float = 3.5) -> dict:
     return {"hidden_size": hidden, "intermediate_size": int(hidden * mlp_ratio), "num_attention_heads": hidden // 128,
             "num_key_value_heads": hidden // 512, "vocab_size": 512, "max_position_embeddings": 4096}
+
+
 BATCH, SEQS = 2, (256, 512)  # micro-batch, and the two sequence lengths
 COUNTED_BY_FLOPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product", "linear")
 # ops that move no data though torch does not flag them as views (_unsafe_view: the reshape after a 3-D matmul)
@@ -63,10 +64,10 @@ class Traffic(TorchDispatchMode):
 
 
 def step_bytes(hidden: int, layers: int, precision: str, seq: int, mlp_ratio: float = 3.5,
-               attention: str = "sdpa", phase: str = "step") -> int:
-    """Elementwise bytes of one training step (forward and backward, no checkpointing) of a `layers`-deep model,
-    full fine-tuning: fp32 weights under bf16 autocast ('bf16-mixed'), bf16 weights ('bf16') or fp32 weights and
-    no autocast ('fp32')."""
+               attention: str = "sdpa") -> dict[str, int]:
+    """Elementwise bytes of one training step (no checkpointing) of a `layers`-deep model, its forward and its
+    backward apart, full fine-tuning: fp32 weights under bf16 autocast ('bf16-mixed'), bf16 weights ('bf16') or
+    fp32 weights and no autocast ('fp32')."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -81,34 +82,37 @@ def step_bytes(hidden: int, layers: int, precision: str, seq: int, mlp_ratio: fl
             loss = model(input_ids=ids, labels=ids).loss
         with backward:
             loss.backward()
-    return {"forward": forward.bytes, "backward": backward.bytes, "step": forward.bytes + backward.bytes}[phase]
+    return {"forward": forward.bytes, "backward": backward.bytes}
 
 
 def counted_bytes(hidden: int, precision: str, mlp_ratio: float = 3.5) -> tuple[list[float], float]:
     """Elementwise bytes per layer and step at each of SEQS, and per token, layer, hidden unit and pass."""
     passes = 3  # forward 1, backward about 2 forward-equivalents, as the time model counts them
-    per_layer = [(step_bytes(hidden, 4, precision, s, mlp_ratio) - step_bytes(hidden, 2, precision, s, mlp_ratio)) / 2
-                 for s in SEQS]
+    per_layer = [(sum(step_bytes(hidden, 4, precision, s, mlp_ratio).values())
+                  - sum(step_bytes(hidden, 2, precision, s, mlp_ratio).values())) / 2 for s in SEQS]
     per_token = (per_layer[1] - per_layer[0]) / (BATCH * (SEQS[1] - SEQS[0]))
     return per_layer, per_token / (hidden * passes)
 
 
-def eager_bytes_per_score(hidden: int, precision: str, phase: str) -> float:
-    """Bytes per attention score (query head x query x key) that eager attention adds to SDPA in the forward or
-    the backward: the part of the per-layer difference that grows with the square of the sequence length."""
-    per_layer = {}
-    for attention in ("eager", "sdpa"):
-        per_layer[attention] = [(step_bytes(hidden, 4, precision, s, attention=attention, phase=phase)
-                                 - step_bytes(hidden, 2, precision, s, attention=attention, phase=phase)) / 2
-                                for s in SEQS]
-    extra = [e - s for e, s in zip(per_layer["eager"], per_layer["sdpa"])]  # a x S + b x S^2 at each length
-    (s1, s2), (d1, d2) = SEQS, extra
-    b = (d2 / s2 - d1 / s1) / (s2 - s1)
-    return b / (BATCH * shape(hidden)["num_attention_heads"])
+def eager_bytes_per_score(hidden: int, precision: str) -> dict[str, float]:
+    """Bytes per attention score (query head x query x key) that eager attention adds to SDPA in the forward and
+    in the backward: the part of the per-layer difference that grows with the square of the sequence length."""
+    steps = {(attention, layers, s): step_bytes(hidden, layers, precision, s, attention=attention)
+             for attention in ("eager", "sdpa") for layers in (4, 2) for s in SEQS}  # each step run once
+    out = {}
+    for phase in ("forward", "backward"):
+        per_layer = {attention: [(steps[attention, 4, s][phase] - steps[attention, 2, s][phase]) / 2 for s in SEQS]
+                     for attention in ("eager", "sdpa")}
+        extra = [e - s for e, s in zip(per_layer["eager"], per_layer["sdpa"])]  # a x S + b x S^2 at each length
+        (s1, s2), (d1, d2) = SEQS, extra
+        b = (d2 / s2 - d1 / s1) / (s2 - s1)
+        out[phase] = b / (BATCH * shape(hidden)["num_attention_heads"])
+    return out
 
 
 def main() -> int:
-    fitted = json.loads((ROOT / "catalogs" / "throughput.json").read_text())["elementwise"]["bytes_per_hidden"]
+    rules = catalog.throughput()
+    fitted = rules.elementwise.bytes_per_hidden
     print(f"Llama layers with Llama-3-8B's proportions, micro-batch {BATCH} x {SEQS[0]} and x {SEQS[1]} tokens; "
           f"fitted constant {fitted:g} bytes per token, layer, hidden unit and pass")
     print("| hidden | precision | per layer and step at each length, MB | counted bytes per token, layer, hidden "
@@ -128,15 +132,16 @@ def main() -> int:
     for ratio in MLP_RATIOS:
         row = [counted_bytes(WIDTHS[0], precision, ratio)[1] for precision in ("bf16-mixed", "bf16")]
         print(f"| {ratio:g} | {row[0]:.1f} | {row[1]:.1f} |")
-    rules = json.loads((ROOT / "catalogs" / "throughput.json").read_text())["eager_attention"]
+    eager = rules.eager_attention
     print(f"\nEager attention over SDPA at hidden {WIDTHS[0]}, bytes per score (head x query x key); catalogued "
-          f"forward {rules['forward_bytes_per_score']:g}, backward {rules['backward_bytes_per_score']:g}")
+          f"forward {eager.forward_bytes_per_score:g}, backward {eager.backward_bytes_per_score:g}")
     print("| precision | forward | backward |")
     print("|---|---|---|")
     for precision in ("bf16-mixed", "bf16"):
-        row = [eager_bytes_per_score(WIDTHS[0], precision, phase) for phase in ("forward", "backward")]
-        print(f"| {precision} | {row[0]:.1f} | {row[1]:.1f} |")
+        row = eager_bytes_per_score(WIDTHS[0], precision)
+        print(f"| {precision} | {row['forward']:.1f} | {row['backward']:.1f} |")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
