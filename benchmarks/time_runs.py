@@ -211,7 +211,7 @@ def _memory(c: Case) -> MemoryBreakdown:
 def predict(c: Case) -> StepTime:
     """ftplan's step, assembled as recommend's evaluate assembles a candidate's."""
     return step_time(c.layout, c.setup, c.counts, c.gpu, c.memory, tokens_per_sequence=c.tokens_per_sequence,
-                     accum=c.accum, parallel=c.parallel, flops=c.flops)
+                     accum=c.accum, parallel=c.parallel, flops=c.flops, attention_kernel=c.rec.get("attention_kernel"))
 
 
 def held_out_ids(recs: list[dict]) -> set[str]:

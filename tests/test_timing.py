@@ -41,9 +41,11 @@ def test_compute_is_flops_at_a_utilisation_that_saturates_with_tokens_per_micro_
     t_half = KAPPA * 312e12 / (gpu.memory_bandwidth_gbps * 1e9)
     assert t.t_half_tokens == pytest.approx(t_half)              # 328 tokens on an A100-80GB
     assert 320 < t_half < 335
-    f = flops_per_token(LLAMA, setup, count_params(LLAMA, "lora", setup.lora), 2048).total
+    flops = flops_per_token(LLAMA, setup, count_params(LLAMA, "lora", setup.lora), 2048)
     u_max = RULES.utilization.u_max("A100-80GB", "ampere")[0]
-    assert t.compute_seconds == pytest.approx(f * (2048 + t_half) / (312e12 * u_max))
+    r = RULES.fused_attention.ratio("sdpa", "ampere")  # attention's FLOPs at SDPA's kernel rate, the rest at the matmuls'
+    f = flops.total + 3 * flops.attention_forward * (1 / r - 1)
+    assert t.attention_kernel_ratio == r and t.compute_seconds == pytest.approx(f * (2048 + t_half) / (312e12 * u_max))
     assert 0.6 < t.u_max == u_max < 0.8 and "A100" in t.u_max_source
 
 
@@ -239,7 +241,11 @@ def test_eager_attention_moves_every_score_and_sdpa_none():
     assert eager.attention_seconds == pytest.approx(scores * per_score / 2039e9)
     _, _, ckpt = timed("lora", seq=2048, attention="eager", grad_ckpt=True)  # the recomputation: a forward more
     assert ckpt.attention_seconds == pytest.approx(scores * (per_score + rules.forward_bytes_per_score) / 2039e9)
-    assert eager.seconds == pytest.approx(sdpa.seconds + eager.attention_seconds)
+    # eager's score matmuls run at the matmul rate, SDPA's fused kernel at its own
+    at_matmul_rate = sdpa.compute_seconds * sdpa.flops_per_token.total / sdpa.flops_per_token.weighted(
+        sdpa.attention_kernel_ratio)
+    assert eager.seconds == pytest.approx(sdpa.seconds - sdpa.compute_seconds + at_matmul_rate
+                                          + eager.attention_seconds)
     _, _, long = timed("lora", seq=4096, attention="eager")
     assert long.attention_seconds == pytest.approx(4 * eager.attention_seconds)  # the square of the sequence
 
@@ -260,11 +266,12 @@ def test_a_calibration_records_the_constants_its_step_was_solved_in_and_is_resta
     _, _, sdpa = timed("lora", seq=2048)
     _, _, eager = timed("lora", seq=2048, attention="eager")
     today = (RULES.elementwise.bytes_per_hidden, RULES.eager_attention.bytes_per_score)
-    assert tuple(solved_constants().values()) == today
-    assert tuple(solved_constants(eager).values()) == today
+    assert solved_constants(None) == {}  # nothing was solved without a step
+    assert tuple(solved_constants(eager).values()) == (*today, 1.0)  # eager's score matmuls: the matmul rate
     assert solved_constants(sdpa)["eager_bytes_per_score"] == 0  # a step without the term was not solved with it
+    assert solved_constants(sdpa)["attention_kernel_ratio"] == RULES.fused_attention.ratio("sdpa", "ampere") < 1
     old_plan = eager.model_copy(update={"elementwise_seconds": 0.0, "attention_seconds": 0.0})  # before both terms
-    assert tuple(solved_constants(old_plan).values()) == (0.0, 0.0)
+    assert tuple(solved_constants(old_plan).values()) == (0.0, 0.0, 1.0)
     # restated: at the new ceiling the step takes what it took then (512 tokens: the scores are a small term)
     _, _, short = timed("lora", seq=512, attention="eager", u_max=0.5)
     then = short.model_copy(update={"attention_seconds": 0.0})
@@ -274,6 +281,27 @@ def test_a_calibration_records_the_constants_its_step_was_solved_in_and_is_resta
     # 2,048 tokens: giving back eager's scores would take the matmuls past the dense peak: kept as calibrated
     assert eager.attention_seconds > eager.compute_seconds * (1 - eager.u_max)
     assert rebased_u_max(eager, today[0], 0.0) == eager.u_max
+
+
+def test_attention_flops_run_at_their_kernels_rate_and_older_calibrations_are_restated_for_it():
+    kernels = RULES.fused_attention
+    for arch in ("ampere", "hopper", "ada"):
+        assert kernels.ratio("sdpa", arch) == kernels.ratio("flash_attention_2", arch) < 1
+        assert kernels.ratio("eager", arch) == 1.0
+        assert kernels.ratio("flash-attn-triton-2023", arch) < kernels.ratio("sdpa", arch)  # only the runs name it
+    assert kernels.ratio("sdpa", "hopper") < kernels.ratio("sdpa", "ampere")  # FlashAttention-2 on an H100: 35%
+    setup, memory, sdpa = timed("full", seq=16384, u_max=0.5)
+    counts = count_params(LLAMA, "full", None)
+    triton = step_time(LLAMA, setup, counts, catalog.get_gpu("A100-80GB"), memory, tokens_per_sequence=16384,
+                       u_max=(0.5, "test"), attention_kernel="flash-attn-triton-2023")
+    at_matmul_rate = sdpa.compute_seconds / sdpa.flops_per_token.weighted(sdpa.attention_kernel_ratio) \
+        * sdpa.flops_per_token.total
+    assert at_matmul_rate < sdpa.compute_seconds < triton.compute_seconds  # 16k tokens: attention is a third
+    # a calibration solved while attention ran at the matmuls' rate (ratio 1): the ceiling under which today's
+    # step takes what that step took
+    u = rebased_u_max(sdpa, RULES.elementwise.bytes_per_hidden, None, 1.0)
+    assert u > 0.5 and sdpa.compute_seconds * 0.5 / u == pytest.approx(at_matmul_rate)
+    assert rebased_u_max(sdpa, RULES.elementwise.bytes_per_hidden, None, kernels.ratio("sdpa", "ampere")) == 0.5
 
 
 def test_fp32_matmuls_run_on_the_cuda_cores_unless_tf32_is_on_and_the_gpu_has_it():

@@ -35,6 +35,9 @@ class Calibration(BaseModel):
                                                                        "2026-12-01)")
     eager_bytes_per_score: float = Field(0.0, ge=0, description="the time model's eager-attention constant when "
                                                                 "u_max was solved (0: before the term, 2026-12-01)")
+    attention_kernel_ratio: float = Field(1.0, gt=0, le=1, description="the time model's attention kernel ratio to "
+                                                                       "the matmuls when u_max was solved (1: "
+                                                                       "before the term, 2026-12-02)")
     attention: str | None = Field(None, description="the attention implementation it was measured with (absent "
                                                     "before 2026-12-01: eager attention's cost then went unrestated)")
 

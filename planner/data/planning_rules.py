@@ -104,6 +104,29 @@ class Overhead(_Rules):
     cluster_launch_about: str
 
 
+class AttentionKernel(_Rules):
+    kernel: str
+    implementations: list[str] = Field(description="attn_implementation names that run this kernel (none: a kernel "
+                                                   "ftplan's settings cannot name, kept for the published runs)")
+    ratio_to_matmul: dict[str, float] = Field(description="by GPU architecture ('default': the others): the "
+                                                          "kernel's training throughput of ftplan's attention "
+                                                          "FLOPs over a large matmul's on the same GPU")
+    source: str
+
+
+class FusedAttention(_Rules):
+    about: str
+    kernels: list[AttentionKernel]
+
+    def ratio(self, kernel_or_implementation: str, architecture: str) -> float:
+        """The throughput ratio of attention's FLOPs to the matmuls' for a kernel or an attn_implementation on a
+        GPU architecture (1.0 where none is catalogued: eager's score matmuls are batched matmuls)."""
+        for k in self.kernels:
+            if kernel_or_implementation == k.kernel or kernel_or_implementation in k.implementations:
+                return k.ratio_to_matmul.get(architecture, k.ratio_to_matmul["default"])
+        return 1.0
+
+
 class Throughput(_Rules):
     """catalogs/throughput.json: the time model's constants, each with its source."""
 
@@ -115,6 +138,7 @@ class Throughput(_Rules):
     dequantization: Dequantization
     elementwise: Elementwise
     eager_attention: EagerAttention
+    fused_attention: FusedAttention
     optimizer_step: OptimizerStep
     communication: Communication
     overhead: Overhead

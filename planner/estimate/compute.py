@@ -28,6 +28,15 @@ class FlopsPerToken(BaseModel):
     def total(self) -> float:
         return self.forward + self.backward + self.recompute
 
+    @property
+    def attention_total(self) -> float:
+        """Attention's score FLOPs in the whole step: forward, backward (twice the forward), recomputation."""
+        return self.attention_forward * (3.0 + (1.0 if self.recompute else 0.0))
+
+    def weighted(self, attention_ratio: float) -> float:
+        """FLOPs per token counted at the matmuls' rate: attention's run `attention_ratio` times as fast."""
+        return self.total + self.attention_total * (1.0 / attention_ratio - 1.0)
+
 
 def active_fraction(layout: ModelLayout, kind: str) -> float:
     """Share of a kind's weights each token passes through: top-k of the experts for MoE."""

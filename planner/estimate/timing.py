@@ -1,7 +1,8 @@
 """How long one optimizer step takes on one GPU, term by term.
 
     micro-batch = max(max(compute + elementwise + eager attention + dequantization, launch floor), FSDP gathers)
-    compute     = FLOPs per token x (T + t_half) / (peak x u_max),   t_half = kappa x peak / bandwidth
+    compute     = weighted FLOPs per token x (T + t_half) / (peak x u_max),   t_half = kappa x peak / bandwidth
+    weighted    = matmul FLOPs + attention FLOPs / r,   r = the attention kernel's throughput over a matmul's
     elementwise = T x bytes_per_hidden x hidden x layers x (passes + 1) / bandwidth
     eager attention (attn_implementation="eager" only) = sequences x heads x S^2 x layers
                   x (forward bytes per score x (1 + recomputation) + backward bytes per score) / bandwidth
@@ -60,7 +61,10 @@ class StepTime(BaseModel):
     t_half_tokens: float = Field(description="tokens per micro-batch at which utilisation is half of u_max")
     tokens_per_micro_batch: float = Field(description="tokens of one micro-batch on one GPU, padding included")
     grad_accum: int
-    compute_seconds: float = Field(description="per micro-batch: the counted FLOPs at u(T)")
+    compute_seconds: float = Field(description="per micro-batch: the counted FLOPs at u(T), attention's at its "
+                                               "kernel's rate")
+    attention_kernel_ratio: float = Field(1.0, description="attention's FLOP rate over the matmuls' (1: eager's "
+                                                           "batched matmuls, and plans written before 2026-12-02)")
     elementwise_seconds: float = Field(0.0, description="per micro-batch: memory-bound normalisation, activation "
                                                         "and residual kernels (absent from plans written before "
                                                         "2026-12-01, whose times had no such term)")
@@ -190,17 +194,19 @@ def travelling_weight_bytes(setup: TrainingSetup, memory: MemoryBreakdown) -> in
 def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gpu: catalog.Gpu,
               memory: MemoryBreakdown, *, tokens_per_sequence: float, accum: int = 1,
               parallel: Parallel | None = None, u_max: tuple[float, str] | None = None,
-              flops: FlopsPerToken | None = None) -> StepTime:
+              flops: FlopsPerToken | None = None, attention_kernel: str | None = None) -> StepTime:
     """One optimizer step of `accum` micro-batches of `setup.batch_size` sequences of mean length
     `tokens_per_sequence`, on one GPU of `parallel` (one GPU alone when None). `memory` is the single-GPU
     breakdown; `u_max` (with its source) replaces the catalogued ceiling, e.g. from a calibration; `flops`,
-    when given, is flops_per_token() of the same arguments (computed once for many instances)."""
+    when given, is flops_per_token() of the same arguments (computed once for many instances);
+    `attention_kernel` names a catalogued attention kernel in place of the one `setup.attention` runs."""
     flops = flops or flops_per_token(layout, setup, counts, tokens_per_sequence)
     peak = peak_flops(gpu, setup)
     ceiling, source = u_max or default_u_max(gpu)
     t_half = t_half_tokens(gpu, peak)
     tokens = setup.batch_size * tokens_per_sequence
-    compute = flops.total * (tokens + t_half) / (peak * ceiling)
+    ratio = catalog.throughput().fused_attention.ratio(attention_kernel or setup.attention, gpu.architecture)
+    compute = flops.weighted(ratio) * (tokens + t_half) / (peak * ceiling)
     bandwidth = gpu.memory_bandwidth_gbps * 1e9
     optimizer = catalog.throughput().optimizer_step.passes_per_byte * update_bytes(setup, memory) / bandwidth
     gather = reduce = 0.0
@@ -220,7 +226,7 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
             reduce = allreduce_seconds(memory.gradients_bytes, inst, count)
     step = StepTime(flops_per_token=flops, peak_flops=peak, bandwidth_bytes_per_s=bandwidth, u_max=ceiling,
                     u_max_source=source, t_half_tokens=t_half, tokens_per_micro_batch=tokens, grad_accum=accum,
-                    compute_seconds=compute, elementwise_seconds=elementwise_seconds(layout, setup, gpu, tokens),
+                    compute_seconds=compute, attention_kernel_ratio=ratio, elementwise_seconds=elementwise_seconds(layout, setup, gpu, tokens),
                     attention_seconds=eager_attention_seconds(layout, setup, gpu, tokens_per_sequence),
                     dequant_seconds=dequant_seconds(layout, setup, gpu),
                     launch_floor_seconds=launch_floor_seconds(layout, setup), gather_seconds=gather,
@@ -233,23 +239,26 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
     return step.model_copy(update={"sync_seconds": max(0.0, reduce - hidden)})
 
 
-def solved_constants(step: StepTime | None = None) -> dict[str, float]:
-    """The memory-bound constants a calibration's u_max is solved in (the fields of
-    ftplan.data.calibration.Calibration), so that rebased_u_max can restate it after they change: today's, or
-    for a `step` computed earlier (a plan's), 0 for a term it does not carry (planned before the term existed)."""
+def solved_constants(step: StepTime | None) -> dict[str, float]:
+    """The constants a calibration's u_max is solved in (the fields of ftplan.data.calibration.Calibration), so
+    that rebased_u_max can restate it after they change: those of `step` (today's, or for a step computed
+    earlier - a plan's - 0 for a term it does not carry, planned before the term existed); none without a step."""
+    if step is None:
+        return {}
     rules = catalog.throughput()
-    return {"elementwise_bytes_per_hidden": rules.elementwise.bytes_per_hidden
-            if step is None or step.elementwise_seconds else 0.0,
-            "eager_bytes_per_score": rules.eager_attention.bytes_per_score
-            if step is None or step.attention_seconds else 0.0}
+    return {"elementwise_bytes_per_hidden": rules.elementwise.bytes_per_hidden if step.elementwise_seconds else 0.0,
+            "eager_bytes_per_score": rules.eager_attention.bytes_per_score if step.attention_seconds else 0.0,
+            "attention_kernel_ratio": step.attention_kernel_ratio}
 
 
-def rebased_u_max(step: StepTime, bytes_per_hidden_then: float, bytes_per_score_then: float | None = None) -> float:
-    """A calibrated ceiling that was solved under older memory-bound terms - the elementwise constant
-    `bytes_per_hidden_then` and eager attention's `bytes_per_score_then` (0 before each existed; None: as
-    today's) - restated for today's constants: the ceiling under which the step takes what it took then.
-    `step` is today's step at the old ceiling, so the restatement is made at its shape, not the calibration's;
-    where it would need more than the dense peak, or the kernels do not set the step, the ceiling stays."""
+def rebased_u_max(step: StepTime, bytes_per_hidden_then: float, bytes_per_score_then: float | None = None,
+                  kernel_ratio_then: float | None = None) -> float:
+    """A calibrated ceiling that was solved under older constants - the elementwise constant
+    `bytes_per_hidden_then`, eager attention's `bytes_per_score_then` (0 before each existed) and the attention
+    kernel's ratio to the matmuls `kernel_ratio_then` (1 before it existed); None: as today's - restated for
+    today's: the ceiling under which the step takes what it took then. `step` is today's step at the old
+    ceiling, so the restatement is made at its shape, not the calibration's; where it would need more than the
+    dense peak, or the kernels do not set the step, the ceiling stays."""
     rules = catalog.throughput()
     missing = 0.0
     for seconds, then, now in ((step.elementwise_seconds, bytes_per_hidden_then, rules.elementwise.bytes_per_hidden),
@@ -257,6 +266,9 @@ def rebased_u_max(step: StepTime, bytes_per_hidden_then: float, bytes_per_score_
         if now and then is not None and then != now:
             missing += step.grad_accum * seconds * (1 - then / now)
     compute = step.grad_accum * step.compute_seconds
+    if kernel_ratio_then is not None and kernel_ratio_then != step.attention_kernel_ratio:
+        flops = step.flops_per_token  # compute scales with the weighted FLOPs at a given ceiling
+        missing += compute * (1 - flops.weighted(kernel_ratio_then) / flops.weighted(step.attention_kernel_ratio))
     if not missing or step.bound not in ("compute", "memory") or missing >= compute * (1 - step.u_max):
         return step.u_max  # no change, the kernels do not set the time, or it would take more than the peak
     return step.u_max * compute / (compute - missing)  # the matmuls give back exactly what the new terms take

@@ -232,5 +232,5 @@ def _add_utilization(result: MeasureReport, spec: ModelSpec, setup: TrainingSetu
             tokens_per_micro_batch=step.tokens_per_micro_batch, tokens_per_second=measured,
             peak_memory_bytes=result.measured.peak_allocated_bytes, source="ftplan measure",
             date=calibration.today(), attention=setup.attention,
-            **solved_constants()))  # the time model u_max was solved in
+            **solved_constants(step)))  # the time model u_max was solved in
         result.calibration_file = str(path)

@@ -242,11 +242,11 @@ def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, 
     if calib and calib.u_max:  # solved under older memory-bound constants: the same step time under today's
         # eager attention's cost is restated only for a calibration measured with it
         eager_then = calib.eager_bytes_per_score if calib.attention == "eager" else None
-        rebased = rebased_u_max(step, calib.elementwise_bytes_per_hidden, eager_then)
+        rebased = rebased_u_max(step, calib.elementwise_bytes_per_hidden, eager_then, calib.attention_kernel_ratio)
         if rebased != step.u_max:
             step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq, accum=accum,
-                             parallel=parallel, u_max=(rebased, f"{u_max[1]}, restated for today's memory-bound "
-                                                                "terms"), flops=flops)
+                             parallel=parallel, u_max=(rebased, f"{u_max[1]}, restated for today's time "
+                                                                "model"), flops=flops)
     return step
 
 

@@ -139,6 +139,7 @@ def assumptions(request: SearchRequest, data: TokenBudget, best: Candidate) -> l
             "elementwise_bytes_per_hidden": rules.elementwise.bytes_per_hidden,
             "attention_seconds": best.time.attention_seconds,
             "eager_bytes_per_score": rules.eager_attention.bytes_per_score,
+            "attention_kernel_ratio": best.time.attention_kernel_ratio,
             "launch_floor_seconds_per_layer_pass": rules.launch_floor.seconds_per_layer_pass}),
     ]
     out.append(Assumption(code="host_ram", figures={}))

@@ -87,7 +87,9 @@ def assumption(a: Assumption) -> str:
                             "one example per sequence, padded per micro-batch")),
         "time_model": lambda: (
             "time per micro-batch = FLOPs (forward, backward, recomputation, attention) / (dense peak x u), where "
-            f"utilisation u = u_max x T / (T + t_half) rises with the tokens T of a micro-batch and saturates; "
+            + (f"attention's FLOPs run at {f['attention_kernel_ratio']:.0%} of the matmuls' rate (its fused kernel) "
+               "and " if f.get("attention_kernel_ratio", 1.0) < 1 else "")
+            + f"utilisation u = u_max x T / (T + t_half) rises with the tokens T of a micro-batch and saturates; "
             f"this plan: u_max {f['u_max']:.0%} ({f['source']}), T {f['tokens_per_micro_batch']:,.0f}, t_half "
             f"{f['t_half_tokens']:,.0f} tokens, {f['utilization']:.0%} of peak over the whole step, "
             f"{f['bound']}-bound; each micro-batch adds memory-bound elementwise kernels "
