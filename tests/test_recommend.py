@@ -96,7 +96,9 @@ def test_a_calibration_replaces_the_default_utilisation():
     elementwise = catalog.throughput().elementwise.bytes_per_hidden
     calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5,
                                                u_max=0.66, tokens_per_micro_batch=2048, source="ftplan measure",
-                                               date="2026-12-01", elementwise_bytes_per_hidden=elementwise))
+                                               date="2026-12-01", elementwise_bytes_per_hidden=elementwise,
+                                               attention_kernel_ratio=catalog.throughput().fused_attention.ratio(
+                                                   "sdpa", "ada")))  # solved in today's time model
     after = run(**args).recommended
     assert after.time.u_max == 0.66 and after.utilization_source.startswith("calibrated by ftplan measure")
     default = catalog.throughput().utilization.u_max("L40S", "ada")[0]
@@ -109,11 +111,14 @@ def test_a_calibration_solved_before_the_elementwise_term_keeps_the_step_time_it
     args = dict(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost")
     calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5,
                                                u_max=0.45, tokens_per_micro_batch=2048, source="ftplan measure",
-                                               date="2026-11-28"))  # no elementwise constant: solved without it
+                                               date="2026-11-28"))  # no elementwise constant: solved without it,
+    # and with attention's FLOPs at the matmul rate (no kernel ratio)
     after = run(**args).recommended
-    assert 0.45 < after.time.u_max < 1 and "restated for today's memory-bound terms" in after.utilization_source
+    assert 0.45 < after.time.u_max < 1 and "restated for today's time model" in after.utilization_source
     monkeypatch.setattr(catalog.throughput().elementwise, "bytes_per_hidden", 0.0)  # the time model it was solved in
+    monkeypatch.setattr(catalog.throughput().fused_attention, "kernels", [])
     then = run(**args).recommended
+    assert then.time.attention_kernel_ratio == 1.0 > after.time.attention_kernel_ratio
     assert then.time.u_max == 0.45 and then.time.elementwise_seconds == 0
     assert after.train_hours == pytest.approx(then.train_hours, rel=1e-9)
 
@@ -124,7 +129,7 @@ def test_an_eager_calibration_solved_before_the_eager_attention_term_keeps_the_s
     eager = SetupChoices(attention="eager")
     measured = dict(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5, u_max=0.45,
                     tokens_per_micro_batch=2048, source="ftplan measure", date="2026-11-30",
-                    elementwise_bytes_per_hidden=147.8)  # before the eager term
+                    elementwise_bytes_per_hidden=catalog.throughput().elementwise.bytes_per_hidden)  # no eager term
     calibration.record(calibration.Calibration(**measured))  # attention not recorded: SDPA's, nothing to restate
     sdpa_measured = run(choices=eager, **args).recommended
     assert sdpa_measured.time.u_max == 0.45 and sdpa_measured.time.attention_seconds > 0
@@ -133,10 +138,22 @@ def test_an_eager_calibration_solved_before_the_eager_attention_term_keeps_the_s
     assert after.time.tokens_per_micro_batch == 2048 and after.time.attention_seconds > 0
     monkeypatch.setattr(catalog.throughput().eager_attention, "forward_bytes_per_score", 0.0)
     monkeypatch.setattr(catalog.throughput().eager_attention, "backward_bytes_per_score", 0.0)
-    monkeypatch.setattr(catalog.throughput().elementwise, "bytes_per_hidden", 147.8)
     then = run(choices=eager, **args).recommended
     assert then.time.u_max == 0.45 and then.time.attention_seconds == 0
     assert after.train_hours == pytest.approx(then.train_hours, rel=1e-9)
+
+
+def test_a_calibration_measured_with_other_attention_is_not_restated_for_the_plans_kernel():
+    # measured with eager attention (score matmuls at the matmul rate) in today's model: its ceiling is the
+    # matmuls', which an SDPA plan takes as it is (its kernel's ratio applies to its own attention FLOPs)
+    rules = catalog.throughput()
+    calibration.record(calibration.Calibration(
+        gpu="L40S", model="llama2-7b", method="lora", utilization=0.5, u_max=0.6, tokens_per_micro_batch=2048,
+        source="ftplan measure", date="2026-12-02", attention="eager", attention_kernel_ratio=1.0,
+        elementwise_bytes_per_hidden=rules.elementwise.bytes_per_hidden,
+        eager_bytes_per_score=rules.eager_attention.bytes_per_score))
+    got = run(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost").recommended
+    assert got.time.u_max == 0.6 and got.time.attention_kernel_ratio == rules.fused_attention.ratio("sdpa", "ada")
 
 
 def test_a_calibration_from_ftplan_0_1_is_taken_as_the_ceiling():

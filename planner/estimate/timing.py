@@ -226,7 +226,8 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
             reduce = allreduce_seconds(memory.gradients_bytes, inst, count)
     step = StepTime(flops_per_token=flops, peak_flops=peak, bandwidth_bytes_per_s=bandwidth, u_max=ceiling,
                     u_max_source=source, t_half_tokens=t_half, tokens_per_micro_batch=tokens, grad_accum=accum,
-                    compute_seconds=compute, attention_kernel_ratio=ratio, elementwise_seconds=elementwise_seconds(layout, setup, gpu, tokens),
+                    compute_seconds=compute, attention_kernel_ratio=ratio,
+                    elementwise_seconds=elementwise_seconds(layout, setup, gpu, tokens),
                     attention_seconds=eager_attention_seconds(layout, setup, gpu, tokens_per_sequence),
                     dequant_seconds=dequant_seconds(layout, setup, gpu),
                     launch_floor_seconds=launch_floor_seconds(layout, setup), gather_seconds=gather,

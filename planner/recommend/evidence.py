@@ -37,7 +37,7 @@ class EvidenceRun(BaseModel):
 
 class TimeEvidence(BaseModel):
     """The time model's record next to a plan: its nearest published runs, for a small model the runs of that
-    size, and for long sequences the runs that long (older attention kernels ran far slower than predicted)."""
+    size, and for long sequences the runs that long (all with a 2023 attention kernel)."""
 
     nearest: list[EvidenceRun]
     small_model_runs: list[EvidenceRun] = Field(description="published runs of models no larger than "

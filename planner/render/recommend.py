@@ -175,7 +175,7 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
         slowest = long[0]
         lines.append(_range_caveat(long, f"with sequences of {ev.long_context_min_seq_len:,} tokens or more",
                                    f"{slowest.model}, {slowest.seq_len:,.0f} tokens, {slowest.gpus} x {slowest.gpu}",
-                                   "older attention kernels run long sequences far below the matmul rate."))
+                                   "no published run this long used today's attention kernels."))
     if ev.fp32_expert_share:
         lines.append(line(f"  Caveat: {ev.fp32_expert_share:.0%} of this plan's matmul FLOPs are MoE experts that "
                           "compute in fp32 (transformers' grouped_mm ignores autocast); the time counts them at the "
