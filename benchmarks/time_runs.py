@@ -145,6 +145,9 @@ def measured_step_seconds(rec: dict, tokens_per_step: float, gpus: int = 1) -> f
 
 
 def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
+    kernel = rec.get("attention_kernel")
+    if kernel and kernel not in {k.kernel for k in catalog.throughput().fused_attention.kernels}:
+        raise ValueError(f"{rec['id']}: attention_kernel {kernel!r} is not in catalogs/throughput.json")
     layout = layout_for(rec["model"])
     micro = rec.get("micro_batch_per_gpu") or rec["micro_batch"]
     tokens_per_micro = rec.get("tokens_per_micro_batch") or micro * rec["seq_len"]

@@ -89,6 +89,16 @@ def test_a_plan_written_before_the_elementwise_time_term_still_loads(accepted, t
     assert older.estimates.hours == load(accepted).estimates.hours  # the figures it was accepted with, unchanged
 
 
+def test_a_plan_written_before_the_attention_kernel_term_still_loads(accepted, tmp_path):
+    def before(d):
+        d["estimates"]["time"].pop("attention_kernel_ratio")
+        d["estimates"]["time"].pop("elementwise_bytes_per_hidden")
+    older = load(edited(accepted, tmp_path, before))
+    assert older.estimates.time.attention_kernel_ratio == 1.0  # its attention ran at the matmul rate
+    assert older.estimates.time.elementwise_bytes_per_hidden is None  # unknown: a calibration records today's
+    assert older.estimates.hours == load(accepted).estimates.hours
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(schema_version=4), "schema_version 4; this ftplan"),
     (lambda d: d.update(schema_version=2), "schema_version 2; this ftplan"),

@@ -156,6 +156,18 @@ def test_a_calibration_measured_with_other_attention_is_not_restated_for_the_pla
     assert got.time.u_max == 0.6 and got.time.attention_kernel_ratio == rules.fused_attention.ratio("sdpa", "ada")
 
 
+def test_sdpa_and_flash_attention_2_share_a_kernel_so_a_calibration_is_restated_alike_for_both():
+    args = dict(methods=["lora"], instances=["g6e.xlarge"], max_gpus=1, priority="cost")
+    calibration.record(calibration.Calibration(
+        gpu="L40S", model="llama2-7b", method="lora", utilization=0.5, u_max=0.55, tokens_per_micro_batch=2048,
+        source="ftplan measure", date="2026-12-01", attention="sdpa",
+        elementwise_bytes_per_hidden=catalog.throughput().elementwise.bytes_per_hidden))  # ratio 1: before the term
+    sdpa = run(**args).recommended
+    flash = run(choices=SetupChoices(attention="flash_attention_2"), **args).recommended
+    assert sdpa.time.u_max == flash.time.u_max > 0.55  # restated for the kernel's rate in both
+    assert flash.train_hours == pytest.approx(sdpa.train_hours)
+
+
 def test_a_calibration_from_ftplan_0_1_is_taken_as_the_ceiling():
     calibration.record(calibration.Calibration(gpu="L40S", model="llama2-7b", method="lora", utilization=0.5,
                                                source="ftplan run out", date="2026-11-28"))

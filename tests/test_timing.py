@@ -270,8 +270,12 @@ def test_a_calibration_records_the_constants_its_step_was_solved_in_and_is_resta
     assert tuple(solved_constants(eager).values()) == (*today, 1.0)  # eager's score matmuls: the matmul rate
     assert solved_constants(sdpa)["eager_bytes_per_score"] == 0  # a step without the term was not solved with it
     assert solved_constants(sdpa)["attention_kernel_ratio"] == RULES.fused_attention.ratio("sdpa", "ampere") < 1
-    old_plan = eager.model_copy(update={"elementwise_seconds": 0.0, "attention_seconds": 0.0})  # before both terms
+    old_plan = eager.model_copy(update={"elementwise_seconds": 0.0, "attention_seconds": 0.0,
+                                        "elementwise_bytes_per_hidden": None})  # before both terms
     assert tuple(solved_constants(old_plan).values()) == (0.0, 0.0, 1.0)
+    # a plan's step carries the elementwise constant it was computed with: a calibration from it records that one
+    planned = sdpa.model_copy(update={"elementwise_bytes_per_hidden": 147.8})
+    assert solved_constants(planned)["elementwise_bytes_per_hidden"] == 147.8 != today[0]
     # restated: at the new ceiling the step takes what it took then (512 tokens: the scores are a small term)
     _, _, short = timed("lora", seq=512, attention="eager", u_max=0.5)
     then = short.model_copy(update={"attention_seconds": 0.0})
@@ -327,3 +331,17 @@ def test_tf32_is_kept_only_where_there_are_fp32_matmuls_and_makes_fp32_training_
     assert resolve("lora", SetupChoices(precision="fp32", tf32=True)).tf32 is True
     slow, fast = (timed("lora", precision="fp32", tf32=on)[2] for on in (False, True))
     assert fast.compute_seconds < slow.compute_seconds / 2 and fast.peak_flops > slow.peak_flops
+
+
+def test_attention_flops_at_the_kernels_rate_include_the_recomputation_under_checkpointing():
+    # counted by hand: attention's forward per token is 2 x layers x context x q_dim (causal), the backward twice
+    # that, and checkpointing re-runs the forward; only those FLOPs are weighted by 1 / ratio
+    r = RULES.fused_attention.ratio("sdpa", "ampere")
+    seq, q_dim = 8192, 4096
+    per_forward = 2 * 32 * seq * q_dim
+    for ckpt, passes in ((False, 3), (True, 4)):
+        _, _, sdpa = timed("lora", seq=seq, grad_ckpt=ckpt)
+        _, _, eager = timed("lora", seq=seq, grad_ckpt=ckpt, attention="eager")  # ratio 1: the matmul rate
+        extra = passes * per_forward * (1 / r - 1) * (seq + sdpa.t_half_tokens)  # one sequence per micro-batch
+        assert sdpa.compute_seconds - eager.compute_seconds == pytest.approx(
+            extra / (sdpa.peak_flops * sdpa.u_max))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ftplan.data.rules import _Rules
 
@@ -112,6 +112,13 @@ class AttentionKernel(_Rules):
                                                           "kernel's training throughput of ftplan's attention "
                                                           "FLOPs over a large matmul's on the same GPU")
     source: str
+
+    @field_validator("ratio_to_matmul")
+    @classmethod
+    def _a_default_in_range(cls, ratios: dict[str, float]) -> dict[str, float]:
+        if "default" not in ratios or not all(0 < r <= 1 for r in ratios.values()):
+            raise ValueError("ratio_to_matmul needs a 'default' and every ratio in (0, 1]")
+        return ratios
 
 
 class FusedAttention(_Rules):

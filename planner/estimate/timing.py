@@ -68,6 +68,9 @@ class StepTime(BaseModel):
     elementwise_seconds: float = Field(0.0, description="per micro-batch: memory-bound normalisation, activation "
                                                         "and residual kernels (absent from plans written before "
                                                         "2026-12-01, whose times had no such term)")
+    elementwise_bytes_per_hidden: float | None = Field(None, description="the elementwise constant of "
+                                                                         "elementwise_seconds (absent before "
+                                                                         "2026-12-02: unknown)")
     attention_seconds: float = Field(0.0, description="per micro-batch: eager attention's memory-bound work on its "
                                                       "score matrices (0 with SDPA or FlashAttention, which never "
                                                       "write them; absent from plans written before 2026-12-01)")
@@ -228,6 +231,7 @@ def step_time(layout: ModelLayout, setup: TrainingSetup, counts: ParamCounts, gp
                     u_max_source=source, t_half_tokens=t_half, tokens_per_micro_batch=tokens, grad_accum=accum,
                     compute_seconds=compute, attention_kernel_ratio=ratio,
                     elementwise_seconds=elementwise_seconds(layout, setup, gpu, tokens),
+                    elementwise_bytes_per_hidden=catalog.throughput().elementwise.bytes_per_hidden,
                     attention_seconds=eager_attention_seconds(layout, setup, gpu, tokens_per_sequence),
                     dequant_seconds=dequant_seconds(layout, setup, gpu),
                     launch_floor_seconds=launch_floor_seconds(layout, setup), gather_seconds=gather,
@@ -247,7 +251,11 @@ def solved_constants(step: StepTime | None) -> dict[str, float]:
     if step is None:
         return {}
     rules = catalog.throughput()
-    return {"elementwise_bytes_per_hidden": rules.elementwise.bytes_per_hidden if step.elementwise_seconds else 0.0,
+    # a plan's step says which elementwise constant it was computed with; one from before 2026-12-02 does not
+    elementwise = step.elementwise_bytes_per_hidden
+    if elementwise is None:
+        elementwise = rules.elementwise.bytes_per_hidden if step.elementwise_seconds else 0.0
+    return {"elementwise_bytes_per_hidden": elementwise,
             "eager_bytes_per_score": rules.eager_attention.bytes_per_score if step.attention_seconds else 0.0,
             "attention_kernel_ratio": step.attention_kernel_ratio}
 

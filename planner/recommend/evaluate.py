@@ -241,9 +241,11 @@ def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, 
                      accum=accum, parallel=parallel, u_max=u_max, flops=flops)
     if calib and calib.u_max:  # solved under older memory-bound constants: the same step time under today's
         # eager attention's cost is restated only for a calibration measured with it, the attention kernel's
-        # rate for one measured with the plan's attention (or before attention was recorded)
+        # rate for one measured with the plan's kernel (sdpa and flash_attention_2 share one; unrecorded: the plan's)
         eager_then = calib.eager_bytes_per_score if calib.attention == "eager" else None
-        ratio_then = calib.attention_kernel_ratio if calib.attention in (None, setup.attention) else None
+        same_kernel = catalog.throughput().fused_attention.ratio(calib.attention or setup.attention,
+                                                                 gpu.architecture) == step.attention_kernel_ratio
+        ratio_then = calib.attention_kernel_ratio if same_kernel else None
         rebased = rebased_u_max(step, calib.elementwise_bytes_per_hidden, eager_then, ratio_then)
         if rebased != step.u_max:
             step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq, accum=accum,
