@@ -167,14 +167,14 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
     lines = [line(f"  Time model on the nearest published runs: {runs} ",
                   ("(predicted / measured step time; benchmarks/TIME-ACCURACY.md)", "dim"))]
     if small := ev.small_model_runs:
-        slowest = small[0]
+        worst = _furthest(small)
         lines.append(_range_caveat(small, f"of models of {ev.small_model_max_params / 1e9:g}B parameters or fewer",
-                                   f"{slowest.model} {label.get(slowest.method, slowest.method)}, {slowest.gpus} x "
-                                   f"{slowest.gpu}", "this time may be off by as much."))
+                                   f"{worst.model} {label.get(worst.method, worst.method)}, {worst.gpus} x "
+                                   f"{worst.gpu}", "this time may be off by as much."))
     if long := ev.long_context_runs:
-        slowest = long[0]
+        worst = _furthest(long)
         lines.append(_range_caveat(long, f"with sequences of {ev.long_context_min_seq_len:,} tokens or more",
-                                   f"{slowest.model}, {slowest.seq_len:,.0f} tokens, {slowest.gpus} x {slowest.gpu}",
+                                   f"{worst.model}, {worst.seq_len:,.0f} tokens, {worst.gpus} x {worst.gpu}",
                                    "no published run this long used today's attention kernels."))
     if ev.fp32_expert_share:
         lines.append(line(f"  Caveat: {ev.fp32_expert_share:.0%} of this plan's matmul FLOPs are MoE experts that "
@@ -184,11 +184,16 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
     return lines
 
 
-def _range_caveat(runs: list, which: str, slowest: str, then: str) -> Text:
-    """A caveat line: the time model's ratios on the published runs `which` describes (sorted by ratio, slowest
-    first; below 1 a run was slower than predicted), the slowest named."""
+def _furthest(runs: list):
+    """The run the time model missed most, either way (its ratio furthest from 1 in log)."""
+    return max(runs, key=lambda r: abs(math.log(r.ratio)))
+
+
+def _range_caveat(runs: list, which: str, furthest: str, then: str) -> Text:
+    """A caveat line: the time model's ratios on the published runs `which` describes (sorted by ratio; below 1
+    a run was slower than predicted), the one furthest off named."""
     return line(f"  Caveat: on {len(runs)} published runs {which} the time model read x{runs[0].ratio:.2f}-"
-                f"x{runs[-1].ratio:.2f} of the measured step (slowest: {slowest}); {then}", style="yellow")
+                f"x{runs[-1].ratio:.2f} of the measured step (furthest off: {furthest}); {then}", style="yellow")
 
 
 def _plan_rows(plan: Plan) -> list[tuple[str, str]]:
