@@ -169,7 +169,9 @@ def test_the_readmes_miss_ranges_are_the_validation_catalogs():
     assert f"include the warm-up step ({span('fresh-2', 'The source')})" in readme
     assert f"fitted 25% of bandwidth ({span('fresh-2', 'Predicted too slow: bitsandbytes')})" in readme
     assert f"RTX 6000 Ada cards ({span('fresh-2', 'RTX')})" in readme
-    assert f"at 16k-64k tokens now reads {span('fresh-3', 'Predicted too slow since', 16_384)} (" in readme
+    assert f"B200s at FlashAttention-2's ratio ({span('fresh-2', 'FlashAttention-4')})" in readme
+    assert f"misses the other way in six of them, at {span('fresh-3', 'Predicted too slow since', 16_384)} (" \
+        in readme
     # single runs the README names, as the validation has them today
     assert f"reads {ratio['dschat-opt-1.3b-full-16xv100-zero2-s512']['ratio']:.2f} with the eager-attention term" \
         in readme
