@@ -15,7 +15,7 @@ was fitted to, and is validated against, published runs (benchmarks/TIME-ACCURAC
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
@@ -27,6 +27,9 @@ from ftplan.estimate.params import ParamCounts
 from ftplan.estimate.settings import TrainingSetup
 from ftplan.estimate.sharding import PARAM_SHARDED, Sharding
 from ftplan.model.layout import QUANTIZED_KINDS, ModelLayout
+
+if TYPE_CHECKING:
+    from ftplan.data.calibration import Calibration
 
 
 class Parallel(BaseModel):
@@ -281,6 +284,19 @@ def rebased_u_max(step: StepTime, bytes_per_hidden_then: float, bytes_per_score_
     if not missing or step.bound not in ("compute", "memory") or missing >= compute * (1 - step.u_max):
         return step.u_max  # no change, the kernels do not set the time, or it would take more than the peak
     return step.u_max * compute / (compute - missing)  # the matmuls give back exactly what the new terms take
+
+
+def restated_u_max(step: StepTime, calib: Calibration, attention: str, architecture: str) -> float:
+    """A calibration's ceiling restated for today's constants (rebased_u_max), with only the constants that
+    apply to it: eager attention's where it was measured with eager attention, the attention kernel's ratio where
+    it was measured with the kernel `attention` runs on this architecture (sdpa and flash_attention_2 are one
+    kernel; a calibration that did not record its attention is taken as the plan's). `step` is today's step, of
+    `attention`, at the calibration's ceiling."""
+    eager_then = calib.eager_bytes_per_score if calib.attention == "eager" else None
+    kernels = catalog.throughput().fused_attention
+    same_kernel = kernels.ratio(calib.attention or attention, architecture) == step.attention_kernel_ratio
+    return rebased_u_max(step, calib.elementwise_bytes_per_hidden, eager_then,
+                         calib.attention_kernel_ratio if same_kernel else None)
 
 
 def calibrated_u_max(step: StepTime, measured_seconds: float) -> float:

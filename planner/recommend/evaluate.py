@@ -16,7 +16,7 @@ from ftplan.estimate.cost import HourlyPrice, cost_usd, hourly_price
 from ftplan.estimate.fit import gpu_supports
 from ftplan.estimate.settings import TrainingSetup, for_gpu
 from ftplan.estimate.sharding import loading_bytes_per_node, shard
-from ftplan.estimate.timing import Parallel, StepTime, rebased_u_max, step_time
+from ftplan.estimate.timing import Parallel, StepTime, restated_u_max, step_time
 from ftplan.model.layout import ModelLayout
 from ftplan.model.spec import ModelSpec
 from ftplan.recommend import grid
@@ -239,14 +239,8 @@ def _timing(ctx: _Context, st: Setting, setup: TrainingSetup, gpu: catalog.Gpu, 
     memory = st.memory_at(micro, parallel.gpus, ctx.request.global_batch)
     step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq,
                      accum=accum, parallel=parallel, u_max=u_max, flops=flops)
-    if calib and calib.u_max:  # solved under older memory-bound constants: the same step time under today's
-        # eager attention's cost is restated only for a calibration measured with it, the attention kernel's
-        # rate for one measured with the plan's kernel (sdpa and flash_attention_2 share one; unrecorded: the plan's)
-        eager_then = calib.eager_bytes_per_score if calib.attention == "eager" else None
-        same_kernel = catalog.throughput().fused_attention.ratio(calib.attention or setup.attention,
-                                                                 gpu.architecture) == step.attention_kernel_ratio
-        ratio_then = calib.attention_kernel_ratio if same_kernel else None
-        rebased = rebased_u_max(step, calib.elementwise_bytes_per_hidden, eager_then, ratio_then)
+    if calib and calib.u_max:  # solved under older constants: the same step time under today's
+        rebased = restated_u_max(step, calib, setup.attention, gpu.architecture)
         if rebased != step.u_max:
             step = step_time(ctx.layout, setup, st.counts, gpu, memory, tokens_per_sequence=per_seq, accum=accum,
                              parallel=parallel, u_max=(rebased, f"{u_max[1]}, restated for today's time "
