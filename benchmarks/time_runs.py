@@ -145,9 +145,6 @@ def measured_step_seconds(rec: dict, tokens_per_step: float, gpus: int = 1) -> f
 
 
 def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
-    kernel = rec.get("attention_kernel")
-    if kernel and kernel not in {k.kernel for k in catalog.throughput().fused_attention.kernels}:
-        raise ValueError(f"{rec['id']}: attention_kernel {kernel!r} is not in catalogs/throughput.json")
     layout = layout_for(rec["model"])
     micro = rec.get("micro_batch_per_gpu") or rec["micro_batch"]
     tokens_per_micro = rec.get("tokens_per_micro_batch") or micro * rec["seq_len"]
@@ -173,6 +170,10 @@ def load(path: Path = RUNS_JSONL) -> list[Case]:
     """Every used run of the file, and every rejected one that can still be predicted (for information), with
     memory and FLOPs computed once."""
     recs = records(path)
+    kernels = {k.kernel for k in catalog.throughput().fused_attention.kernels}
+    # every run, rejected ones too: a misspelt kernel would silently mean the matmul rate
+    if unknown := [r["id"] for r in recs if "attention_kernel" in r and r["attention_kernel"] not in kernels]:
+        raise ValueError(f"attention_kernel not in catalogs/throughput.json: {', '.join(unknown)}")
     extra = inline_gpus(recs)
     cases = [c for c in (case_for(r, extra) if r["use"] else rejected_case(r, extra)
                          for r in recs if r["record"] == "run") if c is not None]

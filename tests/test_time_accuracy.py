@@ -68,6 +68,13 @@ def test_every_line_parses_and_every_used_run_states_what_the_prediction_needs()
     assert all(r["reject_reason"] and r["split"] == "rejected" for r in rejected)
 
 
+def test_a_run_naming_an_uncatalogued_attention_kernel_is_refused(tmp_path):
+    path = tmp_path / "runs.jsonl"  # rejected runs too: a misspelt kernel would silently mean the matmul rate
+    path.write_text(json.dumps({"record": "run", "id": "typo", "use": False, "attention_kernel": "flash-attn-tritn"}))
+    with pytest.raises(ValueError, match="typo"):
+        runs.load(path)
+
+
 def test_gpus_outside_the_catalog_are_defined_with_their_source():
     recs = runs.records()
     inline = runs.inline_gpus(recs)
