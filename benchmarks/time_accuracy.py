@@ -98,20 +98,30 @@ def small_models(preds: list) -> tuple[str, dict]:
 
 # what `recommend` shows for long sequences: no published run this long used today's attention kernels
 LONG_SEQ = 16_384
+TRITON = "flash-attn-triton-2023"
+FA2 = "flash-attention-2"
 
 
 def long_context(preds: list) -> dict:
     """The caveat recommend shows for long sequences, its ranges from `preds`."""
     long = [r for c, _, r in preds if c.used and c.tokens_per_sequence >= LONG_SEQ]
     sources = sorted({c.rec["source_short"] for c, _, _ in preds if c.used and c.tokens_per_sequence >= LONG_SEQ})
-    fa2 = [r for c, _, r in preds if c.used and c.id.startswith("vectorlm") and c.tokens_per_sequence >= 8192]
+    fa2 = [r for c, _, r in preds if c.used and _kernel(c) == FA2 and 8192 <= c.tokens_per_sequence < LONG_SEQ]
     return {"min_seq_len": LONG_SEQ,
             "about": "sequences of 16k tokens or more: the time model's ratios on the published runs that long",
             "source": f"benchmarks/TIME-ACCURACY.md: the {len(long)} used runs of 16k tokens per sequence or more "
                       f"({', '.join(sources)}) read {min(long):.2f}-"
                       f"{max(long):.2f} of the measured step (all with a 2023 Triton attention kernel, counted at "
-                      f"FlashAttention-1's published rate); FlashAttention-2 runs at 8k (vectorlm) read "
-                      f"{min(fa2):.2f}-{max(fa2):.2f}"}
+                      f"FlashAttention-1's published rate); the {len(fa2)} runs of 8k tokens predicted at "
+                      f"FlashAttention-2's rate (FlashAttention or SDPA) read {min(fa2):.2f}-{max(fa2):.2f}"}
+
+
+def _kernel(case) -> str | None:
+    """The catalogued attention kernel a run was predicted with: the one its record names, else its setting's."""
+    if kernel := case.rec.get("attention_kernel"):
+        return kernel
+    known = catalog.throughput().fused_attention.kernels
+    return next((k.kernel for k in known if case.setup.attention in k.implementations), None)
 
 
 VARIANTS = ("Once fresh-2 had tested the model blind, benchmarks/time_variants.py refitted it with fresh-2 in the "
@@ -130,7 +140,6 @@ BEFORE_ATTENTION_TERM = ("train x1.073 28/29, held-out x1.138 10/12, fresh-1 x1.
                          "fresh-3 x1.331 5/13 (0.44-1.37), fresh-4 x1.065 16/17, all x1.117 148/184; rms |ln ratio| "
                          "over all 0.257 (the Triton rows 0.258, the others 0.256); the Triton rows of 16k-64k "
                          "tokens 0.44-0.84")
-TRITON = "flash-attn-triton-2023"
 
 
 def attention_term(preds: list) -> str:
