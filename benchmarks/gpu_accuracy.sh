@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA accuracy matrix (benchmarks/accuracy.py --device cuda): full depth, both training loops, every
 # optimizer name, step times at three micro-batch sizes; writes benchmarks/ACCURACY-GPU.md and appends raw
-# results to benchmarks/results/cuda.jsonl. Meant to finish in under 8 minutes on an H100/H200.
+# results to benchmarks/results/cuda.jsonl. Before it, benchmarks/lora_overhead.py times a PEFT LoRA layer
+# against the frozen layer it wraps (the time model's LoRA miss). Meant to finish in under 9 minutes on an H200.
 #
 #   benchmarks/gpu_accuracy.sh [SUBSTRING]            the GPU run (SUBSTRING: only cases whose id has it)
 #   benchmarks/gpu_accuracy.sh --device cpu [SUBSTR]  rehearsal on a CPU: every step below, the tiny matrix
@@ -11,6 +12,9 @@
 # missing packages come as wheels carried in .wheels/ (git-ignored), installed with --no-index --no-deps into
 # a scratch folder that goes on PYTHONPATH together with a shim that makes the repository importable as
 # `ftplan` (pyproject maps ftplan -> planner/, ftplan.backends -> plugins/, ftplan.catalogs -> catalogs/).
+#
+# Under the device tool, results go straight to $OUT (cuda.jsonl, ACCURACY-GPU.md, lora_overhead-cuda.jsonl):
+# copy them to benchmarks/results/ and benchmarks/ here and commit.
 #
 # Getting the wheels, here, before the GPU session (the versions this repository is tested with; pure-Python
 # wheels serve every Python; pydantic-core and bitsandbytes are binary: fetch pydantic-core for every CPython
@@ -104,14 +108,27 @@ if [ "$DEVICE" = cuda ]; then
 print(torch.cuda.get_device_name(), torch.version.cuda)"
     nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
     ARGS=(--device cuda --timeout 240)  # an 8B QLoRA build (random init, save, 4-bit reload) is the slowest
+    if [ -n "${OUT:-}" ]; then  # the device tool's folder that comes back: results land there as they are made,
+        # so a run stopped at its time limit still returns every finished case
+        ARGS+=(--results "$OUT/cuda.jsonl" --out "$OUT/ACCURACY-GPU.md")
+    fi
+    LORA_ARGS=(--device cuda --results "${OUT:-benchmarks/results}/lora_overhead-cuda.jsonl")
 else
     # the rehearsal: same runner and report, a tiny CPU matrix, written beside the real files
     ARGS=(--device cpu --matrix tiny --timeout 600 --results "$SCRATCH/tiny.jsonl" --out "$SCRATCH/ACCURACY-tiny.md")
+    LORA_ARGS=(--device cpu --iterations 2 --results "$SCRATCH/lora_overhead-cpu.jsonl")
 fi
 
-step "5. the matrix"
+step "5. the LoRA adapter path against the frozen layer (about a minute on an H100; first, as it is short)"
+if [ -z "$ONLY" ]; then
+    timeout 180 "$PY" benchmarks/lora_overhead.py "${LORA_ARGS[@]}" || echo "lora_overhead.py stopped: $?"
+else
+    echo "skipped: only the matrix's cases with '$ONLY'"
+fi
+
+step "6. the matrix (each case's result is written as it finishes)"
 "$PY" benchmarks/accuracy.py "${ARGS[@]}" ${ONLY:+--only "$ONLY"}
 
-step "6. done"
-[ "$DEVICE" = cuda ] && cat benchmarks/ACCURACY-GPU.md || cat "$SCRATCH/ACCURACY-tiny.md"
+step "7. done"
+if [ "$DEVICE" = cuda ]; then cat "${OUT:-benchmarks}/ACCURACY-GPU.md"; else cat "$SCRATCH/ACCURACY-tiny.md"; fi
 rm -rf "$SHIM"  # links into the repository; the deps and rehearsal results stay for a look
