@@ -144,6 +144,12 @@ def measured_step_seconds(rec: dict, tokens_per_step: float, gpus: int = 1) -> f
     raise ValueError(f"{rec['id']}: unknown measured kind {m['kind']!r}")
 
 
+def loop_of(rec: dict) -> str:
+    """The run's training loop as ftplan names it: the record's `loop`, else a plain PyTorch loop's ('custom':
+    the model's outputs live through backward) or the Trainer's. It moves memory only, not the step's time."""
+    return rec.get("loop") or ("custom" if rec.get("framework_kind") == "plain-pytorch" else "trainer")
+
+
 def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
     layout = layout_for(rec["model"])
     micro = rec.get("micro_batch_per_gpu") or rec["micro_batch"]
@@ -152,7 +158,7 @@ def case_for(rec: dict, extra: dict[str, catalog.Gpu]) -> Case:
     # attn_implementation where the source states one ftplan names (eager); else what transformers would use
     choices = SetupChoices(batch_size=micro, seq_len=rec["seq_len"], precision=rec["precision"],
                            optimizer=rec.get("optimizer"), grad_ckpt=rec["grad_ckpt"],
-                           attention=rec.get("attn_implementation"), tf32=bool(rec.get("tf32")),
+                           attention=rec.get("attn_implementation"), tf32=bool(rec.get("tf32")), loop=loop_of(rec),
                            **({"lora": lora} if lora else {}))
     setup = resolve(rec["method"], choices, model_type=layout.model_type)
     gpu = gpu_for(rec["gpu"], extra)

@@ -1,0 +1,143 @@
+"""Estimated per-GPU memory against the peak GPU memory that published training runs report, written to
+benchmarks/MEMORY-PUBLISHED.md.
+
+benchmarks/ACCURACY.md checks the memory model on the CPU, with instruments of ftplan's own; CUDA kernels, the
+caching allocator and the CUDA context can differ, and no GPU has been lent to this project. These are
+measurements ftplan did not make: the runs of benchmarks/published_runs.jsonl whose sources state a peak GPU
+memory (`memory_measured`, each with what was measured):
+
+  torch_max_allocated  torch.cuda.max_memory_allocated: against the estimate's peak allocated
+  device_used          the device's used memory (nvidia-smi or the like: the allocator's cache and the CUDA context
+                       in it): against the GPU memory the estimate says a run needs
+  unstated             the source does not say how: against the GPU memory the estimate says a run needs
+
+Each run is estimated with its settings as the time comparison records them (benchmarks/time_runs.py), sharded
+as `estimate --gpus N --sharding S` shards it. The memory model was not fitted to, or changed for, any of these
+figures: every one is held out.
+
+Usage: python benchmarks/memory_published.py [--check]   (--check: exit 1 if MEMORY-PUBLISHED.md is stale)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import time_runs as runs  # noqa: E402 - benchmarks/ is not a package
+
+from ftplan.estimate.sharding import ShardedMemory, shard  # noqa: E402
+
+REPORT = Path(__file__).resolve().parent / "MEMORY-PUBLISHED.md"
+GiB = 2**30
+BASES = {"torch_max_allocated": ("torch.cuda.max_memory_allocated", "peak allocated"),
+         "device_used": ("the device's used memory (allocator cache and CUDA context included)", "GPU memory needed"),
+         "unstated": ("not stated by the source", "GPU memory needed")}
+
+
+def estimated(case: runs.Case) -> ShardedMemory:
+    """Per-GPU memory of a published run, as `estimate` gives it for the run's GPUs and sharding."""
+    p = case.parallel
+    return shard(case.layout, case.setup, case.memory, gpus=p.gpus, nodes=p.count, sharding=p.sharding)
+
+
+def comparisons(cases: list[runs.Case]) -> list[dict]:
+    """One row per published memory figure: the measured bytes, the estimate's comparable figure, the error."""
+    rows = []
+    for case in cases:
+        if not case.used or not case.rec.get("memory_measured"):
+            continue
+        memory = estimated(case)
+        for figure in case.rec["memory_measured"]:
+            if figure["basis"] not in BASES:
+                raise ValueError(f"{case.id}: memory_measured basis {figure['basis']!r} is not one of {list(BASES)}")
+            ours = memory.peak_allocated_bytes if figure["basis"] == "torch_max_allocated" else memory.required_bytes
+            rows.append({"case": case, "basis": figure["basis"], "measured": figure["bytes"], "estimated": ours,
+                         "error": ours / figure["bytes"] - 1, "quote": f"{figure['quote']} ({figure['reading']})",
+                         "per_gpu_from": figure.get("per_gpu_from"), "peak_phase": memory.peak_phase})
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """n, median and largest |error|, how many within 5% and 10%, and how many under-estimated."""
+    errors = [abs(r["error"]) for r in rows]
+    under = sum(r["error"] < 0 for r in rows)
+    return (f"n = {len(rows)}, median |error| {statistics.median(errors):.1%}, max {max(errors):.1%}, "
+            f"{sum(e <= 0.05 for e in errors)} within 5%, {sum(e <= 0.10 for e in errors)} within 10%, "
+            f"{under} under-estimated")
+
+
+def _setting(case: runs.Case) -> str:
+    s, p = case.setup, case.parallel
+    lora = f" r{s.lora.r}" if s.method != "full" else ""
+    where = f"{p.gpus} x {case.gpu.name}" + (f", {p.sharding}" if p.gpus > 1 or p.sharding != "none" else "")
+    return (f"{runs.display_name(case.rec['model'])} {s.method}{lora}, {s.precision}, {s.optimizer}, "
+            f"{'ckpt' if s.grad_ckpt else 'no ckpt'}, {s.loop} loop, {s.batch_size} x {case.tokens_per_sequence:.0f}"
+            f" tokens; {where}")
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| run | setting | measured GiB | estimated GiB | error | the source's figure |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["error"]):
+        quote = r["quote"] + (f"; {r['per_gpu_from']}" if r["per_gpu_from"] else "")
+        lines.append(f"| {r['case'].id} | {_setting(r['case'])} | {r['measured'] / GiB:.2f} | "
+                     f"{r['estimated'] / GiB:.2f} | {r['error']:+.1%} | {quote} |")
+    return lines
+
+
+def _where(row: dict) -> tuple[str, str]:
+    return row["case"].setup.method, "sharded" if row["case"].parallel.gpus > 1 else "one GPU"
+
+
+def groups(rows: list[dict]) -> list[str]:
+    """Torch-allocated figures by method and sharding: where the model is off, and which way."""
+    allocated = [r for r in rows if r["basis"] == "torch_max_allocated"]
+    lines = ["| method | GPUs | n | errors |", "|---|---|---|---|"]
+    for method, where in sorted({_where(r) for r in allocated}):
+        errs = sorted(r["error"] for r in allocated if _where(r) == (method, where))
+        lines.append(f"| {method} | {where} | {len(errs)} | {', '.join(f'{e:+.1%}' for e in errs)} |")
+    return lines
+
+
+def report(rows: list[dict], date: str) -> str:
+    sources = sorted({r["case"].rec["source_short"] for r in rows})
+    out = ["# Memory against published runs", "",
+           f"Generated {date} by `python benchmarks/memory_published.py` (ftplan's current memory model).", "",
+           "Peak GPU memory as published runs report it, against ftplan's per-GPU estimate for the run's settings "
+           f"({len(rows)} figures from {len({r['case'].id for r in rows})} runs: {', '.join(sources)}). Measurements "
+           "ftplan did not make, on the GPUs this project has never been lent: the independent check of the CUDA "
+           "side of the memory model (benchmarks/ACCURACY.md checks it on the CPU). None of these figures was used "
+           "to fit or change the model. Error = (estimated - measured) / measured; an under-estimate is the "
+           "dangerous side (a plan that does not fit).", ""]
+    for basis, (what, ours) in BASES.items():
+        chosen = [r for r in rows if r["basis"] == basis]
+        if chosen:
+            out += [f"## Measured: {what}; compared with the estimate's {ours}", "",
+                    f"**{summary(chosen)}**", "", *table(chosen), ""]
+    out += ["## torch.cuda.max_memory_allocated by method and sharding", "", *groups(rows), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed report is not current")
+    args = parser.parse_args()
+    rows = comparisons(runs.load())
+    if args.check:
+        committed = REPORT.read_text(encoding="utf-8")
+        date = committed.split("Generated ", 1)[1].split(" ", 1)[0]
+        if report(rows, date).rstrip("\n") != committed.rstrip("\n"):
+            sys.exit(f"{REPORT.name} is stale: run python benchmarks/memory_published.py")
+        return
+    REPORT.write_text(report(rows, datetime.date.today().isoformat()).rstrip("\n") + "\n", encoding="utf-8")
+    for basis in BASES:
+        if chosen := [r for r in rows if r["basis"] == basis]:
+            print(f"{basis}: {summary(chosen)}")
+
+
+if __name__ == "__main__":
+    main()
