@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ import time_runs as runs  # noqa: E402 - benchmarks/ is not a package
 from ftplan.estimate.sharding import ShardedMemory, shard  # noqa: E402
 
 REPORT = Path(__file__).resolve().parent / "MEMORY-PUBLISHED.md"
+CATALOG = Path(__file__).resolve().parents[1] / "catalogs" / "memory_validation.json"
 GiB = 2**30
 BASES = {"torch_max_allocated": ("torch.cuda.max_memory_allocated", "peak allocated"),
          "device_used": ("the device's used memory (allocator cache and CUDA context included)", "GPU memory needed"),
@@ -89,6 +91,28 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def catalog_groups(rows: list[dict], date: str) -> dict:
+    """catalogs/memory_validation.json: per method and sharding, how the allocated peaks of published runs compare
+    with the estimate (measured / estimated), for `estimate` to show beside its figures."""
+    allocated = [r for r in rows if r["basis"] == "torch_max_allocated"]
+    keys = sorted({(r["case"].setup.method, r["case"].parallel.sharding) for r in allocated})
+    groups = []
+    for method, sharding in keys:
+        chosen = [r for r in allocated if (r["case"].setup.method, r["case"].parallel.sharding) == (method, sharding)]
+        ratios = [r["measured"] / r["estimated"] for r in chosen]
+        groups.append({"method": method, "sharding": sharding, "runs": len(chosen),
+                       "measured_over_estimated": [round(min(ratios), 3), round(max(ratios), 3)],
+                       "sources": sorted({r["case"].rec["source_short"] for r in chosen}),
+                       "models": sorted({runs.display_name(r["case"].rec["model"]) for r in chosen})})
+    return {"schema": 1, "date": date,
+            "about": "Peak allocated GPU memory (torch.cuda.max_memory_allocated) of published training runs over "
+                     "ftplan's estimate of it for their settings, by method and sharding; none of it was used to fit "
+                     "the memory model",
+            "source": "benchmarks/MEMORY-PUBLISHED.md, written by benchmarks/memory_published.py from the "
+                      "memory_measured figures of benchmarks/published_runs.jsonl (each with its quote)",
+            "groups": groups}
+
+
 def _where(row: dict) -> tuple[str, str]:
     return row["case"].setup.method, "sharded" if row["case"].parallel.gpus > 1 else "one GPU"
 
@@ -130,10 +154,15 @@ def main() -> None:
     if args.check:
         committed = REPORT.read_text(encoding="utf-8")
         date = committed.split("Generated ", 1)[1].split(" ", 1)[0]
-        if report(rows, date).rstrip("\n") != committed.rstrip("\n"):
-            sys.exit(f"{REPORT.name} is stale: run python benchmarks/memory_published.py")
+        stale = [p.name for p, now in ((REPORT, report(rows, date)),
+                                       (CATALOG, json.dumps(catalog_groups(rows, date), indent=2)))
+                 if now.rstrip("\n") != p.read_text(encoding="utf-8").rstrip("\n")]
+        if stale:
+            sys.exit(f"{', '.join(stale)} stale: run python benchmarks/memory_published.py")
         return
-    REPORT.write_text(report(rows, datetime.date.today().isoformat()).rstrip("\n") + "\n", encoding="utf-8")
+    date = datetime.date.today().isoformat()
+    REPORT.write_text(report(rows, date).rstrip("\n") + "\n", encoding="utf-8")
+    CATALOG.write_text(json.dumps(catalog_groups(rows, date), indent=2) + "\n", encoding="utf-8")
     for basis in BASES:
         if chosen := [r for r in rows if r["basis"] == basis]:
             print(f"{basis}: {summary(chosen)}")

@@ -1,11 +1,25 @@
 """The memory model against published GPU measurements (benchmarks/memory_published.py): every figure is quoted from
-its source, the committed report is today's model's, and the README quotes today's figures."""
+its source, the committed report and catalog are today's model's, the README quotes today's figures, and estimate
+and recommend show the published runs of a plan's method and sharding."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from ftplan.data import catalog
+from ftplan.data.dataset import from_token_count
+from ftplan.estimate.published import PublishedMemoryCheck, published_check
+from ftplan.estimate.settings import SetupChoices
+from ftplan.model.inventory import layout_for
+from ftplan.model.resolve import from_catalog
+from ftplan.recommend.search import SearchRequest, search
+from ftplan.render.recommend import memory_evidence_lines
+
+from .conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -63,3 +77,56 @@ def test_the_readme_quotes_todays_figures(rows):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for basis in ("torch_max_allocated", "device_used"):
         assert published.summary([r for r in rows if r["basis"] == basis]) in readme, basis
+
+
+def test_the_catalog_estimate_reads_is_todays_comparison(rows):
+    committed = json.loads(published.CATALOG.read_text(encoding="utf-8"))
+    assert committed == json.loads(json.dumps(published.catalog_groups(rows, committed["date"])))
+    lora_one_gpu = next(g for g in committed["groups"] if (g["method"], g["sharding"]) == ("lora", "none"))
+    ratios = [r["measured"] / r["estimated"] for r in rows if r["basis"] == "torch_max_allocated"
+              and r["case"].setup.method == "lora" and r["case"].parallel.gpus == 1]
+    assert lora_one_gpu["runs"] == len(ratios) and lora_one_gpu["measured_over_estimated"][1] == round(max(ratios), 3)
+
+
+def test_estimate_shows_the_published_runs_of_its_method_and_sharding():
+    groups = {(g.method, g.sharding): g for g in catalog.memory_validation().groups}
+    one_gpu = json.loads(run_cli("estimate", "mistral-7b", "--method", "lora", "--json").stdout)["estimates"][0]
+    assert one_gpu["published_check"]["measured_over_estimated"] == list(groups["lora", "none"].measured_over_estimated)
+    fsdp = json.loads(run_cli("estimate", "mistral-7b", "--method", "qlora", "--gpus", "2", "--sharding", "fsdp",
+                              "--json").stdout)["estimates"][0]
+    assert fsdp["published_check"]["runs"] == groups["qlora", "fsdp"].runs
+    # no published run under DDP, and none measured a CPU
+    for extra in (("--gpus", "2", "--sharding", "ddp"), ("--device", "cpu")):
+        result = run_cli("estimate", "mistral-7b", "--method", "lora", *extra, "--json")
+        assert json.loads(result.stdout)["estimates"][0]["published_check"] is None, extra
+    text = run_cli("estimate", "mistral-7b", "--method", "qlora", "--gpus", "2", "--sharding", "fsdp").stdout
+    low, high = groups["qlora", "fsdp"].measured_over_estimated
+    assert f"qlora with fsdp: on {groups['qlora', 'fsdp'].runs} published GPU runs" in text
+    assert f"{low:.2f}-{high:.2f}x this model's estimate" in text
+
+
+def test_recommend_carries_the_published_memory_check_of_its_plan():
+    entry = catalog.find_model("qwen2.5-0.5b")
+    spec = from_catalog(entry)
+    rec = search(spec, layout_for(spec)[0], from_token_count(1_000_000, 2048), SearchRequest(methods=["lora"]),
+                 SetupChoices(seq_len=2048))
+    best = rec.recommended
+    assert rec.memory_evidence == published_check(best.method, best.sharding, "cuda")
+    assert rec.model_dump(mode="json")["memory_evidence"]["runs"] == rec.memory_evidence.runs
+
+
+def _plan(peak_gib: float, required_gib: float, gpu_gib: float, ratios=(1.05, 1.15)):
+    check = PublishedMemoryCheck(runs=2, measured_over_estimated=ratios, sources=["Src"], models=["M"],
+                                 validated="2026-12-02")
+    plan = SimpleNamespace(method="lora", sharding="fsdp", peak_allocated_bytes=int(peak_gib * 2**30),
+                           required_bytes=int(required_gib * 2**30), gpu_memory_bytes=int(gpu_gib * 2**30))
+    return SimpleNamespace(recommended=plan, memory_evidence=check)
+
+
+def test_recommend_warns_when_the_plan_would_not_fit_at_the_published_ratio():
+    roomy = [" ".join(str(t).split()) for t in memory_evidence_lines(_plan(60, 64, 80))]
+    assert roomy == ["Memory model on published GPU runs of lora with fsdp: peak allocated 1.05-1.15x the estimate "
+                     "(2 runs: M, Src; benchmarks/MEMORY-PUBLISHED.md)"]
+    tight = [" ".join(str(t).split()) for t in memory_evidence_lines(_plan(70, 74, 80))]
+    assert "Caveat: at 1.15x this plan would need 84.50 GiB of the GPU's 80.00 GiB" in tight[1]
+    assert memory_evidence_lines(SimpleNamespace(recommended=None, memory_evidence=None)) == []

@@ -201,6 +201,15 @@ def stale_warning(price_date: str, today: date | None = None) -> str:
 
 
 @cache
+def memory_validation() -> rules.MemoryValidation:
+    """The memory model against published GPU runs (catalogs/memory_validation.json, by
+    benchmarks/memory_published.py)."""
+    from ftplan.data import rules  # its classes are built only when a rule is needed
+
+    return rules.MemoryValidation.model_validate(_load("memory_validation.json"))
+
+
+@cache
 def peft_default_targets() -> dict[str, list[str]]:
     """PEFT's default LoRA targets per model type (catalogs/peft_default_targets.json)."""
     from ftplan.data import rules  # its classes are built only when a rule is needed

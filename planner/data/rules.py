@@ -69,6 +69,29 @@ class MemoryRules(_Rules):
     allocator_slack_source: str
 
 
+# -- memory_validation.json -----------------------------------------------------------------------
+class PublishedMemoryGroup(_Rules):
+    """Published GPU runs of one method and sharding against the memory model."""
+
+    method: str
+    sharding: str = Field(description="'none' for one GPU, else as ftplan names it (fsdp, zero3, ...)")
+    runs: int = Field(ge=1)
+    measured_over_estimated: tuple[float, float] = Field(description="least and greatest torch.cuda."
+                                                                     "max_memory_allocated / ftplan's peak allocated")
+    sources: list[str]
+    models: list[str]
+
+
+class MemoryValidation(_Rules):
+    """catalogs/memory_validation.json, written by benchmarks/memory_published.py."""
+
+    schema_: int = Field(alias="schema")
+    date: str
+    about: str
+    source: str
+    groups: list[PublishedMemoryGroup]
+
+
 class PeftDefaults(_Rules):
     """catalogs/peft_default_targets.json."""
 

@@ -9,6 +9,7 @@ from ftplan.estimate.fit import InstanceFit, cheapest_fits, hypothetical_gpu_nam
 from ftplan.estimate.memory import MemoryBreakdown, estimate_memory, lora_base_dtype, unquantized_matmul_params
 from ftplan.estimate.optimizer import Device
 from ftplan.estimate.params import TargetResolution, count_params, fit_dropout, over_ranked
+from ftplan.estimate.published import PublishedMemoryCheck, published_check
 from ftplan.estimate.settings import Method, SetupChoices, TrainingSetup, resolve
 from ftplan.estimate.sharding import Offload, ShardedMemory, Sharding, shard, smallest_gpu_count, validate
 from ftplan.model.inventory import layout_for
@@ -52,6 +53,8 @@ class MethodEstimate(BaseModel):
         default_factory=dict, description="instance type -> fewest GPUs that fit with parameter sharding (FSDP, "
                                           "as recommend plans, unless --sharding names zero3 or fsdp-hybrid), null "
                                           "when none up to 512")
+    published_check: PublishedMemoryCheck | None = Field(None, description="published GPU runs of this method and "
+                                                                           "sharding against the memory model")
 
 
 class EstimateReport(BaseModel):
@@ -210,6 +213,7 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
             cheapest_instances=cheapest_fits(need, setup, gpu=gpu_info.name if gpu_info else None,
                                              min_gpus=gpus // nodes, region=region),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding, device),
+            published_check=published_check(setup.method, sharded.sharding if sharded else "none", device),
         ))
     warnings += _report_warnings(spec, choices, estimates, gpu_memory_bytes)
     if choices.sync_each_batch and not (sharding in ("fsdp", "fsdp-hybrid") and gpus > 1 and grad_accum > 1):

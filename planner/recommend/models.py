@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from ftplan.data.dataset import TokenBudget
 from ftplan.estimate.cost import HourlyPrice, Market, Platform
+from ftplan.estimate.published import PublishedMemoryCheck
 from ftplan.estimate.settings import Method, TrainingSetup
 from ftplan.estimate.timing import StepTime
 from ftplan.recommend.evidence import TimeEvidence
@@ -125,6 +126,9 @@ class Recommendation(BaseModel):
     assumptions: list[Assumption]
     time_evidence: TimeEvidence | None = Field(None, description="how far the time model was off on the "
                                                                  "published runs nearest the recommended plan")
+    memory_evidence: PublishedMemoryCheck | None = Field(None, description="published GPU runs of the recommended "
+                                                                           "plan's method and sharding against the "
+                                                                           "memory model")
     backend: str | None = Field(None, description="the trainer backend the plan names")
     backend_reason: Literal["requested", "platform", "skypilot", "hf_without_skypilot", "plugin_platform"] | None = \
         Field(None, description="why that backend: --backend, the platform's own (sagemaker), skypilot installed "

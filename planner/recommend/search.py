@@ -12,6 +12,7 @@ from ftplan.data.dataset import TokenBudget
 from ftplan.errors import PlannerError
 from ftplan.estimate.compute import fp32_expert_share
 from ftplan.estimate.cost import check_region
+from ftplan.estimate.published import published_check
 from ftplan.estimate.settings import SetupChoices
 from ftplan.model.layout import ModelLayout
 from ftplan.model.spec import ModelSpec
@@ -50,4 +51,5 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
         time_evidence=evidence.for_plan(best.gpu, best.method, layout.total_params(),
                                         best.time.tokens_per_micro_batch,
                                         fp32_expert_share(layout, best.setup, best.sharding == "fsdp"),
-                                        seq_len=best.setup.seq_len))
+                                        seq_len=best.setup.seq_len),
+        memory_evidence=published_check(best.method, best.sharding, "cuda"))

@@ -195,6 +195,20 @@ def smallest_counts_line(report: EstimateReport) -> list[str]:
     return out
 
 
+def published_check_lines(report: EstimateReport) -> list[str]:
+    """Per method: how far published GPU runs of it (same sharding) were from this memory model."""
+    lines = []
+    for e in report.estimates:
+        if c := e.published_check:
+            low, high = c.measured_over_estimated
+            where = f"with {e.sharded.sharding}" if e.sharded else "on one GPU"
+            runs = f"{c.runs} published GPU run{'s' if c.runs > 1 else ''}"
+            lines.append(f"{e.method} {where}: on {runs} ({', '.join(c.models)}; {', '.join(c.sources)}) the peak "
+                         f"allocated memory was {low:.2f}-{high:.2f}x this model's estimate for them "
+                         "(benchmarks/MEMORY-PUBLISHED.md)")
+    return lines
+
+
 def print_estimate(report: EstimateReport, console: Console) -> None:
     """The whole estimate: the model, the comparison, the bars, verdicts, instances, assumptions, prices."""
     m, width = report.model, console.width
@@ -212,6 +226,8 @@ def print_estimate(report: EstimateReport, console: Console) -> None:
     if (sharded := sharded_table(report, width)) is not None:
         console.print(sharded)
     for text in smallest_counts_line(report):
+        console.print(line(text))
+    for text in published_check_lines(report):
         console.print(line(text))
     console.print("Assumptions:", style="dim")
     for note in report.assumptions + quantization_notes(report):

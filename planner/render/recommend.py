@@ -141,7 +141,7 @@ def print_recommendation(rec: Recommendation, console: Console, limit: int = 8) 
                        f"({c.gpus_total} x {c.gpu}), {hours(c.hours)}, ", (f"${c.cost_usd:,.2f}", "bold")))
     for text in _explanation_lines(rec):
         console.print(text)
-    for text in time_evidence_lines(rec):
+    for text in time_evidence_lines(rec) + memory_evidence_lines(rec):
         console.print(text)
     console.print("Assumptions:", style="dim")
     for note in rec.assumptions:
@@ -181,6 +181,25 @@ def time_evidence_lines(rec: Recommendation) -> list[Text]:
                           "compute in fp32 (transformers' grouped_mm ignores autocast); the time counts them at the "
                           "half-precision rate and no published MoE run checks it: it may be several times too "
                           "short.", style="yellow"))
+    return lines
+
+
+def memory_evidence_lines(rec: Recommendation) -> list[Text]:
+    """How the peak memory of published GPU runs of the plan's method and sharding compared with the memory model,
+    and whether the plan still fits at the highest of those ratios."""
+    c, check = rec.recommended, rec.memory_evidence
+    if check is None:
+        return []
+    low, high = check.measured_over_estimated
+    where = "on one GPU" if c.sharding == "none" else f"with {c.sharding}"
+    runs = f"{check.runs} run{'s' if check.runs > 1 else ''}: {', '.join(check.models)}, {', '.join(check.sources)}"
+    lines = [line(f"  Memory model on published GPU runs of {c.method} {where}: peak allocated {low:.2f}-{high:.2f}x "
+                  f"the estimate ", (f"({runs}; benchmarks/MEMORY-PUBLISHED.md)", "dim"))]
+    at_high = c.peak_allocated_bytes * high + (c.required_bytes - c.peak_allocated_bytes)
+    if at_high > c.gpu_memory_bytes:
+        lines.append(line(f"  Caveat: at {high:.2f}x this plan would need {gib(at_high)} of the GPU's "
+                          f"{gib(c.gpu_memory_bytes)}; leave more headroom (a smaller micro-batch, or more GPUs).",
+                          style="yellow"))
     return lines
 
 
