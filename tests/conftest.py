@@ -10,6 +10,23 @@ from pathlib import Path
 
 import pytest
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ (not a package) imported once as a module, its folder on sys.path for its own
+    imports of the others."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None,
             timeout: int = 300) -> subprocess.CompletedProcess:

@@ -2,9 +2,7 @@
 its source, the committed report and catalog are today's model's, the README quotes today's figures, and estimate
 and recommend show the published runs of a plan's method and sharding."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,25 +17,11 @@ from ftplan.model.resolve import from_catalog
 from ftplan.recommend.search import SearchRequest, search
 from ftplan.render.recommend import memory_evidence_lines
 
-from .conftest import run_cli
+from .conftest import benchmark_module, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
-
-
-def _module(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-runs = _module("time_runs")
-published = _module("memory_published")
+runs = benchmark_module("time_runs")
+published = benchmark_module("memory_published")
 
 
 @pytest.fixture(scope="module")

@@ -1,31 +1,16 @@
 """The published-runs validation of the time model: the data set's shape, its split, the fit's inputs, and the
 stored validation catalog agreeing with the current model (a model change without regenerating it fails)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from ftplan.data import catalog
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from .conftest import benchmark_module
 
-
-def _module(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-runs = _module("time_runs")
-accuracy = _module("time_accuracy")
+runs = benchmark_module("time_runs")
+accuracy = benchmark_module("time_accuracy")
 
 
 @pytest.fixture(scope="module")
