@@ -11,6 +11,8 @@ memory (`memory_measured`, each with what was measured):
                        in it): against the GPU memory the estimate says a run needs
   unstated             the source does not say how: against the GPU memory the estimate says a run needs
 
+A figure's `known_cause` says why it misses, where that was found; the report lists them.
+
 Each run is estimated with its settings as the time comparison records them (benchmarks/time_runs.py), sharded
 as `estimate --gpus N --sharding S` shards it. The memory model was not fitted to, or changed for, any of these
 figures: every one is held out.
@@ -59,7 +61,8 @@ def comparisons(cases: list[runs.Case]) -> list[dict]:
             ours = memory.peak_allocated_bytes if figure["basis"] == "torch_max_allocated" else memory.required_bytes
             rows.append({"case": case, "basis": figure["basis"], "measured": figure["bytes"], "estimated": ours,
                          "error": ours / figure["bytes"] - 1, "quote": f"{figure['quote']} ({figure['reading']})",
-                         "per_gpu_from": figure.get("per_gpu_from"), "peak_phase": memory.peak_phase})
+                         "per_gpu_from": figure.get("per_gpu_from"), "peak_phase": memory.peak_phase,
+                         "cause": figure.get("known_cause")})
     return rows
 
 
@@ -143,6 +146,13 @@ def report(rows: list[dict], date: str) -> str:
             out += [f"## Measured: {what}; compared with the estimate's {ours}", "",
                     f"**{summary(chosen)}**", "", *table(chosen), ""]
     out += ["## torch.cuda.max_memory_allocated by method and sharding", "", *groups(rows), ""]
+    causes = {r["cause"]: [] for r in rows if r["cause"]}
+    for r in rows:
+        if r["cause"]:
+            causes[r["cause"]].append(f"{r['case'].id} ({r['error']:+.1%})")
+    if causes:
+        out += ["## Causes found", "", *(f"- {', '.join(ids)}: {cause}" for cause, ids in causes.items()),
+                "", "Every other miss is unexplained so far.", ""]
     return "\n".join(out)
 
 
