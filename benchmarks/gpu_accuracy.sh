@@ -121,7 +121,7 @@ fi
 
 step "5. the LoRA adapter path against the frozen layer (about a minute on an H100; first, as it is short)"
 if [ -z "$ONLY" ]; then
-    timeout 180 "$PY" benchmarks/lora_overhead.py "${LORA_ARGS[@]}" || echo "lora_overhead.py stopped: $?"
+    timeout 100 "$PY" benchmarks/lora_overhead.py "${LORA_ARGS[@]}" || echo "lora_overhead.py stopped: $?"
 else
     echo "skipped: only the matrix's cases with '$ONLY'"
 fi

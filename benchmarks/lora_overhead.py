@@ -9,7 +9,8 @@ told apart from the rest of the step: for each shape, token count, rank, dropout
 
   frozen   the base layer alone, its weight frozen (backward: the input gradient only)
   trained  the same layer with its weight trained (full fine-tuning: input and weight gradients)
-  lora     get_peft_model's LoRA layer around the frozen one, as PEFT builds it by default (adapters upcast to
+  lora     get_peft_model's LoRA layer around the frozen one (the layer, called as a model calls it), as PEFT
+           builds it by default (adapters upcast to
            fp32 beside a bf16 base, the input cast to them), or in bf16 (`bf16 adapters`), or under autocast
 
 and prints the LoRA layer's time over the frozen one's beside the share the time model gives it (the adapter's
@@ -48,14 +49,16 @@ def layers(in_f: int, out_f: int, rank: int, dropout: float, mode: str, device: 
     holder = torch.nn.Sequential()
     holder.add_module("proj", torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16))
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=["proj"])
-    lora = get_peft_model(holder, config, autocast_adapter_dtype=mode != "bf16 adapters")
-    lora.train()
-    return base, trained, lora
+    wrapped = get_peft_model(holder, config, autocast_adapter_dtype=mode != "bf16 adapters")
+    wrapped.train()
+    # the LoRA layer itself, not the PeftModel around it: a model calls its layers, not the wrapper, per layer
+    return base, trained, wrapped.base_model.model.proj
 
 
 def seconds(step, device: str, iterations: int, warmup: int = 5, repeats: int = 3) -> float:
-    """Wall time of one `step()`: the median over `repeats` runs of `iterations` steps back to back, so the host
-    queues launches ahead of the GPU as it does in training (CUDA events on a GPU)."""
+    """Wall time of one `step()`: the median over `repeats` runs of `iterations` steps back to back (CUDA events on
+    a GPU). A layer alone cannot queue work as far ahead as a model does: where its kernels are shorter than their
+    launches (the smallest token counts), the figure includes host time a training step hides."""
     import torch
 
     for _ in range(warmup):
@@ -120,7 +123,9 @@ def bandwidth(device: str) -> tuple[str, float | None]:
     from ftplan.data import catalog
 
     name = torch.cuda.get_device_name()
-    gpu = catalog.find_gpu(name.removeprefix("NVIDIA ")) or catalog.find_gpu(name)
+    words = name.removeprefix("NVIDIA ").split()
+    # 'NVIDIA H100 80GB HBM3': try the whole name, then fewer words ('H100 80GB', 'H100')
+    gpu = next(filter(None, (catalog.find_gpu(" ".join(words[:n])) for n in range(len(words), 0, -1))), None)
     return name, gpu.memory_bandwidth_gbps * 1e9 if gpu else None
 
 
@@ -140,6 +145,8 @@ def table(rows: list[dict], bytes_per_s: float | None) -> str:
 
 
 def main() -> None:
+    """Every configuration of the device's grid, each row printed and appended to --results as it is measured (a
+    run stopped at a time limit keeps what it measured), then the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--iterations", type=int, default=10, help="steps per timed run (3 runs)")
@@ -147,22 +154,24 @@ def main() -> None:
     args = parser.parse_args()
     shapes, token_counts = (GPU_SHAPES, GPU_TOKENS) if args.device == "cuda" else (CPU_SHAPES, CPU_TOKENS)
     name, bytes_per_s = bandwidth(args.device)
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+    print(f"LoRA layer against the frozen layer it wraps, forward + backward, on {name}"
+          + (f" ({bytes_per_s / 1e9:.0f} GB/s catalogued)" if bytes_per_s else ""), flush=True)
     rows = []
     for (in_f, out_f), tokens, rank, dropout, mode in itertools.product(shapes, token_counts, RANKS, DROPOUTS,
                                                                          MODES):
         rows.append({"gpu": name, **measure(in_f, out_f, tokens, rank, dropout, mode, args.device,
                                             args.iterations)})
-    print(f"LoRA layer against the frozen layer it wraps, forward + backward, on {name}"
-          + (f" ({bytes_per_s / 1e9:.0f} GB/s catalogued)" if bytes_per_s else ""))
+        print(table(rows[-1:], bytes_per_s).splitlines()[-1], flush=True)
+        if args.results:
+            with args.results.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     print(table(rows, bytes_per_s))
     shares = [r["lora_over_frozen"] for r in rows]
     print(f"LoRA over frozen: median {statistics.median(shares):+.0%}, range {min(shares):+.0%} to "
           f"{max(shares):+.0%}; the time model's share: {min(r['model_share'] for r in rows):.1%}-"
           f"{max(r['model_share'] for r in rows):.1%}")
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        with args.results.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def _setting(case: runs.Case) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
+    """One line per figure, the estimate furthest under first."""
     lines = ["| run | setting | measured GiB | estimated GiB | error | the source's figure |",
              "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["error"]):
@@ -131,6 +132,7 @@ def groups(rows: list[dict]) -> list[str]:
 
 
 def report(rows: list[dict], date: str) -> str:
+    """MEMORY-PUBLISHED.md: the method, a section per basis, the allocated figures by method and sharding, causes."""
     sources = sorted({r["case"].rec["source_short"] for r in rows})
     out = ["# Memory against published runs", "",
            f"Generated {date} by `python benchmarks/memory_published.py` (ftplan's current memory model).", "",
@@ -157,6 +159,7 @@ def report(rows: list[dict], date: str) -> str:
 
 
 def main() -> None:
+    """Write the report and the catalog, or with --check exit 1 when either is not what today's model gives."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed report is not current")
     args = parser.parse_args()

@@ -112,7 +112,7 @@ def long_context(preds: list) -> dict:
             "source": f"benchmarks/TIME-ACCURACY.md: the {len(long)} used runs of 16k tokens per sequence or more "
                       f"({', '.join(sources)}) read {min(long):.2f}-"
                       f"{max(long):.2f} of the measured step (all with a 2023 Triton attention kernel, counted at "
-                      f"FlashAttention-1's published rate); the {len(fa2)} runs of 8k tokens predicted at "
+                      f"FlashAttention-1's published rate); the {len(fa2)} runs of 8k to 16k tokens predicted at "
                       f"FlashAttention-2's rate (FlashAttention or SDPA) read {min(fa2):.2f}-{max(fa2):.2f}"}
 
 

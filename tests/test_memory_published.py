@@ -3,6 +3,7 @@ its source, the committed report and catalog are today's model's, the README quo
 and recommend show the published runs of a plan's method and sharding."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import pytest
 
 from ftplan.data import catalog
 from ftplan.data.dataset import from_token_count
-from ftplan.estimate.published import PublishedMemoryCheck, published_check
+from ftplan.estimate.published import PublishedMemoryCheck, required_at
 from ftplan.estimate.settings import SetupChoices
 from ftplan.model.inventory import layout_for
 from ftplan.model.resolve import from_catalog
@@ -29,13 +30,21 @@ def rows():
     return published.comparisons(runs.load())
 
 
-def test_every_memory_figure_is_quoted_from_its_source_with_what_it_measured():
+UNITS = {"bytes": 1, "MiB": 2**20, "GiB": 2**30, "GB": 10**9}
+
+
+def test_every_memory_figure_is_its_quote_in_the_unit_its_reading_names():
     figures = 0
     for rec in runs.records():
         for figure in rec.get("memory_measured", []):
             quoted = rec["quoted"] if isinstance(rec["quoted"], str) else " ".join(rec["quoted"])
             assert figure["quote"] in quoted, rec["id"]
-            assert figure["basis"] in published.BASES and figure["bytes"] > 0 and figure["reading"], rec["id"]
+            assert figure["basis"] in published.BASES, rec["id"]
+            # the number the quote gives (after the sequence length or key it names), in the reading's unit, per GPU
+            number = float(re.findall(r"[\d.]+", figure["quote"].split("=")[-1].split(": ")[-1])[0])
+            unit = UNITS[figure["reading"].split(" ")[0].rstrip(":")]
+            gpus = rec["gpus_per_node"] * rec["nodes"] if figure.get("per_gpu_from") else 1
+            assert figure["bytes"] == pytest.approx(number * unit / gpus, abs=1), rec["id"]
             figures += 1
     assert figures >= 40
 
@@ -79,8 +88,10 @@ def test_estimate_shows_the_published_runs_of_its_method_and_sharding():
     fsdp = json.loads(run_cli("estimate", "mistral-7b", "--method", "qlora", "--gpus", "2", "--sharding", "fsdp",
                               "--json").stdout)["estimates"][0]
     assert fsdp["published_check"]["runs"] == groups["qlora", "fsdp"].runs
-    # no published run under DDP, and none measured a CPU
-    for extra in (("--gpus", "2", "--sharding", "ddp"), ("--device", "cpu")):
+    # a DDP replica holds what one GPU holds; nothing published offloads, and nothing measured a CPU
+    ddp = run_cli("estimate", "mistral-7b", "--method", "lora", "--gpus", "2", "--sharding", "ddp", "--json")
+    assert json.loads(ddp.stdout)["estimates"][0]["published_check"] == one_gpu["published_check"]
+    for extra in (("--gpus", "2", "--sharding", "fsdp", "--offload", "params"), ("--device", "cpu")):
         result = run_cli("estimate", "mistral-7b", "--method", "lora", *extra, "--json")
         assert json.loads(result.stdout)["estimates"][0]["published_check"] is None, extra
     text = run_cli("estimate", "mistral-7b", "--method", "qlora", "--gpus", "2", "--sharding", "fsdp").stdout
@@ -95,16 +106,28 @@ def test_recommend_carries_the_published_memory_check_of_its_plan():
     rec = search(spec, layout_for(spec)[0], from_token_count(1_000_000, 2048), SearchRequest(methods=["lora"]),
                  SetupChoices(seq_len=2048))
     best = rec.recommended
-    assert rec.memory_evidence == published_check(best.method, best.sharding, "cuda")
+    group = next(g for g in catalog.memory_validation().groups if (g.method, g.sharding) == ("lora", "none"))
+    assert best.sharding in ("none", "ddp") and rec.memory_evidence.runs == group.runs
+    assert rec.memory_evidence.measured_over_estimated == group.measured_over_estimated
+    assert rec.required_at_published_high_bytes == required_at(group.measured_over_estimated[1],
+                                                               best.peak_allocated_bytes, best.required_bytes)
     assert rec.model_dump(mode="json")["memory_evidence"]["runs"] == rec.memory_evidence.runs
 
 
 def _plan(peak_gib: float, required_gib: float, gpu_gib: float, ratios=(1.05, 1.15)):
     check = PublishedMemoryCheck(runs=2, measured_over_estimated=ratios, sources=["Src"], models=["M"],
                                  validated="2026-12-02")
-    plan = SimpleNamespace(method="lora", sharding="fsdp", peak_allocated_bytes=int(peak_gib * 2**30),
-                           required_bytes=int(required_gib * 2**30), gpu_memory_bytes=int(gpu_gib * 2**30))
-    return SimpleNamespace(recommended=plan, memory_evidence=check)
+    peak, required = int(peak_gib * 2**30), int(required_gib * 2**30)
+    plan = SimpleNamespace(method="lora", sharding="fsdp", peak_allocated_bytes=peak, required_bytes=required,
+                           gpu_memory_bytes=int(gpu_gib * 2**30))
+    return SimpleNamespace(recommended=plan, memory_evidence=check,
+                           required_at_published_high_bytes=required_at(ratios[1], peak, required))
+
+
+def test_the_need_at_a_published_ratio_scales_the_peak_and_its_slack_not_the_context():
+    slack = catalog.memory_rules().allocator_slack
+    assert required_at(1.15, 70 * 2**30, 74 * 2**30) == 74 * 2**30 + round(70 * 2**30 * 0.15 * (1 + slack))
+    assert required_at(1.0, 70 * 2**30, 74 * 2**30) == 74 * 2**30
 
 
 def test_recommend_warns_when_the_plan_would_not_fit_at_the_published_ratio():
@@ -112,5 +135,5 @@ def test_recommend_warns_when_the_plan_would_not_fit_at_the_published_ratio():
     assert roomy == ["Memory model on published GPU runs of lora with fsdp: peak allocated 1.05-1.15x the estimate "
                      "(2 runs: M, Src; benchmarks/MEMORY-PUBLISHED.md)"]
     tight = [" ".join(str(t).split()) for t in memory_evidence_lines(_plan(70, 74, 80))]
-    assert "Caveat: at 1.15x this plan would need 84.50 GiB of the GPU's 80.00 GiB" in tight[1]
+    assert "Caveat: at 1.15x this plan would need 85.03 GiB of the GPU's 80.00 GiB" in tight[1]
     assert memory_evidence_lines(SimpleNamespace(recommended=None, memory_evidence=None)) == []

@@ -20,14 +20,24 @@ class PublishedMemoryCheck(BaseModel):
     validated: str = Field(description="date of catalogs/memory_validation.json")
 
 
-def published_check(method: str, sharding: str, device: str) -> PublishedMemoryCheck | None:
-    """The published GPU runs of `method` under `sharding` ('none': one GPU) against the memory model; None on the
-    CPU, or where no such run was published."""
-    if device != "cuda":
+def published_check(method: str, sharding: str, device: str, *, gpus: int = 1,
+                    offload: str = "none") -> PublishedMemoryCheck | None:
+    """The published GPU runs of `method` under `sharding` over `gpus` GPUs against the memory model; None on the
+    CPU, with offloading (no published run offloaded), or where no such run was published. A DDP replica and
+    sharding over one GPU hold what one GPU holds, so they take the one-GPU runs."""
+    if device != "cuda" or offload != "none":
         return None
+    key = "none" if sharding == "ddp" or gpus == 1 else sharding
     validation = catalog.memory_validation()
-    group = next((g for g in validation.groups if (g.method, g.sharding) == (method, sharding)), None)
+    group = next((g for g in validation.groups if (g.method, g.sharding) == (method, key)), None)
     if group is None:
         return None
     return PublishedMemoryCheck(runs=group.runs, measured_over_estimated=group.measured_over_estimated,
                                 sources=group.sources, models=group.models, validated=validation.date)
+
+
+def required_at(ratio: float, peak_allocated: int, required: int) -> int:
+    """GPU memory a plan needs if its allocated peak is `ratio` x the estimate: the extra peak with its allocator
+    slack on top of `required` (the context and paged states do not scale)."""
+    slack = catalog.memory_rules().allocator_slack
+    return required + round(peak_allocated * (ratio - 1) * (1 + slack))

@@ -213,7 +213,8 @@ def estimate(spec: ModelSpec, methods: list[Method], choices: SetupChoices, *, g
             cheapest_instances=cheapest_fits(need, setup, gpu=gpu_info.name if gpu_info else None,
                                              min_gpus=gpus // nodes, region=region),
             sharded=sharded, smallest_gpu_counts=_smallest_counts(layout, setup, memory, sharding, device),
-            published_check=published_check(setup.method, sharded.sharding if sharded else "none", device),
+            published_check=published_check(setup.method, sharded.sharding if sharded else "none", device,
+                                            gpus=gpus, offload=offload),
         ))
     warnings += _report_warnings(spec, choices, estimates, gpu_memory_bytes)
     if choices.sync_each_batch and not (sharding in ("fsdp", "fsdp-hybrid") and gpus > 1 and grad_accum > 1):

@@ -129,6 +129,9 @@ class Recommendation(BaseModel):
     memory_evidence: PublishedMemoryCheck | None = Field(None, description="published GPU runs of the recommended "
                                                                            "plan's method and sharding against the "
                                                                            "memory model")
+    required_at_published_high_bytes: int | None = Field(None, description="per GPU, what the recommended plan needs "
+                                                                           "if its allocated peak is the highest "
+                                                                           "published ratio times the estimate")
     backend: str | None = Field(None, description="the trainer backend the plan names")
     backend_reason: Literal["requested", "platform", "skypilot", "hf_without_skypilot", "plugin_platform"] | None = \
         Field(None, description="why that backend: --backend, the platform's own (sagemaker), skypilot installed "

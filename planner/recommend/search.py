@@ -12,7 +12,7 @@ from ftplan.data.dataset import TokenBudget
 from ftplan.errors import PlannerError
 from ftplan.estimate.compute import fp32_expert_share
 from ftplan.estimate.cost import check_region
-from ftplan.estimate.published import published_check
+from ftplan.estimate.published import published_check, required_at
 from ftplan.estimate.settings import SetupChoices
 from ftplan.model.layout import ModelLayout
 from ftplan.model.spec import ModelSpec
@@ -41,6 +41,9 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
         raise PlannerError(explain.nothing_qualifies(request, outcome, settings, largest))
     choice = choose(outcome.feasible, request.priority)
     best = choice.chosen
+    check = published_check(best.method, best.sharding, "cuda", gpus=best.gpus_total)
+    at_high = required_at(check.measured_over_estimated[1], best.peak_allocated_bytes,
+                          best.required_bytes) if check else None
     return Recommendation(
         model=spec.name, data=data, request=request, recommended=best, best_single_instance=choice.best_single,
         candidates=choice.ranked[:10], frontier=frontier(outcome.feasible), reasons=explain.reasons(choice, request),
@@ -52,4 +55,4 @@ def search(spec: ModelSpec, layout: ModelLayout, data: TokenBudget, request: Sea
                                         best.time.tokens_per_micro_batch,
                                         fp32_expert_share(layout, best.setup, best.sharding == "fsdp"),
                                         seq_len=best.setup.seq_len),
-        memory_evidence=published_check(best.method, best.sharding, "cuda"))
+        memory_evidence=check, required_at_published_high_bytes=at_high)

@@ -195,8 +195,8 @@ def memory_evidence_lines(rec: Recommendation) -> list[Text]:
     runs = f"{check.runs} run{'s' if check.runs > 1 else ''}: {', '.join(check.models)}, {', '.join(check.sources)}"
     lines = [line(f"  Memory model on published GPU runs of {c.method} {where}: peak allocated {low:.2f}-{high:.2f}x "
                   f"the estimate ", (f"({runs}; benchmarks/MEMORY-PUBLISHED.md)", "dim"))]
-    at_high = c.peak_allocated_bytes * high + (c.required_bytes - c.peak_allocated_bytes)
-    if at_high > c.gpu_memory_bytes:
+    at_high = rec.required_at_published_high_bytes
+    if at_high and at_high > c.gpu_memory_bytes:
         lines.append(line(f"  Caveat: at {high:.2f}x this plan would need {gib(at_high)} of the GPU's "
                           f"{gib(c.gpu_memory_bytes)}; leave more headroom (a smaller micro-batch, or more GPUs).",
                           style="yellow"))
