@@ -166,6 +166,8 @@ def main() -> None:
     rows = comparisons(runs.load())
     if args.check:
         committed = REPORT.read_text(encoding="utf-8")
+        if "Generated " not in committed:
+            sys.exit(f"{REPORT.name} has no 'Generated' line: run python benchmarks/memory_published.py")
         date = committed.split("Generated ", 1)[1].split(" ", 1)[0]
         stale = [p.name for p, now in ((REPORT, report(rows, date)),
                                        (CATALOG, json.dumps(catalog_groups(rows, date), indent=2)))
