@@ -91,6 +91,8 @@ def test_estimate_shows_the_published_runs_of_its_method_and_sharding():
     # a DDP replica holds what one GPU holds; nothing published offloads, and nothing measured a CPU
     ddp = run_cli("estimate", "mistral-7b", "--method", "lora", "--gpus", "2", "--sharding", "ddp", "--json")
     assert json.loads(ddp.stdout)["estimates"][0]["published_check"] == one_gpu["published_check"]
+    ddp_text = run_cli("estimate", "mistral-7b", "--method", "lora", "--gpus", "2", "--sharding", "ddp").stdout
+    assert "lora on one GPU: on 2 published GPU runs" in ddp_text and "with ddp: on" not in ddp_text
     for extra in (("--gpus", "2", "--sharding", "fsdp", "--offload", "params"), ("--device", "cpu")):
         result = run_cli("estimate", "mistral-7b", "--method", "lora", *extra, "--json")
         assert json.loads(result.stdout)["estimates"][0]["published_check"] is None, extra
@@ -115,8 +117,8 @@ def test_recommend_carries_the_published_memory_check_of_its_plan():
 
 
 def _plan(peak_gib: float, required_gib: float, gpu_gib: float, ratios=(1.05, 1.15)):
-    check = PublishedMemoryCheck(runs=2, measured_over_estimated=ratios, sources=["Src"], models=["M"],
-                                 validated="2026-12-02")
+    check = PublishedMemoryCheck(sharding="fsdp", runs=2, measured_over_estimated=ratios, sources=["Src"],
+                                 models=["M"], validated="2026-12-02")
     peak, required = int(peak_gib * 2**30), int(required_gib * 2**30)
     plan = SimpleNamespace(method="lora", sharding="fsdp", peak_allocated_bytes=peak, required_bytes=required,
                            gpu_memory_bytes=int(gpu_gib * 2**30))

@@ -12,6 +12,8 @@ class PublishedMemoryCheck(BaseModel):
     """How the peak memory of published GPU runs of the same method and sharding compared with this model's
     estimate of it (catalogs/memory_validation.json): evidence beside the figure, not a correction of it."""
 
+    sharding: str = Field(description="the published runs': 'none' for one GPU (what a DDP replica also holds), "
+                                      "else as ftplan names it")
     runs: int
     measured_over_estimated: tuple[float, float] = Field(description="least and greatest torch.cuda."
                                                                      "max_memory_allocated / ftplan's peak allocated")
@@ -32,8 +34,7 @@ def published_check(method: str, sharding: str, device: str, *, gpus: int = 1,
     group = next((g for g in validation.groups if (g.method, g.sharding) == (method, key)), None)
     if group is None:
         return None
-    return PublishedMemoryCheck(runs=group.runs, measured_over_estimated=group.measured_over_estimated,
-                                sources=group.sources, models=group.models, validated=validation.date)
+    return PublishedMemoryCheck(**group.model_dump(exclude={"method"}), validated=validation.date)
 
 
 def required_at(ratio: float, peak_allocated: int, required: int) -> int:

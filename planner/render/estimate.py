@@ -195,13 +195,18 @@ def smallest_counts_line(report: EstimateReport) -> list[str]:
     return out
 
 
+def published_where(sharding: str) -> str:
+    """How published runs of a sharding are named: 'on one GPU', 'with fsdp'."""
+    return "on one GPU" if sharding == "none" else f"with {sharding}"
+
+
 def published_check_lines(report: EstimateReport) -> list[str]:
-    """Per method: how far published GPU runs of it (same sharding) were from this memory model."""
+    """Per method: how far published GPU runs of it (the sharding they stand for) were from this memory model."""
     lines = []
     for e in report.estimates:
         if c := e.published_check:
             low, high = c.measured_over_estimated
-            where = f"with {e.sharded.sharding}" if e.sharded else "on one GPU"
+            where = published_where(c.sharding)
             runs = f"{c.runs} published GPU run{'s' if c.runs > 1 else ''}"
             lines.append(f"{e.method} {where}: on {runs} ({', '.join(c.models)}; {', '.join(c.sources)}) the peak "
                          f"allocated memory was {low:.2f}-{high:.2f}x this model's estimate for them "

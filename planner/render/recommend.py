@@ -16,7 +16,7 @@ from ftplan.plan import Plan
 from ftplan.recommend.models import Candidate, Recommendation
 from ftplan.render import explain as words
 from ftplan.render.console import is_narrow, line, plain, table
-from ftplan.render.estimate import gib
+from ftplan.render.estimate import gib, published_where
 from ftplan.render.explain import hours
 
 CHART_WIDTH, CHART_HEIGHT = 56, 12
@@ -191,7 +191,7 @@ def memory_evidence_lines(rec: Recommendation) -> list[Text]:
     if check is None:
         return []
     low, high = check.measured_over_estimated
-    where = "on one GPU" if c.sharding == "none" else f"with {c.sharding}"
+    where = published_where(check.sharding)
     runs = f"{check.runs} run{'s' if check.runs > 1 else ''}: {', '.join(check.models)}, {', '.join(check.sources)}"
     lines = [line(f"  Memory model on published GPU runs of {c.method} {where}: peak allocated {low:.2f}-{high:.2f}x "
                   f"the estimate ", (f"({runs}; benchmarks/MEMORY-PUBLISHED.md)", "dim"))]
