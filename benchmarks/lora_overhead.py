@@ -120,12 +120,10 @@ def bandwidth(device: str) -> tuple[str, float | None]:
         return "cpu", None
     import torch
 
-    from ftplan.data import catalog
+    from ftplan.data.calibration import gpu_for_device
 
     name = torch.cuda.get_device_name()
-    words = name.removeprefix("NVIDIA ").split()
-    # 'NVIDIA H100 80GB HBM3': try the whole name, then fewer words ('H100 80GB', 'H100')
-    gpu = next(filter(None, (catalog.find_gpu(" ".join(words[:n])) for n in range(len(words), 0, -1))), None)
+    gpu = gpu_for_device(name, torch.cuda.get_device_properties(0).total_memory)  # as `ftplan measure` finds it
     return name, gpu.memory_bandwidth_gbps * 1e9 if gpu else None
 
 

@@ -117,11 +117,10 @@ def long_context(preds: list) -> dict:
 
 
 def _kernel(case) -> str | None:
-    """The catalogued attention kernel a run was predicted with: the one its record names, else its setting's."""
-    if kernel := case.rec.get("attention_kernel"):
-        return kernel
-    known = catalog.throughput().fused_attention.kernels
-    return next((k.kernel for k in known if case.setup.attention in k.implementations), None)
+    """The catalogued attention kernel a run was predicted with: the one its record names, else its setting's
+    (as time_runs.predict passes them to step_time)."""
+    kernel = catalog.throughput().fused_attention.kernel(case.rec.get("attention_kernel") or case.setup.attention)
+    return kernel.kernel if kernel else None
 
 
 VARIANTS = ("Once fresh-2 had tested the model blind, benchmarks/time_variants.py refitted it with fresh-2 in the "
@@ -152,7 +151,7 @@ def attention_term(preds: list) -> str:
     triton = [(c, r) for c, r in used if c.rec.get("attention_kernel") == TRITON]
     others = [(c, r) for c, r in used if c.rec.get("attention_kernel") != TRITON]
     long = [r for c, r in triton if c.tokens_per_sequence >= LONG_SEQ]
-    h100_short = [r for c, r in triton if c.gpu.name == "H100" and c.tokens_per_sequence < 16_384
+    h100_short = [r for c, r in triton if c.gpu.name == "H100" and c.tokens_per_sequence < LONG_SEQ
                   and abs(math.log(r)) > math.log(WITHIN)]
     named = sum(r["record"] == "run" and r.get("attention_kernel") == TRITON for r in runs.records())
     return (

@@ -125,13 +125,17 @@ class FusedAttention(_Rules):
     about: str
     kernels: list[AttentionKernel]
 
+    def kernel(self, kernel_or_implementation: str) -> AttentionKernel | None:
+        """The catalogued kernel a kernel name or an attn_implementation names (None: eager, or none known)."""
+        return next((k for k in self.kernels
+                     if kernel_or_implementation == k.kernel or kernel_or_implementation in k.implementations), None)
+
     def ratio(self, kernel_or_implementation: str, architecture: str) -> float:
         """The throughput ratio of attention's FLOPs to the matmuls' for a kernel or an attn_implementation on a
         GPU architecture (1.0 where none is catalogued: eager's score matmuls are batched matmuls)."""
-        for k in self.kernels:
-            if kernel_or_implementation == k.kernel or kernel_or_implementation in k.implementations:
-                return k.ratio_to_matmul.get(architecture, k.ratio_to_matmul["default"])
-        return 1.0
+        if (k := self.kernel(kernel_or_implementation)) is None:
+            return 1.0
+        return k.ratio_to_matmul.get(architecture, k.ratio_to_matmul["default"])
 
 
 class Throughput(_Rules):
