@@ -61,8 +61,7 @@ def comparisons(cases: list[runs.Case]) -> list[dict]:
             ours = memory.peak_allocated_bytes if figure["basis"] == "torch_max_allocated" else memory.required_bytes
             rows.append({"case": case, "basis": figure["basis"], "measured": figure["bytes"], "estimated": ours,
                          "error": ours / figure["bytes"] - 1, "quote": f"{figure['quote']} ({figure['reading']})",
-                         "per_gpu_from": figure.get("per_gpu_from"), "peak_phase": memory.peak_phase,
-                         "cause": figure.get("known_cause")})
+                         "per_gpu_from": figure.get("per_gpu_from"), "cause": figure.get("known_cause")})
     return rows
 
 
@@ -95,14 +94,46 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def by_group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The torch-allocated figures by method and by the sharding of their runs ('none': one GPU)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["basis"] == "torch_max_allocated":
+            groups.setdefault((r["case"].setup.method, r["case"].parallel.sharding), []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def gap_per_token(chosen: list[dict]) -> list[float]:
+    """KiB per token by which measured minus estimated grows with the micro-batch: for each model and setting
+    measured at more than one micro-batch, between its smallest and largest (positive: under-estimated)."""
+    settings: dict[tuple, list[dict]] = {}
+    for r in chosen:
+        c, s = r["case"], r["case"].setup
+        same_but_batch = (runs.display_name(c.rec["model"]), s.method, s.precision, s.optimizer, s.grad_ckpt,
+                          c.parallel.gpus, c.parallel.sharding, c.tokens_per_sequence)
+        settings.setdefault(same_but_batch, []).append(r)
+    slopes = []
+    for same in settings.values():
+        if len({r["case"].tokens_per_micro_batch for r in same}) > 1:
+            low, high = (f(same, key=lambda r: r["case"].tokens_per_micro_batch) for f in (min, max))
+            gap = (high["measured"] - high["estimated"]) - (low["measured"] - low["estimated"])
+            slopes.append(gap / (high["case"].tokens_per_micro_batch - low["case"].tokens_per_micro_batch) / 1024)
+    return sorted(slopes)
+
+
+def device_over_allocated(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """For runs that report both: the device's used memory over the allocated peak, in GiB and as a share."""
+    allocated = {r["case"].id: r["measured"] for r in rows if r["basis"] == "torch_max_allocated"}
+    pairs = [(r["measured"], allocated[r["case"].id]) for r in rows
+             if r["basis"] == "device_used" and r["case"].id in allocated]
+    return sorted((d - a) / GiB for d, a in pairs), sorted(d / a - 1 for d, a in pairs)
+
+
 def catalog_groups(rows: list[dict], date: str) -> dict:
     """catalogs/memory_validation.json: per method and sharding, how the allocated peaks of published runs compare
     with the estimate (measured / estimated), for `estimate` to show beside its figures."""
-    allocated = [r for r in rows if r["basis"] == "torch_max_allocated"]
-    keys = sorted({(r["case"].setup.method, r["case"].parallel.sharding) for r in allocated})
     groups = []
-    for method, sharding in keys:
-        chosen = [r for r in allocated if (r["case"].setup.method, r["case"].parallel.sharding) == (method, sharding)]
+    for (method, sharding), chosen in by_group(rows).items():
         ratios = [r["measured"] / r["estimated"] for r in chosen]
         groups.append({"method": method, "sharding": sharding, "runs": len(chosen),
                        "measured_over_estimated": [round(min(ratios), 3), round(max(ratios), 3)],
@@ -117,17 +148,15 @@ def catalog_groups(rows: list[dict], date: str) -> dict:
             "groups": groups}
 
 
-def _where(row: dict) -> tuple[str, str]:
-    return row["case"].setup.method, "sharded" if row["case"].parallel.gpus > 1 else "one GPU"
-
-
-def groups(rows: list[dict]) -> list[str]:
-    """Torch-allocated figures by method and sharding: where the model is off, and which way."""
-    allocated = [r for r in rows if r["basis"] == "torch_max_allocated"]
-    lines = ["| method | GPUs | n | errors |", "|---|---|---|---|"]
-    for method, where in sorted({_where(r) for r in allocated}):
-        errs = sorted(r["error"] for r in allocated if _where(r) == (method, where))
-        lines.append(f"| {method} | {where} | {len(errs)} | {', '.join(f'{e:+.1%}' for e in errs)} |")
+def groups_table(rows: list[dict]) -> list[str]:
+    """Torch-allocated figures by method and sharding: where the model is off, which way, and how the gap grows
+    with the micro-batch."""
+    lines = ["| method | runs of | n | errors | gap per added token, KiB |", "|---|---|---|---|---|"]
+    for (method, sharding), chosen in by_group(rows).items():
+        errs = ", ".join(f"{e:+.1%}" for e in sorted(r["error"] for r in chosen))
+        slopes = ", ".join(f"{k:+.1f}" for k in gap_per_token(chosen)) or "-"
+        lines.append(f"| {method} | {'one GPU' if sharding == 'none' else sharding} | {len(chosen)} | {errs} | "
+                     f"{slopes} |")
     return lines
 
 
@@ -142,12 +171,18 @@ def report(rows: list[dict], date: str) -> str:
            "side of the memory model (benchmarks/ACCURACY.md checks it on the CPU). None of these figures was used "
            "to fit or change the model. Error = (estimated - measured) / measured; an under-estimate is the "
            "dangerous side (a plan that does not fit).", ""]
+    gib, share = device_over_allocated(rows)
+    reserve = (f"Where a run reports both, the device used {gib[0]:.1f}-{gib[-1]:.1f} GiB ({share[0]:.0%}-"
+               f"{share[-1]:.0%}) more than the allocated peak; ftplan assumes 5% slack and a 512 MiB context.")
     for basis, (what, ours) in BASES.items():
         chosen = [r for r in rows if r["basis"] == basis]
         if chosen:
             out += [f"## Measured: {what}; compared with the estimate's {ours}", "",
-                    f"**{summary(chosen)}**", "", *table(chosen), ""]
-    out += ["## torch.cuda.max_memory_allocated by method and sharding", "", *groups(rows), ""]
+                    f"**{summary(chosen)}**", "", *([reserve, ""] if basis == "device_used" else []),
+                    *table(chosen), ""]
+    out += ["## torch.cuda.max_memory_allocated by method and sharding", "",
+            "Gap per added token: how measured minus estimated grows between the smallest and largest micro-batch of "
+            "one model and setting (positive: the estimate falls further short).", "", *groups_table(rows), ""]
     causes = {r["cause"]: [] for r in rows if r["cause"]}
     for r in rows:
         if r["cause"]:

@@ -66,10 +66,31 @@ def test_the_committed_report_is_todays_model(rows):
         "run python benchmarks/memory_published.py"
 
 
+def _span(values, fmt: str = ".1f") -> str:
+    low, high = format(min(values), fmt), format(max(values), fmt)
+    return low if low == high else f"{low}-{high}"
+
+
 def test_the_readme_quotes_todays_figures(rows):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     for basis in ("torch_max_allocated", "device_used"):
         assert published.summary([r for r in rows if r["basis"] == basis]) in readme, basis
+    groups = published.by_group(rows)
+    adapters = [r for method in ("lora", "qlora") for r in groups[method, "none"]]
+    sharded = [r for method in ("lora", "qlora") for r in groups[method, "fsdp"]]
+    assert f"by {_span([-r['error'] * 100 for r in adapters], '.0f')}% on one GPU and " \
+           f"{_span([-r['error'] * 100 for r in sharded])}% under FSDP" in readme
+    lora = sorted(groups["lora", "none"], key=lambda r: r["case"].tokens_per_micro_batch)
+    gaps = [f"{(r['measured'] - r['estimated']) / 2**30:.1f} GiB" for r in lora]
+    assert f"{gaps[0]} at 4 x 4096 tokens, {gaps[1]} at 8 x 4096" in readme
+    slopes = {key: published.gap_per_token(chosen) for key, chosen in groups.items()}
+    assert f"gaps growing {_span(slopes['lora', 'none'] + slopes['qlora', 'none'])} KiB per token" in readme
+    assert f"gaps grow {_span(slopes['lora', 'fsdp'] + slopes['qlora', 'fsdp'])} KiB per token" in readme
+    santacoder = [r["error"] * 100 for r in rows if r["basis"] == "torch_max_allocated" and "-sc-" in r["case"].id]
+    assert f"over-estimated by {_span(santacoder, '.0f')}%" in readme
+    assert f"grows by {-min(slopes['full', 'none']):.1f} KiB per token" in readme
+    gib, share = published.device_over_allocated(rows)
+    assert f"held {_span(gib)} GiB ({_span([x * 100 for x in share], '.0f')}%) more than the allocated peak" in readme
 
 
 def test_the_catalog_estimate_reads_is_todays_comparison(rows):
