@@ -13,6 +13,7 @@ from ftplan.data import catalog
 from ftplan.data.dataset import from_token_count
 from ftplan.estimate.published import PublishedMemoryCheck, required_at
 from ftplan.estimate.settings import SetupChoices
+from ftplan.estimate.sharding import shard
 from ftplan.model.inventory import layout_for
 from ftplan.model.resolve import from_catalog
 from ftplan.recommend.search import SearchRequest, search
@@ -51,7 +52,10 @@ def test_every_memory_figure_is_its_quote_in_the_unit_its_reading_names():
 
 def test_each_measurement_is_compared_with_the_estimate_figure_of_its_kind(rows):
     for row in rows:
-        memory = published.estimated(row["case"])
+        c, rec = row["case"], row["case"].rec
+        # the run's own GPUs and sharding, read from its record, as `estimate --gpus N --nodes M --sharding S`
+        memory = shard(c.layout, c.setup, c.memory, gpus=rec["gpus_per_node"] * rec["nodes"], nodes=rec["nodes"],
+                       sharding=rec["sharding"])
         expected = memory.peak_allocated_bytes if row["basis"] == "torch_max_allocated" else memory.required_bytes
         assert row["estimated"] == expected
         assert row["error"] == pytest.approx(expected / row["measured"] - 1)
