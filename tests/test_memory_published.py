@@ -80,6 +80,10 @@ def test_the_readme_quotes_todays_figures(rows):
     for basis in ("torch_max_allocated", "device_used"):
         assert published.summary([r for r in rows if r["basis"] == basis]) in readme, basis
     groups = published.by_group(rows)
+    mistral_full = {key: [r["error"] * 100 for r in groups["full", key] if "mistral" in r["case"].id]
+                    for key in ("none", "fsdp")}
+    assert f"Mistral-7B is within {max(map(abs, mistral_full['fsdp'])):.1f}% (one GPU: " \
+           f"{max(map(abs, mistral_full['none'])):.1f}%" in readme
     adapters = [r for method in ("lora", "qlora") for r in groups[method, "none"]]
     sharded = [r for method in ("lora", "qlora") for r in groups[method, "fsdp"]]
     assert f"by {_span([-r['error'] * 100 for r in adapters], '.0f')}% on one GPU and " \
